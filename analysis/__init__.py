@@ -1,0 +1,1 @@
+"""Task-vector statistics: streaming norms, sign conflicts, cosines and compatibility checks (issue 3)."""

@@ -1,0 +1,243 @@
+"""A lazy view of one model's weights.
+
+A :class:`Checkpoint` knows every tensor's name, dtype and shape from headers alone; :meth:`Checkpoint.read`
+fetches one tensor when asked. Subclasses differ only in where bytes come from: safetensors files
+(:class:`SafetensorsCheckpoint`), legacy pickled ``pytorch_model.bin`` files read with
+``weights_only=True`` (:class:`TorchBinCheckpoint`), or a base with a LoRA adapter applied
+(:class:`~mergescope.checkpoints.lora.LoraCheckpoint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .dtypes import dtype_name, torch_dtype
+from .errors import CheckpointError
+from .model_files import ModelConfig, model_files_in, read_config, tokenizer_fingerprint
+from .naming import group_tensors, natural_key
+from .safetensors_format import TensorInfo, read_header, read_tensor
+from .tensor_spec import TensorSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class Checkpoint(ABC):
+    """One model's tensors, read on demand.
+
+    ``source`` is what the user wrote (a path, a hub id, ``path+lora``); ``root`` is the folder holding
+    ``config.json`` and the tokenizer, when there is one; ``name`` is the short name shown in tables.
+    """
+
+    kind: str = "checkpoint"
+
+    def __init__(self, source: str, root: Path | None, specs: dict[str, TensorSpec], name: str | None = None):
+        self.source = source
+        self.root = root
+        self.name = name or _default_name(source)
+        self._specs = {n: specs[n] for n in sorted(specs, key=natural_key)}
+
+    # --- what is known without reading -------------------------------------------------------------
+    @property
+    def tensor_names(self) -> list[str]:
+        """Every tensor name, in natural order (``layers.2`` before ``layers.10``)."""
+        return list(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def spec(self, name: str) -> TensorSpec:
+        """Name, dtype and shape of tensor ``name``."""
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise CheckpointError(f"{self.source}: has no tensor {name!r}") from None
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(s.numel for s in self._specs.values())
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.nbytes for s in self._specs.values())
+
+    @property
+    def dtypes(self) -> Counter:
+        """Parameter count per safetensors dtype name."""
+        counts: Counter = Counter()
+        for s in self._specs.values():
+            counts[s.dtype] += s.numel
+        return counts
+
+    @property
+    def files(self) -> list[Path]:
+        """The weight files behind this checkpoint (shards, adapter files)."""
+        return []
+
+    def groups(self) -> dict[str, list[str]]:
+        """Layer groups in model order, each with its tensor names (see :mod:`.naming`)."""
+        return group_tensors(self._specs)
+
+    @cached_property
+    def config(self) -> ModelConfig:
+        return read_config(self.root)
+
+    @cached_property
+    def tokenizer_fingerprint(self) -> str | None:
+        return tokenizer_fingerprint(self.root)
+
+    def model_files(self) -> list[Path]:
+        """Config and tokenizer files to carry into a merged model."""
+        return model_files_in(self.root)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies this checkpoint's contents for caches: every weight file's path, size and mtime."""
+        digest = hashlib.sha256(self.kind.encode())
+        for part in self._fingerprint_parts():
+            digest.update(part.encode() + b"\0")
+        return digest.hexdigest()[:32]
+
+    def _fingerprint_parts(self) -> list[str]:
+        parts = []
+        for path in self.files:
+            st = path.stat()
+            parts.append(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+        return parts
+
+    # --- reading --------------------------------------------------------------------------------------
+    def read(self, name: str, dtype: "torch.dtype | str | None" = None, device: "str | None" = None) -> "torch.Tensor":
+        """Tensor ``name`` as a fresh tensor, converted to ``dtype`` and moved to ``device`` when given."""
+        tensor = self._read(self.spec(name))
+        if dtype is not None:
+            tensor = tensor.to(torch_dtype(dtype_name(dtype)))
+        if device is not None:
+            tensor = tensor.to(device)
+        return tensor
+
+    def stored_delta(self, name: str) -> "torch.Tensor | None":
+        """The float32 task vector against :attr:`base` when this checkpoint stores it (LoRA), else None."""
+        return None
+
+    @property
+    def base(self) -> "Checkpoint | None":
+        """The checkpoint this one is a delta on, for adapters; None for full checkpoints."""
+        return None
+
+    @abstractmethod
+    def _read(self, spec: TensorSpec) -> "torch.Tensor":
+        """Tensor ``spec.name`` in its stored dtype, on the CPU, not shared with any other reader."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {len(self)} tensors from {self.source!r}>"
+
+
+def _default_name(source: str) -> str:
+    core = source.split("+", 1)[0].rstrip("/").split("@", 1)[0]
+    path = Path(core)
+    return path.stem if path.suffix in (".safetensors", ".bin") else (path.name or core)
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """A single ``.safetensors`` file or a folder of shards with ``*.safetensors.index.json``."""
+
+    kind = "safetensors"
+
+    def __init__(self, source: str, root: Path | None, infos: dict[str, TensorInfo], files: list[Path], name=None):
+        super().__init__(source, root, infos, name)
+        self._files = files
+
+    @classmethod
+    def from_file(cls, source: str, path: Path, root: Path | None, name=None) -> "SafetensorsCheckpoint":
+        header = read_header(path)
+        return cls(source, root, header.tensors, [path], name)
+
+    @classmethod
+    def from_index(cls, source: str, index_path: Path, weight_map: dict[str, Path], name=None) -> "SafetensorsCheckpoint":
+        """Open the shards named by an index; ``weight_map`` maps tensor name → shard path (validated)."""
+        headers = {shard: read_header(shard) for shard in dict.fromkeys(weight_map.values())}
+        infos: dict[str, TensorInfo] = {}
+        for tensor, shard in weight_map.items():
+            info = headers[shard].tensors.get(tensor)
+            if info is None:
+                raise CheckpointError(
+                    f"{index_path}: names tensor {tensor!r} in {shard.name}, but that shard has no such tensor"
+                )
+            infos[tensor] = info
+        return cls(source, index_path.parent, infos, list(headers), name)
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def _read(self, spec: TensorSpec) -> "torch.Tensor":
+        assert isinstance(spec, TensorInfo)
+        return read_tensor(spec)
+
+
+class TorchBinCheckpoint(Checkpoint):
+    """Legacy ``pytorch_model*.bin`` weights, loaded only with ``torch.load(weights_only=True)``.
+
+    Plain unpickling can run arbitrary code from a stranger's file; ``weights_only`` refuses anything but
+    tensors and plain containers. Zip-format files are memory-mapped, so opening reads no tensor data.
+    """
+
+    kind = "pytorch"
+
+    def __init__(self, source: str, root: Path | None, files: list[Path], name=None):
+        self._files = files
+        self._tensors: dict = {}
+        for path in files:
+            for key, tensor in _load_weights_only(path).items():
+                if key in self._tensors:
+                    raise CheckpointError(f"{path}: tensor {key!r} is also stored in another shard")
+                self._tensors[key] = tensor
+        specs = {k: TensorSpec(k, dtype_name(t.dtype), tuple(t.shape)) for k, t in self._tensors.items()}
+        super().__init__(source, root, specs, name)
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def _read(self, spec: TensorSpec) -> "torch.Tensor":
+        return self._tensors[spec.name].clone()
+
+
+def _load_weights_only(path: Path) -> dict:
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: refusing to unpickle: the file holds objects other than tensors, which could run code. "
+            "If you trust it, convert it to safetensors (load it yourself and call safetensors.torch.save_file)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({str(exc).splitlines()[0]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path}: expected a mapping of tensor names to tensors")
+    return state

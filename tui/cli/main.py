@@ -1,0 +1,140 @@
+"""``mergescope``: argument parsing and dispatch.
+
+Only the standard library is imported at start-up, so ``mergescope --help`` answers at once; each
+command imports what it needs (rich, torch, textual) when it runs. A :class:`MergescopeError` (bad input
+the user can fix) is printed as one line on stderr with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+DESCRIPTION = (
+    "See inside model merges: open checkpoints lazily, analyse task vectors (norms, sign conflicts, "
+    "cosines), run mergekit-compatible merge plans, and diagnose merges that went wrong."
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mergescope")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version`` that looks the version up only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"mergescope {_version()}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergescope", description=DESCRIPTION)
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = commands.add_parser(
+        "info",
+        help="describe a checkpoint from its headers alone",
+        description="Print a checkpoint's architecture, layers, vocabulary, dtypes, parameters, bytes, shards and "
+        "tokenizer fingerprint, reading headers only. CHECKPOINT is a folder, a .safetensors file, a hub id "
+        "(org/name[@revision]), a LoRA adapter folder or model+lora.",
+    )
+    info.add_argument("checkpoint", metavar="CHECKPOINT")
+    info.add_argument("--base", metavar="BASE", help="base model for a LoRA adapter (default: the one it names)")
+    info.add_argument("--tensors", action="store_true", help="also list every tensor by layer group")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(handler=_run_info)
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="task-vector statistics of fine-tunes against their base",
+        description="Stream the task vectors τ = θ_model − θ_base and report per-tensor and per-layer norms, "
+        "sign-conflict rates, cosine similarities and compatibility warnings.",
+    )
+    analyze.add_argument("base", metavar="BASE")
+    analyze.add_argument("models", metavar="MODEL", nargs="+")
+    analyze.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
+    analyze.add_argument("--density", type=float, default=1.0, help="also count sign conflicts after a top-d trim")
+    analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    analyze.add_argument("--no-cache", action="store_true", help="recompute instead of using cached results")
+    analyze.set_defaults(handler=_not_yet("analyze", 3))
+
+    merge = commands.add_parser(
+        "merge",
+        help="run a mergekit YAML plan",
+        description="Execute a merge plan (mergekit YAML) tensor by tensor on the GPU or CPU and write a "
+        "checkpoint that transformers loads.",
+    )
+    merge.add_argument("plan", metavar="PLAN.yml")
+    merge.add_argument("-o", "--output", metavar="OUT", required=True, help="output folder")
+    merge.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    merge.add_argument("--seed", type=int, help="seed for random methods (DARE, DELLA)")
+    merge.add_argument("--force", action="store_true", help="replace an existing output folder")
+    merge.add_argument("--dry-run", action="store_true", help="resolve the plan and print what would happen")
+    merge.set_defaults(handler=_not_yet("merge", 4))
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="open the interactive terminal UI",
+        description="Open the TUI on BASE MODEL..., on a plan (PLAN.yml) or on a merged folder.",
+    )
+    inspect.add_argument("targets", metavar="TARGET", nargs="+")
+    inspect.set_defaults(handler=_not_yet("inspect", 7))
+
+    demo = commands.add_parser(
+        "demo",
+        help="build a workspace of small trained fine-tunes and open the TUI on it",
+        description="Train a tiny base model and fine-tunes of it (plus traps) into DIR, then open the TUI.",
+    )
+    demo.add_argument("directory", metavar="DIR", nargs="?", default="mergescope-demo")
+    demo.add_argument("--no-tui", action="store_true", help="build the workspace, print how to open it, exit")
+    demo.set_defaults(handler=_not_yet("demo", 6))
+    return parser
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .info import run_info
+
+    return run_info(args)
+
+
+def _not_yet(command: str, issue: int) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        print(f"mergescope {command}: not built yet (tracked in issue {issue})", file=sys.stderr)
+        return 1
+
+    return handler
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from mergescope.checkpoints.errors import MergescopeError
+
+    try:
+        return args.handler(args)
+    except MergescopeError as exc:
+        print(f"mergescope: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mergescope: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
