@@ -17,6 +17,7 @@ from .errors import CheckpointError
 from .model_files import MODEL_FILES
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+_FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".yml", ".yaml")
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _OFFLINE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", *_ADAPTER_FILES, *MODEL_FILES]
 
@@ -24,7 +25,7 @@ _OFFLINE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", *_ADAPTER_FILE
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
     """``(repo_id, revision)`` when ``text`` looks like a hub id, else None."""
     match = HUB_ID.match(text)
-    if not match or text.startswith((".", "/", "~")):
+    if not match or text.startswith((".", "/", "~")) or text.endswith(_FILE_SUFFIXES):
         return None
     return match["repo"], match["revision"]
 
@@ -45,11 +46,21 @@ def hub_offline() -> bool:
 
 
 def files_to_fetch(repo_files: list[str]) -> list[str]:
-    """The files of a repository mergescope reads: weights in one format, config and tokenizer."""
+    """The files of a repository mergescope reads: weights in one format, config and tokenizer.
+
+    Only top-level files count. Sharded ``model-*.safetensors`` with their index win over a single
+    ``model.safetensors``, which wins over any other ``*.safetensors`` (Mistral's ``consolidated``
+    copy is never fetched beside the shards), which win over ``pytorch_model*.bin``.
+    """
     top = [f for f in repo_files if "/" not in f]
     extras = [f for f in top if f in MODEL_FILES]
     if "adapter_config.json" in top:
         return [*extras, *(f for f in _ADAPTER_FILES if f in top)]
+    if "model.safetensors.index.json" in top:
+        shards = [f for f in top if f.startswith("model-") and f.endswith(".safetensors")]
+        return [*extras, "model.safetensors.index.json", *shards]
+    if "model.safetensors" in top:
+        return [*extras, "model.safetensors"]
     safetensors = [f for f in top if f.endswith((".safetensors", ".safetensors.index.json"))]
     if safetensors:
         return [*extras, *safetensors]
@@ -57,29 +68,57 @@ def files_to_fetch(repo_files: list[str]) -> list[str]:
 
 
 def resolve_hub_id(text: str) -> Path:
-    """Download (or find in the cache) hub id ``text`` and return its snapshot folder."""
+    """Download (or find in the cache) hub id ``text`` and return its snapshot folder.
+
+    Online, the repository's file list decides what to fetch; when the hub cannot be reached, the cache
+    is used as if ``HF_HUB_OFFLINE`` were set.
+    """
     parsed = parse_hub_id(text)
     if parsed is None:
         raise CheckpointError(f"{text}: not a hub id (expected org/name or org/name@revision)")
     repo, revision = parsed
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub import errors as hub_errors
-
     cache = hub_cache_dir()
-    offline = hub_offline()
+    if not hub_offline():
+        try:
+            return _fetch(text, repo, revision, cache)
+        except _Unreachable as exc:
+            try:
+                return _from_cache(text, repo, revision, cache)
+            except CheckpointError:
+                raise CheckpointError(
+                    f"{text}: cannot reach the hub ({exc}) and it is not in the cache {cache}"
+                ) from None
+    return _from_cache(text, repo, revision, cache)
+
+
+class _Unreachable(Exception):
+    """The hub could not be reached (network down, proxy, timeout)."""
+
+
+def _from_cache(text: str, repo: str, revision: str | None, cache: Path) -> Path:
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
+
+    patterns = _OFFLINE_PATTERNS + ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
     try:
-        if offline:
-            patterns = _OFFLINE_PATTERNS + ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-        else:
-            patterns = files_to_fetch(HfApi().list_repo_files(repo, revision=revision))
-        folder = snapshot_download(
-            repo, revision=revision, cache_dir=cache, allow_patterns=patterns, local_files_only=offline
-        )
+        folder = snapshot_download(repo, revision=revision, cache_dir=cache, allow_patterns=patterns, local_files_only=True)
     except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
         raise CheckpointError(
             f"{text}: not in the hub cache {cache} and HF_HUB_OFFLINE is set; download it first "
             f"(`hf download {repo}`) or unset HF_HUB_OFFLINE"
         ) from None
+    except hub_errors.HFValidationError as exc:
+        raise CheckpointError(f"{text}: not a valid hub id ({exc})") from None
+    return Path(folder)
+
+
+def _fetch(text: str, repo: str, revision: str | None, cache: Path) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        patterns = files_to_fetch(HfApi().list_repo_files(repo, revision=revision))
+        return Path(snapshot_download(repo, revision=revision, cache_dir=cache, allow_patterns=patterns))
     except hub_errors.GatedRepoError:
         raise CheckpointError(f"{text}: gated repository; accept its licence on the hub and log in (`hf auth login`)") from None
     except hub_errors.RepositoryNotFoundError:
@@ -89,10 +128,6 @@ def resolve_hub_id(text: str) -> Path:
     except hub_errors.HFValidationError as exc:
         raise CheckpointError(f"{text}: not a valid hub id ({exc})") from None
     except (hub_errors.HfHubHTTPError, *hub_errors.HfHubHTTPError.__bases__, OSError) as exc:
-        # HfHubHTTPError's bases include the HTTP library's own error class (httpx2.HTTPError in
+        # HfHubHTTPError's bases include the HTTP library's own error class (httpx's HTTPError in
         # huggingface_hub 2.x), whose ConnectError & co. are not OSErrors: a hub that cannot be reached.
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(
-            f"{text}: cannot reach the hub ({reason}); set HF_HUB_OFFLINE=1 to use the cache only"
-        ) from None
-    return Path(folder)
+        raise _Unreachable((str(exc).splitlines() or [type(exc).__name__])[0]) from None
