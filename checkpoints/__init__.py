@@ -1,6 +1,7 @@
 """Lazy checkpoint I/O: open from headers, read tensors on demand, write shards atomically."""
 
 from .checkpoint import Checkpoint, SafetensorsCheckpoint, TorchBinCheckpoint
+from .device import resolve_device
 from .errors import CheckpointError, MergescopeError
 from .lora import LoraAdapter, LoraCheckpoint
 from .model_files import ModelConfig
@@ -29,5 +30,6 @@ __all__ = [
     "natural_key",
     "open_checkpoint",
     "read_header",
+    "resolve_device",
     "save_checkpoint",
 ]

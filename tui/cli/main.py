@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--density", type=float, default=1.0, help="also count sign conflicts after a top-d trim")
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     analyze.add_argument("--no-cache", action="store_true", help="recompute instead of using cached results")
-    analyze.set_defaults(handler=_not_yet("analyze", 3))
+    analyze.set_defaults(handler=_run_analyze)
 
     merge = commands.add_parser(
         "merge",
@@ -106,6 +106,12 @@ def _run_info(args: argparse.Namespace) -> int:
     from .info import run_info
 
     return run_info(args)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from .analyze import run_analyze
+
+    return run_analyze(args)
 
 
 def _not_yet(command: str, issue: int) -> Callable[[argparse.Namespace], int]:
