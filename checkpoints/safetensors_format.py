@@ -146,14 +146,20 @@ def _check_no_overlap(path: Path, infos, data_start: int) -> None:
         previous = info
 
 
-def read_bytes(info: TensorInfo) -> bytearray:
-    """Read one tensor's bytes with a single positioned read; the GIL is released while it waits."""
-    buf = bytearray(info.nbytes)
+def read_bytes(info: TensorInfo) -> "torch.Tensor":
+    """One tensor's bytes as a uint8 tensor, read with positioned reads that release the GIL.
+
+    The buffer comes from torch's allocator uninitialised (a ``bytearray`` would be zero-filled first,
+    and could not use the allocator's huge pages), so each byte is written once, by the kernel.
+    """
+    import torch
+
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
     if not info.nbytes:
         return buf
     try:
         with open(info.file, "rb", buffering=0) as f:
-            _read_into(f, memoryview(buf), info)
+            _read_into(f, memoryview(buf.numpy()), info)
     except OSError as exc:
         raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r}: {exc.strerror or exc}") from None
     return buf
@@ -182,4 +188,4 @@ def read_tensor(info: TensorInfo) -> "torch.Tensor":
     dtype = torch_dtype(info.dtype)
     if info.numel == 0:
         return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(read_bytes(info), dtype=dtype).reshape(info.shape)
+    return read_bytes(info).view(dtype).reshape(info.shape)
