@@ -109,7 +109,7 @@ def run_analysis(
     on_event: Callable[[TensorResult | AnalysisWarning | Progress], None] | None = None,
     cancel: threading.Event | None = None,
     chunk: int | None = None,
-    prefetch: int = 1,
+    prefetch: int = 2,
 ) -> dict:
     """Analyse ``models`` against ``base`` and return the JSON report (from the cache when possible)."""
     if not 0.0 < density <= 1.0:

@@ -6,15 +6,20 @@ everything is dropped. :func:`stream_analysis` yields :class:`TensorResult`, :cl
 :class:`Progress` events as it goes, so a UI can fill its tables during the pass; setting ``cancel``
 stops it between tensors.
 
-Memory bound: at most ``prefetch + 1`` tensor sets are alive — each the base tensor and every model's
+Memory bound: at most ``prefetch + 2`` tensor sets are alive (``prefetch + 1`` queued reads and the one
+being computed) — each the base tensor and every model's
 tensor in their stored dtypes (a LoRA delta in float32) — plus float32 chunk buffers of
-``(n + 1) × chunk`` elements, and, with ``density < 1``, one float32 copy of a task vector and n boolean
-trim masks. So peak memory is about ``(prefetch + 1) · (n + 1) · B_max`` where ``B_max`` is the largest
-tensor's size: it does not grow with the number of tensors.
+``(n + 1) × chunk`` elements (and a float64 one of at most ``(n + 1) × 2¹⁶``), and, with
+``density < 1``, one float32 copy of a task vector and n boolean trim masks. So peak memory is about
+``(prefetch + 1) · (n + 1) · B_max`` where ``B_max`` is the largest tensor's size: it does not grow with
+the number of tensors.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import queue
 import threading
 import time
 from collections import deque
@@ -64,6 +69,74 @@ class _Loaded:
     present: list[bool]
     rows: int | None
     warnings: list[AnalysisWarning]
+    buffers: list  # the read buffers the tensors above may view; given back when done
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _Loader:
+    """Reads one tensor of the base and of every model (the reader threads' job).
+
+    Reads go into a fixed number of reusable buffer sets, one set per tensor in flight: fresh memory for
+    every tensor would cost a page fault per 4 KiB, as much time as the copy itself. A load takes a free
+    set; the consumer gives it back (:meth:`release`) once the tensor's statistics are computed.
+    """
+
+    def __init__(self, base: Checkpoint, models: list[Checkpoint], names: list[str], device: str, sets: int):
+        self.base, self.models, self.names, self.device = base, models, names, device
+        # a LoRA model on this very base hands over its exact task vector instead of θ
+        self.stored = [m.base is not None and m.base.fingerprint == base.fingerprint for m in models]
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(sets):
+            self.free.put([None] * (len(models) + 1))
+
+    def release(self, loaded: _Loaded) -> None:
+        self.free.put(loaded.buffers)
+
+    def _read(self, checkpoint: Checkpoint, name: str, buffers: list, slot: int):
+        import torch
+
+        nbytes = checkpoint.spec(name).nbytes
+        if buffers[slot] is None or buffers[slot].numel() < nbytes:
+            buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return checkpoint.read(name, device=self.device, buffer=buffers[slot])
+
+    def __call__(self, name: str) -> _Loaded:
+        buffers = self.free.get()
+        spec = self.base.spec(name)
+        base_values = self._read(self.base, name, buffers, 0).reshape(-1)
+        inputs, present, warnings, rows = [], [], [], None
+        for slot, (model, model_name, stored) in enumerate(zip(self.models, self.names, self.stored), 1):
+            if name not in model:
+                inputs.append(TaskInput(None))
+                present.append(False)
+                continue
+            model_spec = model.spec(name)
+            model_rows = None
+            if model_spec.shape != spec.shape:
+                model_rows = shared_rows(name, spec, model_spec, self.base.config.vocab_size, model.config.vocab_size)
+                warnings.append(alignment_warning(name, model_name, spec, model_spec, model_rows))
+                if model_rows is not None:
+                    rows = model_rows if rows is None else min(rows, model_rows)
+            values, is_delta = None, False
+            if stored and model_spec.shape == spec.shape:
+                values, is_delta = model.stored_delta(name), True
+            if values is None and (model_spec.shape == spec.shape or model_rows is not None):
+                values = self._read(model, name, buffers, slot)
+            inputs.append(TaskInput(None if values is None else values.to(self.device).reshape(-1), is_delta))
+            present.append(values is not None)
+        if rows is not None:
+            # compare the shared rows only: cut the base and every other model to them as well
+            width = spec.numel // spec.shape[0]
+            base_values = base_values[: rows * width]
+            inputs = [TaskInput(None if i.values is None else i.values[: rows * width], i.is_delta) for i in inputs]
+        return _Loaded(base_values, inputs, present, rows, warnings, buffers)
 
 
 def stream_analysis(
@@ -74,7 +147,7 @@ def stream_analysis(
     density: float = 1.0,
     device: str = "auto",
     chunk: int | None = None,
-    prefetch: int = 1,
+    prefetch: int = 2,
     cancel: threading.Event | None = None,
 ) -> Iterator[TensorResult | AnalysisWarning | Progress]:
     """Yield warnings from headers first, then per tensor its warnings, its result and a progress event."""
@@ -84,93 +157,65 @@ def stream_analysis(
     if chunk is None:
         chunk = DEFAULT_CHUNK if device == "cpu" else 1 << 24
     yield from checkpoint_warnings(base, models, names)
-    tensor_names = [n for names_in_group in base.groups().values() for n in names_in_group]
+    tensor_names = [n for group in base.groups().values() for n in group]
     total_bytes = sum(_tensor_bytes(base, models, n) for n in tensor_names)
-    uses_stored_delta = [m.base is not None and m.base.fingerprint == base.fingerprint for m in models]
+    # On the CPU a tensor is split across `workers` threads running one-threaded kernels: torch's own
+    # OpenMP pool would fight the reader thread for the cores (5x slower on a 2-core machine).
+    workers = usable_cores() if device == "cpu" else 1
+    torch_threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    reader = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="mergescope-read")
+    compute = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergescope-compute")
+    load = _Loader(base, models, names, device, sets=prefetch + 2)
     start = time.perf_counter()
-    done_bytes = 0
-
-    def load(name: str) -> _Loaded:
-        spec = base.spec(name)
-        base_values = base.read(name, device=device).reshape(-1)
-        inputs, present, warnings, rows = [], [], [], None
-        for model, model_name, stored in zip(models, names, uses_stored_delta):
-            if name not in model:
-                inputs.append(TaskInput(None))
-                present.append(False)
-                continue
-            model_spec = model.spec(name)
-            values, is_delta = None, False
-            model_rows = None
-            if model_spec.shape != spec.shape:
-                model_rows = shared_rows(name, spec, model_spec, base.config.vocab_size, model.config.vocab_size)
-                warnings.append(alignment_warning(name, model_name, spec, model_spec, model_rows))
-                if model_rows is not None:
-                    rows = model_rows if rows is None else min(rows, model_rows)
-            if stored and model_spec.shape == spec.shape:
-                values, is_delta = model.stored_delta(name), True
-            if values is None and (model_spec.shape == spec.shape or model_rows is not None):
-                values = model.read(name, device=device)
-            inputs.append(TaskInput(None if values is None else values.to(device).reshape(-1), is_delta))
-            present.append(values is not None)
-        if rows is not None:
-            # compare the shared rows only: cut the base and every other model to them as well
-            width = spec.numel // spec.shape[0]
-            base_values = base_values[: rows * width]
-            inputs = [TaskInput(None if i.values is None else i.values[: rows * width], i.is_delta) for i in inputs]
-        return _Loaded(base_values, inputs, present, rows, warnings)
-
-    with ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="mergescope-read") as pool:
-        pending: deque = deque()
+    done_tensors = done_bytes = 0
+    try:
         upcoming = iter(tensor_names)
-        for name in upcoming:
-            pending.append((name, pool.submit(load, name)))
-            if len(pending) > prefetch:
-                break
-        index = 0
+        pending: deque = deque((n, reader.submit(load, n)) for n in itertools.islice(upcoming, prefetch + 1))
         while pending:
             if cancel is not None and cancel.is_set():
-                for _, future in pending:
-                    future.cancel()
                 return
             name, future = pending.popleft()
-            next_name = next(upcoming, None)
-            if next_name is not None:
-                pending.append((next_name, pool.submit(load, next_name)))
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, reader.submit(load, following)))
             loaded = future.result()
             yield from loaded.warnings
-            masks = None
-            if density < 1.0:
-                masks = _trim_masks(loaded, density)
             with torch.no_grad():
-                result = tensor_sums(loaded.base, loaded.inputs, trim_masks=masks, chunk=chunk)
+                masks = _trim_masks(loaded, density, compute) if density < 1.0 else None
+                result = tensor_sums(loaded.base, loaded.inputs, trim_masks=masks, chunk=chunk, pool=compute, workers=workers)
             for count, who in zip(result.non_finite, [None, *names]):
                 if count:
                     yield non_finite_warning(name, who, count)
-            spec = base.spec(name)
-            yield TensorResult(name, layer_group(name), spec.shape, result.sums, loaded.present, loaded.rows)
-            index += 1
+            present, rows = loaded.present, loaded.rows
+            load.release(loaded)
+            del loaded, masks
+            yield TensorResult(name, layer_group(name), base.spec(name).shape, result.sums, present, rows)
+            done_tensors += 1
             done_bytes += _tensor_bytes(base, models, name)
-            del loaded, masks, result
-            yield Progress(index, len(tensor_names), done_bytes, total_bytes, time.perf_counter() - start, name)
+            elapsed = time.perf_counter() - start
+            yield Progress(done_tensors, len(tensor_names), done_bytes, total_bytes, elapsed, name)
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        compute.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(torch_threads)
 
 
 def _tensor_bytes(base: Checkpoint, models: list[Checkpoint], name: str) -> int:
     return base.spec(name).nbytes + sum(m.spec(name).nbytes for m in models if name in m)
 
 
-def _trim_masks(loaded: _Loaded, density: float) -> list:
+def _trim_masks(loaded: _Loaded, density: float, pool: ThreadPoolExecutor) -> list:
     """Each task vector's top-``density`` mask by magnitude: the trim a TIES merge applies."""
     import torch
 
     from mergescope.merge.sparsify import magnitude_mask
 
-    masks = []
-    for item in loaded.inputs:
+    def mask(item: TaskInput):
         if item.values is None:
-            masks.append(torch.zeros_like(loaded.base, dtype=torch.bool))
-            continue
+            return torch.zeros_like(loaded.base, dtype=torch.bool)
         tau = item.values.float() if item.is_delta else item.values.float() - loaded.base.float()
-        masks.append(magnitude_mask(torch.nan_to_num(tau, nan=0.0, posinf=0.0, neginf=0.0), density))
-        del tau
-    return masks
+        return magnitude_mask(torch.nan_to_num(tau, nan=0.0, posinf=0.0, neginf=0.0), density)
+
+    return list(pool.map(mask, loaded.inputs))

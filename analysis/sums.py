@@ -1,15 +1,17 @@
 """Additive sufficient statistics of task vectors, and the ratios a user reads.
 
 For a base θ₀ and task vectors τ₁…τₙ (τᵢ = θᵢ − θ₀) over some set of elements — a chunk, a tensor, a
-layer group, a whole model — :class:`TaskVectorSums` holds only sums: the Gram matrix of ``[θ₀, τ₁…τₙ]``,
+layer group, a whole model — :class:`TaskVectorSums` holds only sums: the Gram matrix of
+``[θ₀, τ₁…τₙ, Σᵢτᵢ]``,
 sign agreement counts, and the count of elements where several task vectors disagree in sign. Sums of
 disjoint sets add, so a group's statistics are exactly those of the concatenation of its tensors; ratios
 are formed only at the end (:meth:`TaskVectorSums.statistics`), never averaged.
 
 With sᵢ = sign(τᵢ) ∈ {−1, 0, 1} per element:
 
-* ``gram[i][j] = ⟨vᵢ, vⱼ⟩`` with v₀ = θ₀, vᵢ = τᵢ → ``‖τᵢ‖``, ``‖θ₀‖``, ``⟨τᵢ, τⱼ⟩`` and
-  ``‖Σᵢ τᵢ‖² = Σᵢⱼ ⟨τᵢ, τⱼ⟩``;
+* ``gram[i][j] = ⟨vᵢ, vⱼ⟩`` with v₀ = θ₀, vᵢ = τᵢ, vₙ₊₁ = Σᵢ τᵢ → ``‖τᵢ‖``, ``‖θ₀‖``, ``⟨τᵢ, τⱼ⟩`` and
+  ``‖Σᵢ τᵢ‖`` — kept as its own row rather than formed as Σᵢⱼ⟨τᵢ, τⱼ⟩, which loses every digit when task
+  vectors nearly cancel;
 * ``sign_dot[i][j] = Σ sᵢsⱼ`` and ``both_nonzero[i][j] = Σ |sᵢ||sⱼ|``, so
   ``#(τᵢτⱼ < 0) = (both_nonzero − sign_dot) / 2`` and ``#(τᵢ ≠ 0) = both_nonzero[i][i]``;
 * ``multi_nonzero`` = #elements nonzero in at least two models, ``multi_conflict`` = #of those whose
@@ -63,14 +65,14 @@ class TaskVectorSums:
 
     n: int
     numel: int = 0
-    gram: np.ndarray = field(default=None)  # type: ignore[assignment]  # (n+1, n+1) float64
+    gram: np.ndarray = field(default=None)  # type: ignore[assignment]  # (n+2, n+2) float64
     max_abs: np.ndarray = field(default=None)  # type: ignore[assignment]  # (n,) float64
     signs: SignCounts = field(default=None)  # type: ignore[assignment]
     trimmed: SignCounts | None = None
 
     def __post_init__(self) -> None:
         if self.gram is None:
-            self.gram = np.zeros((self.n + 1, self.n + 1), np.float64)
+            self.gram = np.zeros((self.n + 2, self.n + 2), np.float64)
         if self.max_abs is None:
             self.max_abs = np.zeros(self.n, np.float64)
         if self.signs is None:
@@ -106,7 +108,7 @@ class TaskVectorSums:
         total = sum(self.norm(i) for i in range(self.n))
         if total == 0:
             return None
-        sum_norm = math.sqrt(max(self.gram[1:, 1:].sum(), 0.0))
+        sum_norm = math.sqrt(max(self.gram[-1, -1], 0.0))
         return _clip(1.0 - sum_norm / total, 0.0, 1.0)
 
     def model_statistics(self, i: int) -> dict:

@@ -118,9 +118,21 @@ class Checkpoint(ABC):
         return parts
 
     # --- reading --------------------------------------------------------------------------------------
-    def read(self, name: str, dtype: "torch.dtype | str | None" = None, device: "str | None" = None) -> "torch.Tensor":
-        """Tensor ``name`` as a fresh tensor, converted to ``dtype`` and moved to ``device`` when given."""
-        tensor = self._read(self.spec(name))
+    def read(
+        self,
+        name: str,
+        dtype: "torch.dtype | str | None" = None,
+        device: "str | None" = None,
+        *,
+        buffer: "torch.Tensor | None" = None,
+    ) -> "torch.Tensor":
+        """Tensor ``name``, converted to ``dtype`` and moved to ``device`` when given.
+
+        Without ``buffer`` the tensor owns fresh memory. With ``buffer`` (a flat uint8 tensor of at least
+        the tensor's byte size) stored bytes are read into it and the result may be a view of it: a
+        streaming reader reuses a few buffers instead of faulting in new pages for every tensor.
+        """
+        tensor = self._read(self.spec(name), buffer)
         if dtype is not None:
             tensor = tensor.to(torch_dtype(dtype_name(dtype)))
         if device is not None:
@@ -137,8 +149,8 @@ class Checkpoint(ABC):
         return None
 
     @abstractmethod
-    def _read(self, spec: TensorSpec) -> "torch.Tensor":
-        """Tensor ``spec.name`` in its stored dtype, on the CPU, not shared with any other reader."""
+    def _read(self, spec: TensorSpec, buffer: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """Tensor ``spec.name`` in its stored dtype, on the CPU, in ``buffer`` when the format allows."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {len(self)} tensors from {self.source!r}>"
@@ -182,9 +194,9 @@ class SafetensorsCheckpoint(Checkpoint):
     def files(self) -> list[Path]:
         return list(self._files)
 
-    def _read(self, spec: TensorSpec) -> "torch.Tensor":
+    def _read(self, spec: TensorSpec, buffer: "torch.Tensor | None" = None) -> "torch.Tensor":
         assert isinstance(spec, TensorInfo)
-        return read_tensor(spec)
+        return read_tensor(spec, buffer)
 
 
 class TorchBinCheckpoint(Checkpoint):
@@ -211,7 +223,7 @@ class TorchBinCheckpoint(Checkpoint):
     def files(self) -> list[Path]:
         return list(self._files)
 
-    def _read(self, spec: TensorSpec) -> "torch.Tensor":
+    def _read(self, spec: TensorSpec, buffer: "torch.Tensor | None" = None) -> "torch.Tensor":
         return self._tensors[spec.name].clone()
 
 

@@ -191,15 +191,15 @@ class LoraCheckpoint(Checkpoint):
         st = self.adapter.weights_file.stat()
         return [self._base.fingerprint, f"{self.adapter.weights_file.resolve()}|{st.st_size}|{st.st_mtime_ns}"]
 
-    def _read(self, spec: TensorSpec) -> "torch.Tensor":
+    def _read(self, spec: TensorSpec, buffer: "torch.Tensor | None" = None) -> "torch.Tensor":
         import torch
 
         if spec.name in self.adapter.replaced:
-            return read_tensor(self.adapter.replaced[spec.name])
+            return read_tensor(self.adapter.replaced[spec.name], buffer)
         if spec.name in self.adapter.targets:
             merged = self._base.read(spec.name, torch.float32).add_(self.adapter.delta(spec.name))
             return merged.to(torch_dtype(spec.dtype))
-        return self._base.read(spec.name)
+        return self._base.read(spec.name, buffer=buffer)
 
     def stored_delta(self, name: str) -> "torch.Tensor | None":
         """Exact ``Δ`` on adapted weights, exact zeros on untouched ones, None on replaced tensors."""

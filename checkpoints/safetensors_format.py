@@ -146,15 +146,19 @@ def _check_no_overlap(path: Path, infos, data_start: int) -> None:
         previous = info
 
 
-def read_bytes(info: TensorInfo) -> "torch.Tensor":
+def read_bytes(info: TensorInfo, out: "torch.Tensor | None" = None) -> "torch.Tensor":
     """One tensor's bytes as a uint8 tensor, read with positioned reads that release the GIL.
 
-    The buffer comes from torch's allocator uninitialised (a ``bytearray`` would be zero-filled first,
-    and could not use the allocator's huge pages), so each byte is written once, by the kernel.
+    Into ``out[:nbytes]`` when a large enough flat uint8 ``out`` is given; otherwise into a buffer from
+    torch's allocator, uninitialised (a ``bytearray`` would be zero-filled first), so each byte is
+    written once, by the kernel.
     """
     import torch
 
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    if out is not None and out.dtype == torch.uint8 and out.dim() == 1 and out.numel() >= info.nbytes:
+        buf = out[: info.nbytes]
+    else:
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
     if not info.nbytes:
         return buf
     try:
@@ -181,11 +185,11 @@ def _read_into(f, view: memoryview, info: TensorInfo) -> None:
         done += n
 
 
-def read_tensor(info: TensorInfo) -> "torch.Tensor":
-    """Tensor ``info`` in its stored dtype, on the CPU, owning its memory."""
+def read_tensor(info: TensorInfo, buffer: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """Tensor ``info`` in its stored dtype, on the CPU: owning its memory, or a view of ``buffer``."""
     import torch
 
     dtype = torch_dtype(info.dtype)
     if info.numel == 0:
         return torch.empty(info.shape, dtype=dtype)
-    return read_bytes(info).view(dtype).reshape(info.shape)
+    return read_bytes(info, buffer).view(dtype).reshape(info.shape)

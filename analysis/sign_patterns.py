@@ -1,0 +1,91 @@
+"""Sign statistics of n task vectors from one histogram of per-element sign patterns.
+
+Each element has a sign pattern p = (s₁…sₙ) ∈ {−1, 0, 1}ⁿ, coded as ``Σᵢ 3ⁱ (sᵢ + 1)``. Counting how often
+each of the 3ⁿ patterns occurs is enough for every sign statistic, exactly and in integers:
+
+* ``Σ sᵢsⱼ = Σₚ H[p] pᵢpⱼ`` and ``#(sᵢ ≠ 0 ∧ sⱼ ≠ 0) = Σₚ H[p] |pᵢ||pⱼ|``;
+* elements nonzero in ≥ 2 models: patterns with ≥ 2 nonzero entries; of those, a TIES conflict is a
+  pattern holding both a +1 and a −1.
+
+Per chunk this costs ``sign``, one matrix-vector product (the codes) and a ``bincount`` — about half
+of forming ``S Sᵀ`` and ``|S| |S|ᵀ`` and the column sums directly. For more than
+``MAX_PATTERN_MODELS`` models the histogram would be too large and those products are used instead.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .sums import SignCounts
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+MAX_PATTERN_MODELS = 8
+
+
+def pattern_table(n: int) -> np.ndarray:
+    """The (3ⁿ × n) table of sign patterns, row k being the pattern with code k."""
+    codes = np.arange(3**n)
+    return np.stack([(codes // 3**i) % 3 - 1 for i in range(n)], axis=1).astype(np.int64)
+
+
+def counts_from_histogram(histogram: np.ndarray, n: int) -> SignCounts:
+    """All sign statistics from the pattern histogram (exact integer arithmetic)."""
+    patterns = pattern_table(n)
+    nonzero = np.abs(patterns)
+    weighted = patterns * histogram[:, None]
+    several = nonzero.sum(1) >= 2
+    mixed = (patterns > 0).any(1) & (patterns < 0).any(1)
+    return SignCounts(
+        sign_dot=weighted.T @ patterns,
+        both_nonzero=(nonzero * histogram[:, None]).T @ nonzero,
+        multi_nonzero=int(histogram[several].sum()),
+        multi_conflict=int(histogram[mixed].sum()),
+    )
+
+
+class SignAccumulator:
+    """Accumulates the sign statistics of sign matrices S (n × c, values in {−1, 0, 1})."""
+
+    def __init__(self, n: int, chunk: int, device):
+        import torch
+
+        self.n = n
+        self.by_pattern = n <= MAX_PATTERN_MODELS
+        if self.by_pattern:
+            self.weights = torch.tensor([3.0**i for i in range(n)], dtype=torch.float32, device=device)
+            self.offset = torch.full((chunk,), (3**n - 1) / 2, dtype=torch.float32, device=device)
+            self.code_dtype = torch.uint8 if 3**n <= 256 else torch.int16
+            self.histogram = torch.zeros(3**n, dtype=torch.int64, device=device)
+        else:
+            self.sign_dot = torch.zeros((n, n), dtype=torch.float64, device=device)
+            self.both = torch.zeros((n, n), dtype=torch.float64, device=device)
+            self.multi = torch.zeros((), dtype=torch.int64, device=device)
+            self.conflict = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, s: "torch.Tensor") -> None:
+        import torch
+
+        if self.by_pattern:
+            codes = torch.addmv(self.offset[: s.shape[1]], s.T, self.weights)
+            self.histogram += torch.bincount(codes.to(self.code_dtype), minlength=3**self.n)
+            return
+        a = s.abs()
+        self.sign_dot += (s @ s.T).double()
+        self.both += (a @ a.T).double()
+        nonzero = a.sum(0)  # P + N per element
+        self.multi += (nonzero >= 2).sum()
+        self.conflict += (s.sum(0).abs_() < nonzero).sum()  # |P − N| < P + N: mixed signs
+
+    def result(self) -> SignCounts:
+        if self.by_pattern:
+            return counts_from_histogram(self.histogram.cpu().numpy(), self.n)
+        return SignCounts(
+            sign_dot=self.sign_dot.cpu().numpy().round().astype(np.int64),
+            both_nonzero=self.both.cpu().numpy().round().astype(np.int64),
+            multi_nonzero=int(self.multi),
+            multi_conflict=int(self.conflict),
+        )
