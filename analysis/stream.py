@@ -80,6 +80,10 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: read buffers up to this size are kept for reuse whatever passes through them
+_KEEP_BUFFER_BYTES = 64 << 20
+
+
 class _Loader:
     """Reads one tensor of the base and of every model (the reader threads' job).
 
@@ -103,7 +107,10 @@ class _Loader:
         import torch
 
         nbytes = checkpoint.spec(name).nbytes
-        if buffers[slot] is None or buffers[slot].numel() < nbytes:
+        current = buffers[slot]
+        # grow to fit; give back a huge buffer (an embedding's) once only small tensors pass through it
+        if current is None or current.numel() < nbytes or current.numel() > max(4 * nbytes, _KEEP_BUFFER_BYTES):
+            buffers[slot] = None
             buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
         return checkpoint.read(name, device=self.device, buffer=buffers[slot])
 

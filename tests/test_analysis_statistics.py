@@ -246,3 +246,14 @@ def test_json_shape(tmp_path, density):
         check_stats(g, {"name", "tensors"})
     check_stats(report["total"], set())
     assert report["total"]["numel"] == sum(v.numel() for v in base.values())
+
+
+@pytest.mark.parametrize("count", [8, 9])
+def test_many_models_on_both_sign_paths(tmp_path, count):
+    """Up to 8 models the sign statistics come from a 3ⁿ pattern histogram, beyond from sign products."""
+    from mergescope.analysis.sign_patterns import MAX_PATTERN_MODELS
+
+    assert (count <= MAX_PATTERN_MODELS) == (count == 8)
+    base = grid_state()
+    models = {f"m{i}": plus(base, grid_delta(base, seed=i, zero_fraction=0.4)) for i in range(count)}
+    check(tmp_path, base, models, density=0.5)
