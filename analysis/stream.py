@@ -217,12 +217,12 @@ def _trim_masks(loaded: _Loaded, density: float, pool: ThreadPoolExecutor) -> li
     """Each task vector's top-``density`` mask by magnitude: the trim a TIES merge applies."""
     import torch
 
-    from mergescope.merge.sparsify import magnitude_mask
+    from mergescope.merge.sparsify import top_magnitude_mask
 
     def mask(item: TaskInput):
         if item.values is None:
             return torch.zeros_like(loaded.base, dtype=torch.bool)
         tau = item.values.float() if item.is_delta else item.values.float() - loaded.base.float()
-        return magnitude_mask(torch.nan_to_num(tau, nan=0.0, posinf=0.0, neginf=0.0), density)
+        return top_magnitude_mask(torch.nan_to_num(tau, nan=0.0, posinf=0.0, neginf=0.0), density)
 
     return list(pool.map(mask, loaded.inputs))

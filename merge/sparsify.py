@@ -2,6 +2,15 @@
 
 Shared by the merge methods (TIES and relatives) and by the analysis, which counts sign conflicts after
 the same trim, so a preview and a merge can never disagree.
+
+Every magnitude trim here finds its threshold by *selection* (``kthvalue``, linear time) rather than by
+sorting. Entries whose magnitude equals the threshold are taken as a stable sort would order them: the
+result is the same on every device and every torch version. (mergekit sorts with an unstable sort, so which
+of several equal magnitudes it keeps at the threshold depends on its device and torch build; only entries of
+exactly equal magnitude can differ.)
+
+The random masks (DARE, DELLA) draw only from the ``torch.Generator`` they are given, never from torch's
+global generator, so a seeded generator gives bit-identical masks on the same device.
 """
 
 from __future__ import annotations
@@ -17,29 +26,141 @@ def keep_count(numel: int, density: float) -> int:
     return int(density * numel)
 
 
-def magnitude_mask(values: "torch.Tensor", density: float) -> "torch.Tensor":
-    """Boolean mask of the k = ⌊density·numel⌋ entries of largest |value|.
+def _magnitudes(values: "torch.Tensor") -> "torch.Tensor":
+    import torch
 
-    Exactly k entries are kept. The threshold is found by selection (``kthvalue``, linear time), not by
-    sorting; entries whose magnitude equals the threshold are taken in index order until k are kept, so
-    the mask is deterministic on every device.
+    magnitude = values.reshape(-1).abs()
+    if magnitude.dtype not in (torch.float32, torch.float64):
+        magnitude = magnitude.float()
+    return magnitude
+
+
+def select_extreme(magnitude: "torch.Tensor", count: int, *, largest: bool, low_index_first: bool) -> "torch.Tensor":
+    """Flat boolean mask of exactly ``count`` entries of a 1-D ``magnitude``: its largest or its smallest.
+
+    The threshold is the count-th extreme value (``kthvalue``); entries beyond it are taken, and entries equal
+    to it are taken lowest index first (``low_index_first``) or highest index first until ``count`` are taken.
     """
     import torch
 
-    flat = values.reshape(-1)
-    numel = flat.numel()
-    k = keep_count(numel, density)
-    if k >= numel:
-        return torch.ones_like(values, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(values, dtype=torch.bool)
-    magnitude = flat.abs()
-    if magnitude.dtype not in (torch.float32, torch.float64):
-        magnitude = magnitude.float()
-    threshold = magnitude.kthvalue(numel - k + 1).values
-    mask = magnitude > threshold
-    missing = k - int(mask.sum())
+    numel = magnitude.numel()
+    if count >= numel:
+        return torch.ones(numel, dtype=torch.bool, device=magnitude.device)
+    if count <= 0:
+        return torch.zeros(numel, dtype=torch.bool, device=magnitude.device)
+    if largest:
+        threshold = magnitude.kthvalue(numel - count + 1).values
+        mask = magnitude > threshold
+    else:
+        threshold = magnitude.kthvalue(count).values
+        mask = magnitude < threshold
+    missing = count - int(mask.sum())
     if missing > 0:
-        tied = (magnitude == threshold).nonzero().reshape(-1)[:missing]
-        mask[tied] = True
-    return mask.reshape(values.shape)
+        tied = (magnitude == threshold).nonzero().reshape(-1)
+        mask[tied[:missing] if low_index_first else tied[tied.numel() - missing :]] = True
+    return mask
+
+
+# --- the trims of mergekit's task-arithmetic family ------------------------------------------------------------
+def trim_count(numel: int, density: float) -> int:
+    """Entries a TIES trim keeps: k = max(1, ⌊density·numel⌋) for 0 < density < 1, all for density ≥ 1, none for ≤ 0.
+
+    The analysis counts sign conflicts after exactly this trim, so its preview and a TIES merge agree.
+    """
+    if density >= 1:
+        return numel
+    if density <= 0 or numel == 0:
+        return 0
+    return max(1, keep_count(numel, density))
+
+
+def top_magnitude_mask(values: "torch.Tensor", density: float) -> "torch.Tensor":
+    """TIES' trim: the :func:`trim_count` entries of largest |τ|, ties lowest index first."""
+    k = trim_count(values.numel(), density)
+    return select_extreme(_magnitudes(values), k, largest=True, low_index_first=True).reshape(values.shape)
+
+
+def outlier_mask(values: "torch.Tensor", density: float, gamma: float) -> "torch.Tensor":
+    """Model Breadcrumbs' trim: drop the largest outliers and the smallest entries, keep k = ⌊density·n⌋ between.
+
+    With n_top = ⌊γ·n⌋ and n_bot = max(0, n − k − n_top), the kept entries are ranks n_bot … n_bot + k − 1 of
+    the ascending order of |τ|: the n_bot smallest are dropped (ties: lowest index dropped first) and the
+    n − n_bot − k largest (ties: highest index dropped first), i.e. exactly the slice a stable ascending sort
+    gives. When k + n_top > n, fewer than n_top outliers are dropped so that k entries survive.
+    For density ≥ 1 nothing is dropped, not even the outliers (mergekit returns the input unchanged).
+    """
+    import torch
+
+    numel = values.numel()
+    if density >= 1:
+        return torch.ones_like(values, dtype=torch.bool)
+    kept = keep_count(numel, density)
+    n_bottom = max(0, numel - kept - int(gamma * numel))
+    n_top = numel - n_bottom - kept
+    magnitude = _magnitudes(values)
+    dropped = select_extreme(magnitude, n_bottom, largest=False, low_index_first=True)
+    dropped |= select_extreme(magnitude, n_top, largest=True, low_index_first=False)
+    return (~dropped).reshape(values.shape)
+
+
+def _need(generator: "torch.Generator | None", what: str) -> "torch.Generator":
+    if generator is None:
+        raise ValueError(f"{what} draws random masks: pass a torch.Generator (the global RNG is never used)")
+    return generator
+
+
+def bernoulli_mask(values: "torch.Tensor", density: float, generator: "torch.Generator | None") -> "torch.Tensor":
+    """DARE's drop: each entry kept independently with probability ``density`` (a float 0/1 mask).
+
+    One Bernoulli draw per entry, in storage order, from ``generator`` (which must live on the tensor's device).
+    """
+    import torch
+
+    probabilities = torch.full_like(values, density, dtype=torch.float32)
+    return torch.bernoulli(probabilities, generator=_need(generator, "DARE"))
+
+
+def della_probabilities(values: "torch.Tensor", density: float, epsilon: float) -> "torch.Tensor":
+    """DELLA's keep probabilities: p = (density − ε) + 2ε · r / (m − 1) for the entry of 0-based rank r among m.
+
+    Ranks are by |τ| ascending along dim 1 — within each row of a matrix (along the second axis for higher
+    ranks; a 1-D tensor is one row) — so the smallest entry of a row is kept with probability density − ε and
+    the largest with density + ε. Equal magnitudes are ranked by index (a stable sort; this needs full ranks,
+    so it is a per-row sort, not a selection). A row of one entry gets p = density (mergekit fails there:
+    its 0/0 normalisation produces a NaN probability).
+    """
+    import torch
+
+    rows = values.unsqueeze(0) if values.dim() < 2 else values
+    length = rows.shape[1]
+    order = torch.argsort(rows.abs().float(), dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    positions = torch.arange(length, device=rows.device).reshape((1, length) + (1,) * (rows.dim() - 2))
+    ranks.scatter_(1, order, positions.expand_as(order))
+    if length > 1:
+        rank_norm = ranks.float() / float(length - 1)
+    else:
+        rank_norm = torch.full(ranks.shape, 0.5, dtype=torch.float32, device=rows.device)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(values.shape)
+
+
+def della_mask(values: "torch.Tensor", density: float, epsilon: float, generator: "torch.Generator | None") -> "torch.Tensor":
+    """DELLA's MagPrune drop: a float 0/1 mask, entry kept with its :func:`della_probabilities` probability."""
+    import torch
+
+    return torch.bernoulli(della_probabilities(values, density, epsilon), generator=_need(generator, "DELLA"))
+
+
+def l1_rescaled(values: "torch.Tensor", mask: "torch.Tensor", eps: float = 1e-7) -> "torch.Tensor":
+    """τ ⊙ m scaled by ‖τ‖₁ / ‖τ ⊙ m‖₁, so the kept entries carry the L1 mass of the whole task vector.
+
+    This is mergekit's ``rescale``: it matches norms, it does not divide by the keep probability (for DARE the
+    factor is close to 1/density on large tensors but not equal to it). If either norm is below ``eps`` the
+    masked vector is returned unscaled.
+    """
+    masked = values * mask
+    before = values.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)

@@ -45,9 +45,10 @@ def task_vector(base, model) -> np.ndarray:
 
 
 def trim_mask(tau: np.ndarray, density: float) -> np.ndarray:
-    """Top-k by |τ| with k = ⌊density · numel⌋; equal magnitudes are taken lowest index first."""
+    """Top-k by |τ| with k = max(1, ⌊density · numel⌋) (TIES keeps at least one entry) for density < 1;
+    equal magnitudes are taken lowest index first."""
     tau = np.asarray(tau).reshape(-1)
-    k = math.floor(density * tau.size)
+    k = tau.size if density >= 1 else max(1, math.floor(density * tau.size))
     order = np.argsort(-np.abs(tau), kind="stable")  # stable: ties keep index order
     mask = np.zeros(tau.size, dtype=bool)
     mask[order[:k]] = True

@@ -60,20 +60,21 @@ def test_reference_trim_keeps_k_largest_lowest_index_first():
     tau = np.array([1, -3, 3, 0, -1, 3, 2], np.float32)
     assert ref.trim_mask(tau, 0.5).tolist() == [False, True, True, False, False, True, False]  # k = 3
     assert ref.trim_mask(tau, 0.3).tolist() == [False, True, True, False, False, False, False]  # k = 2
-    assert not ref.trim_mask(tau, 0.1).any()  # k = 0
+    assert ref.trim_mask(tau, 0.1).tolist() == [False, True, False, False, False, False, False]  # ⌊0.7⌋ = 0, at least 1
     stats = ref.statistics(np.ones(3), [np.array([1, -1, 0.0]), np.array([1, 1, 2.0]), np.array([-1, 0, 0.0])], ["a", "b", "c"])
     assert stats["conflict_all"] == 2 / 2 and pair(stats, "a", "b")["sign_conflict"] == 1 / 2
     assert pair(stats, "b", "c")["sign_conflict"] == 1.0 and stats["delta"]["a"]["nonzero"] == 2 / 3
 
 
-@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.77, 1.0])
+@pytest.mark.parametrize("density", [0.0005, 0.1, 0.5, 0.77, 1.0])
 def test_magnitude_mask_is_the_reference_trim(density):
-    """The analysis counts conflicts after merge/sparsify's trim: k = ⌊d·numel⌋, ties by lowest index."""
-    from mergescope.merge.sparsify import magnitude_mask
+    """The analysis counts conflicts after TIES' own trim: k = max(1, ⌊d·numel⌋), ties by lowest index."""
+    from mergescope.merge.sparsify import top_magnitude_mask as magnitude_mask
 
     values = torch.randint(-4, 5, (3, 337), generator=torch.Generator().manual_seed(0)).float()
     mask = magnitude_mask(values, density)
-    assert mask.shape == values.shape and int(mask.sum()) == math.floor(density * values.numel())
+    expected = values.numel() if density >= 1 else max(1, math.floor(density * values.numel()))
+    assert mask.shape == values.shape and int(mask.sum()) == expected
     assert np.array_equal(mask.reshape(-1).numpy(), ref.trim_mask(values.numpy(), density))
     assert torch.equal(magnitude_mask(values.bfloat16(), density), mask)
 

@@ -77,11 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("plan", metavar="PLAN.yml")
     merge.add_argument("-o", "--output", metavar="OUT", required=True, help="output folder")
-    merge.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    merge.add_argument("--device", help="auto (default, or the plan's mergescope.device), cpu, cuda or cuda:N")
     merge.add_argument("--seed", type=int, help="seed for random methods (DARE, DELLA)")
     merge.add_argument("--force", action="store_true", help="replace an existing output folder")
     merge.add_argument("--dry-run", action="store_true", help="resolve the plan and print what would happen")
-    merge.set_defaults(handler=_not_yet("merge", 4))
+    merge.add_argument("--allow-non-finite", action="store_true", help="merge even when inputs hold NaN/Inf")
+    merge.set_defaults(handler=_run_merge)
 
     inspect = commands.add_parser(
         "inspect",
@@ -112,6 +113,12 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from .analyze import run_analyze
 
     return run_analyze(args)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .merge import run_merge_command
+
+    return run_merge_command(args)
 
 
 def _not_yet(command: str, issue: int) -> Callable[[argparse.Namespace], int]:

@@ -1,0 +1,181 @@
+"""Running a merge job: tensor by tensor, on the GPU when there is one, into an atomic checkpoint.
+
+For each output tensor, a reader thread fetches its inputs (converted to float32, moved to the device)
+while the previous tensor is merged; the method's pure function merges them; the result is cast to the
+output dtype and written in place by :class:`~mergescope.checkpoints.CheckpointWriter`, then freed.
+
+Memory bound: at most ``prefetch + 1`` input sets are alive — each the float32 inputs of one output
+tensor — plus the method's temporaries and one output tensor: a few copies of the largest tensor, never
+the model. Non-finite inputs stop the merge naming the model and tensor (``allow_non_finite`` overrides);
+so does a cancel (between tensors). Either way the writer removes its temporary folder: the output
+appears only when complete.
+
+Random methods draw from a generator seeded per output tensor from (seed, tensor name), so a merge is
+bit-identical across runs on the same device and does not depend on the order tensors are processed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergescope.checkpoints import CheckpointWriter, MergescopeError, TensorSpec, resolve_device
+from mergescope.checkpoints.writer import DEFAULT_MAX_SHARD_BYTES
+
+from .job import MergeJob, TensorTask
+from .model_card import model_card
+
+DEFAULT_SEED = 0
+
+
+class MergeCancelled(MergescopeError):
+    """The merge was cancelled; nothing was written."""
+
+
+@dataclass
+class MergeProgress:
+    tensor: str
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int  # input bytes read and merged so far
+    bytes_total: int
+    elapsed_s: float
+    device_memory: int | None  # bytes allocated on the GPU, None on the CPU
+
+    @property
+    def throughput(self) -> float:
+        return self.bytes_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.throughput
+        return None if rate == 0 else (self.bytes_total - self.bytes_done) / rate
+
+
+def tensor_seed(seed: int, tensor: str) -> int:
+    """A 63-bit seed for one output tensor, from the merge seed and the tensor's name."""
+    digest = hashlib.blake2b(f"{seed}\0{tensor}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def run_merge(
+    job: MergeJob,
+    out_dir: str | Path,
+    *,
+    device: str | None = None,
+    seed: int | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
+    allow_non_finite: bool | None = None,
+    on_event: Callable[[MergeProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+    prefetch: int = 1,
+) -> Path:
+    """Merge ``job`` into ``out_dir`` and return it. Settings left None come from the plan's
+    ``mergescope:`` block, then the defaults."""
+    import torch
+
+    options = job.plan.options
+    device = resolve_device(device or options.get("device", "auto"))
+    seed = seed if seed is not None else options.get("seed", DEFAULT_SEED)
+    allow_non_finite = allow_non_finite if allow_non_finite is not None else options.get("allow_non_finite", False)
+    shard = max_shard_bytes or _shard_bytes(options.get("shard_size", DEFAULT_MAX_SHARD_BYTES))
+    specs = [TensorSpec(task.output, job.out_dtype, task.shape) for task in job.tasks]
+    total = job.bytes_to_read
+    done = 0
+    start = time.perf_counter()
+
+    def read(task: TensorTask):
+        return [job.checkpoints[ref].read(name, torch.float32, device) for ref, name in task.reads]
+
+    with CheckpointWriter(out_dir, specs, max_shard_bytes=shard, overwrite=overwrite) as writer:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-read") as reader:
+            pending: deque = deque()
+            upcoming = iter(job.tasks)
+            for task in upcoming:
+                pending.append((task, reader.submit(read, task)))
+                if len(pending) > prefetch:
+                    break
+            for index in range(len(job.tasks)):
+                if cancel is not None and cancel.is_set():
+                    raise MergeCancelled(f"merge cancelled; nothing was written to {out_dir}")
+                task, future = pending.popleft()
+                following = next(upcoming, None)
+                if following is not None:
+                    pending.append((following, reader.submit(read, following)))
+                tensors = future.result()
+                if not allow_non_finite:
+                    _check_finite(task, tensors)
+                merged = merge_tensor(job, task, tensors, seed, device)
+                writer.write(task.output, merged)
+                del tensors, merged
+                done += sum(job.checkpoints[ref].spec(name).nbytes for ref, name in task.reads)
+                if on_event is not None:
+                    memory = torch.cuda.memory_allocated(device) if device.startswith("cuda") else None
+                    on_event(MergeProgress(task.output, index + 1, len(job.tasks), done, total, time.perf_counter() - start, memory))
+        _write_model_files(job, writer)
+        return writer.commit()
+
+
+def merge_tensor(job: MergeJob, task: TensorTask, tensors: list, seed: int, device: str):
+    """The method's pure function applied to one output tensor's float32 inputs."""
+    import torch
+
+    base = tensors[0] if task.base else None
+    models = tensors[1:] if task.base else tensors
+    generator = None
+    if job.method.random:
+        generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, task.output))
+    with torch.no_grad():
+        return job.method.function(base, models, task.params, {**task.options, "tensor_name": task.output}, generator)
+
+
+def _check_finite(task: TensorTask, tensors: list) -> None:
+    import torch
+
+    for (ref, name), tensor in zip(task.reads, tensors):
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise MergescopeError(
+                f"{ref}: tensor {name} has {bad} NaN/Inf values; a merge would spread them. "
+                "Fix the model or pass --allow-non-finite"
+            )
+
+
+def _shard_bytes(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper().replace(" ", "")
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if text.endswith(unit) and text[: -len(unit)].replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * scale)
+    if text.isdigit():
+        return int(text)
+    raise MergescopeError(f"shard_size {value!r}: use bytes or a size like 5GB")
+
+
+def _write_model_files(job: MergeJob, writer: CheckpointWriter) -> None:
+    """config.json (adjusted), generation config, tokenizer, model card and the plan itself."""
+    reference = job.checkpoints[job.plan.base_model] if job.plan.base_model else next(iter(job.checkpoints.values()))
+    if job.config is not None:
+        config = dict(job.config)
+        config["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(job.out_dtype, config.get("torch_dtype"))
+        writer.add_text("config.json", json.dumps(config, indent=2) + "\n")
+    for path in reference.model_files():
+        if path.name == "generation_config.json":
+            writer.add_file(path)
+    if job.tokenizer_from is not None:
+        for path in job.tokenizer_from.model_files():
+            if path.name not in ("config.json", "generation_config.json"):
+                writer.add_file(path)
+    if job.plan.chat_template:
+        writer.add_text("chat_template.jinja", job.plan.chat_template)
+    writer.add_text("mergekit_config.yml", job.plan.to_yaml())
+    writer.add_text("README.md", model_card(job))

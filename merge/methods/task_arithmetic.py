@@ -1,0 +1,154 @@
+"""The task-arithmetic family: task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
+della, della_linear.
+
+All eight are one computation with two switches, a *trim* and a *sign election*. For a base θ₀ and models
+θ₁…θₙ with weights wᵢ:
+
+1. τᵢ = θᵢ − θ₀.
+2. Trim: τ̃ᵢ = τᵢ ⊙ mᵢ for a 0/1 mask mᵢ chosen by the method from densityᵢ (and γᵢ or εᵢ); with
+   ``rescale`` the result is multiplied by ‖τᵢ‖₁ / ‖τᵢ ⊙ mᵢ‖₁ (see :func:`~mergescope.merge.sparsify.l1_rescaled`).
+   A density ≥ 1 leaves τᵢ untouched — no trim, no rescale, no random draw.
+3. Weight: δᵢ = wᵢ · τ̃ᵢ.
+4. Without sign election: Δ = Σᵢ δᵢ and D = Σᵢ wᵢ (D := 1 when |D| < 1e-8).
+   With sign election (TIES): per entry, the elected sign is s = +1 if Σᵢ δᵢ ≥ 0 else −1 — the sign of the
+   *sum of the trimmed, weighted deltas*, not a count of signs, and ties (a zero sum) go to +. Entry i
+   agrees when sign(δᵢ) = s; a zero δᵢ (trimmed or unchanged) never agrees. Δ = Σ_{agreeing} δᵢ and
+   D = Σ_{agreeing} wᵢ, per entry (D := 1 where it is exactly 0). A negative weight flips δᵢ and so the
+   side it votes for, and enters D negatively.
+5. If ``normalize``: Δ ← Δ / D. Then Δ ← λ · Δ (``lambda``; applied after normalisation).
+6. θ = θ₀ + Δ. With no models at all the result is θ₀.
+
+``int8_mask`` only chose the storage type of mergekit's sign mask; it never changes a result and is accepted
+and ignored. ``density`` (task_arithmetic), ``rescale`` (task_arithmetic) and ``int8_mask`` (methods without
+election) are likewise accepted and unused, as in mergekit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from mergescope.checkpoints.errors import MergescopeError
+from mergescope.merge import sparsify
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+def elect_signs(deltas: "torch.Tensor") -> "torch.Tensor":
+    """Boolean [n, …] mask of the entries of the stacked weighted deltas that agree with the elected sign.
+
+    The elected sign is + where Σᵢ δᵢ ≥ 0 and − elsewhere; an entry agrees when its own sign equals it, so
+    zeros never agree.
+    """
+    elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+    return deltas.sign() == elected
+
+
+def _trim(
+    kind: str | None, tau: "torch.Tensor", params: dict, rescale: bool, generator, tensor_name: str, index: int
+) -> "torch.Tensor":
+    density = float(params.get("density", 1.0))
+    if kind is None or density >= 1:
+        return tau
+    if kind == "magnitude":
+        mask = sparsify.top_magnitude_mask(tau, density)
+    elif kind == "outliers":
+        mask = sparsify.outlier_mask(tau, density, float(params.get("gamma", 0.01)))
+    elif kind == "random":
+        mask = sparsify.bernoulli_mask(tau, density, generator)
+    elif kind == "della":
+        if density <= 0:
+            return tau.new_zeros(tau.shape)
+        epsilon = float(params.get("epsilon", 0.15))
+        if density + epsilon >= 1 or density - epsilon <= 0:
+            raise MergescopeError(
+                f"{tensor_name or 'tensor'}: model {index + 1} has density {density:g} and epsilon {epsilon:g}; "
+                "DELLA needs 0 < density − epsilon and density + epsilon < 1: lower epsilon"
+            )
+        mask = sparsify.della_mask(tau, density, epsilon, generator)
+    else:  # pragma: no cover - the registry only builds the kinds above
+        raise ValueError(kind)
+    mask = mask.to(tau.dtype)
+    return sparsify.l1_rescaled(tau, mask) if rescale else tau * mask
+
+
+def generalized_task_arithmetic(
+    base: "torch.Tensor | None",
+    models: "list[torch.Tensor]",
+    params: list[dict],
+    options: dict,
+    generator: "torch.Generator | None",
+    *,
+    trim: str | None,
+    elect: bool,
+) -> "torch.Tensor":
+    """Steps 1–6 of the module docstring; ``trim`` ∈ {None, "magnitude", "outliers", "random", "della"}."""
+    import torch
+
+    if base is None:
+        raise MergescopeError("this merge method needs a base_model: set base_model in the plan")
+    if len(params) != len(models):
+        raise ValueError(f"{len(models)} models but {len(params)} parameter sets")
+    if not models:
+        return base.clone()
+    tensor_name = str(options.get("tensor_name", ""))
+    rescale = bool(options.get("rescale", False))
+
+    deltas = torch.stack([
+        _trim(trim, model - base, p, rescale, generator, tensor_name, i) for i, (model, p) in enumerate(zip(models, params))
+    ])
+    weights = torch.tensor([float(p["weight"]) for p in params], dtype=deltas.dtype, device=deltas.device)
+    weights = weights.reshape((-1,) + (1,) * base.dim())
+    deltas.mul_(weights)
+
+    if elect:
+        agree = elect_signs(deltas)
+        merged = (deltas * agree).sum(dim=0)
+        divisor = (weights * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        merged = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    del deltas
+
+    if options.get("normalize", False):
+        merged /= divisor
+    scale = float(options.get("lambda", 1.0))
+    if scale != 1:
+        merged *= scale
+    return base + merged
+
+
+def _variant(name: str, trim: str | None, elect: bool, doc: str) -> Callable[..., "torch.Tensor"]:
+    def merge(base, models, params, options, generator=None):
+        return generalized_task_arithmetic(base, models, params, options, generator, trim=trim, elect=elect)
+
+    merge.__name__ = merge.__qualname__ = name
+    merge.__doc__ = doc
+    return merge
+
+
+task_arithmetic = _variant("task_arithmetic", None, False, "θ₀ + λ·Σᵢ wᵢτᵢ [/ Σᵢ wᵢ if normalize]. No trim, no election.")
+ties = _variant(
+    "ties", "magnitude", True,
+    "TIES: keep the max(1, ⌊density·n⌋) largest |τᵢ| (ties at the threshold: lowest index), elect signs by the "
+    "sum of the weighted trimmed deltas, disjoint weighted mean when normalize (default on).",
+)
+dare_linear = _variant(
+    "dare_linear", "random", False,
+    "DARE: keep each entry with probability density (drawn from the generator), L1-rescale (default on), weighted sum.",
+)
+dare_ties = _variant("dare_ties", "random", True, "DARE's random drop followed by TIES' sign election; normalize defaults off.")
+breadcrumbs = _variant(
+    "breadcrumbs", "outliers", False,
+    "Model Breadcrumbs: drop the ⌊γ·n⌋ largest |τᵢ| and the smallest, keep ⌊density·n⌋; weighted sum. density 1 "
+    "(the default) drops nothing — not even the outliers.",
+)
+breadcrumbs_ties = _variant("breadcrumbs_ties", "outliers", True, "Model Breadcrumbs' trim followed by TIES' sign election.")
+della = _variant(
+    "della", "della", True,
+    "DELLA: per-row magnitude-ranked keep probabilities in [density − ε, density + ε], L1 rescale, TIES election, "
+    "normalize on by default.",
+)
+della_linear = _variant("della_linear", "della", False, "DELLA's MagPrune drop followed by a weighted sum (no election).")

@@ -1,0 +1,64 @@
+"""YAML loading that remembers where each mapping and key came from, for errors that cite the line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from mergescope.checkpoints import MergescopeError
+
+
+class LinedDict(dict):
+    """A mapping from YAML with the 1-based line of itself (``line``) and of each key (``key_lines``)."""
+
+    line: int = 0
+    key_lines: dict
+
+    def line_of(self, key: str) -> int:
+        return self.key_lines.get(key, self.line)
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LinedDict:
+    loader.flatten_mapping(node)
+    mapping = LinedDict()
+    mapping.line = node.start_mark.line + 1
+    mapping.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)) or key is None:
+            raise yaml.constructor.ConstructorError(None, None, f"unhashable key {key!r}", key_node.start_mark)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.key_lines[key] = key_node.start_mark.line + 1
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(text: str, source: str) -> object:
+    """Parse YAML; a syntax error is one :class:`MergescopeError` citing ``source:line:column``."""
+    try:
+        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise MergescopeError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise MergescopeError(f"{source}: YAML error: {exc}") from None
+
+
+def read_yaml_file(path: Path) -> object:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MergescopeError(f"{path}: cannot read the plan: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise MergescopeError(f"{path}: the plan is not UTF-8 text") from None
+    return load_yaml(text, str(path))

@@ -1,0 +1,120 @@
+"""``mergescope merge PLAN.yml -o OUT``: run a mergekit plan, or show what it would do (``--dry-run``)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+from mergescope.analysis import unique_names
+from mergescope.checkpoints import MergescopeError, layer_group
+
+from .formatting import human_bytes
+
+
+def run_merge_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from mergescope.merge.job import build_job
+    from mergescope.merge.plan import load_plan
+
+    plan = load_plan(args.plan)
+    job = build_job(plan)
+    out = Path(args.output)
+    _refuse_input_as_output(job, out)
+    console = Console(stderr=True)
+    if args.dry_run:
+        print_dry_run(job, out, Console())
+        return 0
+    return _execute(job, out, args, console)
+
+
+def _refuse_input_as_output(job, out: Path) -> None:
+    target = out.resolve()
+    for ref, checkpoint in job.checkpoints.items():
+        roots = [checkpoint.root] if checkpoint.root else []
+        for root in roots:
+            if root.resolve() == target or target in root.resolve().parents:
+                raise MergescopeError(f"{out}: is (or is inside) the input {ref}; choose another output folder")
+
+
+def _execute(job, out: Path, args: argparse.Namespace, console) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from mergescope.merge.executor import run_merge
+
+    bar = Progress(
+        TextColumn(f"[bold]merging ({job.method.name})"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), TextColumn("{task.fields[tensor]}", style="dim"), console=console, transient=True,
+    )
+    task = bar.add_task("merge", total=job.bytes_to_read, tensor="")
+
+    def on_event(event) -> None:
+        bar.update(task, completed=event.bytes_done, tensor=event.tensor)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with bar:
+            path = run_merge(job, out, device=args.device, seed=args.seed, overwrite=args.force, on_event=on_event,
+                             allow_non_finite=args.allow_non_finite or None)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted: nothing was written to {out}[/]")
+        return 130
+    except _Terminated:
+        console.print(f"[yellow]terminated: nothing was written to {out}[/]")
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    console.print(f"[green]wrote {path}[/] ({len(job.tasks)} tensors, {human_bytes(job.bytes_to_write)}, {job.out_dtype})")
+    return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the writer's cleanup runs."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated()
+
+
+def print_dry_run(job, out: Path, console) -> None:
+    from rich.table import Table
+
+    plan = job.plan
+    console.print(f"[bold]{plan.source}[/]: {job.method.name} — {job.method.description}", soft_wrap=True)
+    console.print(f"output {out} · {len(job.tasks)} tensors · dtype {job.out_dtype} · "
+                  f"reads {human_bytes(job.bytes_to_read)} · writes {human_bytes(job.bytes_to_write)} · "
+                  f"peak memory ≈ {human_bytes(2 * job.largest_task_bytes)} (two output tensors' float32 inputs)", soft_wrap=True)
+    inputs = Table(title="Inputs", header_style="bold", title_justify="left")
+    for column in ("model", "format", "tensors", "size"):
+        inputs.add_column(column, no_wrap=True)
+    inputs.add_column("source", overflow="fold")
+    for ref, checkpoint in job.checkpoints.items():
+        role = " (base)" if ref == plan.base_model else ""
+        inputs.add_row(checkpoint.name + role, checkpoint.kind, str(len(checkpoint)), human_bytes(checkpoint.num_bytes), ref)
+    console.print(inputs)
+    first = job.tasks[0] if job.tasks else None
+    refs = [ref for ref, _ in first.inputs] if first else []
+    names = unique_names([job.checkpoints[ref] for ref in refs])
+    table = Table(title="Parameters per layer group (its first tensor)", header_style="bold", title_justify="left")
+    table.add_column("group", no_wrap=True)
+    table.add_column("t", justify="right")
+    for name in names:
+        table.add_column(name)
+    table.add_column("method")
+    seen = set()
+    for task in job.tasks:
+        group = layer_group(task.output)
+        if group in seen or len(task.params) != len(names):
+            continue
+        seen.add(group)
+        cells = [", ".join(f"{k}={_fmt(v)}" for k, v in params.items() if v is not None) or "–" for params in task.params]
+        shared = ", ".join(f"{k}={_fmt(v)}" for k, v in task.options.items())
+        table.add_row(group, f"{task.t:.2f}", *cells, shared or "–")
+    console.print(table)
+    for warning in job.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
