@@ -4,9 +4,10 @@ For each output tensor, a reader thread fetches its inputs (converted to float32
 while the previous tensor is merged; the method's pure function merges them; the result is cast to the
 output dtype and written in place by :class:`~mergescope.checkpoints.CheckpointWriter`, then freed.
 
-Memory bound: at most ``prefetch + 1`` input sets are alive — each the float32 inputs of one output
-tensor — plus the method's temporaries and one output tensor: a few copies of the largest tensor, never
-the model. Non-finite inputs stop the merge naming the model and tensor (``allow_non_finite`` overrides);
+Memory bound: at most ``prefetch + 1`` input sets are alive — the one being merged in float32, the
+prefetched ones in their stored dtype — plus the method's temporaries (a TIES merge of n models holds
+about 3n float32 copies of the tensor at its peak) and one output tensor: a few copies of the largest
+tensor, never the model. Non-finite inputs stop the merge naming the model and tensor (``allow_non_finite`` overrides);
 so does a cancel (between tensors). Either way the writer removes its temporary folder: the output
 appears only when complete.
 
@@ -93,7 +94,8 @@ def run_merge(
     start = time.perf_counter()
 
     def read(task: TensorTask):
-        return [job.checkpoints[ref].read(name, torch.float32, device) for ref, name in task.reads]
+        # stored dtype (bf16 is half of float32) while waiting; float32 only for the tensor being merged
+        return [job.checkpoints[ref].read(name, device=device) for ref, name in task.reads]
 
     with CheckpointWriter(out_dir, specs, max_shard_bytes=shard, overwrite=overwrite) as writer:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-read") as reader:
@@ -124,17 +126,40 @@ def run_merge(
         return writer.commit()
 
 
+#: entries per block when an elementwise method runs block by block (16 MB of float32 per input)
+ELEMENTWISE_BLOCK = 1 << 22
+
+
 def merge_tensor(job: MergeJob, task: TensorTask, tensors: list, seed: int, device: str):
-    """The method's pure function applied to one output tensor's float32 inputs."""
+    """The method's pure function applied to one output tensor's inputs (any float dtype), in float32.
+
+    Elementwise methods run block by block on large tensors, writing into the output dtype directly: only
+    one block's float32 copies exist at a time.
+    """
     import torch
 
-    base = tensors[0] if task.base else None
-    models = tensors[1:] if task.base else tensors
+    from mergescope.checkpoints.dtypes import torch_dtype
+
+    options = {**task.options, "tensor_name": task.output}
     generator = None
     if job.method.random:
         generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, task.output))
+
+    def apply(inputs: list):
+        inputs = [t.float() for t in inputs]
+        base = inputs[0] if task.base else None
+        return job.method.function(base, inputs[1:] if task.base else inputs, task.params, options, generator)
+
     with torch.no_grad():
-        return job.method.function(base, models, task.params, {**task.options, "tensor_name": task.output}, generator)
+        numel = tensors[0].numel()
+        if not job.method.elementwise or numel <= ELEMENTWISE_BLOCK:
+            return apply(tensors)
+        flat = [t.reshape(-1) for t in tensors]
+        out = torch.empty(numel, dtype=torch_dtype(job.out_dtype), device=tensors[0].device)
+        for start in range(0, numel, ELEMENTWISE_BLOCK):
+            stop = min(start + ELEMENTWISE_BLOCK, numel)
+            out[start:stop] = apply([t[start:stop] for t in flat])
+        return out.reshape(task.shape)
 
 
 def _check_finite(task: TensorTask, tensors: list) -> None:

@@ -35,6 +35,34 @@ def _magnitudes(values: "torch.Tensor") -> "torch.Tensor":
     return magnitude
 
 
+_SAMPLE = 1 << 14
+
+
+def kth_smallest(values: "torch.Tensor", k: int) -> "torch.Tensor":
+    """The k-th smallest entry (1-based) of a 1-D tensor, exactly, by selection rather than sorting.
+
+    ``kthvalue`` alone is a scalar quickselect (~60 M entries/s on one core). For large inputs an evenly
+    strided sample brackets the answer: v_lo ≤ x_(k) ≤ v_hi with a margin of a few standard errors; two
+    vectorised counts check the bracket, and ``kthvalue`` runs only on the few entries inside it. The
+    answer is the same value either way (a failed bracket falls back to ``kthvalue`` on everything).
+    """
+    numel = values.numel()
+    if numel <= 4 * _SAMPLE:
+        return values.kthvalue(k).values
+    sample = values[:: numel // _SAMPLE].contiguous()
+    size = sample.numel()
+    position = k / numel * size
+    margin = 4.0 * (size**0.5) + 8
+    lo_rank = max(1, int(position - margin))
+    hi_rank = min(size, int(position + margin) + 1)
+    low, high = sample.kthvalue(lo_rank).values, sample.kthvalue(hi_rank).values
+    below = int((values < low).sum())
+    inside = values[(values >= low) & (values <= high)]
+    if below < k <= below + inside.numel():
+        return inside.kthvalue(k - below).values
+    return values.kthvalue(k).values
+
+
 def select_extreme(magnitude: "torch.Tensor", count: int, *, largest: bool, low_index_first: bool) -> "torch.Tensor":
     """Flat boolean mask of exactly ``count`` entries of a 1-D ``magnitude``: its largest or its smallest.
 
@@ -49,10 +77,10 @@ def select_extreme(magnitude: "torch.Tensor", count: int, *, largest: bool, low_
     if count <= 0:
         return torch.zeros(numel, dtype=torch.bool, device=magnitude.device)
     if largest:
-        threshold = magnitude.kthvalue(numel - count + 1).values
+        threshold = kth_smallest(magnitude, numel - count + 1)
         mask = magnitude > threshold
     else:
-        threshold = magnitude.kthvalue(count).values
+        threshold = kth_smallest(magnitude, count)
         mask = magnitude < threshold
     missing = count - int(mask.sum())
     if missing > 0:

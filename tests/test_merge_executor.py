@@ -227,3 +227,16 @@ def test_output_loads_in_transformers(tmp_path, models):
         assert torch.equal(loaded[name], expected), name
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
+
+
+def test_elementwise_methods_give_the_same_bits_block_by_block(tmp_path, models, monkeypatch):
+    import mergescope.merge.executor as executor
+
+    _, paths = models
+    plan = {"merge_method": "task_arithmetic", "base_model": str(paths["base"]), "out_dtype": "bfloat16",
+            "models": [{"model": str(paths[n]), "parameters": {"weight": [0.3, 0.9]}} for n in ("ft_a", "ft_b")]}
+    whole = load_output(merge(tmp_path, plan, out="whole"))
+    monkeypatch.setattr(executor, "ELEMENTWISE_BLOCK", 37)  # odd blocks with ragged tails
+    blocked = load_output(merge(tmp_path, plan, out="blocked"))
+    assert whole.keys() == blocked.keys()
+    assert all(torch.equal(whole[k], blocked[k]) for k in whole)

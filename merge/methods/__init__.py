@@ -70,6 +70,9 @@ class MergeMethod:
     random: bool
     function: Callable[..., torch.Tensor]
     base_role: str = "required"
+    #: the result at each entry depends only on the inputs at that entry (no norms, thresholds or draws), so
+    #: the executor may apply it to a large tensor block by block, holding float32 copies of one block only
+    elementwise: bool = False
 
     def __post_init__(self) -> None:
         if self.base_role not in ("required", "optional", "input") or self.needs_base != (self.base_role == "required"):
@@ -114,9 +117,9 @@ _TA = task_arithmetic
 _ALL = [
     MergeMethod("linear", "Weighted average of the models (model soup); the base is one more input",
                 False, (_WEIGHT, _p("normalize", True, kind=bool, doc="divide by the sum of the weights")),
-                False, linear.linear, "input"),
+                False, linear.linear, "input", elementwise=True),
     MergeMethod("task_arithmetic", "Base plus the weighted sum of task vectors", True,
-                _family(False, False), False, _TA.task_arithmetic),
+                _family(False, False), False, _TA.task_arithmetic, elementwise=True),
     MergeMethod("ties", "Trim task vectors to the largest magnitudes, elect signs, average the agreeing ones", True,
                 _family(True, False), False, _TA.ties),
     MergeMethod("dare_linear", "Randomly drop task-vector entries (DARE), rescale, weighted sum", True,
@@ -157,7 +160,7 @@ _ALL = [
                 False, spherical.karcher, "input"),
     MergeMethod("passthrough", "Copy the single input's tensor (layer stacking is done by the plan)", False,
                 (_p("scale", None, per_model=True, required=False, doc="optional factor for the tensor; None leaves it"),),
-                False, linear.passthrough, "input"),
+                False, linear.passthrough, "input", elementwise=True),
 ]
 
 METHODS: dict[str, MergeMethod] = {method.name: method for method in _ALL}

@@ -94,18 +94,19 @@ def generalized_task_arithmetic(
     tensor_name = str(options.get("tensor_name", ""))
     rescale = bool(options.get("rescale", False))
 
-    deltas = torch.stack([
-        _trim(trim, model - base, p, rescale, generator, tensor_name, i) for i, (model, p) in enumerate(zip(models, params))
-    ])
+    # filled in place, one model at a time: peak memory is n deltas plus one model's trim scratch
+    deltas = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
+    for i, (model, p) in enumerate(zip(models, params)):
+        deltas[i] = _trim(trim, model - base, p, rescale, generator, tensor_name, i)
     weights = torch.tensor([float(p["weight"]) for p in params], dtype=deltas.dtype, device=deltas.device)
     weights = weights.reshape((-1,) + (1,) * base.dim())
     deltas.mul_(weights)
 
     if elect:
         agree = elect_signs(deltas)
-        merged = (deltas * agree).sum(dim=0)
         divisor = (weights * agree).sum(dim=0)
         divisor[divisor == 0] = 1
+        merged = deltas.mul_(agree).sum(dim=0)
     else:
         merged = deltas.sum(dim=0)
         divisor = weights.sum(dim=0)
