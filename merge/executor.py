@@ -126,15 +126,17 @@ def run_merge(
         return writer.commit()
 
 
-#: entries per block when an elementwise method runs block by block (16 MB of float32 per input)
-ELEMENTWISE_BLOCK = 1 << 22
+#: entries per block when a method runs block by block (16 MB of float32 per input)
+ELEMENTWISE_BLOCK = 1 << 18
 
 
 def merge_tensor(job: MergeJob, task: TensorTask, tensors: list, seed: int, device: str):
     """The method's pure function applied to one output tensor's inputs (any float dtype), in float32.
 
-    Elementwise methods run block by block on large tensors, writing into the output dtype directly: only
-    one block's float32 copies exist at a time.
+    On large tensors, elementwise methods run block by block, writing into the output dtype directly, so
+    only one block's float32 copies exist at a time; the task-arithmetic family (TIES, DARE, breadcrumbs,
+    DELLA) first decides its trims over the whole tensor (masks, random draws, rescale factors: one model's
+    float32 task vector at a time), then combines block by block. The bits equal a whole-tensor merge.
     """
     import torch
 
@@ -152,13 +154,23 @@ def merge_tensor(job: MergeJob, task: TensorTask, tensors: list, seed: int, devi
 
     with torch.no_grad():
         numel = tensors[0].numel()
-        if not job.method.elementwise or numel <= ELEMENTWISE_BLOCK:
+        prepare = getattr(job.method.function, "prepare", None)
+        if numel <= ELEMENTWISE_BLOCK or not (job.method.elementwise or prepare):
             return apply(tensors)
         flat = [t.reshape(-1) for t in tensors]
         out = torch.empty(numel, dtype=torch_dtype(job.out_dtype), device=tensors[0].device)
+        if prepare is None:
+            for start in range(0, numel, ELEMENTWISE_BLOCK):
+                stop = min(start + ELEMENTWISE_BLOCK, numel)
+                out[start:stop] = apply([t[start:stop] for t in flat])
+            return out.reshape(task.shape)
+        # two phases: masks, draws and rescale factors over the whole tensor, then the elementwise rest
+        combine = job.method.function.combine
+        trims = prepare(tensors[0], tensors[1:], task.params, options, generator)
         for start in range(0, numel, ELEMENTWISE_BLOCK):
             stop = min(start + ELEMENTWISE_BLOCK, numel)
-            out[start:stop] = apply([t[start:stop] for t in flat])
+            blocks = [t[start:stop] for t in flat]
+            out[start:stop] = combine(blocks[0], blocks[1:], [t.block(start, stop) for t in trims], task.params, options)
         return out.reshape(task.shape)
 
 

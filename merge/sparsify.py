@@ -26,13 +26,14 @@ def keep_count(numel: int, density: float) -> int:
     return int(density * numel)
 
 
-def _magnitudes(values: "torch.Tensor") -> "torch.Tensor":
+def _magnitudes(values: "torch.Tensor", absolute: bool = False) -> "torch.Tensor":
+    """|values| flat in float32 (or float64); ``absolute`` says the caller already holds a float |τ|, used as is."""
     import torch
 
-    magnitude = values.reshape(-1).abs()
+    magnitude = values.reshape(-1)
     if magnitude.dtype not in (torch.float32, torch.float64):
-        magnitude = magnitude.float()
-    return magnitude
+        return magnitude.float().abs_()
+    return magnitude if absolute else magnitude.abs()
 
 
 _SAMPLE = 1 << 14
@@ -102,13 +103,16 @@ def trim_count(numel: int, density: float) -> int:
     return max(1, keep_count(numel, density))
 
 
-def top_magnitude_mask(values: "torch.Tensor", density: float) -> "torch.Tensor":
-    """TIES' trim: the :func:`trim_count` entries of largest |τ|, ties lowest index first."""
+def top_magnitude_mask(values: "torch.Tensor", density: float, *, absolute: bool = False) -> "torch.Tensor":
+    """TIES' trim: the :func:`trim_count` entries of largest |τ|, ties lowest index first.
+
+    ``absolute``: ``values`` already is |τ| in float32, so no copy is made.
+    """
     k = trim_count(values.numel(), density)
-    return select_extreme(_magnitudes(values), k, largest=True, low_index_first=True).reshape(values.shape)
+    return select_extreme(_magnitudes(values, absolute), k, largest=True, low_index_first=True).reshape(values.shape)
 
 
-def outlier_mask(values: "torch.Tensor", density: float, gamma: float) -> "torch.Tensor":
+def outlier_mask(values: "torch.Tensor", density: float, gamma: float, *, absolute: bool = False) -> "torch.Tensor":
     """Model Breadcrumbs' trim: drop the largest outliers and the smallest entries, keep k = ⌊density·n⌋ between.
 
     With n_top = ⌊γ·n⌋ and n_bot = max(0, n − k − n_top), the kept entries are ranks n_bot … n_bot + k − 1 of
@@ -125,7 +129,7 @@ def outlier_mask(values: "torch.Tensor", density: float, gamma: float) -> "torch
     kept = keep_count(numel, density)
     n_bottom = max(0, numel - kept - int(gamma * numel))
     n_top = numel - n_bottom - kept
-    magnitude = _magnitudes(values)
+    magnitude = _magnitudes(values, absolute)
     dropped = select_extreme(magnitude, n_bottom, largest=False, low_index_first=True)
     dropped |= select_extreme(magnitude, n_top, largest=True, low_index_first=False)
     return (~dropped).reshape(values.shape)
@@ -179,16 +183,15 @@ def della_mask(values: "torch.Tensor", density: float, epsilon: float, generator
     return torch.bernoulli(della_probabilities(values, density, epsilon), generator=_need(generator, "DELLA"))
 
 
-def l1_rescaled(values: "torch.Tensor", mask: "torch.Tensor", eps: float = 1e-7) -> "torch.Tensor":
-    """τ ⊙ m scaled by ‖τ‖₁ / ‖τ ⊙ m‖₁, so the kept entries carry the L1 mass of the whole task vector.
+def l1_rescale_factor(values: "torch.Tensor", mask: "torch.Tensor", eps: float = 1e-7) -> "torch.Tensor | None":
+    """‖τ‖₁ / ‖τ ⊙ m‖₁ as a 0-dim tensor, or None when either norm is below ``eps`` (then no rescale).
 
-    This is mergekit's ``rescale``: it matches norms, it does not divide by the keep probability (for DARE the
-    factor is close to 1/density on large tensors but not equal to it). If either norm is below ``eps`` the
-    masked vector is returned unscaled.
+    mergekit's ``rescale`` is ``(τ ⊙ m) · factor``: it matches L1 norms rather than dividing by the keep
+    probability (for DARE the factor is close to 1/density on large tensors, not equal to it). Computed
+    apart from the product, the factor lets a merge apply the rescale block by block.
     """
-    masked = values * mask
     before = values.abs().sum()
-    after = masked.abs().sum()
+    after = (values * mask).abs().sum()
     if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
+        return None
+    return before / after

@@ -229,14 +229,20 @@ def test_output_loads_in_transformers(tmp_path, models):
     assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
 
 
-def test_elementwise_methods_give_the_same_bits_block_by_block(tmp_path, models, monkeypatch):
+@pytest.mark.parametrize("method, extra", [
+    ("task_arithmetic", {}), ("linear", {}), ("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5}),
+    ("breadcrumbs", {"density": 0.6, "gamma": 0.05}), ("della", {"density": 0.5, "epsilon": 0.1}),
+])
+def test_methods_give_the_same_bits_block_by_block(tmp_path, models, monkeypatch, method, extra):
     import mergescope.merge.executor as executor
 
     _, paths = models
-    plan = {"merge_method": "task_arithmetic", "base_model": str(paths["base"]), "out_dtype": "bfloat16",
-            "models": [{"model": str(paths[n]), "parameters": {"weight": [0.3, 0.9]}} for n in ("ft_a", "ft_b")]}
-    whole = load_output(merge(tmp_path, plan, out="whole"))
+    plan = {"merge_method": method, "out_dtype": "bfloat16", "parameters": {"rescale": True} if "dare" in method else {},
+            "models": [{"model": str(paths[n]), "parameters": {"weight": [0.3, 0.9], **extra}} for n in ("ft_a", "ft_b")]}
+    if method != "linear":
+        plan["base_model"] = str(paths["base"])
+    whole = load_output(merge(tmp_path, plan, out="whole", seed=7))
     monkeypatch.setattr(executor, "ELEMENTWISE_BLOCK", 37)  # odd blocks with ragged tails
-    blocked = load_output(merge(tmp_path, plan, out="blocked"))
+    blocked = load_output(merge(tmp_path, plan, out="blocked", seed=7))
     assert whole.keys() == blocked.keys()
     assert all(torch.equal(whole[k], blocked[k]) for k in whole)

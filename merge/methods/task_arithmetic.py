@@ -6,7 +6,7 @@ All eight are one computation with two switches, a *trim* and a *sign election*.
 
 1. τᵢ = θᵢ − θ₀.
 2. Trim: τ̃ᵢ = τᵢ ⊙ mᵢ for a 0/1 mask mᵢ chosen by the method from densityᵢ (and γᵢ or εᵢ); with
-   ``rescale`` the result is multiplied by ‖τᵢ‖₁ / ‖τᵢ ⊙ mᵢ‖₁ (see :func:`~mergescope.merge.sparsify.l1_rescaled`).
+   ``rescale`` the result is multiplied by ‖τᵢ‖₁ / ‖τᵢ ⊙ mᵢ‖₁ (see :func:`~mergescope.merge.sparsify.l1_rescale_factor`).
    A density ≥ 1 leaves τᵢ untouched — no trim, no rescale, no random draw.
 3. Weight: δᵢ = wᵢ · τ̃ᵢ.
 4. Without sign election: Δ = Σᵢ δᵢ and D = Σᵢ wᵢ (D := 1 when |D| < 1e-8).
@@ -25,6 +25,7 @@ election) are likewise accepted and unused, as in mergekit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from mergescope.checkpoints.errors import MergescopeError
@@ -44,60 +45,85 @@ def elect_signs(deltas: "torch.Tensor") -> "torch.Tensor":
     return deltas.sign() == elected
 
 
-def _trim(
-    kind: str | None, tau: "torch.Tensor", params: dict, rescale: bool, generator, tensor_name: str, index: int
-) -> "torch.Tensor":
-    density = float(params.get("density", 1.0))
-    if kind is None or density >= 1:
-        return tau
-    if kind == "magnitude":
-        mask = sparsify.top_magnitude_mask(tau, density)
-    elif kind == "outliers":
-        mask = sparsify.outlier_mask(tau, density, float(params.get("gamma", 0.01)))
-    elif kind == "random":
-        mask = sparsify.bernoulli_mask(tau, density, generator)
-    elif kind == "della":
-        if density <= 0:
-            return tau.new_zeros(tau.shape)
-        epsilon = float(params.get("epsilon", 0.15))
-        if density + epsilon >= 1 or density - epsilon <= 0:
-            raise MergescopeError(
-                f"{tensor_name or 'tensor'}: model {index + 1} has density {density:g} and epsilon {epsilon:g}; "
-                "DELLA needs 0 < density − epsilon and density + epsilon < 1: lower epsilon"
-            )
-        mask = sparsify.della_mask(tau, density, epsilon, generator)
-    else:  # pragma: no cover - the registry only builds the kinds above
-        raise ValueError(kind)
-    mask = mask.to(tau.dtype)
-    return sparsify.l1_rescaled(tau, mask) if rescale else tau * mask
+@dataclass
+class Trim:
+    """What the whole-tensor phase decided for one model: the kept entries (None: all), the rescale factor
+    ‖τ‖₁ / ‖τ ⊙ m‖₁ (None: no rescale), or that the whole task vector is dropped (``zero``)."""
+
+    mask: "torch.Tensor | None" = None
+    scale: "torch.Tensor | None" = None
+    zero: bool = False
+
+    def block(self, start: int, stop: int) -> "Trim":
+        """The same trim restricted to flat entries ``start:stop``."""
+        mask = None if self.mask is None else self.mask.reshape(-1)[start:stop]
+        return Trim(mask, self.scale, self.zero)
 
 
-def generalized_task_arithmetic(
-    base: "torch.Tensor | None",
-    models: "list[torch.Tensor]",
-    params: list[dict],
-    options: dict,
-    generator: "torch.Generator | None",
-    *,
-    trim: str | None,
-    elect: bool,
-) -> "torch.Tensor":
-    """Steps 1–6 of the module docstring; ``trim`` ∈ {None, "magnitude", "outliers", "random", "della"}."""
+def prepare_trims(
+    kind: str | None, base: "torch.Tensor", models: "list[torch.Tensor]", params: list[dict], options: dict, generator
+) -> list[Trim]:
+    """Step 2's whole-tensor part, one model at a time: masks (thresholds, draws, ranks) and L1 rescale factors.
+
+    Everything after this is elementwise (:func:`combine_trimmed`), so a large tensor can be merged block by
+    block with the same bits. Inputs may be in any float dtype; τ is formed in float32.
+    """
     import torch
 
-    if base is None:
-        raise MergescopeError("this merge method needs a base_model: set base_model in the plan")
-    if len(params) != len(models):
-        raise ValueError(f"{len(models)} models but {len(params)} parameter sets")
-    if not models:
-        return base.clone()
-    tensor_name = str(options.get("tensor_name", ""))
     rescale = bool(options.get("rescale", False))
+    tensor_name = str(options.get("tensor_name", ""))
+    trims = []
+    for index, (model, p) in enumerate(zip(models, params)):
+        density = float(p.get("density", 1.0))
+        if kind is None or density >= 1:
+            trims.append(Trim())
+            continue
+        if kind == "della" and density <= 0:
+            trims.append(Trim(zero=True))
+            continue
+        # every trim and the L1 factor need only |τ|: one float32 copy, made absolute in place
+        tau = model.to(torch.float32, copy=True).sub_(base).abs_()
+        if kind == "magnitude":
+            mask = sparsify.top_magnitude_mask(tau, density, absolute=True)
+        elif kind == "outliers":
+            mask = sparsify.outlier_mask(tau, density, float(p.get("gamma", 0.01)), absolute=True)
+        elif kind == "random":
+            mask = sparsify.bernoulli_mask(tau, density, generator)
+        elif kind == "della":
+            epsilon = float(p.get("epsilon", 0.15))
+            if density + epsilon >= 1 or density - epsilon <= 0:
+                raise MergescopeError(
+                    f"{tensor_name or 'tensor'}: model {index + 1} has density {density:g} and epsilon {epsilon:g}; "
+                    "DELLA needs 0 < density − epsilon and density + epsilon < 1: lower epsilon"
+                )
+            mask = sparsify.della_mask(tau, density, epsilon, generator)
+        else:  # pragma: no cover - the registry only builds the kinds above
+            raise ValueError(kind)
+        scale = sparsify.l1_rescale_factor(tau, mask.to(tau.dtype)) if rescale else None
+        trims.append(Trim(mask, scale))
+        del tau
+    return trims
 
-    # filled in place, one model at a time: peak memory is n deltas plus one model's trim scratch
+
+def combine_trimmed(
+    base: "torch.Tensor", models: "list[torch.Tensor]", trims: list[Trim], params: list[dict], options: dict, *, elect: bool
+) -> "torch.Tensor":
+    """Steps 3–6, elementwise: weight the trimmed deltas, elect signs, normalise, scale, add to θ₀."""
+    import torch
+
+    base = base.float()
+    # filled in place, one model at a time: peak memory is n deltas
     deltas = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
-    for i, (model, p) in enumerate(zip(models, params)):
-        deltas[i] = _trim(trim, model - base, p, rescale, generator, tensor_name, i)
+    for i, (model, trim) in enumerate(zip(models, trims)):
+        if trim.zero:
+            deltas[i] = 0
+            continue
+        delta = model.float() - base
+        if trim.mask is not None:
+            delta = delta * trim.mask.to(delta.dtype)
+            if trim.scale is not None:
+                delta = delta * trim.scale
+        deltas[i] = delta
     weights = torch.tensor([float(p["weight"]) for p in params], dtype=deltas.dtype, device=deltas.device)
     weights = weights.reshape((-1,) + (1,) * base.dim())
     deltas.mul_(weights)
@@ -121,12 +147,40 @@ def generalized_task_arithmetic(
     return base + merged
 
 
+def generalized_task_arithmetic(
+    base: "torch.Tensor | None",
+    models: "list[torch.Tensor]",
+    params: list[dict],
+    options: dict,
+    generator: "torch.Generator | None",
+    *,
+    trim: str | None,
+    elect: bool,
+) -> "torch.Tensor":
+    """Steps 1–6 of the module docstring; ``trim`` ∈ {None, "magnitude", "outliers", "random", "della"}."""
+    if base is None:
+        raise MergescopeError("this merge method needs a base_model: set base_model in the plan")
+    if len(params) != len(models):
+        raise ValueError(f"{len(models)} models but {len(params)} parameter sets")
+    if not models:
+        return base.clone()
+    trims = prepare_trims(trim, base, models, params, options, generator)
+    return combine_trimmed(base, models, trims, params, options, elect=elect)
+
+
 def _variant(name: str, trim: str | None, elect: bool, doc: str) -> Callable[..., "torch.Tensor"]:
     def merge(base, models, params, options, generator=None):
         return generalized_task_arithmetic(base, models, params, options, generator, trim=trim, elect=elect)
 
+    def prepare(base, models, params, options, generator=None):
+        return prepare_trims(trim, base, models, params, options, generator)
+
+    def combine(base, models, trims, params, options):
+        return combine_trimmed(base, models, trims, params, options, elect=elect)
+
     merge.__name__ = merge.__qualname__ = name
     merge.__doc__ = doc
+    merge.prepare, merge.combine = prepare, combine  # the two phases, for block-by-block execution
     return merge
 
 
