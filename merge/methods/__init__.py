@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge.methods import adaptive, linear, spherical, task_arithmetic
+from mergescope.merge.methods import adaptive, linear, selective, spherical, task_arithmetic
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -158,6 +158,13 @@ _ALL = [
                 (_p("max_iter", 10, low=0, kind=int, doc="iterations at most"),
                  _p("tol", 1e-5, low=0.0, doc="convergence and zero-norm tolerance")),
                 False, spherical.karcher, "input"),
+    MergeMethod("ram", "Keep changes only one model made; average those several made (Reinforced Agent Merging)", True,
+                (_p("epsilon", 1e-5, low=0.0, doc="a change counts when |τ| exceeds it"),), False, selective.ram),
+    MergeMethod("ramplus_tl", "RAM, with each model's unique changes boosted by its overlap ratio (tensor-local)", True,
+                (_p("r", 0.1, low=0.0, doc="boost strength"), _p("alpha", 0.2, low=0.0, doc="cap of the overlap ratio"),
+                 _p("epsilon", 1e-5, low=0.0, doc="a change counts when |τ| exceeds it")), False, selective.ramplus_tl),
+    MergeMethod("arcee_fusion", "Take the model's change only where it matters (|Δ|·KL above median + 1.5·IQR)", True,
+                (), False, selective.arcee_fusion),
     MergeMethod("passthrough", "Copy the single input's tensor (layer stacking is done by the plan)", False,
                 (_p("scale", None, per_model=True, required=False, doc="optional factor for the tensor; None leaves it"),),
                 False, linear.passthrough, "input", elementwise=True),

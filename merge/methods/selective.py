@@ -1,0 +1,94 @@
+"""Methods that choose, entry by entry, which fine-tune's change to keep: ``ram``, ``ramplus_tl``, ``arcee_fusion``.
+
+**RAM** (Reinforced Agent Merging). With τᵢ = θᵢ − θ₀, an entry *counts* for model i when |τᵢ| > ε; c is the
+number of models that count there. Where exactly one model counts, its change is kept whole; where several
+do, their changes are averaged (Σ τᵢ / c over those that count); entries where none counts keep θ₀::
+
+    θ = θ₀ + Σᵢ τᵢ·[|τᵢ| > ε]·([c = 1] + [c > 1] / max(c, 1))
+
+**RAM+ (tensor-local)** additionally boosts each model's unique entries by λᵢ = 1 + r·clip(ρᵢ, 0, α), with
+ρᵢ = (#entries where model i counts and c > 1) / max(#entries where it counts alone, ε), counted over the
+tensor. Parameters (method-level): ``epsilon`` (1e-5), and for RAM+ ``r`` (0.1) and ``alpha`` (0.2).
+
+**Arcee Fusion** keeps the other model's change only where it is important: importance = |θ − θ₀| · KL(p ‖ q)
+with p = softmax(θ) + 1e-8 and q = softmax(θ₀) + 1e-8 along the last dimension (one KL per row). The
+threshold is median + 1.5·(Q3 − Q1) of the importances, where the quantile at q is the order statistic at
+index ⌊q·(n − 1)⌋ (q·(n − 1) formed in float32, as mergekit does); entries at or above it take θ, the rest θ₀.
+mergekit estimates the quantiles from a random sample of one million entries for larger tensors; mergescope
+computes them exactly by selection on every tensor, so results agree exactly up to a million entries and
+are deterministic beyond.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mergescope.checkpoints.errors import MergescopeError
+from mergescope.merge import sparsify
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+def _counting(base: "torch.Tensor", models: "list[torch.Tensor]", epsilon: float):
+    """τ as an (n, numel) matrix with non-counting entries zeroed, the counting mask, and c per entry."""
+    import torch
+
+    taus = torch.stack([model - base for model in models]).reshape(len(models), -1)
+    counts_mask = taus.abs() > epsilon
+    contributors = counts_mask.sum(dim=0, keepdim=True)
+    return taus * counts_mask, counts_mask, contributors
+
+
+def _ram(base, models, options, boost: bool) -> "torch.Tensor":
+    if base is None:
+        raise MergescopeError("ram needs a base_model: set base_model in the plan")
+    if not models:
+        return base.clone()
+    epsilon = float(options.get("epsilon", 1e-5))
+    taus, counts_mask, contributors = _counting(base, models, epsilon)
+    alone, shared = contributors == 1, contributors > 1
+    unique_part = taus * alone
+    if boost:
+        shared_count = (counts_mask & shared).sum(dim=1)
+        alone_count = (counts_mask & alone).sum(dim=1)
+        rho = shared_count / alone_count.clamp(min=epsilon)
+        factor = 1 + float(options.get("r", 0.1)) * rho.clamp(min=0, max=float(options.get("alpha", 0.2)))
+        unique_part = unique_part * factor.unsqueeze(-1)
+    merged = (unique_part + taus * shared / contributors.clamp(min=1)).sum(dim=0, keepdim=True)
+    return base + merged.reshape(base.shape)
+
+
+def ram(base, models, params, options, generator=None) -> "torch.Tensor":
+    """RAM: unique changes kept whole, overlapping ones averaged over the models that made them."""
+    return _ram(base, models, options, boost=False)
+
+
+def ramplus_tl(base, models, params, options, generator=None) -> "torch.Tensor":
+    """RAM+ (tensor-local): RAM with each model's unique changes boosted by 1 + r·clip(ρᵢ, 0, α)."""
+    return _ram(base, models, options, boost=True)
+
+
+def _quantile(values: "torch.Tensor", q: float) -> "torch.Tensor":
+    import torch
+
+    flat = values.reshape(-1)
+    index = int((torch.tensor(q, dtype=torch.float32) * (flat.numel() - 1)).long())
+    return sparsify.kth_smallest(flat, index + 1)
+
+
+def arcee_fusion(base, models, params, options, generator=None) -> "torch.Tensor":
+    """θ₀ + (θ − θ₀)·[importance ≥ median + 1.5·IQR], importance = |θ − θ₀|·KL(softmax θ ‖ softmax θ₀)."""
+    import torch
+
+    if base is None or len(models) != 1:
+        raise MergescopeError("arcee_fusion merges exactly one model into its base_model")
+    model = models[0]
+    p = torch.softmax(model, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    del p, q
+    importance = (model - base).abs() * divergence
+    q1, median, q3 = (_quantile(importance, level) for level in (0.25, 0.5, 0.75))
+    keep = (importance >= median + 1.5 * (q3 - q1)).float()
+    return base + (model - base) * keep
