@@ -45,13 +45,8 @@ pytestmark = [
     pytest.mark.skipif(not mergekit_available(), reason="no mergekit venv: python benchmarks/mergekit_env.py"),
 ]
 
-# mergescope's answers that mean "this part is not built yet" rather than "this merge is wrong".
-NOT_BUILT = ("not built yet", "is not known", "not supported yet")
-
-
 def mergescope_merge(config: dict, out_dir: Path, *, seed: int | None = None) -> Path:
-    """Run ``mergescope merge PLAN -o OUT --device cpu`` in-process; skip while the engine (or this
-    method) is not built yet, fail with mergescope's stderr on any other error."""
+    """Run ``mergescope merge PLAN -o OUT --device cpu`` in-process; fail with mergescope's stderr on error."""
     from mergescope.tui.cli.main import main
 
     out_dir = Path(out_dir)
@@ -63,10 +58,7 @@ def mergescope_merge(config: dict, out_dir: Path, *, seed: int | None = None) ->
     with contextlib.redirect_stderr(stderr):
         rc = main(argv)
     if rc != 0:
-        message = stderr.getvalue()
-        if any(marker in message for marker in NOT_BUILT):
-            pytest.skip(f"mergescope merge not built yet: {message.strip().splitlines()[-1] if message.strip() else rc}")
-        pytest.fail(f"mergescope merge failed ({rc}) on {plan}:\n{message}")
+        pytest.fail(f"mergescope merge failed ({rc}) on {plan}:\n{stderr.getvalue()}")
     return out_dir
 
 
