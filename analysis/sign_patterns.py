@@ -77,8 +77,8 @@ class SignAccumulator:
         self.sign_dot += (s @ s.T).double()
         self.both += (a @ a.T).double()
         nonzero = a.sum(0)  # P + N per element
-        self.multi += (nonzero >= 2).sum()
-        self.conflict += (s.sum(0).abs_() < nonzero).sum()  # |P − N| < P + N: mixed signs
+        self.multi += torch.count_nonzero(nonzero >= 2)  # bool .sum() is 25x slower
+        self.conflict += torch.count_nonzero(s.sum(0).abs_() < nonzero)  # |P − N| < P + N: mixed signs
 
     def result(self) -> SignCounts:
         if self.by_pattern:

@@ -118,13 +118,13 @@ def _chunked_sums(base, inputs, trim_masks, chunk, sanitize: bool) -> TensorPass
                 x[i].copy_(item.values[start:stop])
             elif sanitize:  # count the model's own NaN/Inf, not those τ inherits from the base
                 x[i].copy_(item.values[start:stop])
-                non_finite[i] += (~torch.isfinite(x[i])).sum()
+                non_finite[i] += torch.count_nonzero(~torch.isfinite(x[i]))
                 x[i].sub_(x[0])
             else:
                 torch.sub(item.values[start:stop], x[0], out=x[i])  # computed in float32: x[0] is
         if sanitize:
             bad = ~torch.isfinite(x[: n + 1])
-            non_finite[0] += bad[0].sum()
+            non_finite[0] += torch.count_nonzero(bad[0])
             x[: n + 1].masked_fill_(bad, 0.0)
         tau = x[1 : n + 1]
         torch.sum(tau, 0, out=x[n + 1])

@@ -20,7 +20,8 @@ from mergescope.merge.methods import METHODS, get_method
 
 ORDER = [
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
-    "della_linear", "slerp", "nearswap", "model_stock", "sce", "nuslerp", "multislerp", "karcher", "passthrough",
+    "della_linear", "slerp", "nearswap", "model_stock", "sce", "nuslerp", "multislerp", "karcher", "ram", "ramplus_tl",
+    "arcee_fusion", "passthrough",
 ]
 
 
