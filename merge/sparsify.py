@@ -40,18 +40,24 @@ _SAMPLE = 1 << 16
 
 
 def kth_smallest(values: "torch.Tensor", k: int) -> "torch.Tensor":
-    """The k-th smallest entry (1-based) of a 1-D tensor, exactly, by selection rather than sorting.
+    """The k-th smallest entry (1-based) of a 1-D tensor, exactly, by selection rather than sorting."""
+    return _kth_with_candidates(values, k)[0]
+
+
+def _kth_with_candidates(values: "torch.Tensor", k: int) -> "tuple[torch.Tensor, torch.Tensor | None]":
+    """The k-th smallest entry, and the ascending indices of a bracket of entries that holds every entry
+    equal to it (None when the whole tensor was searched).
 
     ``kthvalue`` alone is a scalar quickselect (~60 M entries/s on one core). For large inputs an evenly
-    strided sample brackets the answer: v_lo ≤ x_(k) ≤ v_hi with a margin of a few standard errors; two
-    vectorised counts check the bracket, and ``kthvalue`` runs only on the few entries inside it. The
+    strided sample brackets the answer: v_lo ≤ x_(k) ≤ v_hi with a margin of a few standard errors; a
+    vectorised count checks the bracket, and ``kthvalue`` runs only on the few entries inside it. The
     answer is the same value either way (a failed bracket falls back to ``kthvalue`` on everything).
     """
     import torch
 
     numel = values.numel()
     if numel <= 4 * _SAMPLE:
-        return values.kthvalue(k).values
+        return values.kthvalue(k).values, None
     sample = values[:: numel // _SAMPLE].contiguous()
     size = sample.numel()
     position = k / numel * size
@@ -61,17 +67,19 @@ def kth_smallest(values: "torch.Tensor", k: int) -> "torch.Tensor":
     low, high = sample.kthvalue(lo_rank).values, sample.kthvalue(hi_rank).values
     at_least_low = values >= low
     below = numel - int(torch.count_nonzero(at_least_low))  # bool .sum() is 25x slower
-    inside = values[at_least_low.logical_and_(values <= high)]
+    candidates = at_least_low.logical_and_(values <= high).nonzero().reshape(-1)
+    inside = values[candidates]
     if below < k <= below + inside.numel():
-        return inside.kthvalue(k - below).values
-    return values.kthvalue(k).values
+        return inside.kthvalue(k - below).values, candidates
+    return values.kthvalue(k).values, None
 
 
 def select_extreme(magnitude: "torch.Tensor", count: int, *, largest: bool, low_index_first: bool) -> "torch.Tensor":
     """Flat boolean mask of exactly ``count`` entries of a 1-D ``magnitude``: its largest or its smallest.
 
-    The threshold is the count-th extreme value (``kthvalue``); entries beyond it are taken, and entries equal
-    to it are taken lowest index first (``low_index_first``) or highest index first until ``count`` are taken.
+    The threshold is the count-th extreme value (by selection); entries beyond it are taken, and entries
+    equal to it are taken lowest index first (``low_index_first``) or highest index first until ``count``
+    are taken. The tied entries are looked for only inside the selection's bracket, which holds them all.
     """
     import torch
 
@@ -80,15 +88,14 @@ def select_extreme(magnitude: "torch.Tensor", count: int, *, largest: bool, low_
         return torch.ones(numel, dtype=torch.bool, device=magnitude.device)
     if count <= 0:
         return torch.zeros(numel, dtype=torch.bool, device=magnitude.device)
-    if largest:
-        threshold = kth_smallest(magnitude, numel - count + 1)
-        mask = magnitude > threshold
-    else:
-        threshold = kth_smallest(magnitude, count)
-        mask = magnitude < threshold
+    threshold, candidates = _kth_with_candidates(magnitude, numel - count + 1 if largest else count)
+    mask = magnitude > threshold if largest else magnitude < threshold
     missing = count - int(torch.count_nonzero(mask))
     if missing > 0:
-        tied = (magnitude == threshold).nonzero().reshape(-1)
+        if candidates is None:
+            tied = (magnitude == threshold).nonzero().reshape(-1)
+        else:
+            tied = candidates[magnitude[candidates] == threshold]
         mask[tied[:missing] if low_index_first else tied[tied.numel() - missing :]] = True
     return mask
 
