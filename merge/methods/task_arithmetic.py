@@ -118,12 +118,11 @@ def combine_trimmed(
         if trim.zero:
             deltas[i] = 0
             continue
-        delta = model.float() - base
+        delta = torch.sub(model, base, out=deltas[i])  # promoted to float32: exact for bf16 models
         if trim.mask is not None:
-            delta = delta * trim.mask.to(delta.dtype)
+            delta.mul_(trim.mask)  # × 1.0 or × 0.0, as mergekit's τ ⊙ m (so −τ·0 stays −0.0)
             if trim.scale is not None:
-                delta = delta * trim.scale
-        deltas[i] = delta
+                delta.mul_(trim.scale)
     weights = torch.tensor([float(p["weight"]) for p in params], dtype=deltas.dtype, device=deltas.device)
     weights = weights.reshape((-1,) + (1,) * base.dim())
     deltas.mul_(weights)
