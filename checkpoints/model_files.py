@@ -67,14 +67,25 @@ class ModelConfig:
         )
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"key {twice!r} appears twice")
+    return dict(pairs)
+
+
 def read_json(path: Path, what: str) -> dict:
-    """Load a JSON object from ``path``; a broken file is a one-line :class:`CheckpointError`."""
+    """Load a JSON object from ``path``; a broken file (or a key given twice, say a tensor listed twice in a
+    shard index) is a one-line :class:`CheckpointError`."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: {what} is not valid JSON ({exc})") from None
+    except ValueError as exc:  # a key given twice
+        raise CheckpointError(f"{path}: {what}: {exc}") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: {what} is not a JSON object")
     return value

@@ -98,15 +98,18 @@ class CheckpointWriter:
         self._check_destination()
         self.total_bytes = sum(s.nbytes for s in self.specs.values())
         parent = self.out_dir.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(parent).free
-        if free < self.total_bytes:
-            raise CheckpointError(
-                f"{parent}: {_gb(free)} free but the checkpoint needs {_gb(self.total_bytes)}; free space or "
-                "choose another output folder"
-            )
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".partial", dir=parent))
-        os.chmod(self.tmp_dir, 0o755)  # mkdtemp's 0700 would make the finished model private
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(parent).free
+            if free < self.total_bytes:
+                raise CheckpointError(
+                    f"{parent}: {_gb(free)} free but the checkpoint needs {_gb(self.total_bytes)}; free space or "
+                    "choose another output folder"
+                )
+            self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".partial", dir=parent))
+            os.chmod(self.tmp_dir, 0o755)  # mkdtemp's 0700 would make the finished model private
+        except OSError as exc:
+            raise CheckpointError(f"{self.out_dir}: cannot create the output folder: {exc.strerror or exc}") from None
         self._written: set[str] = set()
         self._fds: dict[str, int] = {}
         self._committed = False

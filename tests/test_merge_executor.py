@@ -154,6 +154,8 @@ colour: blue
     assert "p.yml:6:" in message and "density" in message
     assert "p.yml:8:" in message and "normalize" in message
     assert "p.yml:9:" in message and "colour" in message
+    with pytest.raises(PlanError, match=r"r.yml:5: t: -0.5 is outside \[0.0, inf\]"):
+        parse_plan("merge_method: slerp\nbase_model: b\nmodels: [{model: a}]\nparameters:\n  t: [0.2, -0.5]\n", "r.yml")
     with pytest.raises(PlanError, match="not known .*linear"):
         parse_plan("merge_method: avg\nmodels: [{model: x}]\n", "q.yml")
     with pytest.raises(MergescopeError, match=r"q.yml:\d+:\d+: YAML syntax error"):

@@ -135,7 +135,7 @@ _ALL = [
     MergeMethod("della_linear", "Drop entries with magnitude-ranked probabilities (DELLA), rescale, weighted sum",
                 True, _family(False, True, (_EPSILON,)), True, _TA.della_linear),
     MergeMethod("slerp", "Spherical interpolation between the base (t=0) and one other model (t=1)", True,
-                (_p("t", doc="interpolation factor; 0 is the base, 1 the other model; required"),),
+                (_p("t", low=0.0, doc="interpolation factor; 0 is the base, 1 the other model (above 1 extrapolates); required"),),
                 False, spherical.slerp),
     MergeMethod("nearswap", "Take the other model's value where it is within t of the base", True,
                 (_p("t", low=0.0, doc="similarity threshold; required"),), False, linear.nearswap),

@@ -53,7 +53,7 @@ class _progress:
 
         self.bar = Progress(
             TextColumn("[bold]analysing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[current]}", style="dim"), console=self.console, transient=True,
+            TextColumn("{task.fields[current]}", style="dim"), console=self.console, transient=True, disable=not self.console.is_terminal,
         )
         self.bar.start()
         self.task = self.bar.add_task("analyse", total=None, current="")

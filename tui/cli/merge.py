@@ -45,7 +45,7 @@ def _execute(job, out: Path, args: argparse.Namespace, console) -> int:
 
     bar = Progress(
         TextColumn(f"[bold]merging ({job.method.name})"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[tensor]}", style="dim"), console=console, transient=True,
+        TimeRemainingColumn(), TextColumn("{task.fields[tensor]}", style="dim"), console=console, transient=True, disable=not console.is_terminal,
     )
     task = bar.add_task("merge", total=job.bytes_to_read, tensor="")
 
