@@ -248,3 +248,18 @@ def test_methods_give_the_same_bits_block_by_block(tmp_path, models, monkeypatch
     blocked = load_output(merge(tmp_path, plan, out="blocked", seed=7))
     assert whole.keys() == blocked.keys()
     assert all(torch.equal(whole[k], blocked[k]) for k in whole)
+
+
+def test_layer_range_past_the_model_is_reported_with_its_line(tmp_path, models):
+    _, paths = models
+    text = f"""merge_method: passthrough
+slices:
+  - sources:
+      - model: {paths['ft_a']}
+        layer_range: [0, 2]
+  - sources:
+      - model: {paths['ft_b']}
+        layer_range: [1, 5]
+"""
+    with pytest.raises(PlanError, match=r"p.yml:7: layer_range \[1, 5\] goes past .*ft_b's 3 layers"):
+        build_job(parse_plan(text, "p.yml"))
