@@ -263,3 +263,25 @@ slices:
 """
     with pytest.raises(PlanError, match=r"p.yml:7: layer_range \[1, 5\] goes past .*ft_b's 3 layers"):
         build_job(parse_plan(text, "p.yml"))
+
+
+def test_bf16_inputs_block_by_block_equal_float32_inputs(tmp_path, monkeypatch):
+    """Large bf16 tensors take the two-phase path with their stored dtype: τ must still be formed in float32."""
+    import mergescope.merge.executor as executor
+
+    config = llama_config(layers=2)
+    base = llama_state(config, seed=0)
+    for i, name in enumerate(("base", "a", "b")):
+        g = torch.Generator().manual_seed(i)
+        state = base if name == "base" else {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        write_model(tmp_path / name, {k: v.bfloat16() for k, v in state.items()}, config)
+        write_model(tmp_path / f"{name}32", {k: v.bfloat16().float() for k, v in state.items()}, config)
+    def plan(suffix: str) -> dict:
+        return {"merge_method": "ties", "base_model": str(tmp_path / f"base{suffix}"), "dtype": "float32",
+                "models": [{"model": str(tmp_path / f"{n}{suffix}"), "parameters": {"weight": 1.0, "density": 0.5}}
+                           for n in ("a", "b")]}
+
+    monkeypatch.setattr(executor, "ELEMENTWISE_BLOCK", 53)
+    from_bf16 = load_output(merge(tmp_path, plan(""), out="from_bf16"))
+    from_f32 = load_output(merge(tmp_path, plan("32"), out="from_f32"))
+    assert all(torch.equal(from_bf16[k], from_f32[k]) for k in from_f32)

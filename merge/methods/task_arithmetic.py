@@ -81,7 +81,8 @@ def prepare_trims(
         if kind == "della" and density <= 0:
             trims.append(Trim(zero=True))
             continue
-        # every trim and the L1 factor need only |τ|: one float32 copy, made absolute in place
+        # every trim and the L1 factor need only |τ|: one float32 copy, made absolute in place (the
+        # subtraction runs in float32 because the copy is float32: exact for bf16 inputs)
         tau = model.to(torch.float32, copy=True).sub_(base).abs_()
         if kind == "magnitude":
             mask = sparsify.top_magnitude_mask(tau, density, absolute=True)
@@ -130,12 +131,12 @@ def combine_trimmed(
     if elect:
         agree = elect_signs(deltas)
         divisor = (weights * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
+        divisor.masked_fill_(divisor == 0, 1)
         merged = deltas.mul_(agree).sum(dim=0)
     else:
         merged = deltas.sum(dim=0)
         divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor.masked_fill_(divisor.abs() < 1e-8, 1)
     del deltas
 
     if options.get("normalize", False):
