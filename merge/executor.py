@@ -158,8 +158,8 @@ def merge_tensor(job: MergeJob, task: TensorTask, tensors: list, seed: int, devi
         if numel <= ELEMENTWISE_BLOCK or not (job.method.elementwise or prepare):
             return apply(tensors)
         flat = [t.reshape(-1) for t in tensors]
-        out = torch.empty(numel, dtype=torch_dtype(job.out_dtype), device=tensors[0].device)
         if prepare is None:
+            out = torch.empty(numel, dtype=torch_dtype(job.out_dtype), device=tensors[0].device)
             for start in range(0, numel, ELEMENTWISE_BLOCK):
                 stop = min(start + ELEMENTWISE_BLOCK, numel)
                 out[start:stop] = apply([t[start:stop] for t in flat])
@@ -167,6 +167,7 @@ def merge_tensor(job: MergeJob, task: TensorTask, tensors: list, seed: int, devi
         # two phases: masks, draws and rescale factors over the whole tensor, then the elementwise rest
         combine = job.method.function.combine
         trims = prepare(tensors[0], tensors[1:], task.params, options, generator)
+        out = torch.empty(numel, dtype=torch_dtype(job.out_dtype), device=tensors[0].device)  # after the peak
         for start in range(0, numel, ELEMENTWISE_BLOCK):
             stop = min(start + ELEMENTWISE_BLOCK, numel)
             blocks = [t[start:stop] for t in flat]
