@@ -115,9 +115,14 @@ def run_merge(
                 tensors = future.result()
                 if not allow_non_finite:
                     _check_finite(task, tensors)
+                large = _numel(task.shape) >= _TRIM_AFTER
+                if large:
+                    _give_back_free_memory()
                 merged = merge_tensor(job, task, tensors, seed, device)
                 writer.write(task.output, merged)
                 del tensors, merged
+                if large:
+                    _give_back_free_memory()
                 done += sum(job.checkpoints[ref].spec(name).nbytes for ref, name in task.reads)
                 if on_event is not None:
                     memory = torch.cuda.memory_allocated(device) if device.startswith("cuda") else None
@@ -128,6 +133,28 @@ def run_merge(
 
 #: entries per block when a method runs block by block (16 MB of float32 per input)
 ELEMENTWISE_BLOCK = 1 << 18
+
+
+#: around merging a tensor this large (an embedding, a head), freed heap memory is handed back to the OS
+_TRIM_AFTER = 1 << 24
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _give_back_free_memory() -> None:
+    """glibc keeps freed blocks for reuse, so earlier temporaries would still count against the peak while
+    the largest tensors are merged; ``malloc_trim`` returns them (a no-op without glibc)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def merge_tensor(job: MergeJob, task: TensorTask, tensors: list, seed: int, device: str):
