@@ -115,7 +115,7 @@ def run_merge(
                 tensors = future.result()
                 if not allow_non_finite:
                     _check_finite(task, tensors)
-                large = _numel(task.shape) >= _TRIM_AFTER
+                large = task.numel >= _TRIM_AFTER
                 if large:
                     _give_back_free_memory()
                 merged = merge_tensor(job, task, tensors, seed, device)
@@ -138,12 +138,6 @@ ELEMENTWISE_BLOCK = 1 << 18
 #: around merging a tensor this large (an embedding, a head), freed heap memory is handed back to the OS
 _TRIM_AFTER = 1 << 24
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _give_back_free_memory() -> None:
@@ -233,12 +227,11 @@ def _shard_bytes(value: int | str) -> int:
 
 def _write_model_files(job: MergeJob, writer: CheckpointWriter) -> None:
     """config.json (adjusted), generation config, tokenizer, model card and the plan itself."""
-    reference = job.checkpoints[job.plan.base_model] if job.plan.base_model else next(iter(job.checkpoints.values()))
     if job.config is not None:
         config = dict(job.config)
         config["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(job.out_dtype, config.get("torch_dtype"))
         writer.add_text("config.json", json.dumps(config, indent=2) + "\n")
-    for path in reference.model_files():
+    for path in job.reference.model_files():
         if path.name == "generation_config.json":
             writer.add_file(path)
     if job.tokenizer_from is not None:

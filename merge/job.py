@@ -14,6 +14,7 @@ sliced plan come from the first slice's sources (those before the layers) or the
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from mergescope.checkpoints.dtypes import dtype_name
 
 from .methods import MergeMethod
 from .parameters import resolve
-from .plan import MergePlan, ModelEntry, OutputSlice, PlanError, SliceSource
+from .plan import MergePlan, ModelEntry, OutputSlice, PlanProblems, SliceSource
 
 
 @dataclass
@@ -38,6 +39,10 @@ class TensorTask:
     t: float
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def reads(self) -> list[tuple[str, str]]:
         return ([self.base] if self.base else []) + self.inputs
 
@@ -50,6 +55,7 @@ class MergeJob:
     tasks: list[TensorTask]
     out_dtype: str
     config: dict | None
+    reference: Checkpoint  # the base, else the first model: config, generation config, default tokenizer
     tokenizer_from: Checkpoint | None
     warnings: list[str] = field(default_factory=list)
 
@@ -61,30 +67,20 @@ class MergeJob:
     def bytes_to_write(self) -> int:
         from mergescope.checkpoints.dtypes import ITEMSIZE
 
-        return sum(_numel(t.shape) * ITEMSIZE[self.out_dtype] for t in self.tasks)
+        return sum(t.numel * ITEMSIZE[self.out_dtype] for t in self.tasks)
 
     @property
     def largest_task_bytes(self) -> int:
         """Bytes of the largest output tensor's inputs in float32: the unit of the memory bound."""
-        return max((_numel(t.shape) * 4 * len(t.reads) for t in self.tasks), default=0)
+        return max((t.numel * 4 * len(t.reads) for t in self.tasks), default=0)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-class _Problems(list):
-    def add(self, line: int, message: str) -> None:
-        self.append((line, message))
 
 
 def build_job(plan: MergePlan, *, checkpoints: dict[str, Checkpoint] | None = None) -> MergeJob:
     """Open the plan's checkpoints (headers only) and resolve every output tensor; raise :class:`PlanError`
     listing every problem found."""
-    problems = _Problems()
+    problems = PlanProblems(plan.source)
     opened = dict(checkpoints or {})
     entries = plan.models or [s for sl in plan.slices or [] for s in sl.sources]
     references = ([plan.base_model] if plan.base_model else []) + [e.model for e in entries]
@@ -96,15 +92,13 @@ def build_job(plan: MergePlan, *, checkpoints: dict[str, Checkpoint] | None = No
                 opened[ref] = open_checkpoint(ref, base=base)
             except MergescopeError as exc:
                 problems.add(_line_of(plan, ref), f"cannot open {ref}: {exc}")
-    if problems:
-        _raise(plan, problems)
+    problems.raise_if_any()
     reference = opened[plan.base_model] if plan.base_model else opened[entries[0].model]
     if plan.models is not None:
         tasks, layers_out = _model_tasks(plan, opened, reference, problems), None
     else:
         tasks, layers_out = _slice_tasks(plan, opened, reference, problems)
-    if problems:
-        _raise(plan, problems)
+    problems.raise_if_any()
     out_dtype = dtype_name(plan.out_dtype or plan.dtype or _dominant_dtype(reference))
     config = dict(reference.config.raw) if reference.config.raw else None
     if config is not None and layers_out is not None:
@@ -114,12 +108,11 @@ def build_job(plan: MergePlan, *, checkpoints: dict[str, Checkpoint] | None = No
     tokenizer_from = reference
     if plan.tokenizer_source not in (None, "base"):
         tokenizer_from = opened.get(plan.tokenizer_source) or _open_tokenizer_source(plan, problems)
-    if problems:
-        _raise(plan, problems)
-    return MergeJob(plan, plan.method, opened, tasks, out_dtype, config, tokenizer_from)
+    problems.raise_if_any()
+    return MergeJob(plan, plan.method, opened, tasks, out_dtype, config, reference, tokenizer_from)
 
 
-def _open_tokenizer_source(plan: MergePlan, problems: _Problems) -> Checkpoint | None:
+def _open_tokenizer_source(plan: MergePlan, problems: PlanProblems) -> Checkpoint | None:
     try:
         return open_checkpoint(plan.tokenizer_source)
     except MergescopeError as exc:
@@ -138,11 +131,6 @@ def _line_of(plan: MergePlan, ref: str) -> int:
             return entry.line
     return 0
 
-
-def _raise(plan: MergePlan, problems: _Problems) -> None:
-    lines = [f"{plan.source}:{line}: {message}" if line else f"{plan.source}: {message}" for line, message in problems]
-    shown = lines[:20] + ([f"... and {len(lines) - 20} more problems"] if len(lines) > 20 else [])
-    raise PlanError("\n".join(shown))
 
 
 def _layer_count(checkpoint: Checkpoint) -> int:
@@ -197,7 +185,7 @@ def _check_inputs(opened, reads, name, shape, problems, line_of) -> None:
             )
 
 
-def _model_tasks(plan: MergePlan, opened, reference: Checkpoint, problems: _Problems) -> list[TensorTask]:
+def _model_tasks(plan: MergePlan, opened, reference: Checkpoint, problems: PlanProblems) -> list[TensorTask]:
     method = plan.method
     entries: list[ModelEntry] = list(plan.models or [])
     base_ref = _base_input(plan.base_model, method)
@@ -221,7 +209,7 @@ def _model_tasks(plan: MergePlan, opened, reference: Checkpoint, problems: _Prob
     return tasks
 
 
-def _slice_tasks(plan: MergePlan, opened, reference: Checkpoint, problems: _Problems):
+def _slice_tasks(plan: MergePlan, opened, reference: Checkpoint, problems: PlanProblems):
     method = plan.method
     slices: list[OutputSlice] = list(plan.slices or [])
     line_of = lambda ref: _line_of(plan, ref)  # noqa: E731

@@ -102,7 +102,7 @@ def parse_plan(text: str, source: str = "<plan>") -> MergePlan:
 
 
 def plan_from_document(document: object, source: str) -> MergePlan:
-    problems = _Problems(source)
+    problems = PlanProblems(source)
     plan = _build(document, problems)
     problems.raise_if_any()
     assert plan is not None
@@ -111,7 +111,11 @@ def plan_from_document(document: object, source: str) -> MergePlan:
     return plan
 
 
-class _Problems:
+class PlanProblems:
+    """Problems found in a plan, each with its line (0: the plan as a whole), raised together."""
+
+    MAX_SHOWN = 20
+
     def __init__(self, source: str):
         self.source = source
         self.items: list[tuple[int, str]] = []
@@ -119,13 +123,18 @@ class _Problems:
     def add(self, line: int, message: str) -> None:
         self.items.append((line, message))
 
+    def __len__(self) -> int:
+        return len(self.items)
+
     def raise_if_any(self) -> None:
-        if self.items:
-            lines = [f"{self.source}:{line}: {message}" if line else f"{self.source}: {message}" for line, message in sorted(self.items)]
-            raise PlanError("\n".join(lines))
+        if not self.items:
+            return
+        lines = [f"{self.source}:{line}: {message}" if line else f"{self.source}: {message}" for line, message in sorted(self.items)]
+        more = len(lines) - self.MAX_SHOWN
+        raise PlanError("\n".join(lines[: self.MAX_SHOWN] + ([f"... and {more} more problems"] if more > 0 else [])))
 
 
-def _build(document: object, problems: _Problems) -> MergePlan | None:
+def _build(document: object, problems: PlanProblems) -> MergePlan | None:
     if not isinstance(document, LinedDict):
         problems.add(0, "a plan is a YAML mapping with at least merge_method and models (or slices)")
         return None
@@ -177,7 +186,7 @@ def _build(document: object, problems: _Problems) -> MergePlan | None:
     return plan
 
 
-def _model_reference(mapping: LinedDict, key: str, problems: _Problems, optional: bool = False) -> str | None:
+def _model_reference(mapping: LinedDict, key: str, problems: PlanProblems, optional: bool = False) -> str | None:
     value = mapping.get(key)
     if value is None:
         if not optional:
@@ -194,7 +203,7 @@ def _model_reference(mapping: LinedDict, key: str, problems: _Problems, optional
     return value.strip()
 
 
-def _models(value: object, line: int, method: MergeMethod | None, problems: _Problems) -> list[ModelEntry]:
+def _models(value: object, line: int, method: MergeMethod | None, problems: PlanProblems) -> list[ModelEntry]:
     if not isinstance(value, list) or not value:
         problems.add(line, "models must be a non-empty list of {model: ..., parameters: ...}")
         return []
@@ -215,7 +224,7 @@ def _models(value: object, line: int, method: MergeMethod | None, problems: _Pro
     return entries
 
 
-def _slices(value: object, line: int, method: MergeMethod | None, problems: _Problems) -> list[OutputSlice]:
+def _slices(value: object, line: int, method: MergeMethod | None, problems: PlanProblems) -> list[OutputSlice]:
     if not isinstance(value, list) or not value:
         problems.add(line, "slices must be a non-empty list of {sources: [...]}")
         return []
@@ -248,7 +257,7 @@ def _slices(value: object, line: int, method: MergeMethod | None, problems: _Pro
     return slices
 
 
-def _parameters(mapping: LinedDict, key: str, method: MergeMethod | None, problems: _Problems, *, model_level: bool) -> dict:
+def _parameters(mapping: LinedDict, key: str, method: MergeMethod | None, problems: PlanProblems, *, model_level: bool) -> dict:
     value = mapping.get(key)
     if value is None:
         return {}
@@ -301,7 +310,7 @@ def _setting_problems(name: str, setting: object, spec) -> list[str]:
     return problems
 
 
-def _mergescope_options(document: LinedDict, problems: _Problems) -> dict:
+def _mergescope_options(document: LinedDict, problems: PlanProblems) -> dict:
     block = document.get("mergescope")
     if block is None:
         return {}
