@@ -1,11 +1,16 @@
-"""``mergescope inspect TARGET...``: open the Textual app (issue 7)."""
+"""``mergescope inspect TARGET...``: open the Textual app."""
 
 from __future__ import annotations
 
-import sys
 
+def run_inspect(targets: list[str], *, device: str = "auto", use_cache: bool = True) -> int:
+    """Open the TUI on ``targets``: BASE MODEL..., a PLAN.yml, a merged folder or a demo workspace.
 
-def run_inspect(targets: list[str]) -> int:
-    """Open the TUI on ``targets``: BASE MODEL..., a PLAN.yml, a merged folder or a demo workspace."""
-    print("mergescope inspect: not built yet (tracked in issue 7)", file=sys.stderr)
-    return 1
+    The targets are resolved (headers only) before the app starts, so a bad path is a one-line error.
+    """
+    from mergescope.tui.app import MergescopeApp
+    from mergescope.tui.session import open_session
+
+    session = open_session(targets)
+    MergescopeApp(session, device=device, use_cache=use_cache).run()
+    return 0

@@ -1,0 +1,129 @@
+"""The TUI's overview, drill-down, help and palette, driven with Pilot at 80x24.
+
+Numbers on screen are checked against numpy computed here from the fixture's own tensors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mergescope.tui.app import MergescopeApp
+from mergescope.tui.display import fmt_rel
+from mergescope.tui.session import open_session
+from tui_fixtures import build_models, run, static_text, wait_for_analysis
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    states = build_models(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    return states
+
+
+def group_rel(states, model: str, group: str) -> float:
+    """‖τ‖/‖θ₀‖ over the tensors of ``group``, in float64."""
+    names = [n for n in states["base"] if n.startswith(group + ".")]
+    delta = sum(float(np.sum((states[model][n].double() - states["base"][n].double()).numpy() ** 2)) for n in names)
+    base = sum(float(np.sum(states["base"][n].double().numpy() ** 2)) for n in names)
+    return math.sqrt(delta) / math.sqrt(base)
+
+
+def cell_text(table, row: str, column: str) -> str:
+    return str(table.get_cell(row, column))
+
+
+def test_overview_heatmap_and_badges(workspace):
+    async def body():
+        app = MergescopeApp(open_session(["base", "ft_a", "ft_b", "ft_c"]), use_cache=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_analysis(app, pilot)
+            heatmap = app.screen.query_one("#heatmap")
+            for group in ("model.layers.0", "model.layers.3"):
+                for model in ("ft_a", "ft_b", "ft_c"):
+                    assert cell_text(heatmap, group, model) == fmt_rel(group_rel(workspace, model, group))
+            models = app.screen.query_one("#models")
+            assert "✓base" in cell_text(models, "ft_b", list(models.columns)[4])
+            # narrow terminal: Tab brings the side pane (pairwise matrices) into view
+            assert not app.screen.query_one("#side").display
+            await pilot.press("tab")
+            assert app.screen.query_one("#side").display
+            pairs = static_text(app.screen.query_one("#pairs"))
+            assert "-1.00" in pairs  # ft_c = base − τ_a: cosine −1 with ft_a
+            assert "100%" in pairs  # ... and every entry in sign conflict
+    run(body)
+
+
+def test_overview_wide_shows_everything(workspace):
+    async def body():
+        app = MergescopeApp(open_session(["base", "ft_a", "ft_b", "ft_c"]), use_cache=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await wait_for_analysis(app, pilot)
+            assert app.screen.query_one("#side").display and app.screen.query_one("#heatmap").display
+    run(body)
+
+
+def test_different_base_badge(workspace, tmp_path):
+    from builders import llama_config, llama_state, write_model
+
+    write_model(tmp_path / "stranger", llama_state(llama_config(layers=4), seed=7), llama_config(layers=4))
+
+    async def body():
+        app = MergescopeApp(open_session(["base", "ft_a", "stranger"]), use_cache=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_analysis(app, pilot)
+            models = app.screen.query_one("#models")
+            assert "✗base" in cell_text(models, "stranger", list(models.columns)[4])
+            assert "✓base" in cell_text(models, "ft_a", list(models.columns)[4])
+    run(body)
+
+
+def test_drill_down_filter_and_tensor(workspace):
+    async def body():
+        app = MergescopeApp(open_session(["base", "ft_a", "ft_b", "ft_c"]), use_cache=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_analysis(app, pilot)
+            await pilot.press("down", "down", "enter")  # embed_tokens → layers.0 → layers.1
+            screen = app.screen
+            assert type(screen).__name__ == "LayerScreen" and screen.group == "model.layers.1"
+            table = screen.query_one("#tensors")
+            expected = [n for n in workspace["base"] if n.startswith("model.layers.1.")]
+            assert table.row_count == len(expected)
+            await pilot.press("slash", *"mlp")
+            assert table.row_count == len([n for n in expected if "mlp" in n])
+            await pilot.press("enter")  # leave the filter box
+            await pilot.press("enter")  # open the highlighted tensor
+            await app.workers.wait_for_complete()
+            await pilot.pause(0.1)
+            assert type(app.screen).__name__ == "TensorScreen"
+            tensor = app.screen.tensor
+            assert "mlp" in tensor
+            text = static_text(app.screen.query_one("#detail"))
+            assert "sign agreement" in text
+            await pilot.press("escape", "escape")
+            assert type(app.screen).__name__ == "OverviewScreen"
+    run(body)
+
+
+def test_help_palette_and_quit(workspace):
+    async def body():
+        app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_analysis(app, pilot)
+            await pilot.press("question_mark")
+            assert type(app.screen).__name__ == "HelpScreen"
+            await pilot.press("escape")
+            await pilot.press("ctrl+p")
+            await pilot.pause(0.1)
+            await pilot.press(*"plan builder")
+            await pilot.pause(0.3)
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            assert type(app.screen).__name__ == "PlanScreen"
+            await pilot.press("escape")
+            await pilot.press("q")
+            await pilot.pause(0.1)
+        assert app.return_code == 0
+    run(body)

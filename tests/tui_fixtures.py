@@ -1,0 +1,53 @@
+"""Tiny workspaces for the TUI tests: a base and fine-tunes whose task vectors the tests control."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import torch
+
+from builders import llama_config, llama_state, write_model
+
+LAYERS = 4
+
+
+def build_models(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """base, ft_a (τ_a), ft_b (a smaller independent τ_b) and ft_c = base − τ_a; written under ``root``."""
+    config = llama_config(layers=LAYERS)
+    base = llama_state(config, seed=0)
+    g = torch.Generator().manual_seed(1)
+    tau_a = {k: 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    tau_b = {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    states = {
+        "base": base,
+        "ft_a": {k: base[k] + tau_a[k] for k in base},
+        "ft_b": {k: base[k] + tau_b[k] for k in base},
+        "ft_c": {k: base[k] - tau_a[k] for k in base},
+    }
+    for name, state in states.items():
+        write_model(root / name, state, config)
+    return states
+
+
+def run(coroutine_function, *args):
+    """Run an async test body (the suite has no asyncio plugin)."""
+    return asyncio.run(coroutine_function(*args))
+
+
+async def wait_for_analysis(app, pilot) -> None:
+    for _ in range(200):
+        await pilot.pause(0.05)
+        if app.analysis_done or app.analysis_error:
+            break
+    await pilot.pause(0.1)
+    assert app.analysis_done, app.analysis_error
+
+
+def static_text(widget, width: int = 200) -> str:
+    """The plain text a Static widget shows (its rich content rendered without styles)."""
+    from rich.console import Console
+
+    console = Console(width=width, record=True, color_system=None, file=open("/dev/null", "w"))
+    console.print(widget.content)
+    return console.export_text()

@@ -1,0 +1,176 @@
+"""The Textual app behind ``mergescope inspect``.
+
+State shared by the screens lives here: the session (base and models, opened from headers), the latest
+analysis snapshot (``report``, a ``mergescope.analysis/1`` document as it fills in) and the running merge.
+The analysis runs in a thread worker and reports through :class:`AnalysisUpdated` messages; screens
+subscribe to :attr:`analysis_changed` and redraw from :attr:`report`. Nothing heavy runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from textual import work
+from textual.app import App
+from textual.binding import Binding
+from textual.signal import Signal
+
+from mergescope.analysis import unique_names
+from mergescope.tui.commands import MergescopeCommands
+from mergescope.tui.messages import AnalysisUpdated
+from mergescope.tui.session import Session
+
+#: the analysis sends a snapshot at most this often (seconds)
+SNAPSHOT_EVERY = 0.25
+
+
+class MergescopeApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "mergescope"
+    COMMANDS = App.COMMANDS | {MergescopeCommands}
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("p", "plan", "Plan"),
+        Binding("r", "run", "Run"),
+    ]
+
+    def __init__(self, session: Session, *, device: str = "auto", use_cache: bool = True) -> None:
+        super().__init__()
+        self.session = session
+        self.device = device
+        self.use_cache = use_cache
+        self.names = unique_names(session.models)
+        self.report: dict = {}
+        self.analysis_progress = None
+        self.analysis_done = False
+        self.analysis_error: str | None = None
+        self.analysis_changed: Signal = Signal(self, "analysis_changed")
+        self.analysis_cancel = threading.Event()
+        self.merge_cancel: threading.Event | None = None  # set while a merge runs
+        self.plan_text: str | None = None  # the plan builder's current plan (YAML), for `r`
+        self.last_merge = None  # the folder of the last merge run in the app
+        self.demo_scores: dict[str, dict[str, float]] = {}  # demo workspace: model name → task → accuracy
+
+    # --- start-up ----------------------------------------------------------------------------------
+    def on_mount(self) -> None:
+        from mergescope.tui.screens.overview_screen import OverviewScreen
+
+        self.push_screen(OverviewScreen())
+        self.run_analysis()
+        if self.session.start == "plan":
+            self.action_plan()
+        elif self.session.start == "diagnosis":
+            self.action_diagnose(self.session.merged_dir)
+
+    @work(thread=True, exclusive=True, group="analysis")
+    def run_analysis(self) -> None:
+        """Stream the analysis (or take it from the cache), posting a snapshot every SNAPSHOT_EVERY seconds."""
+        from mergescope.analysis import Progress, ReportBuilder, stream_analysis
+        from mergescope.analysis.cache import AnalysisCache, cache_key
+
+        base, models = self.session.base, self.session.models
+        try:
+            cache = AnalysisCache() if self.use_cache else None
+            key = cache_key(base, models, self.names, 1.0)
+            if cache is not None and (hit := cache.get(key)) is not None:
+                self.post_message(AnalysisUpdated(hit, None, done=True))
+                return
+            builder = ReportBuilder(base, models, self.names, 1.0)
+            last = 0.0
+            progress = None
+            for event in stream_analysis(base, models, self.names, device=self.device, cancel=self.analysis_cancel):
+                builder.add(event)
+                if isinstance(event, Progress):
+                    progress = event
+                    if time.monotonic() - last >= SNAPSHOT_EVERY:
+                        self.post_message(AnalysisUpdated(builder.report(), progress, done=False))
+                        last = time.monotonic()
+            if self.analysis_cancel.is_set():
+                return
+            report = builder.report()
+            if cache is not None:
+                cache.put(key, report)
+            self.post_message(AnalysisUpdated(report, progress, done=True))
+        except Exception as exc:  # shown in the status line; the app stays usable
+            self.post_message(AnalysisUpdated(self.report, None, done=False, error=str(exc)))
+
+    def on_analysis_updated(self, message: AnalysisUpdated) -> None:
+        self.report = message.report
+        self.analysis_progress = message.progress
+        self.analysis_done = message.done
+        self.analysis_error = message.error
+        self.analysis_changed.publish(self.report)
+
+    def after_merge(self, out_dir, log) -> None:
+        """In a demo workspace, score the new merge on the demo tasks (in a worker) and log the scores."""
+        if self.session.workspace is not None:
+            self.score_demo_model(out_dir, log)
+
+    @work(thread=True, group="demo-eval")
+    def score_demo_model(self, out_dir, log) -> None:
+        from mergescope.demo.evaluate import evaluate
+
+        try:
+            scores = evaluate(out_dir)
+        except Exception as exc:  # a model the demo cannot score: say so, keep going
+            self.call_from_thread(log.write, f"demo evaluation failed: {exc}")
+            return
+        self.demo_scores[str(out_dir)] = scores
+        line = "  ".join(f"{task} {accuracy:.0%}" for task, accuracy in scores.items())
+        self.call_from_thread(log.write, f"demo scores of {out_dir}: {line}")
+
+    # --- actions -----------------------------------------------------------------------------------
+    def action_help(self) -> None:
+        from mergescope.tui.screens.help_screen import HelpScreen
+
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_plan(self) -> None:
+        from mergescope.tui.screens.plan_screen import PlanScreen
+
+        if not isinstance(self.screen, PlanScreen):
+            self.push_screen(PlanScreen(self.session.plan_path))
+
+    def action_run(self) -> None:
+        from mergescope.tui.screens.plan_screen import PlanScreen
+        from mergescope.tui.screens.run_screen import RunScreen
+
+        if self.merge_cancel is not None:
+            self.notify("a merge is already running", severity="warning")
+            return
+        if isinstance(self.screen, PlanScreen):
+            self.screen.action_run()
+            return
+        if self.plan_text is None:
+            self.notify("build a plan first: p opens the plan builder", severity="warning")
+            self.action_plan()
+            return
+        self.push_screen(RunScreen(self.plan_text))
+
+    def action_diagnose(self, merged_dir=None) -> None:
+        from mergescope.tui.screens.diagnosis_screen import DiagnosisScreen
+
+        target = merged_dir or getattr(self, "last_merge", None)
+        if target is None:
+            self.notify("no merge to diagnose yet: run one (r) or open a merged folder", severity="warning")
+            return
+        self.push_screen(DiagnosisScreen(target))
+
+    async def action_quit(self) -> None:
+        if self.merge_cancel is None:
+            self.analysis_cancel.set()
+            self.exit()
+            return
+        from mergescope.tui.screens.confirm_screen import ConfirmScreen
+
+        def answered(quit_now: bool | None) -> None:
+            if quit_now:
+                if self.merge_cancel is not None:
+                    self.merge_cancel.set()
+                self.analysis_cancel.set()
+                self.exit()
+
+        self.push_screen(ConfirmScreen("A merge is running. Cancel it and quit?"), answered)

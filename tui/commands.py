@@ -1,0 +1,31 @@
+"""The command palette (Ctrl+P): every action of the app, searchable by name."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+#: (title, help, app action)
+ACTIONS = (
+    ("Plan builder", "compose a merge plan with a live preview of what each model keeps", "plan"),
+    ("Run the plan", "merge the plan built in the plan builder", "run"),
+    ("Diagnose the last merge", "retention and cosine of the merged task vector against each source", "diagnose"),
+    ("Help", "keys and what each screen shows", "help"),
+    ("Quit", "leave mergescope (asks first while a merge runs)", "quit"),
+)
+
+
+class MergescopeCommands(Provider):
+    """mergescope's actions for the command palette."""
+
+    async def discover(self) -> Hits:
+        for title, help_text, action in ACTIONS:
+            yield DiscoveryHit(title, partial(self.app.run_action, action), help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for title, help_text, action in ACTIONS:
+            score = matcher.match(title)
+            if score > 0:
+                yield Hit(score, matcher.highlight(title), partial(self.app.run_action, action), help=help_text)

@@ -1,0 +1,134 @@
+"""Overview: the models, a per-layer heatmap of their task vectors, pairwise matrices and depth profiles."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Static
+
+from mergescope.tui.display import short
+from mergescope.tui.messages import LayerHighlighted
+from mergescope.tui.widgets.overview.depth_sparklines import DepthSparklines
+from mergescope.tui.widgets.overview.layer_heatmap import LayerHeatmap
+from mergescope.tui.widgets.overview.models_table import ModelsTable
+from mergescope.tui.widgets.overview.pair_matrices import PairMatrices
+
+#: below this width the heatmap and the side pane take turns (Tab switches) instead of sitting side by side
+NARROW = 120
+
+
+def warnings_text(report: dict, limit: int = 12) -> Text:
+    """The analysis' warnings, one line each, grouped by code (the most severe first)."""
+    order = ["different_base", "architecture_mismatch", "vocab_mismatch", "shape_mismatch", "tokenizer_mismatch",
+             "non_finite", "missing_tensor", "extra_tensor"]
+    found = sorted(report.get("warnings", []), key=lambda w: order.index(w["code"]) if w["code"] in order else len(order))
+    text = Text("warnings\n", style="bold")
+    if not found:
+        text.append("none so far\n" if report.get("groups") is not None else "…\n", style="dim")
+    for warning in found[:limit]:
+        text.append("⚠ ", style="yellow")
+        text.append(warning["message"] + "\n")
+    if len(found) > limit:
+        text.append(f"… and {len(found) - limit} more (mergescope analyze --json)\n", style="dim")
+    return text
+
+
+class OverviewScreen(Screen):
+    BINDINGS = [
+        Binding("enter", "drill", "Layer", show=True),
+        Binding("d", "diagnose", "Diagnose", show=False),
+        Binding("tab", "next_pane", "Pane", show=False),
+        Binding("shift+tab", "next_pane(-1)", "Pane", show=False),
+    ]
+    PANES = ("#heatmap", "#side", "#models")
+
+    def compose(self) -> ComposeResult:
+        app = self.app
+        yield Header()
+        yield ModelsTable(app.session.base, app.session.models, app.names, id="models")
+        with Horizontal(id="main"):
+            yield LayerHeatmap(app.names, list(app.session.base.groups()), id="heatmap")
+            with VerticalScroll(id="side"):
+                yield PairMatrices(app.names, id="pairs")
+                yield DepthSparklines(app.names, id="depth")
+                yield Static(id="warnings")
+        with Horizontal(id="status"):
+            yield ProgressBar(id="analysis-bar", show_eta=True)
+            yield Label("", id="analysis-label")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = f"base: {self.app.session.base.name}"
+        self.app.analysis_changed.subscribe(self, self.show_analysis)
+        self.query_one("#heatmap").focus()
+        self.show_analysis(None)
+
+    def on_resize(self) -> None:
+        self.set_class(self.size.width < NARROW, "narrow")
+        self._show_focused_pane()
+
+    def show_analysis(self, _=None) -> None:
+        """Redraw from the app's latest analysis snapshot."""
+        app = self.app
+        report, done = app.report, app.analysis_done
+        self.query_one(ModelsTable).update_report(report, done)
+        heatmap = self.query_one(LayerHeatmap)
+        heatmap.update_report(report)
+        self.query_one(PairMatrices).show(report, heatmap.current_group)
+        self.query_one(DepthSparklines).show(report)
+        self.query_one("#warnings", Static).update(warnings_text(report))
+        bar, label = self.query_one("#analysis-bar", ProgressBar), self.query_one("#analysis-label", Label)
+        progress = app.analysis_progress
+        if app.analysis_error:
+            label.update(Text(f"analysis failed: {app.analysis_error}", style="bold red"))
+        elif done:
+            bar.update(total=1, progress=1)
+            hint = " · Tab: pairwise matrices, depth, warnings" if self.has_class("narrow") else ""
+            label.update(Text("analysis done" + hint, style="green"))
+        elif progress is not None:
+            bar.update(total=progress.bytes_total or 1, progress=progress.bytes_done)
+            label.update(Text(short(progress.current, 40), style="dim"))
+        else:
+            label.update(Text("reading headers…", style="dim"))
+
+    def on_layer_highlighted(self, message: LayerHighlighted) -> None:
+        self.query_one(PairMatrices).show(group=message.group)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if event.data_table.id == "heatmap":
+            self.action_drill()
+
+    def on_descendant_focus(self) -> None:
+        self._show_focused_pane()
+
+    def _show_focused_pane(self) -> None:
+        """In a narrow terminal only one of heatmap and side pane shows: the one holding the focus."""
+        heatmap, side = self.query_one("#heatmap"), self.query_one("#side")
+        if not self.has_class("narrow"):
+            heatmap.display = side.display = True
+            return
+        focused = self.focused
+        side_focused = focused is not None and (focused is side or side in focused.ancestors)
+        side.display, heatmap.display = side_focused, not side_focused
+
+    def action_next_pane(self, step: int = 1) -> None:
+        """Tab: heatmap → pairs/depth/warnings → models → heatmap (the side pane shows when it gets the focus)."""
+        panes = [self.query_one(selector) for selector in self.PANES]
+        focused = self.focused
+        current = next((i for i, pane in enumerate(panes) if focused is pane or (focused and pane in focused.ancestors)), 0)
+        target = panes[(current + step) % len(panes)]
+        target.display = True
+        target.focus()
+
+    def action_drill(self) -> None:
+        from .layer_screen import LayerScreen
+
+        group = self.query_one(LayerHeatmap).current_group
+        if group is not None:
+            self.app.push_screen(LayerScreen(group))
+
+    def action_diagnose(self) -> None:
+        self.app.action_diagnose()

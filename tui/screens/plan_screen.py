@@ -1,0 +1,247 @@
+"""Plan builder (`p`): method, base, each model's parameters, dtype and output; a live preview of what
+each model keeps; `s` saves mergekit YAML, `r` runs it.
+
+Every edit re-validates the plan through the same loader and job builder ``mergescope merge`` uses, then
+a worker previews it: sampled first (instant), then exact. The preview calls the merge methods' own tensor
+functions, so it cannot disagree with the merge.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Checkbox, Footer, Header, Input, Label, Select, Static
+
+from mergescope.checkpoints import MergescopeError
+from mergescope.merge.methods import METHODS
+from mergescope.tui.plan_document import (
+    DTYPES, ModelRow, PlanForm, default_form, from_plan, set_method, to_document, to_yaml,
+)
+from mergescope.tui.widgets.plan.model_fields import ModelFields
+from mergescope.tui.widgets.plan.preview_table import PreviewTable
+
+#: seconds of quiet after an edit before the preview recomputes
+DEBOUNCE = 0.3
+DEFAULT_METHOD = "ties"
+
+
+class PlanScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("ctrl+s,s", "save", "Save"),
+        Binding("r", "run", "Run"),
+    ]
+
+    def __init__(self, plan_path: Path | None = None) -> None:
+        super().__init__()
+        self.plan_path = plan_path
+        self.form: PlanForm | None = None
+        self.plan_text: str | None = None  # the last plan that validated
+        self._timer = None
+        self._cancel = threading.Event()
+
+    # --- layout ------------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        self.form = self._initial_form()
+        yield Header()
+        with Horizontal():
+            with VerticalScroll(id="plan-form"):
+                yield Label("method", classes="field-label")
+                yield Select([(f"{name}", name) for name in METHODS], value=self.form.method, allow_blank=False, id="method")
+                yield Static(METHODS[self.form.method].description, id="method-doc", classes="dim")
+                yield Label("base model", classes="field-label")
+                yield Select(self._base_options(), value=self.form.base or "", allow_blank=False, id="base")
+                yield Vertical(id="model-fields")
+                yield Label("method parameters", classes="field-label")
+                yield Vertical(id="option-fields")
+                yield Label("dtype", classes="field-label")
+                yield Select([("as the base", "")] + [(d, d) for d in DTYPES], value=self.form.dtype or "", allow_blank=False, id="dtype")
+                yield Label("output folder", classes="field-label")
+                yield Input(self.form.output, id="output")
+                yield Label("plan file (s saves)", classes="field-label")
+                yield Input(str(self.plan_path or "merge-plan.yml"), id="plan-file")
+            with Vertical(id="plan-preview-pane"):
+                yield Static(Text("preview: …", style="dim"), id="preview-status")
+                yield PreviewTable(id="preview")
+                yield Static("", id="plan-warnings")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        self.sub_title = "plan builder"
+        await self._rebuild_fields()
+        self.query_one("#method").focus()
+        self.schedule_preview(0)
+
+    def on_resize(self) -> None:
+        self.set_class(self.size.width < 100, "narrow-plan")
+
+    def _initial_form(self) -> PlanForm:
+        session = self.app.session
+        rows = [ModelRow(ref, name) for ref, name in zip(self._references()[1:], self.app.names)]
+        if self.plan_path is not None:
+            from mergescope.merge.plan import load_plan
+
+            form = from_plan(load_plan(self.plan_path), rows)
+            form.output = f"{Path(self.plan_path).stem}-merged"
+            return form
+        if session.workspace is not None:
+            rows = [r for r in rows if not r.name.startswith("trap")] + [r for r in rows if r.name.startswith("trap")]
+            for row in rows:
+                row.included = not row.name.startswith("trap") and not row.name.startswith("lora")
+        form = default_form(DEFAULT_METHOD, self._references()[0], rows)
+        if session.workspace is not None:
+            form.output = str(session.workspace / "merges" / "ties")
+        return form
+
+    def _references(self) -> list[str]:
+        session = self.app.session
+        return session.references or [session.base.source, *[m.source for m in session.models]]
+
+    def _base_options(self) -> list[tuple[str, str]]:
+        refs = self._references()
+        options = [(f"{self.app.session.base.name} (analysis base)", refs[0])]
+        options += [(name, ref) for name, ref in zip(self.app.names, refs[1:])]
+        options.append(("none", ""))
+        if self.form and self.form.base and self.form.base not in refs:
+            options.insert(0, (self.form.base, self.form.base))
+        return options
+
+    async def _rebuild_fields(self) -> None:
+        """(Re)create the per-model and method-level fields for the form's method."""
+        models, options = self.query_one("#model-fields"), self.query_one("#option-fields")
+        await models.remove_children()
+        await options.remove_children()
+        await models.mount_all([ModelFields(i, row) for i, row in enumerate(self.form.models)])
+        widgets = []
+        method = METHODS[self.form.method]
+        for name, text in self.form.options.items():
+            spec = method.parameter(name)
+            widgets += [Label(f"{name}: {spec.description}", classes="dim"),
+                        Input(text, placeholder=f"default {spec.default}", id=f"option-{name}", classes="param-input")]
+        if not widgets:
+            widgets.append(Label("none", classes="dim"))
+        await options.mount_all(widgets)
+
+    # --- edits -------------------------------------------------------------------------------------
+    async def on_select_changed(self, event: Select.Changed) -> None:
+        if self.form is None:
+            return
+        value = event.value if isinstance(event.value, str) else ""
+        if event.select.id == "method" and value != self.form.method:
+            set_method(self.form, value, self._references()[0])
+            self.query_one("#method-doc", Static).update(METHODS[value].description)
+            self.query_one("#base", Select).value = self.form.base or ""
+            await self._rebuild_fields()
+        elif event.select.id == "base":
+            self.form.base = value or None
+        elif event.select.id == "dtype":
+            self.form.dtype = value or None
+        self.schedule_preview()
+
+    def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
+        index = int(event.checkbox.id.split("-")[1])
+        self.form.models[index].included = event.value
+        self.schedule_preview()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        ident = event.input.id or ""
+        if ident.startswith("param-"):
+            _, index, name = ident.split("-", 2)
+            self.form.models[int(index)].fields[name] = event.value
+        elif ident.startswith("option-"):
+            self.form.options[ident.removeprefix("option-")] = event.value
+        elif ident == "output":
+            self.form.output = event.value
+            return
+        else:
+            return
+        self.schedule_preview()
+
+    def schedule_preview(self, delay: float = DEBOUNCE) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        self._timer = self.set_timer(delay, self._start_preview)
+
+    def _start_preview(self) -> None:
+        self._cancel.set()
+        self._cancel = threading.Event()
+        self.preview(self._cancel)
+
+    # --- the plan and its preview ------------------------------------------------------------------
+    def current_plan(self):
+        """(plan, YAML text) of the form, or raise MergescopeError / ValueError with what is wrong."""
+        from mergescope.merge.plan import parse_plan
+
+        text = to_yaml(to_document(self.form))
+        return parse_plan(text, source=self.query_one("#plan-file", Input).value or "plan"), text
+
+    @work(thread=True, exclusive=True, group="preview")
+    def preview(self, cancel: threading.Event) -> None:
+        from mergescope.tui.plan_preview import preview_rows
+
+        try:
+            plan, text = self.current_plan()
+            self.app.call_from_thread(self._plan_ok, text)
+            for status, names, rows, warnings in preview_rows(self.app, plan, cancel):
+                if cancel.is_set():
+                    return
+                self.app.call_from_thread(self._show_preview, status, names, rows, warnings)
+        except (MergescopeError, ValueError) as exc:
+            if not cancel.is_set():
+                self.app.call_from_thread(self._plan_problem, str(exc))
+
+    def _plan_ok(self, text: str) -> None:
+        self.plan_text = text
+        self.app.plan_text = text
+
+    def _show_preview(self, status: str, names, rows, warnings: list[str]) -> None:
+        self.query_one("#preview-status", Static).update(Text(status, style="green" if status.startswith("exact") else "yellow"))
+        self.query_one(PreviewTable).show(names, rows)
+        text = Text()
+        for warning in warnings:
+            text.append("⚠ ", style="yellow")
+            text.append(warning + "\n")
+        self.query_one("#plan-warnings", Static).update(text)
+
+    def _plan_problem(self, message: str) -> None:
+        self.plan_text = None
+        self.query_one("#preview-status", Static).update(Text("the plan has problems:", style="bold red"))
+        self.query_one("#plan-warnings", Static).update(Text(message, style="red"))
+
+    # --- actions -----------------------------------------------------------------------------------
+    def action_save(self) -> None:
+        try:
+            _, text = self.current_plan()
+        except (MergescopeError, ValueError) as exc:
+            self.notify(f"not saved: {exc}", severity="error")
+            return
+        path = Path(self.query_one("#plan-file", Input).value or "merge-plan.yml")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            self.notify(f"cannot write {path}: {exc.strerror}", severity="error")
+            return
+        self.notify(f"saved {path}")
+
+    def action_run(self) -> None:
+        from .run_screen import RunScreen
+
+        try:
+            _, text = self.current_plan()
+        except (MergescopeError, ValueError) as exc:
+            self.notify(f"cannot run: {exc}", severity="error")
+            return
+        self.app.plan_text = text
+        self.app.push_screen(RunScreen(text, self.form.output))
+
+    def action_back(self) -> None:
+        self._cancel.set()
+        self.app.pop_screen()

@@ -1,0 +1,77 @@
+"""One tensor: each model's delta distribution, the energy kept at several densities, sign agreement."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Static
+
+from mergescope.tui.display import fmt_pct, short, sparkline
+
+
+def render_detail(detail) -> Group:
+    """Histograms as block sparklines (√count, so the tails show), energy-kept table, sign breakdown."""
+    parts: list = []
+    sample = f" (a sample of {detail.sampled:,} entries)" if detail.sampled else ""
+    parts.append(Text(f"{detail.name}  {'×'.join(map(str, detail.shape))}  {detail.entries:,} entries{sample}", style="bold"))
+    histogram = Table(title=f"Δ distribution over [−{detail.limit:.2e}, +{detail.limit:.2e}] (√count)",
+                      title_justify="left", box=None, show_header=False, padding=(0, 1))
+    histogram.add_column("model")
+    histogram.add_column("histogram", style="cyan", no_wrap=True)
+    for name, counts in zip(detail.names, detail.histograms):
+        histogram.add_row(short(name, 10), sparkline([c ** 0.5 for c in counts]))
+    parts += [Text(""), histogram]
+    energy = Table(title="‖τ‖² kept by the largest entries (a TIES trim at density d)", title_justify="left", box=None,
+                   padding=(0, 1))
+    energy.add_column("model")
+    for density in detail.energy_kept:
+        energy.add_column(f"d={density:g}", justify="right")
+    for i, name in enumerate(detail.names):
+        energy.add_row(short(name, 10), *[fmt_pct(values[i]) for values in detail.energy_kept.values()])
+    parts += [Text(""), energy]
+    total = sum(detail.signs.values()) or 1
+    signs = Text("sign agreement over entries: ", style="bold")
+    for key, label, style in (("agree", "all agree", "green"), ("conflict", "conflict", "red"),
+                              ("one", "one model moved", ""), ("none", "none moved", "dim")):
+        signs.append(f"{label} {detail.signs.get(key, 0) / total:.0%}  ", style=style)
+    parts += [Text(""), signs]
+    return Group(*parts)
+
+
+class TensorScreen(Screen):
+    BINDINGS = [Binding("escape", "back", "Back")]
+
+    def __init__(self, tensor: str) -> None:
+        super().__init__()
+        self.tensor = tensor
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with VerticalScroll():
+            yield Static(Text(f"reading {self.tensor}…", style="dim"), id="detail")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = self.tensor
+        self.load_detail()
+
+    @work(thread=True, exclusive=True)
+    def load_detail(self) -> None:
+        from mergescope.analysis.tensor_detail import tensor_detail
+
+        session = self.app.session
+        try:
+            detail = tensor_detail(session.base, session.models, self.app.names, self.tensor)
+            renderable = render_detail(detail)
+        except Exception as exc:  # a read error must not kill the app
+            renderable = Text(f"cannot read {self.tensor}: {exc}", style="bold red")
+        self.app.call_from_thread(self.query_one("#detail", Static).update, renderable)
+
+    def action_back(self) -> None:
+        self.app.pop_screen()

@@ -1,0 +1,118 @@
+"""What ``mergescope inspect TARGET...`` opens, decided before the app starts (no Textual here).
+
+- ``BASE MODEL...``: the overview of the models' task vectors against BASE.
+- ``PLAN.yml``: base and models from the plan, opened in the plan builder.
+- ``MERGED_DIR`` (a folder holding ``mergekit_config.yml``): the diagnosis of that merge, over the overview
+  of its sources.
+- a demo workspace (a folder holding ``mergescope-demo.json``): its base and models.
+
+Checkpoints are opened here (headers only, milliseconds), so a bad path is a one-line error at the shell
+rather than inside the app.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergescope.checkpoints import Checkpoint, MergescopeError, open_checkpoint
+
+DEMO_MANIFEST = "mergescope-demo.json"
+PLAN_FILE_NAMES = ("mergekit_config.yml", "mergekit_config.yaml")
+
+
+@dataclass
+class Session:
+    """The checkpoints the app shows and the screen it starts on."""
+
+    base: Checkpoint
+    models: list[Checkpoint]
+    start: str = "overview"  # overview | plan | diagnosis
+    plan_path: Path | None = None  # the plan opened in the builder
+    merged_dir: Path | None = None  # the merge to diagnose
+    workspace: Path | None = None  # a demo workspace: merges land here, the demo scores them
+    references: list[str] = field(default_factory=list)  # how the plan names each model (base first)
+
+
+def open_session(targets: list[str]) -> Session:
+    """Resolve the command line's targets into a :class:`Session`; raise a one-line MergescopeError."""
+    if len(targets) == 1:
+        target = Path(targets[0])
+        if target.is_dir() and (target / DEMO_MANIFEST).is_file():
+            return _demo_session(target)
+        if target.is_dir() and _plan_file(target) is not None:
+            return _merged_session(target)
+        if target.suffix in (".yml", ".yaml") and target.is_file():
+            return _plan_session(target)
+        raise MergescopeError(
+            f"{targets[0]}: give a base and at least one model (mergescope inspect BASE MODEL...), "
+            "a plan (PLAN.yml), a merged folder holding mergekit_config.yml or a demo workspace"
+        )
+    base = open_checkpoint(targets[0])
+    models = [open_checkpoint(t, base=base) for t in targets[1:]]
+    return Session(base, models, references=list(targets))
+
+
+def _plan_file(folder: Path) -> Path | None:
+    return next((folder / n for n in PLAN_FILE_NAMES if (folder / n).is_file()), None)
+
+
+def _plan_models(plan) -> tuple[str, list[str]]:
+    """The plan's base reference (its base_model, else its first model) and its other model references."""
+    entries = plan.models or [s for sl in plan.slices or [] for s in sl.sources]
+    refs = list(dict.fromkeys(e.model for e in entries))
+    base = plan.base_model or refs[0]
+    others = [r for r in refs if r != base]
+    if not others:
+        raise MergescopeError(f"{plan.source}: the plan merges no model besides its base; nothing to compare")
+    return base, others
+
+
+def _plan_session(path: Path) -> Session:
+    from mergescope.merge.plan import load_plan
+
+    plan = load_plan(path)
+    base_ref, refs = _plan_models(plan)
+    base = open_checkpoint(base_ref)
+    models = [open_checkpoint(r, base=base) for r in refs]
+    return Session(base, models, start="plan", plan_path=path, references=[base_ref, *refs])
+
+
+def _merged_session(folder: Path) -> Session:
+    from mergescope.merge.plan import load_plan
+
+    plan = load_plan(_plan_file(folder))
+    base_ref, refs = _plan_models(plan)
+    try:
+        base = open_checkpoint(base_ref)
+        models = [open_checkpoint(r, base=base) for r in refs]
+    except MergescopeError as exc:
+        raise MergescopeError(f"{folder}: cannot open the merge's sources ({exc}); run from the folder the merge ran in") from None
+    return Session(base, models, start="diagnosis", merged_dir=folder, references=[base_ref, *refs])
+
+
+def _demo_session(folder: Path) -> Session:
+    """A demo workspace: its manifest names the base and the models, paths relative to the workspace."""
+    try:
+        manifest = json.loads((folder / DEMO_MANIFEST).read_text())
+        base_ref = folder / manifest["base"]
+        refs = [folder / m for m in demo_models(manifest)]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MergescopeError(f"{folder / DEMO_MANIFEST}: unreadable demo manifest ({exc}); rebuild with mergescope demo") from None
+    base = open_checkpoint(str(base_ref))
+    models = [open_checkpoint(str(r), base=base) for r in refs]
+    return Session(base, models, workspace=folder, references=[str(base_ref), *map(str, refs)])
+
+
+def demo_models(manifest: dict) -> list[str]:
+    """The model folders a demo manifest lists besides its base: fine-tunes, the LoRA adapter, the traps."""
+    found: list[str] = []
+    for key in ("fine_tunes", "finetunes", "models", "lora", "traps"):
+        value = manifest.get(key)
+        items = value if isinstance(value, list) else [value] if value else []
+        for item in items:
+            path = item.get("path") or item.get("dir") or item.get("name") if isinstance(item, dict) else item
+            if isinstance(path, str) and path not in found:
+                found.append(path)
+    return found

@@ -1,0 +1,57 @@
+"""The models being compared: source, parameters, dtype and compatibility badges."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+from mergescope.checkpoints import Checkpoint
+from mergescope.tui.cli.formatting import human_count
+from mergescope.tui.display import short
+from mergescope.tui.report_view import badges
+
+_BADGE_LABELS = {"base": "base", "tokenizer": "tok", "vocab": "vocab", "arch": "arch"}
+
+
+def badge_text(passed: dict[str, bool] | None) -> Text:
+    """``✓base ✓tok ✗vocab``: green for a passed check, red for a failed one, dim while unknown."""
+    text = Text()
+    for key, label in _BADGE_LABELS.items():
+        if passed is None:
+            text.append(f"·{label} ", style="dim")
+        elif passed[key]:
+            text.append(f"✓{label} ", style="green")
+        else:
+            text.append(f"✗{label} ", style="bold red")
+    return text
+
+
+class ModelsTable(DataTable):
+    """One row per model (the base first); badges fill in as the analysis finds problems."""
+
+    DEFAULT_CSS = "ModelsTable { height: auto; max-height: 9; }"
+
+    def __init__(self, base: Checkpoint, models: list[Checkpoint], names: list[str], **kwargs) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.base, self.models, self.names = base, models, names
+
+    def on_mount(self) -> None:
+        self.add_columns("model", "source", "params", "dtype", "checks")
+        self.add_row(Text("base", style="bold"), short(self.base.source, 28), human_count(self.base.num_parameters),
+                     _dtype(self.base), Text("reference", style="dim"), key="<base>")
+        for name, model in zip(self.names, self.models):
+            self.add_row(Text(name, style="bold"), short(model.source, 28), human_count(model.num_parameters),
+                         _dtype(model), badge_text(None), key=name)
+
+    def update_report(self, report: dict, done: bool) -> None:
+        """Show the badges of every model; unknown (dim) until the pass is done, failures at once."""
+        checks_column = list(self.columns)[4]
+        for name in self.names:
+            passed = badges(report, name)
+            shown = passed if done or not all(passed.values()) else None
+            self.update_cell(name, checks_column, badge_text(shown), update_width=True)
+
+
+def _dtype(checkpoint: Checkpoint) -> str:
+    common = checkpoint.dtypes.most_common(1)
+    return common[0][0] if common else "—"

@@ -1,0 +1,72 @@
+"""Pairwise cosine and sign-conflict matrices, for the whole model and for the selected layer."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from mergescope.tui.display import fmt_pct, short
+from mergescope.tui.report_view import group_by_name, pair_value
+
+
+def _cosine_cell(value: float | None, diagonal: bool) -> Text:
+    if diagonal:
+        return Text("·", style="dim")
+    if value is None:
+        return Text("—", style="dim")
+    style = "red" if value < -0.1 else "green" if value > 0.3 else ""
+    return Text(f"{value:+.2f}", style=style)
+
+
+def _conflict_cell(value: float | None, diagonal: bool) -> Text:
+    if diagonal:
+        return Text("·", style="dim")
+    if value is None:
+        return Text("—", style="dim")
+    return Text(fmt_pct(value), style="red" if value > 0.45 else "")
+
+
+def matrix(title: str, names: list[str], scopes: list[tuple[str, dict | None]], key: str) -> Table:
+    """One table: a row per model, for each scope (whole model, layer) a column block of the other models."""
+    table = Table(title=title, title_justify="left", title_style="bold", box=None, pad_edge=False, padding=(0, 1))
+    table.add_column("")
+    for index, (scope, _) in enumerate(scopes):
+        for j, name in enumerate(names):
+            header = short(name, 5)
+            table.add_column(f"{scope}\n{header}" if j == 0 else f"\n{header}", justify="right",
+                             style="on grey15" if index % 2 else "")
+    cell = _cosine_cell if key == "cosine" else _conflict_cell
+    for a in names:
+        row: list[Text | str] = [short(a, 6)]
+        for _, stats in scopes:
+            for b in names:
+                row.append(cell(None if stats is None else pair_value(stats, a, b, key), a == b))
+        table.add_row(*row)
+    return table
+
+
+class PairMatrices(Static):
+    """cos(τᵢ, τⱼ) and the sign-conflict rate of each pair (entries where both moved, in opposite directions)."""
+
+    def __init__(self, names: list[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.names = names
+        self.report: dict = {}
+        self.group: str | None = None
+
+    def show(self, report: dict | None = None, group: str | None = None) -> None:
+        if report is not None:
+            self.report = report
+        if group is not None:
+            self.group = group
+        total = self.report.get("total") if self.report.get("groups") else None
+        layer = group_by_name(self.report, self.group) if self.group else None
+        label = (self.group or "layer").removeprefix("model.")
+        scopes = [("all", total), (short(label, 12), layer)]
+        self.update(Group(
+            matrix("cosine", self.names, scopes, "cosine"),
+            Text(""),
+            matrix("sign conflict", self.names, scopes, "sign_conflict"),
+        ))

@@ -1,0 +1,34 @@
+"""The plan preview: per layer, the merged task vector's norm and what each model retains of its own."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+from mergescope.tui.display import retention_text, short
+
+
+class PreviewTable(DataTable):
+    """Rows: layer groups, then a whole-model row. Columns: ‖τ_m‖/‖θ₀‖ and, per model, its retention
+    ⟨τ_m, τᵢ⟩/‖τᵢ‖² (red below 1/3: the merge keeps less than a third of that fine-tune there)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.names: list[str] = []
+
+    def show(self, names: list[str], rows: list[tuple[str, float | None, list[float | None]]]) -> None:
+        """``rows``: (layer label, merged relative norm, retention per model)."""
+        if names != self.names:
+            self.clear(columns=True)
+            self.names = list(names)
+            self.add_column("layer", key="layer")
+            self.add_column("‖τm‖", key="norm")
+            for name in names:
+                self.add_column(short(name, 7), key=name)
+        cursor = self.cursor_row
+        self.clear()
+        for label, norm, retention in rows:
+            norm_text = Text("—" if norm is None else f"{norm * 100:.2f}%", style="bold" if label == "all" else "")
+            self.add_row(short(label, 14), norm_text, *[retention_text(r) for r in retention], key=label)
+        if rows:
+            self.move_cursor(row=min(max(cursor, 0), len(rows) - 1))
