@@ -134,7 +134,7 @@ def to_yaml(document: dict) -> str:
 def from_plan(plan, rows: list[ModelRow]) -> PlanForm:
     """A form holding a loaded plan: its method, base, per-model and method-level values; the session's
     models the plan does not merge are listed unticked."""
-    raw = plan.raw
+    raw = _plain(plan.raw)
     by_reference = {row.reference: row for row in rows}
     for row in rows:
         row.included = False
@@ -145,9 +145,9 @@ def from_plan(plan, rows: list[ModelRow]) -> PlanForm:
             rows.append(row)
             by_reference[entry.model] = row
         row.included = True
-        row.fields = {k: format_field(v) for k, v in (entry.parameters or {}).items()}
+        row.fields = {k: format_field(v) for k, v in _plain(entry.parameters or {}).items()}
     form = PlanForm(plan.merge_method, plan.base_model, rows,
-                    {k: format_field(v) for k, v in (plan.parameters or {}).items()}, plan.dtype)
+                    {k: format_field(v) for k, v in _plain(plan.parameters or {}).items()}, plan.dtype)
     form.extra = {k: v for k, v in raw.items() if k not in ("merge_method", "models", "parameters", "dtype")}
     method = METHODS[plan.merge_method]
     for row in rows:
@@ -156,6 +156,15 @@ def from_plan(plan, rows: list[ModelRow]) -> PlanForm:
     for name in method_parameters(method):
         form.options.setdefault(name, "")
     return form
+
+
+def _plain(value):
+    """A loaded YAML value with plain dicts and lists (the loader's line-aware dicts do not dump)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _field(text: str, label: str):
