@@ -51,6 +51,7 @@ class MergescopeApp(App):
         self.merge_cancel: threading.Event | None = None  # set while a merge runs
         self.plan_text: str | None = None  # the plan builder's current plan (YAML), for `r`
         self.last_merge = None  # the folder of the last merge run in the app
+        self.sample_cache = None  # the plan preview's samples, kept between previews (set on first use)
         self.demo_scores: dict[str, dict[str, float]] = {}  # demo workspace: model name → task → accuracy
 
     # --- start-up ----------------------------------------------------------------------------------

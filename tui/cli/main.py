@@ -84,13 +84,52 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-non-finite", action="store_true", help="merge even when inputs hold NaN/Inf")
     merge.set_defaults(handler=_run_merge)
 
+    soup = commands.add_parser(
+        "soup",
+        help="greedy model soup: average fine-tunes while a held-out score does not drop",
+        description="Greedy soup (Wortsman et al. 2022): score each MODEL alone with --eval-cmd, start from the best, "
+        "add each next one to the uniform average only if the soup's score does not drop, write the soup to OUT. "
+        "The eval command's last stdout line must be the score (higher is better); {model} is the folder to score.",
+    )
+    soup.add_argument("models", metavar="MODEL", nargs="+", help="the candidate fine-tunes (at least two)")
+    soup.add_argument("--eval-cmd", metavar="CMD", required=True, help="e.g. 'python eval.py {model}'; prints the score last")
+    soup.add_argument("-o", "--output", metavar="OUT", required=True, help="output folder for the soup")
+    soup.add_argument("--device", help="auto (default), cpu, cuda or cuda:N, for the merges")
+    soup.add_argument("--force", action="store_true", help="replace an existing output folder")
+    soup.add_argument("--keep-scratch", action="store_true", help="keep the candidate soups' scratch folders")
+    soup.add_argument("--scratch", metavar="DIR", help="where candidate soups are written (default: beside OUT)")
+    soup.add_argument("--timeout", type=float, metavar="S", help="seconds allowed per evaluation")
+    soup.set_defaults(handler=_run_soup)
+
+    tune = commands.add_parser(
+        "tune",
+        help="search a plan's parameters with an eval command",
+        description="Merge and score every candidate plan of a grid (or --random N of it): each --vary KEY=VALUES sets a "
+        "path in the plan (models.0.parameters.weight, parameters.density, ...) to a:b:step (inclusive) or v1,v2,.... "
+        "Prints the candidates by score and writes the best plan.",
+    )
+    tune.add_argument("plan", metavar="PLAN.yml")
+    tune.add_argument("--eval-cmd", metavar="CMD", required=True, help="e.g. 'python eval.py {model}'; prints the score last")
+    tune.add_argument("--vary", metavar="KEY=VALUES", action="append", required=True,
+                      help="a plan path and its values: a:b:step or v1,v2,... (repeatable)")
+    tune.add_argument("--random", type=int, metavar="N", help="sample N distinct candidates of the grid instead of all")
+    tune.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    tune.add_argument("--jobs", type=int, default=1, metavar="J", help="candidates merged and scored at once (default 1)")
+    tune.add_argument("-o", "--output", metavar="BEST.yml", help="where the best plan goes (default: PLAN.best.yml)")
+    tune.add_argument("--device", help="auto (default, or the plan's mergescope.device), cpu, cuda or cuda:N")
+    tune.add_argument("--scratch", metavar="DIR", help="where candidates are merged (default: beside BEST.yml)")
+    tune.add_argument("--timeout", type=float, metavar="S", help="seconds allowed per evaluation")
+    tune.set_defaults(handler=_run_tune)
+
     inspect = commands.add_parser(
         "inspect",
         help="open the interactive terminal UI",
         description="Open the TUI on BASE MODEL..., on a plan (PLAN.yml) or on a merged folder.",
     )
     inspect.add_argument("targets", metavar="TARGET", nargs="+")
-    inspect.set_defaults(handler=_not_yet("inspect", 7))
+    inspect.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (analysis, previews, merges)")
+    inspect.add_argument("--no-cache", action="store_true", help="recompute the analysis instead of using the cache")
+    inspect.set_defaults(handler=_run_inspect)
 
     demo = commands.add_parser(
         "demo",
@@ -119,6 +158,24 @@ def _run_merge(args: argparse.Namespace) -> int:
     from .merge import run_merge_command
 
     return run_merge_command(args)
+
+
+def _run_soup(args: argparse.Namespace) -> int:
+    from .soup import run_soup_command
+
+    return run_soup_command(args)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from .tune import run_tune_command
+
+    return run_tune_command(args)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .inspect import run_inspect
+
+    return run_inspect(args.targets, device=args.device, use_cache=not args.no_cache)
 
 
 def _not_yet(command: str, issue: int) -> Callable[[argparse.Namespace], int]:

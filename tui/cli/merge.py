@@ -19,12 +19,18 @@ def run_merge_command(args: argparse.Namespace) -> int:
     from mergescope.merge.plan import load_plan
 
     plan = load_plan(args.plan)
+    if plan.options.get("greedy_soup") and not args.dry_run:
+        from .soup import run_plan_soup  # choose the soup's ingredients first (see merge/soup.py)
+
+        return run_plan_soup(plan, args)
     job = build_job(plan)
     out = Path(args.output)
     _refuse_input_as_output(job, out)
     console = Console(stderr=True)
     if args.dry_run:
         print_dry_run(job, out, Console())
+        if plan.options.get("greedy_soup"):
+            Console().print("greedy_soup: the eval command picks which of these models join the soup")
         return 0
     return _execute(job, out, args, console)
 

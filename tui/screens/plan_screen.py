@@ -54,19 +54,19 @@ class PlanScreen(Screen):
         with Horizontal():
             with VerticalScroll(id="plan-form"):
                 yield Label("method", classes="field-label")
-                yield Select([(f"{name}", name) for name in METHODS], value=self.form.method, allow_blank=False, id="method")
+                yield Select([(f"{name}", name) for name in METHODS], value=self.form.method, allow_blank=False, compact=True, id="method")
                 yield Static(METHODS[self.form.method].description, id="method-doc", classes="dim")
                 yield Label("base model", classes="field-label")
-                yield Select(self._base_options(), value=self.form.base or "", allow_blank=False, id="base")
+                yield Select(self._base_options(), value=self.form.base or "", allow_blank=False, compact=True, id="base")
                 yield Vertical(id="model-fields")
                 yield Label("method parameters", classes="field-label")
                 yield Vertical(id="option-fields")
                 yield Label("dtype", classes="field-label")
-                yield Select([("as the base", "")] + [(d, d) for d in DTYPES], value=self.form.dtype or "", allow_blank=False, id="dtype")
+                yield Select([("as the base", "")] + [(d, d) for d in DTYPES], value=self.form.dtype or "", allow_blank=False, compact=True, id="dtype")
                 yield Label("output folder", classes="field-label")
-                yield Input(self.form.output, id="output")
+                yield Input(self.form.output, compact=True, id="output")
                 yield Label("plan file (s saves)", classes="field-label")
-                yield Input(str(self.plan_path or "merge-plan.yml"), id="plan-file")
+                yield Input(str(self.plan_path or "merge-plan.yml"), compact=True, id="plan-file")
             with Vertical(id="plan-preview-pane"):
                 yield Static(Text("preview: …", style="dim"), id="preview-status")
                 yield PreviewTable(id="preview")
@@ -124,7 +124,7 @@ class PlanScreen(Screen):
         for name, text in self.form.options.items():
             spec = method.parameter(name)
             widgets += [Label(f"{name}: {spec.description}", classes="dim"),
-                        Input(text, placeholder=f"default {spec.default}", id=f"option-{name}", classes="param-input")]
+                        Input(text, placeholder=f"default {spec.default}", compact=True, id=f"option-{name}", classes="param-input")]
         if not widgets:
             widgets.append(Label("none", classes="dim"))
         await options.mount_all(widgets)

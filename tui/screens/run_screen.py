@@ -52,10 +52,10 @@ class RunScreen(Screen):
         yield Header()
         with Vertical(id="run-form"):
             yield Label("output folder", classes="field-label")
-            yield Input(self.output, id="run-output")
+            yield Input(self.output, compact=True, id="run-output")
             yield Label("device", classes="field-label")
-            yield Select(device_options(), value=self.app.device if self.app.device != "" else "auto", allow_blank=False, id="run-device")
-            yield Checkbox("replace the output folder if it exists", False, id="run-force")
+            yield Select(device_options(), value=self.app.device if self.app.device != "" else "auto", allow_blank=False, compact=True, id="run-device")
+            yield Checkbox("replace the output folder if it exists", False, compact=True, id="run-force")
             yield Static(Text("Ctrl+G starts the merge · Escape goes back", style="bold"), id="run-hint")
         with Vertical(id="run-panel"):
             yield MergeProgressPanel(id="merge-progress")

@@ -15,8 +15,9 @@ class ModelFields(Vertical):
 
     DEFAULT_CSS = """
     ModelFields { height: auto; margin-top: 1; }
+    ModelFields Checkbox { width: 1fr; }
     ModelFields Horizontal { height: auto; }
-    ModelFields .param-label { width: 10; padding: 1 0 0 1; color: $text-muted; }
+    ModelFields .param-label { width: 10; padding: 0 0 0 2; color: $text-muted; }
     ModelFields Input { width: 1fr; }
     """
 
@@ -25,8 +26,8 @@ class ModelFields(Vertical):
         self.index, self.row = index, row
 
     def compose(self) -> ComposeResult:
-        yield Checkbox(short(self.row.name, 30), self.row.included, id=f"use-{self.index}")
+        yield Checkbox(short(self.row.name, 30), self.row.included, compact=True, id=f"use-{self.index}")
         for name, text in self.row.fields.items():
             with Horizontal():
                 yield Label(name, classes="param-label")
-                yield Input(text, placeholder="default", id=f"param-{self.index}-{name}", classes="param-input")
+                yield Input(text, placeholder="default", compact=True, id=f"param-{self.index}-{name}", classes="param-input")

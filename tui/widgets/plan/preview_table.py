@@ -16,8 +16,8 @@ class PreviewTable(DataTable):
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.names: list[str] = []
 
-    def show(self, names: list[str], rows: list[tuple[str, float | None, list[float | None]]]) -> None:
-        """``rows``: (layer label, merged relative norm, retention per model)."""
+    def show(self, names: list[str], rows: list[tuple[str, str, list[float | None]]]) -> None:
+        """``rows``: (layer label, merged norm as text, retention per model)."""
         if names != self.names:
             self.clear(columns=True)
             self.names = list(names)
@@ -28,7 +28,7 @@ class PreviewTable(DataTable):
         cursor = self.cursor_row
         self.clear()
         for label, norm, retention in rows:
-            norm_text = Text("—" if norm is None else f"{norm * 100:.2f}%", style="bold" if label == "all" else "")
+            norm_text = Text(norm, style="bold" if label == "all" else "")
             self.add_row(short(label, 14), norm_text, *[retention_text(r) for r in retention], key=label)
         if rows:
             self.move_cursor(row=min(max(cursor, 0), len(rows) - 1))

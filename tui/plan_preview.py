@@ -1,0 +1,66 @@
+"""The plan builder's preview, as rows for its table: sampled first, then exact, group by group.
+
+A thin layer over :mod:`mergescope.analysis.preview` (which runs the executor's own tensor function):
+it resolves the plan into a job with the app's already-open checkpoints, and turns each
+:class:`GroupPreview` into (layer, ‖τ_m‖ text, retention per source).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from mergescope.tui.display import fmt_rel
+
+Row = tuple[str, str, list]
+
+
+def session_checkpoints(session) -> dict:
+    """The session's open checkpoints keyed by how plans name them (so building a job re-opens nothing)."""
+    checkpoints = [session.base, *session.models]
+    references = session.references or [c.source for c in checkpoints]
+    return dict(zip(references, checkpoints))
+
+
+def preview_rows(app, plan, cancel: threading.Event) -> Iterator[tuple[str, list[str], list[Row], list[str]]]:
+    """Yield (status, source names, rows, warnings): once after the sampled pass, then as exact groups land."""
+    from mergescope.analysis.preview import GroupPreview, PlanPreview, PreviewProgress, SampleCache, stream_preview
+    from mergescope.analysis.plan_warnings import plan_warnings
+    from mergescope.merge.job import build_job
+
+    if app.sample_cache is None:
+        app.sample_cache = SampleCache()
+    job = build_job(plan, checkpoints=session_checkpoints(app.session))
+    warnings = plan_warnings(job, app.report if app.analysis_done else None)
+    base_norms = {g["name"]: g.get("base_norm") for g in app.report.get("groups", [])}
+    total_base = (app.report.get("total") or {}).get("base_norm")
+    rows: dict[str, Row] = {}
+    names: list[str] = []
+    for mode in ("sampled", "exact"):
+        done = 0
+        for event in stream_preview(job, app.session.base, mode=mode, cancel=cancel, cache=app.sample_cache, device=app.device):
+            if cancel.is_set():
+                return
+            if isinstance(event, GroupPreview) and mode == "exact":
+                rows[event.group.removeprefix("model.")] = _row(event, base_norms.get(event.group))
+            elif isinstance(event, PreviewProgress) and mode == "exact":
+                done = event.tensors_done
+                if done % 16 == 0:
+                    yield f"exact preview: {done}/{event.tensors_total} tensors…", names, list(rows.values()), warnings
+            elif isinstance(event, PlanPreview):
+                names = event.names
+                for group in event.groups:
+                    rows[group.group.removeprefix("model.")] = _row(group, base_norms.get(group.group))
+                rows["all"] = _row(event.total, total_base, label="all")
+                status = (f"exact preview ({event.elapsed_s:.1f} s)" if mode == "exact"
+                          else f"sampled preview ({event.elapsed_s * 1000:.0f} ms); exact one running…")
+                yield status, names, list(rows.values()), warnings
+
+
+def _row(group, base_norm: float | None, label: str | None = None) -> Row:
+    """(label, ‖τ_m‖ — relative to ‖θ₀‖ when the analysis knows it —, retention per source)."""
+    if base_norm:
+        norm = fmt_rel(group.merged_norm / base_norm)
+    else:
+        norm = f"{group.merged_norm:.3g}"
+    return (label or group.group.removeprefix("model."), norm, list(group.retention))
