@@ -58,6 +58,8 @@ class PlanScreen(Screen):
                 yield Static(METHODS[self.form.method].description, id="method-doc", classes="dim")
                 yield Label("base model", classes="field-label")
                 yield Select(self._base_options(), value=self.form.base or "", allow_blank=False, compact=True, id="base")
+                yield Static("values are YAML: 0.5 · a gradient over the layers [0.2, 0.8] · filters "
+                             "[{filter: mlp, value: 0.3}, {value: 0.5}] · empty = the default", classes="dim hint")
                 yield Vertical(id="model-fields")
                 yield Label("method parameters", classes="field-label")
                 yield Vertical(id="option-fields")
@@ -123,10 +125,10 @@ class PlanScreen(Screen):
         method = METHODS[self.form.method]
         for name, text in self.form.options.items():
             spec = method.parameter(name)
-            widgets += [Label(f"{name}: {spec.description}", classes="dim"),
+            widgets += [Static(f"{name}: {spec.description}", classes="dim"),
                         Input(text, placeholder=f"default {spec.default}", compact=True, id=f"option-{name}", classes="param-input")]
         if not widgets:
-            widgets.append(Label("none", classes="dim"))
+            widgets.append(Static("none", classes="dim"))
         await options.mount_all(widgets)
 
     # --- edits -------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""What ``mergescope inspect`` opens for each kind of target, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mergescope.checkpoints import MergescopeError
+from mergescope.merge.plan import load_plan
+from mergescope.tui.app import MergescopeApp
+from mergescope.tui.session import demo_models, open_session
+from tui_fixtures import build_models, run, wait_for_analysis
+
+PLAN = """merge_method: dare_ties
+base_model: base
+models:
+  - model: ft_a
+    parameters: {weight: [0.2, 0.8], density: 0.6}
+  - model: ft_c
+    parameters: {weight: 0.5, density: 0.4}
+parameters: {normalize: false}
+dtype: float32
+mergescope: {seed: 3}
+"""
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    build_models(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "plan.yml").write_text(PLAN)
+    return tmp_path
+
+
+def test_base_and_models(workspace):
+    session = open_session(["base", "ft_a", "ft_b"])
+    assert session.start == "overview" and [m.name for m in session.models] == ["ft_a", "ft_b"]
+
+
+def test_plan_opens_builder_with_its_models(workspace):
+    session = open_session(["plan.yml"])
+    assert session.start == "plan" and session.references == ["base", "ft_a", "ft_c"]
+
+
+def test_plan_in_builder_round_trips(workspace):
+    async def body():
+        app = MergescopeApp(open_session(["plan.yml"]), use_cache=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_analysis(app, pilot)
+            await pilot.pause(0.2)
+            assert type(app.screen).__name__ == "PlanScreen"
+            assert app.screen.query_one("#param-0-weight").value == "[0.2, 0.8]"
+            app.screen.query_one("#plan-file").value = "saved.yml"
+            await pilot.press("ctrl+s")
+            await pilot.pause(0.1)
+
+    run(body)
+    original, saved = load_plan(workspace / "plan.yml"), load_plan(workspace / "saved.yml")
+    for key in ("merge_method", "base_model", "parameters", "dtype", "options"):
+        assert getattr(saved, key) == getattr(original, key)
+    assert [(m.model, m.parameters) for m in saved.models] == [(m.model, m.parameters) for m in original.models]
+
+
+def test_demo_manifest_models(workspace):
+    (workspace / "mergescope-demo.json").write_text(json.dumps({"base": "base", "fine_tunes": [{"path": "ft_a"}, {"path": "ft_b"}], "traps": ["ft_c"]}))
+    session = open_session([str(workspace)])
+    assert session.workspace == workspace and [m.name for m in session.models] == ["ft_a", "ft_b", "ft_c"]
+    assert demo_models({"models": ["x"], "lora": {"path": "y"}}) == ["x", "y"]
+
+
+@pytest.mark.parametrize("targets, message", [
+    (["ft_a"], "give a base and at least one model"),
+    (["missing", "ft_a"], "missing"),
+])
+def test_errors_are_one_line(workspace, targets, message):
+    with pytest.raises(MergescopeError, match=message):
+        open_session(targets)
+    result = subprocess.run([sys.executable, "-m", "mergescope.tui.cli.main", "inspect", *targets],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr

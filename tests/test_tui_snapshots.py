@@ -1,0 +1,70 @@
+"""Layout snapshots of the main screens at 80x24 and 160x48 (pytest-textual-snapshot; accept changes with
+``pytest tests/test_tui_snapshots.py --snapshot-update`` after looking at the report)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mergescope.tui.app import MergescopeApp
+from mergescope.tui.session import open_session
+from tui_fixtures import build_models, static_text
+
+SIZES = [(80, 24), (160, 48)]
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    build_models(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    return MergescopeApp(open_session(["base", "ft_a", "ft_b", "ft_c"]), use_cache=False)
+
+
+async def analysed(pilot) -> None:
+    app = pilot.app
+    deadline = time.monotonic() + 30
+    while not app.analysis_done and time.monotonic() < deadline:
+        await pilot.pause(0.05)
+    await pilot.pause(0.2)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_overview(snap_compare, app, size):
+    assert snap_compare(app, terminal_size=size, run_before=analysed)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_layer(snap_compare, app, size):
+    async def drill(pilot):
+        await analysed(pilot)
+        await pilot.press("down", "down", "enter")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=size, run_before=drill)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_plan_builder(snap_compare, app, size):
+    async def plan(pilot):
+        await analysed(pilot)
+        await pilot.press("p")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            await pilot.pause(0.05)
+            status = pilot.app.screen.query("#preview-status")
+            if status and static_text(status.first()).startswith("exact"):
+                break
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=size, run_before=plan)
+
+
+def test_help(snap_compare, app):
+    async def help_screen(pilot):
+        await analysed(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause(0.1)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=help_screen)
