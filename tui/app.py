@@ -47,6 +47,7 @@ class MergescopeApp(App):
         self.analysis_done = False
         self.analysis_error: str | None = None
         self.analysis_changed: Signal = Signal(self, "analysis_changed")
+        self.scores_changed: Signal = Signal(self, "scores_changed")
         self.analysis_cancel = threading.Event()
         self.merge_cancel: threading.Event | None = None  # set while a merge runs
         self.plan_text: str | None = None  # the plan builder's current plan (YAML), for `r`
@@ -60,6 +61,8 @@ class MergescopeApp(App):
 
         self.push_screen(OverviewScreen())
         self.run_analysis()
+        if self.session.workspace is not None:
+            self.score_workspace()
         if self.session.start == "plan":
             self.action_plan()
         elif self.session.start == "diagnosis":
@@ -104,6 +107,23 @@ class MergescopeApp(App):
         self.analysis_error = message.error
         self.analysis_changed.publish(self.report)
 
+    @work(thread=True, group="demo-eval")
+    def score_workspace(self) -> None:
+        """Demo workspace: each model's held-out accuracy per task, shown in the models table as it comes."""
+        from mergescope.demo.evaluate import evaluate
+
+        session = self.session
+        for key, checkpoint in [("<base>", session.base), *zip(self.names, session.models)]:
+            try:
+                scores = evaluate(checkpoint.root or checkpoint.source)
+            except Exception:  # not a demo-architecture model (e.g. an adapter it cannot load): no score
+                continue
+            self.call_from_thread(self._set_scores, key, scores)
+
+    def _set_scores(self, key: str, scores: dict[str, float]) -> None:
+        self.demo_scores[key] = scores
+        self.scores_changed.publish(self.demo_scores)
+
     def after_merge(self, out_dir, log) -> None:
         """In a demo workspace, score the new merge on the demo tasks (in a worker) and log the scores."""
         if self.session.workspace is not None:
@@ -118,7 +138,7 @@ class MergescopeApp(App):
         except Exception as exc:  # a model the demo cannot score: say so, keep going
             self.call_from_thread(log.write, f"demo evaluation failed: {exc}")
             return
-        self.demo_scores[str(out_dir)] = scores
+        self.call_from_thread(self._set_scores, str(out_dir), scores)
         line = "  ".join(f"{task} {accuracy:.0%}" for task, accuracy in scores.items())
         self.call_from_thread(log.write, f"demo scores of {out_dir}: {line}")
 

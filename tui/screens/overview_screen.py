@@ -63,6 +63,7 @@ class OverviewScreen(Screen):
     def on_mount(self) -> None:
         self.sub_title = f"base: {self.app.session.base.name}"
         self.app.analysis_changed.subscribe(self, self.show_analysis)
+        self.app.scores_changed.subscribe(self, lambda scores: self.query_one(ModelsTable).show_scores(scores))
         self.query_one("#heatmap").focus()
         self.show_analysis(None)
 

@@ -7,7 +7,6 @@ from textual.widgets import DataTable
 
 from mergescope.checkpoints import Checkpoint
 from mergescope.tui.cli.formatting import human_count
-from mergescope.tui.display import short
 from mergescope.tui.report_view import badges
 
 _BADGE_LABELS = {"base": "base", "tokenizer": "tok", "vocab": "vocab", "arch": "arch"}
@@ -37,11 +36,23 @@ class ModelsTable(DataTable):
 
     def on_mount(self) -> None:
         self.add_columns("model", "source", "params", "dtype", "checks")
-        self.add_row(Text("base", style="bold"), short(self.base.source, 28), human_count(self.base.num_parameters),
+        self.add_row(Text("base", style="bold"), short_source(self.base.source, 24), human_count(self.base.num_parameters),
                      _dtype(self.base), Text("reference", style="dim"), key="<base>")
         for name, model in zip(self.names, self.models):
-            self.add_row(Text(name, style="bold"), short(model.source, 28), human_count(model.num_parameters),
+            self.add_row(Text(name, style="bold"), short_source(model.source, 24), human_count(model.num_parameters),
                          _dtype(model), badge_text(None), key=name)
+
+    def show_scores(self, scores: dict[str, dict[str, float]]) -> None:
+        """Demo workspace: a column per demo task with each model's held-out accuracy (``<base>`` for the base)."""
+        tasks = list(dict.fromkeys(task for per_model in scores.values() for task in per_model))
+        for task in tasks:
+            if task not in self.columns:
+                self.add_column(task[:4], key=task)
+        for key in ["<base>", *self.names]:
+            for task in tasks:
+                value = scores.get(key, {}).get(task)
+                cell = Text("…", style="dim") if value is None else Text(f"{value:.0%}", style="bold" if value >= 0.5 else "")
+                self.update_cell(key, task, cell, update_width=True)
 
     def update_report(self, report: dict, done: bool) -> None:
         """Show the badges of every model; unknown (dim) until the pass is done, failures at once."""
@@ -50,6 +61,16 @@ class ModelsTable(DataTable):
             passed = badges(report, name)
             shown = passed if done or not all(passed.values()) else None
             self.update_cell(name, checks_column, badge_text(shown), update_width=True)
+
+
+def short_source(source: str, width: int) -> str:
+    """A long path by its end (``…/demo/ft_add``), where the distinguishing part is."""
+    return source if len(source) <= width else "…" + source[-(width - 1):]
+
+
+def short_source(source: str, width: int) -> str:
+    """A long path by its end (``…/demo/ft_add``), where the distinguishing part is."""
+    return source if len(source) <= width else "…" + source[-(width - 1):]
 
 
 def _dtype(checkpoint: Checkpoint) -> str:
