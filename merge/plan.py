@@ -23,13 +23,14 @@ from mergescope.checkpoints.dtypes import dtype_name
 
 from .methods import METHODS, MergeMethod
 from .parameters import coerce, is_conditional, is_scalar
+from .soup_block import greedy_soup_options
 from .yaml_lines import LinedDict, load_yaml, read_yaml_file
 
 TOP_LEVEL_KEYS = {
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "tokenizer", "chat_template", "modules", "mergescope",
 }
-MERGESCOPE_KEYS = {"seed": int, "device": str, "shard_size": (int, str), "allow_non_finite": bool}
+MERGESCOPE_KEYS = {"seed": int, "device": str, "shard_size": (int, str), "allow_non_finite": bool, "greedy_soup": dict}
 
 
 class PlanError(MergescopeError):
@@ -320,7 +321,11 @@ def _mergescope_options(document: LinedDict, problems: PlanProblems) -> dict:
     options = {}
     for key, value in block.items():
         expected = MERGESCOPE_KEYS.get(key)
-        if expected is None:
+        if key == "greedy_soup":  # a mergescope extension with its own keys (see .soup_block)
+            options[key], found = greedy_soup_options(value, document, block.line_of(key))
+            for line, message in found:
+                problems.add(line, message)
+        elif expected is None:
             problems.add(block.line_of(key), f"unknown mergescope option {key!r} (known: {', '.join(sorted(MERGESCOPE_KEYS))})")
         elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             problems.add(block.line_of(key), f"mergescope.{key} has the wrong type: {value!r}")
