@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TOP_LEVEL = {"checkpoints", "analysis", "merge", "tui"}
+TOP_LEVEL = {"checkpoints", "analysis", "merge", "tui", "demo"}
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib is 3.11+")

@@ -35,14 +35,16 @@ class Session:
     references: list[str] = field(default_factory=list)  # how the plan names each model (base first)
 
 
-def open_session(targets: list[str]) -> Session:
-    """Resolve the command line's targets into a :class:`Session`; raise a one-line MergescopeError."""
+def open_session(targets: list[str], base: str | None = None) -> Session:
+    """Resolve the command line's targets into a :class:`Session`; raise a one-line MergescopeError.
+
+    ``base`` is the base of a merged folder whose plan names none (a linear soup)."""
     if len(targets) == 1:
         target = Path(targets[0])
         if target.is_dir() and (target / DEMO_MANIFEST).is_file():
             return _demo_session(target)
         if target.is_dir() and _plan_file(target) is not None:
-            return _merged_session(target)
+            return _merged_session(target, base)
         if target.suffix in (".yml", ".yaml") and target.is_file():
             return _plan_session(target)
         raise MergescopeError(
@@ -79,17 +81,14 @@ def _plan_session(path: Path) -> Session:
     return Session(base, models, start="plan", plan_path=path, references=[base_ref, *refs])
 
 
-def _merged_session(folder: Path) -> Session:
-    from mergescope.merge.plan import load_plan
+def _merged_session(folder: Path, base: str | None) -> Session:
+    """A merged folder: its plan's base and sources (found as the merge named them, or beside the folder)."""
+    from mergescope.analysis.diagnosis_context import plan_context_for_folder
 
-    plan = load_plan(_plan_file(folder))
-    base_ref, refs = _plan_models(plan)
-    try:
-        base = open_checkpoint(base_ref)
-        models = [open_checkpoint(r, base=base) for r in refs]
-    except MergescopeError as exc:
-        raise MergescopeError(f"{folder}: cannot open the merge's sources ({exc}); run from the folder the merge ran in") from None
-    return Session(base, models, start="diagnosis", merged_dir=folder, references=[base_ref, *refs])
+    context = plan_context_for_folder(folder, base)
+    opened = [context.base, *context.sources]
+    return Session(context.base, context.sources, start="diagnosis", merged_dir=folder,
+                   references=[c.source for c in opened])
 
 
 def _demo_session(folder: Path) -> Session:

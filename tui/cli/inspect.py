@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def run_inspect(targets: list[str], *, device: str = "auto", use_cache: bool = True) -> int:
+def run_inspect(targets: list[str], *, base: str | None = None, device: str = "auto", use_cache: bool = True) -> int:
     """Open the TUI on ``targets``: BASE MODEL..., a PLAN.yml, a merged folder or a demo workspace.
 
     The targets are resolved (headers only) before the app starts, so a bad path is a one-line error.
@@ -11,6 +11,6 @@ def run_inspect(targets: list[str], *, device: str = "auto", use_cache: bool = T
     from mergescope.tui.app import MergescopeApp
     from mergescope.tui.session import open_session
 
-    session = open_session(targets)
+    session = open_session(targets, base=base)
     MergescopeApp(session, device=device, use_cache=use_cache).run()
     return 0

@@ -121,12 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--timeout", type=float, metavar="S", help="seconds allowed per evaluation")
     tune.set_defaults(handler=_run_tune)
 
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="what a merge kept of each source, per layer, and why it lost the rest",
+        description="Compare a merged model (a folder written by mergescope merge, holding mergekit_config.yml) with "
+        "the base and sources its plan names: retention <τ_m, τ_i>/|τ_i|² and cosine per layer, the share of each "
+        "source's change removed at sign conflicts or by trimming, and a plain-words summary.",
+    )
+    diagnose.add_argument("merged", metavar="MERGED_DIR")
+    diagnose.add_argument("--base", metavar="BASE", help="the base the sources were fine-tuned from (needed when the plan has no base_model)")
+    diagnose.add_argument("--json", metavar="PATH", help="write the diagnosis as JSON to PATH ('-' for stdout)")
+    diagnose.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    diagnose.set_defaults(handler=_run_diagnose)
+
     inspect = commands.add_parser(
         "inspect",
         help="open the interactive terminal UI",
         description="Open the TUI on BASE MODEL..., on a plan (PLAN.yml) or on a merged folder.",
     )
     inspect.add_argument("targets", metavar="TARGET", nargs="+")
+    inspect.add_argument("--base", metavar="BASE", help="the base of a merged folder whose plan names none (linear soups)")
     inspect.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (analysis, previews, merges)")
     inspect.add_argument("--no-cache", action="store_true", help="recompute the analysis instead of using the cache")
     inspect.set_defaults(handler=_run_inspect)
@@ -172,10 +186,16 @@ def _run_tune(args: argparse.Namespace) -> int:
     return run_tune_command(args)
 
 
+def _run_diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import run_diagnose
+
+    return run_diagnose(args)
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
     from .inspect import run_inspect
 
-    return run_inspect(args.targets, device=args.device, use_cache=not args.no_cache)
+    return run_inspect(args.targets, base=args.base, device=args.device, use_cache=not args.no_cache)
 
 
 def _not_yet(command: str, issue: int) -> Callable[[argparse.Namespace], int]:

@@ -1,0 +1,95 @@
+"""The diagnosis screen: open a merged folder, read retention per layer and the summary; and `d` after a
+run in the app. Numbers checked against numpy on the fixture's tensors and the merged output."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from mergescope.merge.executor import run_merge
+from mergescope.merge.job import build_job
+from mergescope.merge.plan import parse_plan
+from mergescope.tui.app import MergescopeApp
+from mergescope.tui.display import retention_text
+from mergescope.tui.session import open_session
+from tui_fixtures import build_models, run, static_text, wait_for_analysis
+
+PLAN = """merge_method: ties
+base_model: base
+models:
+  - {model: ft_a, parameters: {weight: 1.0, density: 0.5}}
+  - {model: ft_b, parameters: {weight: 1.0, density: 0.5}}
+  - {model: ft_c, parameters: {weight: 1.0, density: 0.5}}
+dtype: float32
+"""
+
+
+@pytest.fixture
+def merged(tmp_path, monkeypatch):
+    states = build_models(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    out = run_merge(build_job(parse_plan(PLAN)), tmp_path / "merged")
+    return states, load_file(out / "model.safetensors")
+
+
+async def wait_for(pilot, condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await pilot.pause(0.05)
+
+
+def retention(states, merged_state, source: str, prefix: str) -> float:
+    names = [n for n in states["base"] if n.startswith(prefix)]
+    tau = np.concatenate([(states[source][n].double() - states["base"][n].double()).numpy().ravel() for n in names])
+    tau_m = np.concatenate([merged_state[n].astype(np.float64).ravel() - states["base"][n].double().numpy().ravel() for n in names])
+    return float(tau_m @ tau / (tau @ tau))
+
+
+def test_open_merged_folder(merged):
+    states, merged_state = merged
+
+    async def body():
+        app = MergescopeApp(open_session(["merged"]), use_cache=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.2)
+            assert type(app.screen).__name__ == "DiagnosisScreen"
+            await wait_for(pilot, lambda: app.screen.diagnosis is not None or app.screen.error)
+            assert app.screen.error is None
+            table = app.screen.query_one("#diagnosis-table")
+            for source in ("ft_a", "ft_b", "ft_c"):
+                for group in ("model.layers.2", "all"):
+                    prefix = "" if group == "all" else group + "."
+                    expected = retention(states, merged_state, source, prefix)
+                    assert str(table.get_cell(group, f"{source}:keep")) == str(retention_text(expected))
+            summary = static_text(app.screen.query_one("#diagnosis-text"))
+            # ft_a and ft_c = base − τ_a cancel: the summary blames their sign conflict
+            assert "ft_a" in summary and "ft_c" in summary and "sign conflict" in summary
+            await pilot.press("escape")
+            assert type(app.screen).__name__ == "OverviewScreen"
+
+    run(body)
+
+
+def test_diagnose_after_a_run(merged, tmp_path):
+    async def body():
+        app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_analysis(app, pilot)
+            await pilot.press("p")
+            app.screen.query_one("#output").value = "run_out"
+            app.screen.query_one("#method").focus()
+            await pilot.press("r", "ctrl+g")
+            await wait_for(pilot, lambda: app.screen.state == "done")
+            await pilot.press("d")
+            await pilot.pause(0.1)
+            assert type(app.screen).__name__ == "DiagnosisScreen"
+            await wait_for(pilot, lambda: app.screen.diagnosis is not None or app.screen.error)
+            assert app.screen.error is None
+            assert app.screen.diagnosis.names == ["ft_a", "ft_b"]
+
+    run(body)
