@@ -68,3 +68,39 @@ def test_help(snap_compare, app):
         await pilot.pause(0.1)
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=help_screen)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_diagnosis(snap_compare, tmp_path, monkeypatch, size):
+    from mergescope.merge.executor import run_merge
+    from mergescope.merge.job import build_job
+    from mergescope.merge.plan import parse_plan
+
+    build_models(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    plan = "merge_method: ties\nbase_model: base\nmodels:\n" + "".join(
+        f"  - {{model: {m}, parameters: {{weight: 1.0, density: 0.5}}}}\n" for m in ("ft_a", "ft_b", "ft_c"))
+    run_merge(build_job(parse_plan(plan)), tmp_path / "merged")
+    app = MergescopeApp(open_session(["merged"]), use_cache=False)
+
+    async def diagnosed(pilot):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            await pilot.pause(0.05)
+            screen = pilot.app.screen
+            if getattr(screen, "diagnosis", None) is not None and pilot.app.analysis_done:
+                break
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=size, run_before=diagnosed)
+
+
+def test_tensor(snap_compare, app):
+    async def tensor(pilot):
+        await analysed(pilot)
+        await pilot.press("down", "down", "enter", "enter")
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=tensor)

@@ -20,21 +20,20 @@ def render_detail(detail) -> Group:
     parts: list = []
     sample = f" (a sample of {detail.sampled:,} entries)" if detail.sampled else ""
     parts.append(Text(f"{detail.name}  {'×'.join(map(str, detail.shape))}  {detail.entries:,} entries{sample}", style="bold"))
-    histogram = Table(title=f"Δ distribution over [−{detail.limit:.2e}, +{detail.limit:.2e}] (√count)",
-                      title_justify="left", box=None, show_header=False, padding=(0, 1))
+    histogram = Table(box=None, show_header=False, padding=(0, 1))
     histogram.add_column("model")
     histogram.add_column("histogram", style="cyan", no_wrap=True)
     for name, counts in zip(detail.names, detail.histograms):
         histogram.add_row(short(name, 10), sparkline([c ** 0.5 for c in counts]))
-    parts += [Text(""), histogram]
-    energy = Table(title="‖τ‖² kept by the largest entries (a TIES trim at density d)", title_justify="left", box=None,
-                   padding=(0, 1))
+    parts += [Text(""), Text(f"Δ distribution over [−{detail.limit:.2e}, +{detail.limit:.2e}] (height √count)", style="bold"),
+              histogram]
+    energy = Table(box=None, padding=(0, 1))
     energy.add_column("model")
     for density in detail.energy_kept:
         energy.add_column(f"d={density:g}", justify="right")
     for i, name in enumerate(detail.names):
         energy.add_row(short(name, 10), *[fmt_pct(values[i]) for values in detail.energy_kept.values()])
-    parts += [Text(""), energy]
+    parts += [Text(""), Text("‖τ‖² kept by the largest entries (what a TIES trim at density d keeps)", style="bold"), energy]
     total = sum(detail.signs.values()) or 1
     signs = Text("sign agreement over entries: ", style="bold")
     for key, label, style in (("agree", "all agree", "green"), ("conflict", "conflict", "red"),
