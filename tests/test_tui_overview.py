@@ -127,3 +127,15 @@ def test_help_palette_and_quit(workspace):
             await pilot.pause(0.1)
         assert app.return_code == 0
     run(body)
+
+
+def test_filter_every_tensor_from_the_overview(workspace):
+    async def body():
+        app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_analysis(app, pilot)
+            await pilot.press("slash", *"q_proj")
+            table = app.screen.query_one("#tensors")
+            assert table.row_count == len([n for n in workspace["base"] if "q_proj" in n])
+            assert table.row_count > 1
+    run(body)

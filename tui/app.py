@@ -171,6 +171,19 @@ class MergescopeApp(App):
             return
         self.push_screen(RunScreen(self.plan_text))
 
+    def action_filter_tensors(self) -> None:
+        """Every tensor of the model, filtered by name as you type."""
+        from mergescope.tui.screens.layer_screen import LayerScreen
+
+        self.push_screen(LayerScreen(None, filter_first=True))
+
+    def action_cancel_merge(self) -> None:
+        if self.merge_cancel is None:
+            self.notify("no merge is running", severity="warning")
+            return
+        self.merge_cancel.set()
+        self.notify("cancelling the merge after the current tensor")
+
     def action_diagnose(self, merged_dir=None) -> None:
         from mergescope.tui.screens.diagnosis_screen import DiagnosisScreen
 

@@ -55,5 +55,6 @@ def group_by_name(report: dict, group: str) -> dict | None:
     return next((g for g in report.get("groups", []) if g["name"] == group), None)
 
 
-def tensors_of(report: dict, group: str) -> list[dict]:
-    return [t for t in report.get("tensors", []) if t["group"] == group]
+def tensors_of(report: dict, group: str | None) -> list[dict]:
+    """The tensors of ``group``; every tensor when ``group`` is None."""
+    return [t for t in report.get("tensors", []) if group is None or t["group"] == group]

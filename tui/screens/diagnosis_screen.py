@@ -1,32 +1,16 @@
 """Diagnosis of a merged model: per layer, what each source kept and what sign conflicts removed, with a
-plain-words summary. Runs one analysis pass over [sources…, merged] in a worker; rows fill in as it goes."""
+plain-words summary (see :class:`~mergescope.tui.widgets.run.diagnosis_view.DiagnosisView`)."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
-from rich.text import Text
-from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Label, ProgressBar, Static
+from textual.widgets import Footer, Header
 
-from mergescope.tui.widgets.run.diagnosis_table import DiagnosisTable
-
-
-def summary_text(diagnosis) -> Text:
-    """The summary sentences (findings first), then warnings."""
-    text = Text()
-    for sentence in diagnosis.summary:
-        text.append("• ", style="bold")
-        text.append(sentence + "\n")
-    for warning in diagnosis.warnings[:5]:
-        text.append("⚠ ", style="yellow")
-        text.append(warning + "\n")
-    return text
+from mergescope.tui.widgets.run.diagnosis_view import DiagnosisView
 
 
 class DiagnosisScreen(Screen):
@@ -35,75 +19,26 @@ class DiagnosisScreen(Screen):
     def __init__(self, merged_dir: Path | str) -> None:
         super().__init__()
         self.merged_dir = Path(merged_dir)
-        self.cancel = threading.Event()
-        self.diagnosis = None
-        self.error: str | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with VerticalScroll(id="diagnosis-summary"):
-            yield Static(Text(f"diagnosing {self.merged_dir}…", style="dim"), id="diagnosis-text")
-        yield Static("", id="diagnosis-table-slot")
-        with Horizontal(id="status"):
-            yield ProgressBar(id="diagnosis-bar", show_eta=True)
-            yield Label("", id="diagnosis-label")
+        yield DiagnosisView(self.merged_dir, id="diagnosis")
         yield Footer()
 
     def on_mount(self) -> None:
         self.sub_title = f"diagnosis: {self.merged_dir}"
-        self.run_diagnosis()
 
-    @work(thread=True, exclusive=True, group="diagnosis")
-    def run_diagnosis(self) -> None:
-        from mergescope.analysis import Progress
-        from mergescope.analysis.diagnosis import Diagnosis, GroupDiagnosis, stream_diagnosis
-        from mergescope.analysis.diagnosis_context import plan_context_for_folder
-        from mergescope.checkpoints import MergescopeError, open_checkpoint
+    @property
+    def view(self) -> DiagnosisView:
+        return self.query_one(DiagnosisView)
 
-        try:
-            context = plan_context_for_folder(self.merged_dir, self.app.session.base)
-            merged = open_checkpoint(str(self.merged_dir))
-            self.app.call_from_thread(self._start_table, context.names)
-            for event in stream_diagnosis(context.base, context.sources, merged, names=context.names,
-                                          references=context.references, context=context, device=self.app.device,
-                                          cancel=self.cancel):
-                if isinstance(event, GroupDiagnosis):
-                    self.app.call_from_thread(self._add_group, event)
-                elif isinstance(event, Progress):
-                    self.app.call_from_thread(self._progress, event)
-                elif isinstance(event, Diagnosis):
-                    self.app.call_from_thread(self._finished, event)
-        except MergescopeError as exc:
-            self.app.call_from_thread(self._failed, str(exc))
-        except Exception as exc:  # never crash the app on a bad folder
-            self.app.call_from_thread(self._failed, f"{type(exc).__name__}: {exc}")
+    @property
+    def diagnosis(self):
+        return self.view.diagnosis
 
-    def _start_table(self, names: list[str]) -> None:
-        slot = self.query_one("#diagnosis-table-slot")
-        table = DiagnosisTable(names, id="diagnosis-table")
-        self.mount(table, after=slot)
-        slot.remove()
-        table.focus()
-
-    def _add_group(self, group) -> None:
-        self.query_one(DiagnosisTable).add_group(group)
-
-    def _progress(self, progress) -> None:
-        self.query_one("#diagnosis-bar", ProgressBar).update(total=progress.bytes_total or 1, progress=progress.bytes_done)
-        self.query_one("#diagnosis-label", Label).update(Text(progress.current, style="dim"))
-
-    def _finished(self, diagnosis) -> None:
-        self.diagnosis = diagnosis
-        self.query_one(DiagnosisTable).add_group(diagnosis.total, label="all")
-        self.query_one("#diagnosis-text", Static).update(summary_text(diagnosis))
-        self.query_one("#diagnosis-bar", ProgressBar).update(total=1, progress=1)
-        self.query_one("#diagnosis-label", Label).update(Text("diagnosis done", style="green"))
-
-    def _failed(self, message: str) -> None:
-        self.error = message
-        self.query_one("#diagnosis-text", Static).update(Text(f"cannot diagnose {self.merged_dir}: {message}", style="bold red"))
-        self.query_one("#diagnosis-label", Label).update(Text("failed", style="red"))
+    @property
+    def error(self) -> str | None:
+        return self.view.error
 
     def action_back(self) -> None:
-        self.cancel.set()
         self.app.pop_screen()

@@ -1,4 +1,5 @@
-"""Layer drill-down: the tensors of one layer group; Enter opens a tensor, / filters by name."""
+"""Layer drill-down: the tensors of one layer group (or of the whole model, from `/` on the overview);
+Enter opens a tensor, / filters by name."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ class LayerScreen(Screen):
         Binding("enter", "open_tensor", "Tensor", show=True),
     ]
 
-    def __init__(self, group: str) -> None:
+    def __init__(self, group: str | None, filter_first: bool = False) -> None:
         super().__init__()
         self.group = group
+        self.filter_first = filter_first
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -28,11 +30,13 @@ class LayerScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"layer {self.group}"
+        self.sub_title = f"layer {self.group}" if self.group else "all tensors"
         self.query_one("#filter").display = False
         self.app.analysis_changed.subscribe(self, self.refresh_table)
         self.refresh_table()
         self.query_one(TensorTable).focus()
+        if self.filter_first:
+            self.action_filter()
 
     def refresh_table(self, _=None) -> None:
         self.query_one(TensorTable).show(self.app.report)

@@ -39,6 +39,7 @@ def warnings_text(report: dict, limit: int = 12) -> Text:
 class OverviewScreen(Screen):
     BINDINGS = [
         Binding("enter", "drill", "Layer", show=True),
+        Binding("slash", "app.filter_tensors", "Filter", show=True),
         Binding("d", "diagnose", "Diagnose", show=False),
         Binding("tab", "next_pane", "Pane", show=False),
         Binding("shift+tab", "next_pane(-1)", "Pane", show=False),

@@ -19,6 +19,7 @@ from textual.widgets import Checkbox, Footer, Header, Input, Label, RichLog, Sel
 
 from mergescope.checkpoints import MergescopeError
 from mergescope.tui.messages import MergeEvent
+from mergescope.tui.widgets.run.diagnosis_view import DiagnosisView
 from mergescope.tui.widgets.run.merge_progress import MergeProgressPanel
 
 
@@ -116,9 +117,10 @@ class RunScreen(Screen):
         if event.finished:
             self.state = "done"
             self.app.last_merge = Path(event.finished)
-            log.write(f"done: {event.finished}")
-            log.write("d: diagnosis of this merge · Escape: back")
+            log.write(f"done: {event.finished} — its diagnosis below (d: full screen · Escape: back)")
             self.notify(f"merged into {event.finished}")
+            self.add_class("finished")
+            self.mount(DiagnosisView(event.finished, id="run-diagnosis"), before=self.query_one(Footer))
             self.app.after_merge(Path(event.finished), log)
         elif event.cancelled:
             self.state = "cancelled"

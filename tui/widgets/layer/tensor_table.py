@@ -13,7 +13,7 @@ class TensorTable(DataTable):
     """A row per tensor: shape, ‖τᵢ‖/‖θ₀‖ per model, the share of entries where the models' signs conflict
     and the cancellation 1 − ‖Στᵢ‖/Σ‖τᵢ‖."""
 
-    def __init__(self, names: list[str], group: str, **kwargs) -> None:
+    def __init__(self, names: list[str], group: str | None, **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.names, self.group = names, group
         self.filter = ""
@@ -37,8 +37,8 @@ class TensorTable(DataTable):
         high = max((c["rel"] for c in cells if c and c.get("rel") is not None), default=0.0)
         self.clear()
         for entry in tensors:
-            label = entry["name"].removeprefix(self.group + ".")
-            row = [short(label, 26), Text("×".join(map(str, entry["shape"])), style="dim")]
+            label = entry["name"].removeprefix(self.group + ".") if self.group else entry["name"].removeprefix("model.")
+            row = [short(label, 26 if self.group else 36), Text("×".join(map(str, entry["shape"])), style="dim")]
             for name in self.names:
                 delta = entry["delta"].get(name)
                 row.append(heat(None if delta is None else delta.get("rel"), high))
