@@ -88,6 +88,7 @@ class DiagnosisView(Vertical):
         table = DiagnosisTable(names, id="diagnosis-table")
         self.mount(table, after=slot)
         slot.remove()
+        table.focus()
 
     def _add_group(self, group) -> None:
         self.query_one(DiagnosisTable).add_group(group)
