@@ -10,6 +10,9 @@ each of the 3ⁿ patterns occurs is enough for every sign statistic, exactly and
 Per chunk this costs ``sign``, one matrix-vector product (the codes) and a ``bincount`` — about half
 of forming ``S Sᵀ`` and ``|S| |S|ᵀ`` and the column sums directly. For more than
 ``MAX_PATTERN_MODELS`` models the histogram would be too large and those products are used instead.
+
+With ``patterns=True`` the histogram itself is kept in the result, along with the pattern mass
+``M[p, i] = Σ_{elements with pattern p} τᵢ²`` (per chunk, one float64-weighted ``bincount`` per model).
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ def pattern_table(n: int) -> np.ndarray:
     return np.stack([(codes // 3**i) % 3 - 1 for i in range(n)], axis=1).astype(np.int64)
 
 
-def counts_from_histogram(histogram: np.ndarray, n: int) -> SignCounts:
-    """All sign statistics from the pattern histogram (exact integer arithmetic)."""
+def counts_from_histogram(histogram: np.ndarray, n: int, pattern_mass: np.ndarray | None = None, keep: bool = False) -> SignCounts:
+    """All sign statistics from the pattern histogram (exact integer arithmetic); ``keep`` stores the
+    histogram and ``pattern_mass`` in the result."""
     patterns = pattern_table(n)
     nonzero = np.abs(patterns)
     weighted = patterns * histogram[:, None]
@@ -44,17 +48,22 @@ def counts_from_histogram(histogram: np.ndarray, n: int) -> SignCounts:
         both_nonzero=(nonzero * histogram[:, None]).T @ nonzero,
         multi_nonzero=int(histogram[several].sum()),
         multi_conflict=int(histogram[mixed].sum()),
+        histogram=histogram.copy() if keep else None,
+        pattern_mass=pattern_mass if keep else None,
     )
 
 
 class SignAccumulator:
     """Accumulates the sign statistics of sign matrices S (n × c, values in {−1, 0, 1})."""
 
-    def __init__(self, n: int, chunk: int, device):
+    def __init__(self, n: int, chunk: int, device, *, patterns: bool = False):
         import torch
 
         self.n = n
         self.by_pattern = n <= MAX_PATTERN_MODELS
+        self.keep = patterns and self.by_pattern
+        self.mass = torch.zeros((3**n, n), dtype=torch.float64, device=device) if self.keep else None
+        self.squares = torch.empty(chunk, dtype=torch.float64, device=device) if self.keep else None
         if self.by_pattern:
             self.weights = torch.tensor([3.0**i for i in range(n)], dtype=torch.float32, device=device)
             self.offset = torch.full((chunk,), (3**n - 1) / 2, dtype=torch.float32, device=device)
@@ -66,12 +75,17 @@ class SignAccumulator:
             self.multi = torch.zeros((), dtype=torch.int64, device=device)
             self.conflict = torch.zeros((), dtype=torch.int64, device=device)
 
-    def add(self, s: "torch.Tensor") -> None:
+    def add(self, s: "torch.Tensor", tau: "torch.Tensor | None" = None) -> None:
+        """Count the sign patterns of S (n × c); with ``patterns`` also add τ² (``tau``, n × c) per pattern."""
         import torch
 
         if self.by_pattern:
-            codes = torch.addmv(self.offset[: s.shape[1]], s.T, self.weights)
-            self.histogram += torch.bincount(codes.to(self.code_dtype), minlength=3**self.n)
+            codes = torch.addmv(self.offset[: s.shape[1]], s.T, self.weights).to(self.code_dtype)
+            self.histogram += torch.bincount(codes, minlength=3**self.n)
+            if self.mass is not None and tau is not None:
+                squares = self.squares[: s.shape[1]]
+                for i in range(self.n):  # a weighted bincount per model: 2.5x faster than one index_add_
+                    self.mass[:, i] += torch.bincount(codes, weights=squares.copy_(tau[i]).square_(), minlength=3**self.n)
             return
         a = s.abs()
         self.sign_dot += (s @ s.T).double()
@@ -82,7 +96,8 @@ class SignAccumulator:
 
     def result(self) -> SignCounts:
         if self.by_pattern:
-            return counts_from_histogram(self.histogram.cpu().numpy(), self.n)
+            mass = self.mass.cpu().numpy() if self.mass is not None else None
+            return counts_from_histogram(self.histogram.cpu().numpy(), self.n, mass, keep=self.keep)
         return SignCounts(
             sign_dot=self.sign_dot.cpu().numpy().round().astype(np.int64),
             both_nonzero=self.both.cpu().numpy().round().astype(np.int64),

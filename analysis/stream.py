@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from mergescope.checkpoints.device import one_torch_thread
 from mergescope.checkpoints import Checkpoint, layer_group, resolve_device
 
 from .compatibility import AnalysisWarning, alignment_warning, checkpoint_warnings, non_finite_warning, shared_rows
@@ -156,8 +157,12 @@ def stream_analysis(
     chunk: int | None = None,
     prefetch: int = 2,
     cancel: threading.Event | None = None,
+    patterns: bool = False,
 ) -> Iterator[TensorResult | AnalysisWarning | Progress]:
-    """Yield warnings from headers first, then per tensor its warnings, its result and a progress event."""
+    """Yield warnings from headers first, then per tensor its warnings, its result and a progress event.
+
+    ``patterns`` keeps each tensor's sign-pattern histogram and pattern mass in ``sums.signs`` (n ≤ 8).
+    """
     import torch
 
     device = resolve_device(device)
@@ -169,9 +174,8 @@ def stream_analysis(
     # On the CPU a tensor is split across `workers` threads running one-threaded kernels: torch's own
     # OpenMP pool would fight the reader thread for the cores (5x slower on a 2-core machine).
     workers = usable_cores() if device == "cpu" else 1
-    torch_threads = torch.get_num_threads()
     if device == "cpu":
-        torch.set_num_threads(1)
+        one_torch_thread.enter()
     reader = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="mergescope-read")
     compute = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergescope-compute")
     load = _Loader(base, models, names, device, sets=prefetch + 2)
@@ -191,7 +195,9 @@ def stream_analysis(
             yield from loaded.warnings
             with torch.no_grad():
                 masks = _trim_masks(loaded, density, compute) if density < 1.0 else None
-                result = tensor_sums(loaded.base, loaded.inputs, trim_masks=masks, chunk=chunk, pool=compute, workers=workers)
+                result = tensor_sums(
+                    loaded.base, loaded.inputs, trim_masks=masks, chunk=chunk, pool=compute, workers=workers, patterns=patterns
+                )
             for count, who in zip(result.non_finite, [None, *names]):
                 if count:
                     yield non_finite_warning(name, who, count)
@@ -206,7 +212,8 @@ def stream_analysis(
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         compute.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(torch_threads)
+        if device == "cpu":
+            one_torch_thread.exit()
 
 
 def _tensor_bytes(base: Checkpoint, models: list[Checkpoint], name: str) -> int:

@@ -20,6 +20,12 @@ With sᵢ = sign(τᵢ) ∈ {−1, 0, 1} per element:
 
 The ``trimmed_*`` fields are the same sign counts after each τᵢ is trimmed to its top-d fraction by
 magnitude (``--density d``); they are absent when d = 1.
+
+On request (``patterns=True`` in the pass, n ≤ 8) :class:`SignCounts` also keeps the per-pattern sums
+themselves: ``histogram[p]`` = #elements with sign pattern p = (s₁…sₙ) (coded as in
+:mod:`.sign_patterns`) and ``pattern_mass[p, i]`` = Σ τᵢ² over those elements — which share of each task
+vector's squared norm sits at elements where the others agree or disagree with it (the diagnosis of a merge
+uses them).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class SignCounts:
     both_nonzero: np.ndarray  # (n, n) int64
     multi_nonzero: int = 0
     multi_conflict: int = 0
+    histogram: np.ndarray | None = None  # (3ⁿ,) int64, kept only on request
+    pattern_mass: np.ndarray | None = None  # (3ⁿ, n) float64: Σ τᵢ² per sign pattern, kept only on request
 
     @classmethod
     def zeros(cls, n: int) -> "SignCounts":
@@ -48,6 +56,8 @@ class SignCounts:
         self.both_nonzero += other.both_nonzero
         self.multi_nonzero += other.multi_nonzero
         self.multi_conflict += other.multi_conflict
+        self.histogram = _add_optional(self.histogram, other.histogram)
+        self.pattern_mass = _add_optional(self.pattern_mass, other.pattern_mass)
 
     def sign_conflict(self, i: int, j: int) -> float | None:
         """#(τᵢτⱼ < 0) / #(τᵢ ≠ 0 ∧ τⱼ ≠ 0); None when no element is nonzero in both."""
@@ -140,6 +150,13 @@ class TaskVectorSums:
         if self.trimmed is not None:
             result["conflict_all_trimmed"] = self.trimmed.conflict_all()
         return result
+
+
+def _add_optional(mine: np.ndarray | None, other: np.ndarray | None) -> np.ndarray | None:
+    """``mine + other`` where both are kept; a side that was not kept contributes nothing."""
+    if other is None:
+        return mine
+    return other.copy() if mine is None else mine + other
 
 
 def _clip(x: float, lo: float, hi: float) -> float:

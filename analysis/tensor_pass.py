@@ -59,18 +59,20 @@ def tensor_sums(
     chunk: int = DEFAULT_CHUNK,
     pool: "Executor | None" = None,
     workers: int = 1,
+    patterns: bool = False,
 ) -> TensorPassResult:
     """Sums of ``[θ₀, τ₁…τₙ]`` over one tensor (``base`` and every input flat, same numel, same device).
 
     With a thread ``pool`` and ``workers > 1``, slices of at least ``chunk`` elements run in parallel.
+    ``patterns`` keeps the sign-pattern histogram and pattern mass (see :mod:`.sums`).
     """
     numel = base.numel()
     parts = max(1, min(workers, numel // max(chunk, 1))) if pool is not None else 1
     bounds = [numel * k // parts for k in range(parts + 1)]
     slices = list(zip(bounds, bounds[1:]))
     if parts == 1:
-        return _slice_sums(base, inputs, trim_masks, chunk, 0, numel)
-    futures = [pool.submit(_slice_sums, base, inputs, trim_masks, chunk, a, b) for a, b in slices]
+        return _slice_sums(base, inputs, trim_masks, chunk, 0, numel, patterns)
+    futures = [pool.submit(_slice_sums, base, inputs, trim_masks, chunk, a, b, patterns) for a, b in slices]
     results = [f.result() for f in futures]
     total = results[0]
     for result in results[1:]:
@@ -79,17 +81,17 @@ def tensor_sums(
     return total
 
 
-def _slice_sums(base, inputs, trim_masks, chunk, start, stop) -> TensorPassResult:
+def _slice_sums(base, inputs, trim_masks, chunk, start, stop, patterns=False) -> TensorPassResult:
     base = base[start:stop]
     inputs = [TaskInput(None if i.values is None else i.values[start:stop], i.is_delta) for i in inputs]
     masks = None if trim_masks is None else [m[start:stop] for m in trim_masks]
-    result = _chunked_sums(base, inputs, masks, chunk, sanitize=False)
+    result = _chunked_sums(base, inputs, masks, chunk, sanitize=False, patterns=patterns)
     if not np.isfinite(result.sums.gram).all() or not np.isfinite(result.sums.max_abs).all():
-        result = _chunked_sums(base, inputs, masks, chunk, sanitize=True)
+        result = _chunked_sums(base, inputs, masks, chunk, sanitize=True, patterns=patterns)
     return result
 
 
-def _chunked_sums(base, inputs, trim_masks, chunk, sanitize: bool) -> TensorPassResult:
+def _chunked_sums(base, inputs, trim_masks, chunk, sanitize: bool, patterns: bool = False) -> TensorPassResult:
     import torch
 
     n = len(inputs)
@@ -101,7 +103,7 @@ def _chunked_sums(base, inputs, trim_masks, chunk, sanitize: bool) -> TensorPass
     sign_buffer = torch.empty((n, chunk), dtype=torch.float32, device=device)
     gram = torch.zeros((n + 2, n + 2), dtype=torch.float64, device=device)
     max_abs = torch.zeros(n, dtype=torch.float32, device=device)
-    signs = SignAccumulator(n, chunk, device)
+    signs = SignAccumulator(n, chunk, device, patterns=patterns)
     trimmed = SignAccumulator(n, chunk, device) if trim_masks is not None else None
     non_finite = torch.zeros(n + 1, dtype=torch.int64, device=device)
 
@@ -134,7 +136,7 @@ def _chunked_sums(base, inputs, trim_masks, chunk, sanitize: bool) -> TensorPass
         gram += torch.bmm(blocks, blocks.transpose(1, 2)).sum(0, dtype=torch.float64)
         torch.maximum(max_abs, torch.maximum(tau.amax(1), tau.amin(1).neg_()), out=max_abs)
         s = torch.sign(tau, out=sign_buffer[:, :width])
-        signs.add(s)
+        signs.add(s, tau if patterns else None)
         if trimmed is not None:
             for i, mask in enumerate(trim_masks):
                 s[i].mul_(mask[start:stop])

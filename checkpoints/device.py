@@ -22,3 +22,38 @@ def resolve_device(spec: str = "auto") -> str:
             raise MergescopeError(f"device {spec!r}: there are {torch.cuda.device_count()} GPUs (cuda:0…)")
         return spec
     raise MergescopeError(f"device {spec!r}: use auto, cpu, cuda or cuda:N")
+
+
+class _OneTorchThread:
+    """Process-wide "run torch's CPU kernels on one thread" sections that may overlap (an analysis and a
+    preview in the same app): the first section to open saves torch's thread count and sets 1, the last one
+    to close restores the saved count. Without the count, overlapping sections could restore each other's 1
+    and leave later merges single-threaded."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._open = 0
+        self._saved = 1
+
+    def enter(self) -> None:
+        import torch
+
+        with self._lock:
+            if self._open == 0:
+                self._saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+            self._open += 1
+
+    def exit(self) -> None:
+        import torch
+
+        with self._lock:
+            self._open -= 1
+            if self._open == 0:
+                torch.set_num_threads(self._saved)
+
+
+#: call ``enter()`` / ``exit()`` (in a ``finally``) around a section of one-threaded torch kernels
+one_torch_thread = _OneTorchThread()

@@ -229,7 +229,7 @@ def test_sample_rows_are_stratified_and_fall_back_to_whole_tensors():
 
 
 def test_sample_cache_reads_once_and_follows_weight_changes(wide, monkeypatch):
-    import mergescope.analysis.preview as preview_module
+    import mergescope.analysis.preview_sampling as sampling
 
     def plan(weight_b):
         return job_of({"merge_method": "task_arithmetic", "base_model": wide["base"], "dtype": "float32", "models": [
@@ -239,8 +239,8 @@ def test_sample_cache_reads_once_and_follows_weight_changes(wide, monkeypatch):
     cache = SampleCache()
     first = run_preview(plan(0.5), mode="sampled", sample_size=2048, cache=cache)
     reads = []
-    real = preview_module.read_rows
-    monkeypatch.setattr(preview_module, "read_rows", lambda *a: reads.append(a) or real(*a))
+    real = sampling.read_rows
+    monkeypatch.setattr(sampling, "read_rows", lambda *a: reads.append(a) or real(*a))
     changed = run_preview(plan(0.1), mode="sampled", sample_size=2048, cache=cache)
     assert reads == []  # every sample came from the cache
     assert changed.total == run_preview(plan(0.1), mode="sampled", sample_size=2048).total

@@ -61,13 +61,13 @@ def print_diagnosis(diagnosis, console) -> None:
     names = diagnosis.names
     method = f" ({diagnosis.method})" if diagnosis.method else ""
     console.print(f"[bold]Diagnosis[/] of {escape(diagnosis.merged)}{method} against [bold]{escape(diagnosis.base)}[/]")
-    kept = Table(title="Retention ⟨τ_m, τᵢ⟩ / ‖τᵢ‖² per layer (1 = kept whole, 0 = gone, < 0 = reversed)", header_style="bold", title_justify="left")
+    kept = Table(title="Retention ⟨τ_m,τᵢ⟩/‖τᵢ‖² (1 kept, 0 gone, <0 reversed)", header_style="bold", title_justify="left")
     kept.add_column("layer", no_wrap=True)
     kept.add_column("‖τ_m‖", justify="right")
     for name in names:
         kept.add_column(escape(name), justify="right")
     lost = Table(
-        title="Removed by the merge: % of ‖τᵢ‖² zeroed or reversed (in brackets: where another source has the opposite sign)",
+        title="% of ‖τᵢ‖² zeroed or reversed (at sign conflicts)",
         header_style="bold", title_justify="left",
     )
     lost.add_column("layer", no_wrap=True)
