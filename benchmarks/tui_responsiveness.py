@@ -38,7 +38,7 @@ def main() -> None:
         app = MergescopeApp(open_session(targets), use_cache=False)
         lags: list[float] = []
         latencies: list[float] = []
-        async with app.run_test(size=(120, 40)) as pilot:
+        async with app.run_test(size=(120, 40)):
             begin = time.perf_counter()
             loop = asyncio.get_running_loop()
             while not app.analysis_done:

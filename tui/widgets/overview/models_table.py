@@ -68,11 +68,6 @@ def short_source(source: str, width: int) -> str:
     return source if len(source) <= width else "…" + source[-(width - 1):]
 
 
-def short_source(source: str, width: int) -> str:
-    """A long path by its end (``…/demo/ft_add``), where the distinguishing part is."""
-    return source if len(source) <= width else "…" + source[-(width - 1):]
-
-
 def _dtype(checkpoint: Checkpoint) -> str:
     common = checkpoint.dtypes.most_common(1)
     return common[0][0] if common else "—"
