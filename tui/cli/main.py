@@ -152,7 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("directory", metavar="DIR", nargs="?", default="mergescope-demo")
     demo.add_argument("--no-tui", action="store_true", help="build the workspace, print how to open it, exit")
-    demo.set_defaults(handler=_not_yet("demo", 6))
+    demo.set_defaults(handler=_run_demo)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="exact-match accuracy of a demo model on the demo tasks",
+        description="Score a demo-architecture model (a folder of the demo workspace, a merged output of it, a LoRA "
+        "adapter) by greedy decoding on each task's held-out prompts. Prints a table whose last line is the mean "
+        "accuracy as a bare number, so it works as --eval-cmd \"mergescope eval {model}\".",
+    )
+    evaluate.add_argument("model", metavar="MODEL")
+    evaluate.add_argument("--task", action="append", metavar="T", help="a task to score (repeatable; default: all)")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="score only the first N held-out prompts of each task")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    evaluate.set_defaults(handler=_run_eval)
     return parser
 
 
@@ -196,6 +209,18 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from .inspect import run_inspect
 
     return run_inspect(args.targets, base=args.base, device=args.device, use_cache=not args.no_cache)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval
+
+    return run_eval(args)
 
 
 def _not_yet(command: str, issue: int) -> Callable[[argparse.Namespace], int]:

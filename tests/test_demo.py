@@ -1,0 +1,262 @@
+"""The demo workspace (issue 6): trained models whose merges behave as the README says, checked with real
+numbers — accuracies measured here, merged tensors recomputed here from the safetensors files, the
+analysis' warnings, transformers' logits, and the ``mergescope eval``/``demo`` commands.
+
+The workspace is built once per session (about a minute on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from builders import llama_config, llama_state, write_model
+from mergescope.analysis import run_analysis
+from mergescope.checkpoints import MergescopeError, open_checkpoint
+from mergescope.demo.evaluate import evaluate, load_demo_model
+from mergescope.demo.model import DemoConfig, new_model
+from mergescope.demo.tasks import TASK_NAMES, eval_examples, train_stream
+from mergescope.demo.tokenizer import CharTokenizer
+from mergescope.demo.train import TrainSpec, train
+from mergescope.demo.workspace import MANIFEST, build_workspace, read_manifest
+from mergescope.merge.executor import run_merge
+from mergescope.merge.job import build_job
+from mergescope.merge.plan import PlanError, load_plan, parse_plan
+from mergescope.tui.cli.main import main
+
+#: a fine-tune must beat the base on its own task by this much (measured: +0.20 add, +0.47 reverse, +0.31 sort)
+CLEAR_GAIN = 0.1
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    return build_workspace(tmp_path_factory.mktemp("demo") / "ws")
+
+
+@pytest.fixture(scope="session")
+def manifest(workspace) -> dict:
+    return read_manifest(workspace)
+
+
+@pytest.fixture(scope="session")
+def scores(workspace, manifest) -> dict[str, dict[str, float]]:
+    """Every model's accuracy, measured here from its folder (not taken from the manifest)."""
+    folders = [manifest["base"], *(f["path"] for f in manifest["fine_tunes"] + manifest["lora"] + manifest["traps"])]
+    return {folder: evaluate(workspace / folder) for folder in folders}
+
+
+@pytest.fixture(scope="session")
+def merged(workspace, tmp_path_factory):
+    """Run a workspace plan through the merge engine once; return the output folder."""
+    out_root = tmp_path_factory.mktemp("merged")
+    done: dict[str, Path] = {}
+
+    def run(name: str) -> Path:
+        if name not in done:
+            done[name] = run_merge(build_job(load_plan(workspace / "plans" / f"{name}.yml")), out_root / name, device="cpu")
+        return done[name]
+
+    return run
+
+
+def gain(scores, folder: str, task: str, base: str = "base") -> float:
+    return scores[folder][task] - scores[base][task]
+
+
+# --- the model ------------------------------------------------------------------------------------------------
+def test_transformers_loads_a_demo_checkpoint_with_equal_logits(workspace):
+    transformers = pytest.importorskip("transformers")
+    ours, tokenizer = load_demo_model(workspace / "ft_sort")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(workspace / "ft_sort")
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    ids = torch.tensor([[1, *tokenizer.encode("SORT:xqnt=nqtx")], [1, *tokenizer.encode("ADD:37+5=42kd:")]])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-4)
+    fast = transformers.AutoTokenizer.from_pretrained(workspace / "ft_sort")
+    assert fast("REV:kdjam=")["input_ids"] == tokenizer.encode("REV:kdjam=")
+
+
+def test_state_dict_uses_hugging_face_llama_names():
+    model = new_model(DemoConfig(vocab_size=10, hidden_size=16, intermediate_size=32), seed=0)
+    names = set(model.state_dict())
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+            "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.post_attention_layernorm.weight"} <= names
+    assert len(names) == 3 + 2 * 9
+
+
+def test_training_is_deterministic():
+    tokenizer = CharTokenizer()
+    config = DemoConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64)
+    runs = []
+    for _ in range(2):
+        model = new_model(config, seed=3)
+        losses = train(model, TrainSpec(TASK_NAMES, steps=15, lr=3e-3, seed=5, batch_size=16), tokenizer)
+        runs.append((losses, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+    other = new_model(config, seed=4)
+    assert not torch.equal(other.state_dict()["lm_head.weight"], runs[0][1]["lm_head.weight"])
+
+
+def test_training_and_held_out_prompts_are_disjoint():
+    held_out = {e.prompt for t in TASK_NAMES for e in eval_examples(t)}
+    stream = train_stream(TASK_NAMES, seed=0)
+    seen = [next(stream) for _ in range(20_000)]
+    assert not held_out & {e.prompt for e in seen}
+    assert {e.task for e in seen} == set(TASK_NAMES)
+    short = train_stream(("reverse",), seed=0, max_length=4)
+    assert max(len(next(short).answer) for _ in range(500)) == 4
+
+
+# --- the workspace ----------------------------------------------------------------------------------------
+def test_manifest_lists_every_folder_and_plan(workspace, manifest):
+    assert manifest["root"] == str(workspace)
+    assert {f["task"] for f in manifest["fine_tunes"]} == set(TASK_NAMES)
+    assert len({f["steps"] for f in manifest["fine_tunes"]}) > 1  # task vectors of different sizes
+    assert {t["kind"] for t in manifest["traps"]} == {"different_base", "grown_vocab"}
+    folders = [manifest["base"], *(e["path"] for e in manifest["fine_tunes"] + manifest["lora"] + manifest["traps"])]
+    for folder in folders:
+        assert open_checkpoint(workspace / folder) is not None
+    assert {p["method"] for p in manifest["plans"]} >= {"linear", "task_arithmetic", "ties", "dare_ties", "slerp"}
+    for plan in manifest["plans"]:
+        build_job(load_plan(workspace / plan["path"]))  # every plan resolves
+
+
+def test_manifest_accuracies_match_evaluation_from_the_folders(manifest, scores):
+    for folder, measured in scores.items():
+        assert manifest["accuracy"][folder] == pytest.approx(measured, abs=1e-9), folder
+
+
+def test_lora_adapter_is_base_plus_scaled_b_times_a(workspace, manifest):
+    entry = manifest["lora"][0]
+    folder = workspace / entry["path"]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(workspace / "base")
+    adapter = load_file(folder / "adapter_model.safetensors")
+    base = load_file(workspace / "base" / "model.safetensors")
+    module = "model.layers.1.mlp.up_proj"
+    a = adapter[f"base_model.model.{module}.lora_A.weight"].double()
+    b = adapter[f"base_model.model.{module}.lora_B.weight"].double()
+    expected = base[f"{module}.weight"].double() + config["lora_alpha"] / config["r"] * (b @ a)
+    read = open_checkpoint(folder).read(f"{module}.weight", torch.float64)
+    assert torch.allclose(read, expected, atol=1e-6)
+    assert torch.equal(open_checkpoint(folder).read("model.norm.weight"), base["model.norm.weight"])
+
+
+def test_moved_workspace_is_reused_with_its_paths_rewritten(workspace, tmp_path, monkeypatch):
+    moved = tmp_path / "moved"
+    shutil.copytree(workspace, moved)
+    calls = []
+    assert build_workspace(moved, lambda *a: calls.append(a)) == moved
+    assert calls == []  # nothing retrained
+    assert read_manifest(moved)["root"] == str(moved)
+    assert json.loads((moved / "lora_sort" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(moved / "base")
+    plan = load_plan(moved / "plans" / "task_arithmetic.yml")
+    assert plan.base_model == str(moved / "base")
+    monkeypatch.chdir(tmp_path)  # plans work from any directory
+    assert main(["merge", str(moved / "plans" / "task_arithmetic.yml"), "-o", "out", "--device", "cpu"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_folder_that_is_not_a_workspace_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(MergescopeError, match="not a mergescope demo workspace"):
+        build_workspace(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# --- what the merges do -------------------------------------------------------------------------------------
+def test_each_fine_tune_beats_the_base_on_its_own_task(manifest, scores):
+    for entry in manifest["fine_tunes"] + manifest["lora"]:
+        assert gain(scores, entry["path"], entry["task"]) >= CLEAR_GAIN, (entry, scores[entry["path"]], scores["base"])
+
+
+def test_task_arithmetic_of_two_fine_tunes_keeps_both_skills(workspace, scores, merged):
+    out = merged("task_arithmetic")
+    result = load_file(out / "model.safetensors")
+    base, add, sort = (load_file(workspace / f / "model.safetensors") for f in ("base", "ft_add", "ft_sort"))
+    for name in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.allclose(result[name], base[name] + (add[name] - base[name]) + (sort[name] - base[name]), atol=1e-6)
+    accuracy = evaluate(out)
+    for folder, task in (("ft_add", "add"), ("ft_sort", "sort")):
+        kept = (accuracy[task] - scores["base"][task]) / gain(scores, folder, task)
+        assert kept >= 0.75, (task, accuracy, scores[folder])  # measured: 0.95 (add), 1.0 (sort)
+
+
+def test_negation_removes_add_and_keeps_reverse(scores, merged):
+    accuracy = evaluate(merged("negation"))  # base + τ_reverse − τ_add
+    assert accuracy["add"] <= scores["base"]["add"] - 0.1  # measured 0.03 vs the base's 0.20
+    assert accuracy["reverse"] - scores["base"]["reverse"] >= 0.75 * gain(scores, "ft_reverse", "reverse")
+    assert abs(accuracy["sort"] - scores["base"]["sort"]) <= 0.1
+
+
+def test_different_base_trap_is_flagged_and_its_merge_is_broken(workspace, scores, merged):
+    base = open_checkpoint(workspace / "base")
+    models = [open_checkpoint(workspace / "ft_add"), open_checkpoint(workspace / "trap_other_base")]
+    report = run_analysis(base, models, use_cache=False)
+    flagged = {w["model"] for w in report["warnings"] if w["code"] == "different_base"}
+    assert flagged == {"trap_other_base"}
+    accuracy = evaluate(merged("trap_other_base"))  # (θ_add + θ_trap) / 2
+    assert accuracy["add"] <= 0.25 * scores["ft_add"]["add"]
+    assert accuracy["sort"] <= 0.25 * scores["trap_other_base"]["sort"]
+    assert max(accuracy.values()) <= 0.1
+
+
+def test_grown_vocabulary_trap_is_flagged_and_refused_by_merges(workspace):
+    base = open_checkpoint(workspace / "base")
+    report = run_analysis(base, [open_checkpoint(workspace / "trap_grown_vocab")], use_cache=False)
+    codes = {(w["code"], w["tensor"]) for w in report["warnings"]}
+    assert ("vocab_mismatch", "model.embed_tokens.weight") in codes and ("vocab_mismatch", "lm_head.weight") in codes
+    assert ("tokenizer_mismatch", None) in codes
+    plan = parse_plan(f"merge_method: task_arithmetic\nbase_model: {workspace / 'base'}\n"
+                      f"models:\n  - model: {workspace / 'trap_grown_vocab'}\n    parameters: {{weight: 1.0}}\n")
+    with pytest.raises(PlanError, match="vocabulary size"):
+        build_job(plan)
+    assert evaluate(workspace / "trap_grown_vocab", ["add"], limit=20)["add"] >= 0  # still a demo model
+
+
+# --- evaluation and the commands ----------------------------------------------------------------------------
+def test_evaluate_refuses_a_model_that_is_not_a_demo_model(tmp_path):
+    folder = write_model(tmp_path / "llama", llama_state(), llama_config())
+    with pytest.raises(MergescopeError, match="not a mergescope demo model") as raised:
+        evaluate(folder)
+    assert "\n" not in str(raised.value)
+    with pytest.raises(MergescopeError, match="unknown demo task 'mul'"):
+        evaluate(folder, ["mul"])
+    same_shape = llama_config(vocab=50, hidden=16, heads=4, kv_heads=4)  # a demo-shaped Llama without vocab.json
+    folder = write_model(tmp_path / "no_vocab", llama_state(same_shape), same_shape)
+    with pytest.raises(MergescopeError, match="no vocab.json"):
+        evaluate(folder)
+
+
+def test_eval_command_ends_in_the_mean_accuracy(workspace, scores, capsys):
+    assert main(["eval", str(workspace / "ft_sort"), "--task", "sort", "--task", "add"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    mean = (scores["ft_sort"]["sort"] + scores["ft_sort"]["add"]) / 2
+    assert float(lines[-1]) == pytest.approx(mean, abs=1e-4)
+    assert any("sort" in line and f"{scores['ft_sort']['sort']:.1%}" in line for line in lines)
+    assert main(["eval", str(workspace / "lora_sort"), "--task", "sort", "--limit", "40", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["prompts"] == {"sort": 40}
+    assert document["mean"] == document["accuracy"]["sort"]
+
+
+def test_eval_command_error_is_one_line(tmp_path, capsys):
+    folder = write_model(tmp_path / "llama", llama_state(), llama_config())
+    assert main(["eval", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mergescope: error:") and err.count("\n") == 1
+
+
+def test_demo_command_reuses_the_workspace_and_prints_how_to_open_it(workspace, manifest, capsys):
+    assert main(["demo", str(workspace), "--no-tui"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == f"mergescope inspect {workspace}"
+    assert "already" in captured.err
+    assert (workspace / MANIFEST).stat().st_size > 0

@@ -1,0 +1,89 @@
+"""``mergescope demo [DIR] [--no-tui]``: build (or reuse) the demo workspace, then open the TUI on it."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from mergescope.demo.workspace import build_workspace, read_manifest
+
+    err = Console(stderr=True)
+    with _BuildProgress(err) as progress:
+        root = build_workspace(Path(args.directory), progress)
+    manifest = read_manifest(root) or {}
+    if progress.started:
+        err.print(f"[green]built the demo workspace in {root}[/] ({manifest.get('build_seconds', '?')} s)")
+    else:
+        err.print(f"using the demo workspace already in {root}")
+    if args.no_tui:
+        out = Console()
+        print_summary(manifest, out)
+        out.print("open it with:", style="bold")
+        print(f"mergescope inspect {shlex.quote(str(root))}")
+        return 0
+    from mergescope.tui.cli.inspect import run_inspect
+
+    return run_inspect([str(root)])
+
+
+class _BuildProgress:
+    """A rich progress bar on stderr (a plain line when stderr is not a terminal), fed by the build."""
+
+    def __init__(self, console):
+        self.console = console
+        self.started = False
+
+    def __enter__(self) -> "_BuildProgress":
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True, disable=not self.console.is_terminal,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("building the demo workspace", total=None)
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.started:
+            self.started = True
+            if not self.console.is_terminal:
+                print("mergescope demo: training the demo models (about a minute on 2 CPU cores)...", file=sys.stderr, flush=True)
+        self.bar.update(self.task, description=stage, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
+def print_summary(manifest: dict, console) -> None:
+    """The workspace's models with their task and measured accuracy per task, and its plans."""
+    from rich.table import Table
+
+    tasks = list(manifest.get("tasks", {}))
+    accuracy = manifest.get("accuracy", {})
+    roles = {manifest.get("base"): "base"}
+    roles.update({f["path"]: f"full fine-tune ({f['task']}, {f['steps']} steps)" for f in manifest.get("fine_tunes", [])})
+    roles.update({f["path"]: f"LoRA r={f['rank']} ({f['task']}, {f['steps']} steps)" for f in manifest.get("lora", [])})
+    roles.update({t["path"]: f"trap: {t['kind'].replace('_', ' ')}" for t in manifest.get("traps", [])})
+    table = Table(title="Models (exact-match accuracy on held-out prompts)", header_style="bold", title_justify="left")
+    table.add_column("folder", no_wrap=True)
+    table.add_column("what")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    for folder, role in roles.items():
+        scores = accuracy.get(folder, {})
+        table.add_row(folder, role, *(f"{scores[t]:.0%}" if t in scores else "–" for t in tasks))
+    console.print(table)
+    plans = Table(title="Merge plans (mergescope merge PLAN -o OUT)", header_style="bold", title_justify="left")
+    plans.add_column("plan", no_wrap=True)
+    plans.add_column("method", no_wrap=True)
+    plans.add_column("what it shows")
+    for plan in manifest.get("plans", []):
+        plans.add_row(plan["path"], plan["method"], plan["description"])
+    console.print(plans)
