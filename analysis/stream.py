@@ -220,8 +220,17 @@ def _tensor_bytes(base: Checkpoint, models: list[Checkpoint], name: str) -> int:
     return base.spec(name).nbytes + sum(m.spec(name).nbytes for m in models if name in m)
 
 
+#: float32 bytes of |τ| the trim of one tensor may hold at once; above it the models are trimmed one by one
+TRIM_MEMORY_BYTES = 256 << 20
+
+
 def _trim_masks(loaded: _Loaded, density: float, pool: ThreadPoolExecutor) -> list:
-    """Each task vector's top-``density`` mask by magnitude: the trim a TIES merge applies."""
+    """Each task vector's top-``density`` mask by magnitude: the trim a TIES merge applies.
+
+    Each model needs one float32 |τ| of the tensor (formed in place: τ = θ − θ₀, NaN/Inf → 0, then |·|);
+    the models run in parallel unless their copies together would exceed :data:`TRIM_MEMORY_BYTES`
+    (an embedding or a head), so peak memory does not grow with the number of cores or models.
+    """
     import torch
 
     from mergescope.merge.sparsify import top_magnitude_mask
@@ -229,7 +238,12 @@ def _trim_masks(loaded: _Loaded, density: float, pool: ThreadPoolExecutor) -> li
     def mask(item: TaskInput):
         if item.values is None:
             return torch.zeros_like(loaded.base, dtype=torch.bool)
-        tau = item.values.float() if item.is_delta else item.values.float() - loaded.base.float()
-        return top_magnitude_mask(torch.nan_to_num(tau, nan=0.0, posinf=0.0, neginf=0.0), density)
+        magnitude = item.values.to(torch.float32, copy=True)
+        if not item.is_delta:
+            magnitude.sub_(loaded.base)  # float32 arithmetic on the bf16/fp16 base, without a float copy of it
+        magnitude.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).abs_()
+        return top_magnitude_mask(magnitude, density, absolute=True)
 
+    if 4 * loaded.base.numel() * len(loaded.inputs) > TRIM_MEMORY_BYTES:
+        return [mask(item) for item in loaded.inputs]
     return list(pool.map(mask, loaded.inputs))

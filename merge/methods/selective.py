@@ -78,7 +78,12 @@ def _quantile(values: "torch.Tensor", q: float) -> "torch.Tensor":
 
 
 def arcee_fusion(base, models, params, options, generator=None) -> "torch.Tensor":
-    """θ₀ + (θ − θ₀)·[importance ≥ median + 1.5·IQR], importance = |θ − θ₀|·KL(softmax θ ‖ softmax θ₀)."""
+    """θ₀ + (θ − θ₀)·[importance ≥ median + 1.5·IQR], importance = |θ − θ₀|·KL(softmax θ ‖ softmax θ₀).
+
+    The softmax, log and sum round their last bits differently on a GPU, so an entry whose importance lies
+    at the threshold can be kept on one device and not on another (a few entries per tensor); every entry
+    is still exactly θ₀ or θ.
+    """
     import torch
 
     if base is None or len(models) != 1:
