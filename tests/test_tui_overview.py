@@ -50,8 +50,10 @@ def test_overview_heatmap_and_badges(workspace):
             assert not app.screen.query_one("#side").display
             await pilot.press("tab")
             assert app.screen.query_one("#side").display
-            pairs = static_text(app.screen.query_one("#pairs"))
-            assert "-1.00" in pairs  # ft_c = base − τ_a: cosine −1 with ft_a
+            await pilot.pause(0.1)
+            matrices = app.screen.query_one("#pairs")
+            pairs = static_text(matrices, width=matrices.size.width)  # as drawn: 80 columns leave ~76
+            assert "-1.00" in pairs  # ft_c = base − τ_a: cosine −1 with ft_a (in full, not cut to "-1.…")
             assert "100%" in pairs  # ... and every entry in sign conflict
     run(body)
 
@@ -77,6 +79,10 @@ def test_different_base_badge(workspace, tmp_path):
             models = app.screen.query_one("#models")
             assert "✗base" in cell_text(models, "stranger", list(models.columns)[4])
             assert "✓base" in cell_text(models, "ft_a", list(models.columns)[4])
+            # the first plan leaves the flagged model out
+            await pilot.press("p")
+            await pilot.pause(0.2)
+            assert [(row.name, row.included) for row in app.screen.form.models] == [("ft_a", True), ("stranger", False)]
     run(body)
 
 
@@ -139,3 +145,22 @@ def test_filter_every_tensor_from_the_overview(workspace):
             assert table.row_count == len([n for n in workspace["base"] if "q_proj" in n])
             assert table.row_count > 1
     run(body)
+
+
+def test_pair_matrices_keep_full_numbers_at_80_columns():
+    """Six models, two scopes: side by side they need ~78 columns, so at the ~76 an 80-column terminal
+    leaves they stack, and every off-diagonal cosine is printed in full."""
+    from rich.console import Console
+
+    from mergescope.tui.widgets.overview.pair_matrices import matrices
+
+    names = [f"model_{i}" for i in range(6)]
+    stats = {"pairs": [{"a": a, "b": b, "cosine": -0.123, "sign_conflict": 0.5}
+                       for i, a in enumerate(names) for b in names[i + 1:]]}
+    for width, expected in ((76, "stacked"), (200, "side by side")):
+        console = Console(width=width, record=True, color_system=None, file=open("/dev/null", "w"))
+        console.print(matrices(names, [("all", stats), ("layers.0", stats)], width))
+        text = console.export_text()
+        assert text.count("-0.12") == 2 * 30, expected  # 30 ordered off-diagonal pairs per scope
+        assert max(len(line.rstrip()) for line in text.splitlines()) <= width
+        assert (text.count("cosine") == 2) == (expected == "stacked")

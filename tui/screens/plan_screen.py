@@ -24,6 +24,7 @@ from mergescope.merge.methods import METHODS
 from mergescope.tui.plan_document import (
     DTYPES, ModelRow, PlanForm, default_form, from_plan, set_method, to_document, to_yaml,
 )
+from mergescope.tui.report_view import badges
 from mergescope.tui.widgets.plan.model_fields import ModelFields
 from mergescope.tui.widgets.plan.preview_table import PreviewTable
 
@@ -93,10 +94,15 @@ class PlanScreen(Screen):
             form = from_plan(load_plan(self.plan_path), rows)
             form.output = f"{Path(self.plan_path).stem}-merged"
             return form
-        if session.workspace is not None:
-            rows = [r for r in rows if not r.name.startswith("trap")] + [r for r in rows if r.name.startswith("trap")]
+        # models that failed a compatibility check (another base, vocabulary, tokenizer, architecture) start
+        # unticked and listed last: the first plan never merges what the analysis has flagged
+        flagged = {row.name for row in rows if not all(badges(self.app.report, row.name).values())}
+        if session.workspace is not None:  # the demo's traps, flagged or not yet, and its LoRA twin of ft_sort
+            flagged |= {row.name for row in rows if row.name.startswith("trap")}
+        if len(flagged) < len(rows):
+            rows = [r for r in rows if r.name not in flagged] + [r for r in rows if r.name in flagged]
             for row in rows:
-                row.included = not row.name.startswith("trap") and not row.name.startswith("lora")
+                row.included = row.name not in flagged and not (session.workspace is not None and row.name.startswith("lora"))
         form = default_form(DEFAULT_METHOD, self._references()[0], rows)
         if session.workspace is not None:
             form.output = str(session.workspace / "merges" / "ties")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.text import Text
+from textual.binding import Binding
 from textual.widgets import DataTable
 
 from mergescope.tui.display import heat, short
@@ -12,6 +13,8 @@ from mergescope.tui.report_view import group_rel
 
 class LayerHeatmap(DataTable):
     """‖τᵢ‖/‖θ₀‖ per layer group and model, coloured against the largest cell; Enter drills into a layer."""
+
+    BINDINGS = [Binding("enter", "select_cursor", "Layer")]  # DataTable's own Enter, shown in the footer
 
     def __init__(self, names: list[str], groups: list[str], **kwargs) -> None:
         super().__init__(cursor_type="row", **kwargs)

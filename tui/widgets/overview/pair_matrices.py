@@ -30,7 +30,7 @@ def _conflict_cell(value: float | None, diagonal: bool) -> Text:
 
 def matrix(title: str, names: list[str], scopes: list[tuple[str, dict | None]], key: str) -> Table:
     """One table: a row per model, for each scope (whole model, layer) a column block of the other models."""
-    table = Table(title=title, title_justify="left", title_style="bold", box=None, pad_edge=False, padding=(0, 1))
+    table = Table(title=title, title_justify="left", title_style="bold", box=None, pad_edge=False, padding=(0, 0, 0, 1))
     table.add_column("")
     for index, (scope, _) in enumerate(scopes):
         for j, name in enumerate(names):
@@ -61,12 +61,30 @@ class PairMatrices(Static):
             self.report = report
         if group is not None:
             self.group = group
+        self._draw()
+
+    def on_resize(self) -> None:
+        self._draw()
+
+    def _draw(self) -> None:
         total = self.report.get("total") if self.report.get("groups") else None
         layer = group_by_name(self.report, self.group) if self.group else None
         label = (self.group or "layer").removeprefix("model.")
-        scopes = [("all", total), (short(label, 12), layer)]
-        self.update(Group(
-            matrix("cosine", self.names, scopes, "cosine"),
-            Text(""),
-            matrix("sign conflict", self.names, scopes, "sign_conflict"),
-        ))
+        self.update(matrices(self.names, [("all", total), (short(label, 12), layer)], self.size.width or None))
+
+
+def matrix_width(models: int, scopes: int) -> int:
+    """Columns a :func:`matrix` needs: a 6-wide name column, then 1 + 5 per cell (``+0.42``, ``12.3%``)."""
+    return 6 + 6 * models * scopes
+
+
+def matrices(names: list[str], scopes: list[tuple[str, dict | None]], width: int | None) -> Group:
+    """The cosine and sign-conflict matrices, the scopes side by side when they fit in ``width`` (None: any
+    width), one above the other otherwise (at 80 columns), so that every cell keeps its full number."""
+    side_by_side = width is None or width >= matrix_width(len(names), len(scopes))
+    blocks = [scopes] if side_by_side else [[scope] for scope in scopes]
+    parts: list = []
+    for title, key in (("cosine", "cosine"), ("sign conflict", "sign_conflict")):
+        for block in blocks:
+            parts += [matrix(title, names, block, key), Text("")]
+    return Group(*parts[:-1])
