@@ -163,10 +163,11 @@ def _report_warnings(job: MergeJob, names: dict[str, str], report: dict | None) 
     """The analysis' compatibility warnings about models this plan merges, one line per model and code."""
     if not report:
         return []
+    merged = {reference for task in job.tasks for reference, _ in task.inputs}  # not every checkpoint the job knows
     by_report_name: dict[str, str] = {}
     for model in report.get("models", []):
         reference = _matching_reference(job, model.get("source"))
-        if reference is not None:
+        if reference in merged:
             by_report_name[model["name"]] = reference
     grouped: dict[tuple[str, str], list[dict]] = {}
     for warning in report.get("warnings", []):

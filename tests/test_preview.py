@@ -348,3 +348,6 @@ def test_models_the_analysis_flagged_are_named(tiny, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("other: different_base:")
     plan["models"] = plan["models"][:1]  # not merged any more: not reported
     assert plan_warnings(job_of(plan), report) == []
+    # ... also when the job knows the model (the TUI hands every open checkpoint to build_job)
+    known = {ref: open_checkpoint(ref) for ref in (paths["base"], paths["ft_a"], unrelated)}
+    assert plan_warnings(build_job(parse_plan(yaml.safe_dump(plan)), checkpoints=known), report) == []
