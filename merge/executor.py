@@ -4,10 +4,12 @@ For each output tensor, a reader thread fetches its inputs (converted to float32
 while the previous tensor is merged; the method's pure function merges them; the result is cast to the
 output dtype and written in place by :class:`~mergescope.checkpoints.CheckpointWriter`, then freed.
 
-Memory bound: at most ``prefetch + 1`` input sets are alive — the one being merged in float32, the
-prefetched ones in their stored dtype — plus the method's temporaries (a TIES merge of n models holds
-about 3n float32 copies of the tensor at its peak) and one output tensor: a few copies of the largest
-tensor, never the model. Non-finite inputs stop the merge naming the model and tensor (``allow_non_finite`` overrides);
+Memory bound: at most ``prefetch + 1`` input sets are alive in their stored dtype, plus the method's
+temporaries and one output tensor: a few copies of the largest tensor, never the model. Elementwise methods
+and the task-arithmetic family hold float32 copies of one block only; the family's whole-tensor trims hold
+a mask per model (DARE, breadcrumbs, DELLA) or, for TIES without rescale, two numbers per model (a
+threshold and a tie cut, found block by block). Non-finite inputs stop the merge naming the model and
+tensor (``allow_non_finite`` overrides);
 so does a cancel (between tensors). Either way the writer removes its temporary folder: the output
 appears only when complete.
 
@@ -157,7 +159,8 @@ def merge_tensor(job: MergeJob, task: TensorTask, tensors: list, seed: int, devi
     On large tensors, elementwise methods run block by block, writing into the output dtype directly, so
     only one block's float32 copies exist at a time; the task-arithmetic family (TIES, DARE, breadcrumbs,
     DELLA) first decides its trims over the whole tensor (masks, random draws, rescale factors: one model's
-    float32 task vector at a time), then combines block by block. The bits equal a whole-tensor merge.
+    float32 task vector at a time; TIES' thresholds and tie cuts in one blockwise pass over all models),
+    then combines block by block. The bits equal a whole-tensor merge.
     """
     import torch
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge import sparsify
+from mergescope.merge import magnitude_trim, sparsify
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -45,33 +45,71 @@ def elect_signs(deltas: "torch.Tensor") -> "torch.Tensor":
     return deltas.sign() == elected
 
 
+def disjoint_sums(deltas: "torch.Tensor", weights: list[float]) -> "tuple[torch.Tensor, torch.Tensor]":
+    """(Σ_{agreeing} δᵢ, Σ_{agreeing} wᵢ) per entry for the stacked weighted deltas; ``deltas`` is overwritten.
+
+    The same bits as summing ``deltas ⊙ elect_signs(deltas)`` and ``w ⊙ elect_signs(deltas)`` over models,
+    in fewer passes: with s = ±1 the elected sign, δᵢ agrees ⇔ s·δᵢ > 0, so Σ_{agreeing} δᵢ =
+    s · Σᵢ max(s·δᵢ, 0) — negation commutes with rounding, and torch's sum, which starts from +0, ignores
+    the zeros of the models that disagree, whatever their sign. None agrees only where every δᵢ is zero;
+    there Σᵢ δᵢ = +0, so s = +1 and the sum stays +0, as before. The agreement indicator is
+    sign(max(s·δᵢ, 0)).
+    """
+    import torch
+
+    elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype).mul_(2).sub_(1)  # ties (a zero sum) go to +
+    aligned = deltas.mul_(elected).relu_()  # s·δᵢ where δᵢ agrees, ±0 elsewhere
+    merged = aligned.sum(dim=0).mul_(elected)
+    agree = aligned.sign_()  # 1 where agreeing, ±0 elsewhere
+    if any(w != 1 for w in weights):
+        agree.mul_(torch.tensor(weights, dtype=agree.dtype, device=agree.device).reshape((-1,) + (1,) * (agree.dim() - 1)))
+    return merged, agree.sum(dim=0)
+
+
 @dataclass
 class Trim:
     """What the whole-tensor phase decided for one model: the kept entries (None: all), the rescale factor
-    ‖τ‖₁ / ‖τ ⊙ m‖₁ (None: no rescale), or that the whole task vector is dropped (``zero``)."""
+    ‖τ‖₁ / ‖τ ⊙ m‖₁ (None: no rescale), or that the whole task vector is dropped (``zero``).
+
+    The kept entries are a mask, or (TIES without rescale) a ``threshold`` t and ``last_tie`` c: entry j is
+    kept ⇔ |τⱼ| > t, or |τⱼ| = t and j ≤ c (:func:`~mergescope.merge.magnitude_trim.keep_mask`), with j
+    counted from the start of the tensor or block the trim applies to.
+    """
 
     mask: "torch.Tensor | None" = None
     scale: "torch.Tensor | None" = None
     zero: bool = False
+    threshold: float | None = None
+    last_tie: int = -1
 
     def block(self, start: int, stop: int) -> "Trim":
         """The same trim restricted to flat entries ``start:stop``."""
         mask = None if self.mask is None else self.mask.reshape(-1)[start:stop]
-        return Trim(mask, self.scale, self.zero)
+        return Trim(mask, self.scale, self.zero, self.threshold, self.last_tie - start)
+
+    def apply_(self, delta: "torch.Tensor") -> None:
+        """τ ⊙ m, then × the rescale factor, in place on the untrimmed float32 τ ``delta``."""
+        if self.threshold is not None:
+            magnitude_trim.apply_cut_(delta, self.threshold, self.last_tie)
+        elif self.mask is not None:
+            delta.mul_(self.mask)  # × 1.0 or × 0.0, as mergekit's τ ⊙ m (so −τ·0 stays −0.0)
+            if self.scale is not None:
+                delta.mul_(self.scale)
 
 
 def prepare_trims(
     kind: str | None, base: "torch.Tensor", models: "list[torch.Tensor]", params: list[dict], options: dict, generator
 ) -> list[Trim]:
-    """Step 2's whole-tensor part, one model at a time: masks (thresholds, draws, ranks) and L1 rescale factors.
+    """Step 2's whole-tensor part, one model at a time: masks (thresholds, draws, ranks) and L1 rescale factors;
+    TIES without rescale as thresholds and tie cuts (:func:`magnitude_trims`).
 
     Everything after this is elementwise (:func:`combine_trimmed`), so a large tensor can be merged block by
     block with the same bits. Inputs may be in any float dtype; τ is formed in float32.
     """
-    import torch
-
     rescale = bool(options.get("rescale", False))
     tensor_name = str(options.get("tensor_name", ""))
+    if kind == "magnitude" and not rescale:
+        return magnitude_trims(base, models, params)
     trims = []
     for index, (model, p) in enumerate(zip(models, params)):
         density = float(p.get("density", 1.0))
@@ -83,7 +121,7 @@ def prepare_trims(
             continue
         # every trim and the L1 factor need only |τ|: one float32 copy, made absolute in place (the
         # subtraction runs in float32 because the copy is float32: exact for bf16 inputs)
-        tau = model.to(torch.float32, copy=True).sub_(base).abs_()
+        tau = magnitude_trim.abs_task_vector(model, base)
         if kind == "magnitude":
             mask = sparsify.top_magnitude_mask(tau, density, absolute=True)
         elif kind == "outliers":
@@ -106,6 +144,18 @@ def prepare_trims(
     return trims
 
 
+def magnitude_trims(base: "torch.Tensor", models: "list[torch.Tensor]", params: list[dict]) -> list[Trim]:
+    """TIES' trims without rescale as thresholds and tie cuts, all models found in one blockwise pass: no
+    full-size |τ| or mask (:mod:`~mergescope.merge.magnitude_trim`). A density ≥ 1 keeps everything."""
+    trims = [Trim() for _ in models]
+    trimmed = [i for i, p in enumerate(params) if float(p.get("density", 1.0)) < 1]
+    counts = [sparsify.trim_count(base.numel(), float(params[i]["density"])) for i in trimmed]
+    cuts = magnitude_trim.top_magnitude_cuts(base, [models[i] for i in trimmed], counts)
+    for i, (threshold, last_tie) in zip(trimmed, cuts):
+        trims[i] = Trim(threshold=float(threshold), last_tie=last_tie)
+    return trims
+
+
 def combine_trimmed(
     base: "torch.Tensor", models: "list[torch.Tensor]", trims: list[Trim], params: list[dict], options: dict, *, elect: bool
 ) -> "torch.Tensor":
@@ -119,20 +169,22 @@ def combine_trimmed(
         if trim.zero:
             deltas[i] = 0
             continue
+        if model.dtype == torch.float64:
+            model = model.float()  # τ = f32(model) − f32(base), as in the trim phase
         delta = torch.sub(model, base, out=deltas[i])  # promoted to float32: exact for bf16 models
-        if trim.mask is not None:
-            delta.mul_(trim.mask)  # × 1.0 or × 0.0, as mergekit's τ ⊙ m (so −τ·0 stays −0.0)
-            if trim.scale is not None:
-                delta.mul_(trim.scale)
-    weights = torch.tensor([float(p["weight"]) for p in params], dtype=deltas.dtype, device=deltas.device)
+        trim.apply_(delta)
+    weight_values = [float(p["weight"]) for p in params]
+    weights = torch.tensor(weight_values, dtype=deltas.dtype, device=deltas.device)
     weights = weights.reshape((-1,) + (1,) * base.dim())
-    deltas.mul_(weights)
+    if any(w != 1 for w in weight_values):  # × 1.0 changes no bits
+        deltas.mul_(weights)
 
     if elect:
-        agree = elect_signs(deltas)
-        divisor = (weights * agree).sum(dim=0)
-        divisor.masked_fill_(divisor == 0, 1)
-        merged = deltas.mul_(agree).sum(dim=0)
+        merged, divisor = disjoint_sums(deltas, weight_values)
+        if all(w == 1 for w in weight_values):
+            divisor.clamp_(min=1)  # a count of agreeing models: 0 → 1
+        else:
+            divisor.masked_fill_(divisor == 0, 1)
     else:
         merged = deltas.sum(dim=0)
         divisor = weights.sum(dim=0)
