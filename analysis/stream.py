@@ -227,22 +227,23 @@ TRIM_MEMORY_BYTES = 256 << 20
 def _trim_masks(loaded: _Loaded, density: float, pool: ThreadPoolExecutor) -> list:
     """Each task vector's top-``density`` mask by magnitude: the trim a TIES merge applies.
 
-    Each model needs one float32 |τ| of the tensor (formed in place: τ = θ − θ₀, NaN/Inf → 0, then |·|);
+    Each model needs one float32 |τ| = |θ − θ₀| of the tensor (no float copy of θ₀; NaN/Inf → 0);
     the models run in parallel unless their copies together would exceed :data:`TRIM_MEMORY_BYTES`
     (an embedding or a head), so peak memory does not grow with the number of cores or models.
     """
     import torch
 
+    from mergescope.merge.magnitude_trim import abs_task_vector
     from mergescope.merge.sparsify import top_magnitude_mask
 
     def mask(item: TaskInput):
         if item.values is None:
             return torch.zeros_like(loaded.base, dtype=torch.bool)
-        magnitude = item.values.to(torch.float32, copy=True)
-        if not item.is_delta:
-            magnitude.sub_(loaded.base)  # float32 arithmetic on the bf16/fp16 base, without a float copy of it
-        magnitude.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).abs_()
-        return top_magnitude_mask(magnitude, density, absolute=True)
+        if item.is_delta:
+            magnitude = item.values.to(torch.float32, copy=True).abs_()
+        else:
+            magnitude = abs_task_vector(item.values, loaded.base)  # |τ| in float32, without a float copy of θ₀
+        return top_magnitude_mask(magnitude.nan_to_num_(nan=0.0, posinf=0.0), density, absolute=True)
 
     if 4 * loaded.base.numel() * len(loaded.inputs) > TRIM_MEMORY_BYTES:
         return [mask(item) for item in loaded.inputs]

@@ -33,7 +33,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llama_fixture import FINETUNES, build, default_root  # noqa: E402
-from merge_llama import PLANS, compare, plan_for  # noqa: E402
+from merge_llama import PLANS, alternate, compare, plan_for  # noqa: E402
 from read_checkpoints import _warm_cache  # noqa: E402
 
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
@@ -132,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             for device in ("cpu", "cuda")
         }
         for label, commands in tasks.items():
-            runs: dict[str, list[tuple[float, int]]] = {"cpu": [], "cuda": []}
-            for i in range(args.repeats):
-                for device in (("cpu", "cuda") if i % 2 == 0 else ("cuda", "cpu")):
-                    runs[device].append(timed(commands[device]))
+            runs = alternate(commands, args.repeats, run=timed)
             best = {device: min(r) for device, r in runs.items()}
             floor = startup["cuda"] + read_floor + (write_floor if label.startswith("merge") else 0.0)
             outputs = ""

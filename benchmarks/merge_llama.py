@@ -60,6 +60,19 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     return float(seconds), int(kilobytes) * 1024
 
 
+def alternate(commands: dict[str, list[str]], repeats: int, run=None, before=None) -> dict[str, list[tuple[float, int]]]:
+    """Each command ``repeats`` times, the order reversed every other round so that neither always runs second;
+    the (seconds, peak RSS) of every run by ``run`` (default :func:`timed`). ``before(name)`` runs first."""
+    names = list(commands)
+    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            if before is not None:
+                before(name)
+            runs[name].append((run or timed)(commands[name]))
+    return runs
+
+
 def compare(ours: Path, theirs: Path) -> tuple[int, float]:
     """Tensors compared and the largest difference in units of bf16 rounding (2⁻⁸ relative)."""
     import torch
@@ -105,18 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             plan = work / f"{method}.yml"
             plan.write_text(yaml.safe_dump(plan_for(method, paths), sort_keys=False))
-            runs: dict[str, list[tuple[float, int]]] = {"mergekit": [], "mergescope": []}
-            for i in range(args.repeats):
-                order = ("mergekit", "mergescope") if i % 2 == 0 else ("mergescope", "mergekit")
-                for tool in order:
-                    out = work / f"{method}-{tool}"
-                    shutil.rmtree(out, ignore_errors=True)
-                    if tool == "mergekit":
-                        cmd = [str(mergekit_yaml), str(plan), str(out), "--device", "cpu", "--no-copy-tokenizer", "--quiet",
-                               "--lazy-unpickle"]
-                    else:
-                        cmd = [mergescope, "merge", str(plan), "-o", str(out), "--device", "cpu", "--force"]
-                    runs[tool].append(timed(cmd))
+            out = {tool: work / f"{method}-{tool}" for tool in ("mergekit", "mergescope")}
+            commands = {
+                "mergekit": [str(mergekit_yaml), str(plan), str(out["mergekit"]), "--device", "cpu", "--no-copy-tokenizer",
+                             "--quiet", "--lazy-unpickle"],
+                "mergescope": [mergescope, "merge", str(plan), "-o", str(out["mergescope"]), "--device", "cpu", "--force"],
+            }
+            runs = alternate(commands, args.repeats, before=lambda tool: shutil.rmtree(out[tool], ignore_errors=True))
             best = {tool: min(r) for tool, r in runs.items()}
             count, worst = compare(work / f"{method}-mergescope", work / f"{method}-mergekit")
             ratio = best["mergescope"][0] / best["mergekit"][0]

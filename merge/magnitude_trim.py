@@ -179,13 +179,6 @@ def top_magnitude_cuts(
     return cuts  # type: ignore[return-value]
 
 
-def top_magnitude_cut(
-    base: "torch.Tensor", model: "torch.Tensor", count: int, *, block: int | None = None
-) -> "tuple[torch.Tensor, int]":
-    """:func:`top_magnitude_cuts` for one model."""
-    return top_magnitude_cuts(base, [model], [count], block=block)[0]
-
-
 def _cut(
     base: "torch.Tensor", model: "torch.Tensor", count: int, bracket: "counting.Bracket", tally: "counting.Tally", block: int
 ) -> "tuple[torch.Tensor, int]":

@@ -338,6 +338,14 @@ def write_fixture(root: Path, dtype: torch.dtype = torch.float32, config: dict |
     return paths
 
 
+
+def write_fixtures(root: Path) -> dict[str, str]:
+    """The fixture in float32 (``base``, ``ft_a``, …) and bfloat16 (``bbase``, ``bft_a``, …) under ``root``, keyed
+    by the names the cases' ``$…`` placeholders use."""
+    paths = {name: str(path) for name, path in write_fixture(Path(root) / "f32", torch.float32).items()}
+    paths.update({f"b{name}": str(path) for name, path in write_fixture(Path(root) / "bf16", torch.bfloat16).items()})
+    return paths
+
 def tensor_names(config: dict | None = None) -> set[str]:
     return set(llama_state(config or FIXTURE_CONFIG))
 

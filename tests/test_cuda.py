@@ -20,7 +20,7 @@ import mergekit_reference as mk
 from analysis_reference import assert_report, noise, plus
 from builders import llama_config, llama_state, write_model
 from mergekit_cases import CASES, STAT_CASES, Case
-from mergekit_reference import FINE_TUNES, assert_tensors_close, fixture_states, load_merged, write_fixture
+from mergekit_reference import FINE_TUNES, assert_tensors_close, fixture_states, load_merged
 from mergescope.analysis import run_analysis
 from mergescope.checkpoints import open_checkpoint, resolve_device
 from mergescope.merge import sparsify
@@ -33,10 +33,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def fixture_paths(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("cuda-fixture")
-    paths = {name: str(p) for name, p in write_fixture(root / "f32", torch.float32).items()}
-    paths.update({f"b{name}": str(p) for name, p in write_fixture(root / "bf16", torch.bfloat16).items()})
-    return paths
+    return mk.write_fixtures(tmp_path_factory.mktemp("cuda-fixture"))
 
 
 def merge_cli(case: Case, paths: dict[str, str], out: Path, device: str, seed: int = 0) -> dict:

@@ -161,7 +161,7 @@ def test_t_strictly_inside_the_bracket_gathered_in_a_second_pass(small_blocks, m
     monkeypatch.setattr(magnitude_trim, "_bracket", lambda *a: magnitude_counts.Bracket(
         predicted(*a).low, predicted(*a).high, False))
     count = model.numel() // 2
-    threshold, last_tie = magnitude_trim.top_magnitude_cut(base, model, count)
+    threshold, last_tie = magnitude_trim.top_magnitude_cuts(base, [model], [count])[0]
     magnitude = (model - base).abs()
     assert passes == [False, True]
     assert np.array_equal(magnitude_trim.keep_mask(magnitude, threshold, last_tie).numpy(), stable_top(magnitude.numpy(), count))
@@ -184,7 +184,7 @@ def test_nan_task_vectors_take_the_exact_selection(small_blocks):
     magnitude = (model - base).abs()
     n = model.numel()
     for count in (n // 2, n - 5, n // 1000, 1):
-        threshold, last_tie = magnitude_trim.top_magnitude_cut(base, model, count)
+        threshold, last_tie = magnitude_trim.top_magnitude_cuts(base, [model], [count])[0]
         keep = magnitude_trim.keep_mask(magnitude, threshold, last_tie)
         assert np.array_equal(keep.numpy(), kthvalue_top(magnitude.numpy(), count)), count
 

@@ -34,7 +34,6 @@ from mergekit_reference import (
     run_mergekit,
     sliced_names,
     tensor_names,
-    write_fixture,
 )
 
 from mergekit_cases import ALL_CASES, CASES, F32, STAT_CASES, Case, assert_matches
@@ -71,10 +70,7 @@ def mergescope_merge(config: dict, out_dir: Path, *, seed: int | None = None) ->
 
 @pytest.fixture(scope="module")
 def fixture_paths(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("mergekit-fixture")
-    paths = {name: str(p) for name, p in write_fixture(root / "f32", torch.float32).items()}
-    paths.update({f"b{name}": str(p) for name, p in write_fixture(root / "bf16", torch.bfloat16).items()})
-    return paths
+    return mk.write_fixtures(tmp_path_factory.mktemp("mergekit-fixture"))
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,16 @@ def test_demo_manifest_models(workspace):
     session = open_session([str(workspace)])
     assert session.workspace == workspace and [m.name for m in session.models] == ["ft_a", "ft_b", "ft_c"]
     assert demo_models({"models": ["x"], "lora": {"path": "y"}}) == ["x", "y"]
+    assert session.set_aside == {str(workspace / "ft_c")}  # the trap, before any analysis has flagged it
+
+    async def body():
+        app = MergescopeApp(session, use_cache=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("p")
+            await pilot.pause(0.2)
+            return [(row.name, row.included) for row in app.screen.form.models]
+
+    assert run(body) == [("ft_a", True), ("ft_b", True), ("ft_c", False)]
 
 
 @pytest.mark.parametrize("targets, message", [

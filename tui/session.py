@@ -33,6 +33,9 @@ class Session:
     merged_dir: Path | None = None  # the merge to diagnose
     workspace: Path | None = None  # a demo workspace: merges land here, the demo scores them
     references: list[str] = field(default_factory=list)  # how the plan names each model (base first)
+    #: references of models a first plan leaves unticked even before the analysis flags them (the demo's
+    #: traps, and its LoRA twin of a full fine-tune)
+    set_aside: frozenset[str] = frozenset()
 
 
 def open_session(targets: list[str], base: str | None = None) -> Session:
@@ -97,17 +100,19 @@ def _demo_session(folder: Path) -> Session:
         manifest = json.loads((folder / DEMO_MANIFEST).read_text())
         base_ref = folder / manifest["base"]
         refs = [folder / m for m in demo_models(manifest)]
+        set_aside = frozenset(str(folder / m) for m in demo_models(manifest, keys=("lora", "traps")))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise MergescopeError(f"{folder / DEMO_MANIFEST}: unreadable demo manifest ({exc}); rebuild with mergescope demo") from None
     base = open_checkpoint(str(base_ref))
     models = [open_checkpoint(str(r), base=base) for r in refs]
-    return Session(base, models, workspace=folder, references=[str(base_ref), *map(str, refs)])
+    return Session(base, models, workspace=folder, references=[str(base_ref), *map(str, refs)], set_aside=set_aside)
 
 
-def demo_models(manifest: dict) -> list[str]:
-    """The model folders a demo manifest lists besides its base: fine-tunes, the LoRA adapter, the traps."""
+def demo_models(manifest: dict, keys: tuple[str, ...] = ("fine_tunes", "finetunes", "models", "lora", "traps")) -> list[str]:
+    """The model folders a demo manifest lists under ``keys``; by default all besides its base: fine-tunes,
+    the LoRA adapter, the traps."""
     found: list[str] = []
-    for key in ("fine_tunes", "finetunes", "models", "lora", "traps"):
+    for key in keys:
         value = manifest.get(key)
         items = value if isinstance(value, list) else [value] if value else []
         for item in items:

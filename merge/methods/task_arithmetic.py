@@ -181,10 +181,7 @@ def combine_trimmed(
 
     if elect:
         merged, divisor = disjoint_sums(deltas, weight_values)
-        if all(w == 1 for w in weight_values):
-            divisor.clamp_(min=1)  # a count of agreeing models: 0 → 1
-        else:
-            divisor.masked_fill_(divisor == 0, 1)
+        divisor.masked_fill_(divisor == 0, 1)
     else:
         merged = deltas.sum(dim=0)
         divisor = weights.sum(dim=0)

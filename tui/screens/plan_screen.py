@@ -94,15 +94,14 @@ class PlanScreen(Screen):
             form = from_plan(load_plan(self.plan_path), rows)
             form.output = f"{Path(self.plan_path).stem}-merged"
             return form
-        # models that failed a compatibility check (another base, vocabulary, tokenizer, architecture) start
-        # unticked and listed last: the first plan never merges what the analysis has flagged
-        flagged = {row.name for row in rows if not all(badges(self.app.report, row.name).values())}
-        if session.workspace is not None:  # the demo's traps, flagged or not yet, and its LoRA twin of ft_sort
-            flagged |= {row.name for row in rows if row.name.startswith("trap")}
-        if len(flagged) < len(rows):
-            rows = [r for r in rows if r.name not in flagged] + [r for r in rows if r.name in flagged]
+        # models that failed a compatibility check (another base, vocabulary, tokenizer, architecture), and those
+        # the session sets aside, start unticked and listed last: a first plan never merges what is flagged
+        left_out = {row.reference for row in rows
+                    if row.reference in session.set_aside or not all(badges(self.app.report, row.name).values())}
+        if len(left_out) < len(rows):
+            rows = [r for r in rows if r.reference not in left_out] + [r for r in rows if r.reference in left_out]
             for row in rows:
-                row.included = row.name not in flagged and not (session.workspace is not None and row.name.startswith("lora"))
+                row.included = row.reference not in left_out
         form = default_form(DEFAULT_METHOD, self._references()[0], rows)
         if session.workspace is not None:
             form.output = str(session.workspace / "merges" / "ties")
