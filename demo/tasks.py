@@ -9,8 +9,11 @@ Every prompt is ``TAG:input=`` and the model must write the answer, then ``<eos>
 The tasks use disjoint characters (digits, a–m, n–z) and upper-case tags that appear in no input, so a
 fine-tune on one task changes little that the others read — the condition under which task vectors add up.
 
-Pre-training sees every task but only inputs of at most :data:`PRETRAIN_MAX_LENGTH` letters; the held-out
-sets have 3–6, so the base is weak on long inputs and each fine-tune teaches its own task the long ones.
+Pre-training sees every task but only its easy half (``full=False``): inputs of at most
+:data:`PRETRAIN_MAX_LENGTH` letters, and sums without a carry (``ADD:32+5=``, never ``ADD:37+5=``). The
+held-out sets are drawn from the whole task, so the base answers roughly the easy half of them and each
+fine-tune teaches its own task the rest (long inputs, carries) — a gain that does not hinge on how far an
+undertrained base happened to get.
 The held-out set of a task is a fixed list drawn with its own seed; training streams skip every held-out
 prompt, so the two are disjoint.
 """
@@ -40,27 +43,30 @@ class Example:
     answer: str
 
 
-def _letters(rng: random.Random, alphabet: str, max_length: int) -> str:
-    return "".join(rng.choice(alphabet) for _ in range(rng.randint(MIN_LENGTH, max_length)))
+def _letters(rng: random.Random, alphabet: str, full: bool) -> str:
+    length = rng.randint(MIN_LENGTH, MAX_LENGTH if full else PRETRAIN_MAX_LENGTH)
+    return "".join(rng.choice(alphabet) for _ in range(length))
 
 
-def _add(rng: random.Random, max_length: int) -> tuple[str, str]:
-    a, b = rng.randrange(100), rng.randrange(10)
+def _add(rng: random.Random, full: bool) -> tuple[str, str]:
+    """``a + b`` for a < 100, b < 10; the easy half has no carry (a mod 10 + b < 10)."""
+    a = rng.randrange(100)
+    b = rng.randrange(10) if full else rng.randrange(10 - a % 10)
     return f"ADD:{a}+{b}=", str(a + b)
 
 
-def _reverse(rng: random.Random, max_length: int) -> tuple[str, str]:
-    s = _letters(rng, FIRST_LETTERS, max_length)
+def _reverse(rng: random.Random, full: bool) -> tuple[str, str]:
+    s = _letters(rng, FIRST_LETTERS, full)
     return f"REV:{s}=", s[::-1]
 
 
-def _sort(rng: random.Random, max_length: int) -> tuple[str, str]:
-    s = _letters(rng, LAST_LETTERS, max_length)
+def _sort(rng: random.Random, full: bool) -> tuple[str, str]:
+    s = _letters(rng, LAST_LETTERS, full)
     return f"SORT:{s}=", "".join(sorted(s))
 
 
-#: task name → generator of (prompt, answer) from a random stream, inputs of at most ``max_length`` letters
-TASKS: dict[str, Callable[[random.Random, int], tuple[str, str]]] = {"add": _add, "reverse": _reverse, "sort": _sort}
+#: task name → generator of (prompt, answer) from a random stream: the whole task, or its easy half
+TASKS: dict[str, Callable[[random.Random, bool], tuple[str, str]]] = {"add": _add, "reverse": _reverse, "sort": _sort}
 TASK_NAMES = tuple(TASKS)
 #: what each task asks, for tables and the manifest
 TASK_DESCRIPTIONS = {
@@ -92,7 +98,7 @@ def eval_examples(task: str, size: int = EVAL_SIZE) -> tuple[Example, ...]:
     rng = random.Random(_task_seed(task, EVAL_SEED))
     seen: dict[str, Example] = {}
     while len(seen) < size:
-        prompt, answer = TASKS[task](rng, MAX_LENGTH)
+        prompt, answer = TASKS[task](rng, True)
         seen.setdefault(prompt, Example(task, prompt, answer))
     return tuple(seen.values())
 
@@ -102,13 +108,18 @@ def _held_out_prompts(task: str) -> frozenset[str]:
     return frozenset(e.prompt for e in eval_examples(task))
 
 
-def train_stream(tasks: tuple[str, ...], seed: int, max_length: int = MAX_LENGTH) -> Iterator[Example]:
-    """An endless seeded stream of training examples, tasks chosen uniformly, inputs of at most
-    ``max_length`` letters, never a held-out prompt."""
+def train_stream(tasks: tuple[str, ...], seed: int, full: bool = True, replay: float = 0.0) -> Iterator[Example]:
+    """An endless seeded stream of training examples, tasks chosen uniformly, from the whole of each task
+    (``full``) or its easy half, never a held-out prompt. With ``replay`` > 0 that share of the examples
+    comes from the pre-training mix instead (the easy half of every task), as fine-tunes mix in some of
+    their pre-training data to keep what the base knew."""
     check_tasks(tasks)
     rng = random.Random(_task_seed("/".join(tasks), seed))
     while True:
-        task = tasks[rng.randrange(len(tasks))]
-        prompt, answer = TASKS[task](rng, max_length)
+        if replay and rng.random() < replay:
+            task, task_full = TASK_NAMES[rng.randrange(len(TASK_NAMES))], False
+        else:
+            task, task_full = tasks[rng.randrange(len(tasks))], full
+        prompt, answer = TASKS[task](rng, task_full)
         if prompt not in _held_out_prompts(task):
             yield Example(task, prompt, answer)

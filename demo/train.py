@@ -9,7 +9,8 @@ cross-entropy of next-token predictions over answer positions only (the answer's
 where ``m_{b,t} = 1`` when token t+1 is part of the answer. Optimiser: AdamW with a linear warm-up over the
 first 5% of steps and a cosine decay to 10% of the peak rate. Determinism: the data stream and the
 initialisation are seeded and torch runs on a fixed number of threads with deterministic algorithms, so the
-same call gives bit-identical weights on the same machine.
+same call gives bit-identical weights on the same machine — and, run with the pinned kernels of
+:mod:`.kernels` (as the workspace build does), on every x86-64 machine.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .model import DemoLlama
-from .tasks import MAX_LENGTH, Example, train_stream
+from .kernels import TRAIN_THREADS
+from .tasks import Example, train_stream
 from .tokenizer import BOS, EOS, PAD, CharTokenizer
 
 
@@ -37,7 +39,10 @@ class TrainSpec:
     lr: float
     seed: int
     batch_size: int = 32
-    max_length: int = MAX_LENGTH
+    #: the whole task (fine-tunes) or only its easy half (pre-training)
+    full: bool = True
+    #: share of examples from the pre-training mix (the easy half of every task), against forgetting
+    replay: float = 0.0
     weight_decay: float = 0.0
     warmup: float = 0.05
 
@@ -75,10 +80,6 @@ def learning_rate(step: int, spec: TrainSpec) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-#: torch threads while training: fixed, so that the same call gives the same bits on any machine size
-TRAIN_THREADS = 2
-
-
 @contextlib.contextmanager
 def deterministic_cpu() -> Iterator[None]:
     """Deterministic torch on a fixed number of threads for the duration (restoring the previous settings)."""
@@ -108,7 +109,7 @@ def train(
     """
     params = [p for n, p in model.named_parameters() if trainable is None or trainable(n)]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.98), weight_decay=spec.weight_decay)
-    stream = train_stream(spec.tasks, spec.seed, spec.max_length)
+    stream = train_stream(spec.tasks, spec.seed, spec.full, spec.replay)
     losses = []
     with deterministic_cpu():
         model.train()

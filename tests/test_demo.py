@@ -1,13 +1,16 @@
-"""The demo workspace (issue 6): trained models whose merges behave as the README says, checked with real
-numbers — accuracies measured here, merged tensors recomputed here from the safetensors files, the
-analysis' warnings, transformers' logits, and the ``mergescope eval``/``demo`` commands.
+"""The demo workspace: trained models whose merges behave as the README says, checked with real numbers —
+accuracies measured here, merged tensors recomputed here from the safetensors files, the analysis'
+warnings, transformers' logits, and the ``mergescope eval``/``demo`` commands.
 
-The workspace is built once per session (about a minute on 2 CPU cores).
+The story's claims and their bounds are ``mergescope.demo.story.CLAIMS``, the list the README states and
+``benchmarks/demo_robustness.py`` measured over 5 seeds × 2 kernel settings; the bounds carry the margins
+of that benchmark's worst case. The workspace is built once per session.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +22,10 @@ from builders import llama_config, llama_state, write_model
 from mergescope.analysis import run_analysis
 from mergescope.checkpoints import MergescopeError, open_checkpoint
 from mergescope.demo.evaluate import evaluate, load_demo_model
+from mergescope.demo.kernels import NATIVE, PORTABLE, PORTABLE_ENVIRONMENT, build_environment
 from mergescope.demo.model import DemoConfig, new_model
+from mergescope.demo.recipe import Recipe
+from mergescope.demo.story import CLAIMS, MERGES
 from mergescope.demo.tasks import TASK_NAMES, eval_examples, train_stream
 from mergescope.demo.tokenizer import CharTokenizer
 from mergescope.demo.train import TrainSpec, train
@@ -29,8 +35,9 @@ from mergescope.merge.job import build_job
 from mergescope.merge.plan import PlanError, load_plan, parse_plan
 from mergescope.tui.cli.main import main
 
-#: a fine-tune must beat the base on its own task by this much (measured: +0.20 add, +0.47 reverse, +0.31 sort)
-CLEAR_GAIN = 0.1
+#: a build small enough to train in seconds, for the tests of the build's mechanics (not of the story)
+TINY = Recipe(seed=7, hidden_size=16, intermediate_size=32, base_steps=8, fine_tunes=(("add", 3, 1e-3), ("reverse", 3, 1e-3), ("sort", 3, 1e-3)),
+              lora_steps=2, other_base_steps=2, trap_steps=2, grown_steps=2, batch_size=8)
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +71,10 @@ def merged(workspace, tmp_path_factory):
     return run
 
 
-def gain(scores, folder: str, task: str, base: str = "base") -> float:
-    return scores[folder][task] - scores[base][task]
+@pytest.fixture(scope="session")
+def story_scores(scores, merged) -> dict[str, dict[str, float]]:
+    """The scores the story's claims read: every folder's and every plan's merge, measured here."""
+    return {**scores, **{f"merge:{plan}": evaluate(merged(plan)) for plan in MERGES}}
 
 
 # --- the model ------------------------------------------------------------------------------------------------
@@ -110,8 +119,13 @@ def test_training_and_held_out_prompts_are_disjoint():
     seen = [next(stream) for _ in range(20_000)]
     assert not held_out & {e.prompt for e in seen}
     assert {e.task for e in seen} == set(TASK_NAMES)
-    short = train_stream(("reverse",), seed=0, max_length=4)
-    assert max(len(next(short).answer) for _ in range(500)) == 4
+    easy_reverse = train_stream(("reverse",), seed=0, full=False)
+    assert max(len(next(easy_reverse).answer) for _ in range(500)) == 4
+    easy_add = [next(e) for e in [train_stream(("add",), seed=0, full=False)] for _ in range(2000)]
+    carries = [e for e in easy_add if int(e.prompt[4:-1].split("+")[0]) % 10 + int(e.prompt[:-1].split("+")[1]) >= 10]
+    assert not carries and {int(e.answer) for e in easy_add} >= {9, 99}  # no carry, the whole range otherwise
+    held_out_carries = sum(int(e.prompt[4:-1].split("+")[0]) % 10 + int(e.prompt[:-1].split("+")[1]) >= 10 for e in eval_examples("add"))
+    assert 0.3 < held_out_carries / len(eval_examples("add")) < 0.6  # the held-out set is the whole task
 
 
 # --- the workspace ----------------------------------------------------------------------------------------
@@ -164,6 +178,50 @@ def test_moved_workspace_is_reused_with_its_paths_rewritten(workspace, tmp_path,
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_portable_kernels_pin_aten_mkl_and_threads_and_native_changes_nothing():
+    outer = {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AUTO", "PATH": "/bin"}
+    portable = build_environment(PORTABLE, outer)
+    assert portable == {**outer, **PORTABLE_ENVIRONMENT}
+    assert portable["ATEN_CPU_CAPABILITY"] == "default" and portable["MKL_CBWR"] == "COMPATIBLE"
+    assert build_environment(NATIVE, outer) == outer
+    assert outer["ATEN_CPU_CAPABILITY"] == "avx512"  # the caller's mapping is not touched
+
+
+def _tiny_build(folder: Path, monkeypatch, kernels: str = PORTABLE, recipe: Recipe = TINY, **outer: str) -> dict:
+    """Build the tiny recipe into ``folder`` with ``outer`` set in this process's environment (as a user's
+    shell would), and return its manifest."""
+    with monkeypatch.context() as patch:
+        for name, value in outer.items():
+            patch.setenv(name, value)
+        build_workspace(folder, recipe=recipe, kernels=kernels)
+    return read_manifest(folder)
+
+
+def test_portable_build_gives_the_same_bytes_whatever_kernels_the_caller_asks_for(tmp_path, monkeypatch):
+    """Two outer settings that make torch pick different kernels (shown by the native builds differing)
+    give byte-identical portable builds, and the caller's environment is left as it was."""
+    before = dict(os.environ)
+    avx2 = _tiny_build(tmp_path / "avx2", monkeypatch, ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2")
+    scalar = _tiny_build(tmp_path / "default", monkeypatch, ATEN_CPU_CAPABILITY="default", MKL_ENABLE_INSTRUCTIONS="SSE4_2")
+    assert dict(os.environ) == before
+    assert avx2["weights_sha256"] == scalar["weights_sha256"]
+    assert avx2["accuracy"] == scalar["accuracy"]
+    assert avx2["kernels"] == "portable" and avx2["seed"] == TINY.seed
+    assert set(avx2["weights_sha256"]) == {"base", "ft_add", "ft_reverse", "ft_sort", "lora_sort", "trap_other_base", "trap_grown_vocab"}
+    native = _tiny_build(tmp_path / "native", monkeypatch, NATIVE, ATEN_CPU_CAPABILITY="default", MKL_CBWR="COMPATIBLE")
+    assert native["weights_sha256"] == avx2["weights_sha256"]  # the pins are exactly those variables
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":  # a CPU with vector kernels: they change the bits
+        native_own = _tiny_build(tmp_path / "native-own", monkeypatch, NATIVE, ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AUTO")
+        assert native_own["weights_sha256"]["base"] != avx2["weights_sha256"]["base"]
+
+
+def test_the_seed_changes_every_model_and_is_recorded(tmp_path, monkeypatch):
+    first = _tiny_build(tmp_path / "a", monkeypatch)
+    other = _tiny_build(tmp_path / "b", monkeypatch, recipe=Recipe(**{**TINY.__dict__, "seed": TINY.seed + 1}))
+    assert other["seed"] == TINY.seed + 1 and other["recipe"]["seed"] == TINY.seed + 1
+    assert all(first["weights_sha256"][m] != other["weights_sha256"][m] for m in first["weights_sha256"])
+
+
 def test_a_folder_that_is_not_a_workspace_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(MergescopeError, match="not a mergescope demo workspace"):
@@ -172,40 +230,24 @@ def test_a_folder_that_is_not_a_workspace_is_refused(tmp_path):
 
 
 # --- what the merges do -------------------------------------------------------------------------------------
-def test_each_fine_tune_beats_the_base_on_its_own_task(manifest, scores):
-    for entry in manifest["fine_tunes"] + manifest["lora"]:
-        assert gain(scores, entry["path"], entry["task"]) >= CLEAR_GAIN, (entry, scores[entry["path"]], scores["base"])
+@pytest.mark.parametrize("claim", CLAIMS, ids=[c.name for c in CLAIMS])
+def test_the_story_claim_holds(claim, story_scores):
+    assert claim.holds(story_scores), (claim.name, claim.value(story_scores), claim.condition, story_scores)
 
 
-def test_task_arithmetic_of_two_fine_tunes_keeps_both_skills(workspace, scores, merged):
-    out = merged("task_arithmetic")
-    result = load_file(out / "model.safetensors")
+def test_task_arithmetic_merge_is_base_plus_both_task_vectors(workspace, merged):
+    result = load_file(merged("task_arithmetic") / "model.safetensors")
     base, add, sort = (load_file(workspace / f / "model.safetensors") for f in ("base", "ft_add", "ft_sort"))
     for name in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight", "model.norm.weight"):
         assert torch.allclose(result[name], base[name] + (add[name] - base[name]) + (sort[name] - base[name]), atol=1e-6)
-    accuracy = evaluate(out)
-    for folder, task in (("ft_add", "add"), ("ft_sort", "sort")):
-        kept = (accuracy[task] - scores["base"][task]) / gain(scores, folder, task)
-        assert kept >= 0.75, (task, accuracy, scores[folder])  # measured: 0.95 (add), 1.0 (sort)
 
 
-def test_negation_removes_add_and_keeps_reverse(scores, merged):
-    accuracy = evaluate(merged("negation"))  # base + τ_reverse − τ_add
-    assert accuracy["add"] <= scores["base"]["add"] - 0.1  # measured 0.03 vs the base's 0.20
-    assert accuracy["reverse"] - scores["base"]["reverse"] >= 0.75 * gain(scores, "ft_reverse", "reverse")
-    assert abs(accuracy["sort"] - scores["base"]["sort"]) <= 0.1
-
-
-def test_different_base_trap_is_flagged_and_its_merge_is_broken(workspace, scores, merged):
+def test_different_base_trap_is_flagged(workspace):
     base = open_checkpoint(workspace / "base")
     models = [open_checkpoint(workspace / "ft_add"), open_checkpoint(workspace / "trap_other_base")]
     report = run_analysis(base, models, use_cache=False)
     flagged = {w["model"] for w in report["warnings"] if w["code"] == "different_base"}
     assert flagged == {"trap_other_base"}
-    accuracy = evaluate(merged("trap_other_base"))  # (θ_add + θ_trap) / 2
-    assert accuracy["add"] <= 0.25 * scores["ft_add"]["add"]
-    assert accuracy["sort"] <= 0.25 * scores["trap_other_base"]["sort"]
-    assert max(accuracy.values()) <= 0.1
 
 
 def test_grown_vocabulary_trap_is_flagged_and_refused_by_merges(workspace):

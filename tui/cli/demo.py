@@ -1,4 +1,4 @@
-"""``mergescope demo [DIR] [--no-tui]``: build (or reuse) the demo workspace, then open the TUI on it."""
+"""``mergescope demo [DIR] [--no-tui] [--seed N] [--kernels portable|native]``: build (or reuse) the demo workspace, then open the TUI on it."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from pathlib import Path
 def run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from mergescope.demo.recipe import Recipe
     from mergescope.demo.workspace import build_workspace, read_manifest
 
     err = Console(stderr=True)
     with _BuildProgress(err) as progress:
-        root = build_workspace(Path(args.directory), progress)
+        root = build_workspace(Path(args.directory), progress, recipe=Recipe(seed=args.seed), kernels=args.kernels)
     manifest = read_manifest(root) or {}
     if progress.started:
         err.print(f"[green]built the demo workspace in {root}[/] ({manifest.get('build_seconds', '?')} s)")

@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from mergescope.demo.kernels import KERNELS, PORTABLE
+
 DESCRIPTION = (
     "See inside model merges: open checkpoints lazily, analyse task vectors (norms, sign conflicts, "
     "cosines), run mergekit-compatible merge plans, and diagnose merges that went wrong."
@@ -152,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("directory", metavar="DIR", nargs="?", default="mergescope-demo")
     demo.add_argument("--no-tui", action="store_true", help="build the workspace, print how to open it, exit")
+    demo.add_argument("--seed", type=int, default=0, help="seed of every initialisation and data stream (default 0)")
+    demo.add_argument(
+        "--kernels", choices=KERNELS, default=PORTABLE,
+        help="portable (default): pinned CPU kernels, the same weights on every x86-64 machine; native: torch's own "
+             "kernels for this CPU",
+    )
     demo.set_defaults(handler=_run_demo)
 
     evaluate = commands.add_parser(
