@@ -35,7 +35,7 @@ API::
 * :class:`GroupDiagnosis` ``(group, numel, merged_norm, sources: list[SourceEffect])``.
 * :class:`Diagnosis` ``(names, references, base, merged, method, groups, total, findings, summary, warnings)``;
   ``findings`` are :class:`~.diagnosis_summary.Finding` (a source, a run of groups keeping < 1/3, the cause);
-  ``summary`` the plain-words sentences; :meth:`Diagnosis.to_json` the ``mergescope.diagnosis/1`` document.
+  ``summary`` the plain-words sentences; :meth:`Diagnosis.to_json` the ``mergescope.diagnosis/2`` document.
 """
 
 from __future__ import annotations
@@ -52,13 +52,14 @@ from mergescope.checkpoints import Checkpoint, MergescopeError, open_checkpoint
 from .compatibility import AnalysisWarning
 from .diagnosis_context import PlanContext, plan_context_for_folder
 from .diagnosis_summary import Finding, summarize
+from .loss_parts import PARTS, LossParts, loss_parts
 from .report import AnalysisCancelled, unique_names
 from .retention import merge_gram_from_task_sums
 from .sign_patterns import pattern_table
 from .stream import Progress, TensorResult, stream_analysis
 from .sums import TaskVectorSums
 
-SCHEMA = "mergescope.diagnosis/1"
+SCHEMA = "mergescope.diagnosis/2"
 
 
 @dataclass
@@ -75,6 +76,7 @@ class SourceEffect:
     conflict_with: dict[str, float] = field(default_factory=dict)
     weight: float | None = None
     density: float | None = None
+    parts: LossParts | None = None  # 1 − retention, split exactly (see .loss_parts)
 
 
 @dataclass
@@ -99,7 +101,7 @@ class Diagnosis:
     warnings: list[str]
 
     def to_json(self) -> dict:
-        """The ``mergescope.diagnosis/1`` document (plain JSON types; None for undefined ratios)."""
+        """The ``mergescope.diagnosis/2`` document (plain JSON types; None for undefined ratios)."""
         return {
             "schema": SCHEMA,
             "base": self.base,
@@ -114,10 +116,21 @@ class Diagnosis:
         }
 
 
+def _effect_json(effect: SourceEffect, names: list[str]) -> dict:
+    document = {k: v for k, v in asdict(effect).items() if k != "parts"}
+    parts = effect.parts
+    document["loss_parts"] = None if parts is None else {
+        **{p: getattr(parts, p) for p in PARTS},
+        "reversed_by": {names[j]: share for j, share in parts.against.items()},
+        "ratio": {names[j]: ratio for j, ratio in parts.ratio.items()},
+    }
+    return document
+
+
 def _group_json(group: GroupDiagnosis, names: list[str]) -> dict:
     return {
         "name": group.group, "numel": group.numel, "merged_norm": group.merged_norm,
-        "sources": {name: asdict(effect) for name, effect in zip(names, group.sources)},
+        "sources": {name: _effect_json(effect, names) for name, effect in zip(names, group.sources)},
     }
 
 
@@ -157,8 +170,8 @@ def group_diagnosis(group: str, sums: TaskVectorSums, names: list[str], context:
     losses = sign_losses(sums.signs.pattern_mass, n) if sums.signs.pattern_mass is not None else [None] * n
     parameters = context.parameters.get(group) if context is not None else None
     effects = []
-    for i, loss in enumerate(losses):
-        effect = SourceEffect(gram.norm(i), gram.retention(i), gram.cosine(i))
+    for i, (loss, parts) in enumerate(zip(losses, loss_parts(sums.signs, n))):
+        effect = SourceEffect(gram.norm(i), gram.retention(i), gram.cosine(i), parts=parts)
         if loss is not None:
             effect.lost, effect.reversed, effect.conflict, effect.trimmed = loss["lost"], loss["reversed"], loss["conflict"], loss["trimmed"]
             effect.conflict_with = {names[j]: value for j, value in loss["conflict_with"].items()}

@@ -3,22 +3,24 @@
 For each source, a *finding* is a run of consecutive layer groups (model order) where its retention
 ⟨τ_m, τᵢ⟩ / ‖τᵢ‖² is below ``LOW_RETENTION`` = 1/3 — a group where the source changed nothing ends a run —
 holding at least ``MIN_RUN_MASS`` = 1 % of the source's ‖τᵢ‖² (at most ``MAX_FINDINGS`` runs per source, the
-ones holding most of it). Over the run, every share is averaged with weights ‖τᵢ‖² per group (so it equals the
-share over the run's concatenated elements), and the cause is, in order:
+ones holding most of it); and, for a source whose skill is likely lost over the whole model
+(:func:`likely_lost`) but that has no such run, one finding over the whole model. Over a run, every share
+is averaged with weights ‖τᵢ‖² per group (so it equals the share over the run's concatenated elements).
 
-1. the entries the merge zeroed or reversed explain at least half of what τᵢ lost: their share ``lost`` of
-   ‖τᵢ‖² is ≥ (1 − ρ)/2 for ρ ≥ 0 (≥ 0.5 for ρ < 0). This is a sufficient condition: with K the entries where
-   sign(τ_m) = sign(τᵢ) and L the others (shares k + ``lost`` = 1 of ‖τᵢ‖²),
-   1 − ρ = (k − Σ_K τ_mτᵢ/‖τᵢ‖²) + (lost − Σ_L τ_mτᵢ/‖τᵢ‖²), and the last sum is ≤ 0, so L accounts for at least
-   ``lost``. Then, if more of that is opposed by another source
-   than not: **sign conflicts with** the source opposing most of it (and a second one opposing at least
-   ``SECOND_CULPRIT`` = 0.8 as much);
-2. the same, mostly where no other source disagreed: **trimmed** (its density, when the plan has one);
-3. retention < 0 while its signs mostly survive: the merge **moves the opposite way**;
-4. otherwise its signs survive but it is scaled down: **its weight** (with the plan's weights), else
-   averaging or a small weight.
+The cause is the largest part of the exact decomposition 1 − ρ = zeroed + reversed + shrunk + amplified
+(:mod:`.loss_parts`), in the method's terms:
 
-Then one line per source with its whole-model retention and cosine.
+1. **reversed**: the merge moved the other way where another source disagrees — with sign election (TIES,
+   DARE-TIES, DELLA, breadcrumbs-TIES) it *lost the sign election* to the source opposing most of that cost,
+   whose change is r× larger there; without election that source's opposite change outweighs it. Next
+   step: lower that source's weight to about wⱼ/r, or merge without it.
+2. **zeroed**: the merge left the base's values — *trimmed* at the plan's density (magnitude trims),
+   *dropped at random* (DARE, DELLA), or zeroed where nothing says why. Next step: raise the density.
+3. **shrunk**: its signs survive but it is scaled down — by its weight, or averaged (normalize) with the
+   weights of the sources that agree there. Next step: raise its weight, or merge with normalize off.
+
+Without the decomposition (more than 7 sources) the older sign-share rules apply: lost share against
+(1 − ρ)/2, then the weight. Then one line per source with its whole-model retention and cosine.
 """
 
 from __future__ import annotations
@@ -28,16 +30,27 @@ from typing import TYPE_CHECKING
 
 from mergescope.checkpoints import layer_index
 
+from .loss_parts import LossParts
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .diagnosis import GroupDiagnosis
+    from .diagnosis import GroupDiagnosis, SourceEffect
     from .diagnosis_context import PlanContext
 
 LOW_RETENTION = 1 / 3
+#: the whole-model rule for "likely lost" (see :func:`likely_lost`)
+LIKELY_LOST_RETENTION = 0.5
+LIKELY_LOST_COSINE = 0.5
 MIN_RUN_MASS = 0.01
 MAX_FINDINGS = 3
 #: a second source is named when it opposes at least this share of what the first opposes (an unrelated
 #: source opposes about half of any other's entries, so 0.5 would name it next to the real culprit)
 SECOND_CULPRIT = 0.8
+#: a source's change that wins against another's is named as larger, with a weight to lower, from this ratio
+CLEARLY_LARGER = 1.2
+#: methods that elect a sign per entry, so a source opposed by larger changes is outvoted
+ELECTING_METHODS = {"ties", "dare_ties", "breadcrumbs_ties", "della", "sce"}
+#: methods whose trim drops entries at random (the rest trim by magnitude)
+RANDOM_DROP_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 
 
 @dataclass
@@ -46,10 +59,11 @@ class Finding:
 
     source: str
     groups: list[str]
-    where: str  # "layers 18–27"
+    where: str  # "layers 18–27", or "the whole model"
     retention: float
     cause: str
     sentence: str
+    advice: str = ""  # the next step the numbers support, "" when none
 
 
 @dataclass
@@ -64,17 +78,27 @@ class _RunEffect:
     weight: float | None = None
     weight_total: float | None = None
     density: float | None = None
+    parts: LossParts | None = None
+    #: every source's weight over the run (index → mean over the run's groups), for advice about another source
+    weights: dict[int, float] = field(default_factory=dict)
 
 
 def aggregate(groups: list["GroupDiagnosis"], i: int, context: "PlanContext | None") -> _RunEffect:
     """Source i's retention and loss shares over ``groups``, each group weighted by ‖τᵢ‖² there."""
     run = _RunEffect()
     parameters: dict[str, list[tuple[float, float]]] = {"weight": [], "weight_total": [], "density": []}
+    parts: list[tuple[float, LossParts]] = []
+    weights: dict[int, list[float]] = {}
     for group in groups:
         effect = group.sources[i]
         mass = effect.norm**2
         if mass <= 0 or effect.retention is None:
             continue
+        if effect.parts is not None:
+            parts.append((mass, effect.parts))
+        for j, other in enumerate(group.sources):
+            if other.weight is not None:
+                weights.setdefault(j, []).append(other.weight)
         run.mass += mass
         run.retention += mass * effect.retention
         if effect.lost is not None:
@@ -95,11 +119,52 @@ def aggregate(groups: list["GroupDiagnosis"], i: int, context: "PlanContext | No
     for key, values in parameters.items():
         if values:
             setattr(run, key, sum(m * v for m, v in values) / sum(m for m, _ in values))
+    run.parts = LossParts.weighted_mean(parts) if parts and len(parts) == sum(1 for g in groups if g.sources[i].norm > 0) else None
+    run.weights = {j: sum(v) / len(v) for j, v in weights.items()}
     return run
 
 
+def cause_from_parts(run: _RunEffect, names: list[str], method: str | None, normalize: bool | None) -> tuple[str, str]:
+    """(cause, advice) from the largest part of the exact decomposition (the rules of the module docstring)."""
+    parts = run.parts
+    if run.weight is not None and run.weight < 0:
+        return f"the plan subtracts it (weight {run.weight:.2g})", ""
+    largest = max(("reversed", "zeroed", "shrunk"), key=lambda p: getattr(parts, p))
+    if largest == "reversed" and parts.against:
+        culprit = max(parts.against, key=parts.against.get)
+        who, ratio = names[culprit], parts.ratio.get(culprit)
+        own_weight, weight = run.weight, run.weights.get(culprit)
+        weighted = ratio is not None and own_weight and weight and own_weight > 0 and weight > 0 and weight != own_weight
+        if weighted:
+            ratio = ratio * weight / own_weight  # the election compares wⱼ|τⱼ| with wᵢ|τᵢ|
+        what = "weighted change" if weighted else "change"
+        larger = "" if ratio is None or ratio < CLEARLY_LARGER else f", whose {what} is {ratio:.1f}× larger there"
+        cost = percent(parts.against[culprit])
+        if method in ELECTING_METHODS:
+            cause = f"loses {cost} of its change to the sign election where {who} disagrees{larger}"
+        else:
+            cause = f"loses {cost} of its change where {who} moves the other way{larger}"
+        if weight is not None and weight > 0 and ratio and ratio >= CLEARLY_LARGER:
+            return cause, f"lower {who}'s weight to ~{weight / ratio:.2g} (from {weight:.2g}), or merge without {who}"
+        return cause, f"merge without {who}, or give {who} a smaller weight"
+    if largest == "zeroed":
+        density = f" (density {run.density:.2g})" if run.density is not None and run.density < 1 else ""
+        if method in RANDOM_DROP_METHODS:
+            return f"loses {percent(parts.zeroed)} of its change to random drops{density}", "raise its density"
+        if density:
+            return f"loses {percent(parts.zeroed)} of its change to trimming{density}", "raise its density"
+        return f"loses {percent(parts.zeroed)} of its change where the merge keeps the base's values", ""
+    lost = percent(parts.shrunk)
+    if normalize and run.weight is not None and run.weight_total:
+        return (f"loses {lost} of its change to averaging (weight {run.weight:.2g} of {run.weight_total:.2g})",
+                "raise its weight, or merge with normalize: false (task arithmetic adds the task vectors whole)")
+    if run.weight is not None:
+        return f"loses {lost} of its change to its weight there ({run.weight:.2g})", "raise its weight"
+    return f"loses {lost} of its change to scaling although its signs survive", ""
+
+
 def cause_of(run: _RunEffect, normalize: bool | None) -> str:
-    """Why a source keeps little over a run (the rules of the module docstring)."""
+    """Why a source keeps little over a run, from sign shares alone (no decomposition: more than 7 sources)."""
     lost = run.shares.get("lost")
     if lost is not None and lost >= min(0.5, (1 - run.retention) / 2):
         if run.shares["conflict"] >= run.shares["trimmed"]:
@@ -165,12 +230,27 @@ def percent(value: float) -> str:
     return f"{round(100 * value)}%"
 
 
+def likely_lost(effect: "SourceEffect") -> bool:
+    """Whether a source's skill is likely lost by the merge, from its whole-model numbers: retention below
+    ``LIKELY_LOST_RETENTION`` or cosine with the merge's change below ``LIKELY_LOST_COSINE``."""
+    if effect.retention is None:
+        return False
+    return effect.retention < LIKELY_LOST_RETENTION or (effect.cosine is not None and effect.cosine < LIKELY_LOST_COSINE)
+
+
+def explain(run: _RunEffect, names: list[str], context: "PlanContext | None") -> tuple[str, str]:
+    """(cause, advice) of one source's loss over a run or the whole model."""
+    normalize = context.normalize if context is not None else None
+    if run.parts is not None:
+        return cause_from_parts(run, names, context.method if context is not None else None, normalize)
+    return cause_of(run, normalize), ""
+
+
 def summarize(
     groups: list["GroupDiagnosis"], total: "GroupDiagnosis", names: list[str], context: "PlanContext | None"
 ) -> tuple[list[Finding], list[str]]:
     """The findings and the summary sentences: findings first (source order, then model order), then one
     whole-model line per source."""
-    normalize = context.normalize if context is not None else None
     findings: list[Finding] = []
     for i, name in enumerate(names):
         source_mass = sum(g.sources[i].norm ** 2 for g in groups)
@@ -182,10 +262,17 @@ def summarize(
         kept = sorted(candidates, key=lambda c: -c[0])[:MAX_FINDINGS]
         for _, run, effect in sorted(kept, key=lambda c: groups.index(c[1][0])):
             where = describe_groups([g.group for g in run])
-            cause = cause_of(effect, normalize)
+            cause, advice = explain(effect, names, context)
             sentence = f"{name} keeps {percent(effect.retention)} of its change in {where}: {cause}"
-            findings.append(Finding(name, [g.group for g in run], where, effect.retention, cause, sentence))
-    lines = [f.sentence for f in findings]
+            findings.append(Finding(name, [g.group for g in run], where, effect.retention, cause, sentence, advice))
+        if not kept and likely_lost(total.sources[i]):
+            effect = aggregate(groups, i, context)
+            cause, advice = explain(effect, names, context)
+            whole = total.sources[i]
+            sentence = (f"{name}'s skill is likely lost (it keeps {percent(whole.retention)} of its change, cosine "
+                        f"{whole.cosine:.2f} with the merge's change): {cause}")
+            findings.append(Finding(name, [g.group for g in groups], "the whole model", whole.retention, cause, sentence, advice))
+    lines = [f"{f.sentence}; {f.advice}" if f.advice else f.sentence for f in findings]
     for name, effect in zip(names, total.sources):
         if effect.retention is None:
             lines.append(f"{name} changed nothing relative to the base")

@@ -25,7 +25,10 @@ On request (``patterns=True`` in the pass, n ≤ 8) :class:`SignCounts` also kee
 themselves: ``histogram[p]`` = #elements with sign pattern p = (s₁…sₙ) (coded as in
 :mod:`.sign_patterns`) and ``pattern_mass[p, i]`` = Σ τᵢ² over those elements — which share of each task
 vector's squared norm sits at elements where the others agree or disagree with it (the diagnosis of a merge
-uses them).
+uses them). The diagnosis passes the merge's task vector τ_m last, and for it the pass also keeps
+``pattern_magnitude[p, i]`` = Σ |τᵢ| and ``pattern_cost[p, i]`` = Σ τᵢ(τᵢ − τ_m) per pattern, and
+``amplified_cost[i]`` = Σ τᵢ(τᵢ − τ_m) over the elements where τ_m has τᵢ's sign and a larger magnitude —
+the exact parts of 1 − retention (:mod:`.loss_parts`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ class SignCounts:
     multi_conflict: int = 0
     histogram: np.ndarray | None = None  # (3ⁿ,) int64, kept only on request
     pattern_mass: np.ndarray | None = None  # (3ⁿ, n) float64: Σ τᵢ² per sign pattern, kept only on request
+    pattern_magnitude: np.ndarray | None = None  # (3ⁿ, n) float64: Σ |τᵢ| per sign pattern, likewise
+    pattern_cost: np.ndarray | None = None  # (3ⁿ, n) float64: Σ τᵢ(τᵢ − τ_last) per sign pattern, likewise
+    amplified_cost: np.ndarray | None = None  # (n,) float64: Σ τᵢ(τᵢ − τ_last) where |τ_last| > |τᵢ|, same sign
 
     @classmethod
     def zeros(cls, n: int) -> "SignCounts":
@@ -58,6 +64,9 @@ class SignCounts:
         self.multi_conflict += other.multi_conflict
         self.histogram = _add_optional(self.histogram, other.histogram)
         self.pattern_mass = _add_optional(self.pattern_mass, other.pattern_mass)
+        self.pattern_magnitude = _add_optional(self.pattern_magnitude, other.pattern_magnitude)
+        self.pattern_cost = _add_optional(self.pattern_cost, other.pattern_cost)
+        self.amplified_cost = _add_optional(self.amplified_cost, other.amplified_cost)
 
     def sign_conflict(self, i: int, j: int) -> float | None:
         """#(τᵢτⱼ < 0) / #(τᵢ ≠ 0 ∧ τⱼ ≠ 0); None when no element is nonzero in both."""

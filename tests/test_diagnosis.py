@@ -106,9 +106,40 @@ def reference(states: dict, merged: dict) -> dict:
                 "conflict": mass[conflicted].sum() / total,
                 "trimmed": mass[lost & ~conflicted].sum() / total,
                 "conflict_with": {j: mass[m].sum() / total for j, m in opposed.items()},
+                "parts": loss_parts_reference(tau, tau_m, [taus[j] for j in range(3)], i),
             }
         result[key] = (np.linalg.norm(tau_m), per_source)
     return result
+
+
+def loss_parts_reference(tau: np.ndarray, tau_m: np.ndarray, taus: list[np.ndarray], i: int) -> dict:
+    """1 − retention split entry by entry (zeroed, reversed, shrunk, amplified shares of ‖τᵢ‖²), the reversed
+    part split by the sources opposing there, and their magnitude ratios — float64, explicit masks."""
+    norm = tau @ tau
+    term = tau * (tau - tau_m)
+    changed = tau != 0
+    zeroed = changed & (tau_m == 0)
+    reversed_ = changed & (tau * tau_m < 0)
+    amplified = changed & (tau * tau_m > 0) & (np.abs(tau_m) > np.abs(tau))
+    shrunk = changed & (tau * tau_m > 0) & ~amplified
+    parts = {k: term[m].sum() / norm for k, m in (("zeroed", zeroed), ("reversed", reversed_), ("shrunk", shrunk), ("amplified", amplified))}
+    parts["reversed_by"], parts["ratio"] = {}, {}
+    for j, other in enumerate(taus):
+        opposed = reversed_ & (np.sign(other) == -np.sign(tau))
+        if j != i and opposed.any():
+            parts["reversed_by"][NAMES[j]] = term[opposed].sum() / norm
+            parts["ratio"][NAMES[j]] = np.abs(other[opposed]).sum() / np.abs(tau[opposed]).sum()
+    return parts
+
+
+def assert_loss_parts(document: dict, want: dict, retention: float) -> None:
+    """The diagnosis JSON's ``loss_parts`` of one source equal the float64 reference and add up to 1 − ρ."""
+    got = document["loss_parts"]
+    for part in ("zeroed", "reversed", "shrunk", "amplified"):
+        assert got[part] == pytest.approx(want[part], rel=1e-6, abs=1e-9), part
+    assert sum(got[p] for p in ("zeroed", "reversed", "shrunk", "amplified")) == pytest.approx(1 - retention, abs=1e-6)
+    assert got["reversed_by"] == pytest.approx(want["reversed_by"], rel=1e-6, abs=1e-9)
+    assert got["ratio"] == pytest.approx(want["ratio"], rel=1e-6)
 
 
 def test_ties_diagnosis_matches_numpy_and_names_the_conflict_and_the_trim(workspace, monkeypatch):
@@ -125,6 +156,12 @@ def test_ties_diagnosis_matches_numpy_and_names_the_conflict_and_the_trim(worksp
             for field in ("retention", "cosine", "lost", "reversed", "conflict", "trimmed"):
                 assert getattr(effect, field) == pytest.approx(want[field], rel=1e-6, abs=1e-9), (key, name, field)
             assert effect.conflict_with == pytest.approx(want["conflict_with"], rel=1e-6, abs=1e-9)
+    document = diagnosis.to_json()
+    for group in [*document["groups"], document["total"]]:
+        for name in NAMES:
+            want = expected[group["name"]][1][name]
+            assert_loss_parts(group["sources"][name], want["parts"], want["retention"])
+    assert expected["model.layers.2"][1]["ft_b"]["parts"]["reversed"] > 1.9  # reversed entries cost τ² + |τ τ_m|
     # the shape of the case: ft_b is reversed by its conflict with ft_a in layers 2–3; ft_c trimmed in lm_head
     assert rows["model.layers.2"].sources[1].retention == pytest.approx(-1.0, abs=1e-5)
     assert rows["model.layers.2"].sources[1].conflict_with["ft_a"] == pytest.approx(1.0)
@@ -135,9 +172,17 @@ def test_ties_diagnosis_matches_numpy_and_names_the_conflict_and_the_trim(worksp
     found = {(f.source, tuple(f.groups)): f for f in diagnosis.findings}
     assert set(found) == {("ft_b", ("model.layers.2", "model.layers.3")), ("ft_c", ("lm_head",))}
     conflict = found["ft_b", ("model.layers.2", "model.layers.3")]
-    assert conflict.sentence == "ft_b keeps -100% of its change in layers 2–3: sign conflicts with ft_a there"
+    # reversed entries cost τ² + |τ·τ_m| = 2τ² here; the election weighs 1·|τ_a| against 0.5·|τ_b|: 2× larger
+    assert conflict.sentence == (
+        "ft_b keeps -100% of its change in layers 2–3: loses 200% of its change to the sign election where ft_a "
+        "disagrees, whose weighted change is 2.0× larger there"
+    )
+    assert conflict.advice == "lower ft_a's weight to ~0.5 (from 1), or merge without ft_a"
     trim = found["ft_c", ("lm_head",)]
-    assert trim.sentence.startswith("ft_c keeps ") and trim.sentence.endswith("of its change in lm_head: trimmed away there (density 0.02)")
+    zeroed = expected["lm_head"][1]["ft_c"]["parts"]["zeroed"]
+    assert trim.sentence.startswith("ft_c keeps ") and trim.sentence.endswith(
+        f"of its change in lm_head: loses {round(100 * zeroed)}% of its change to trimming (density 0.02)")
+    assert trim.advice == "raise its density"
     assert trim.retention == pytest.approx(expected["lm_head"][1]["ft_c"]["retention"], rel=1e-6)
     overall = [line for line in diagnosis.summary if "over the whole model" in line]
     assert [line.split()[0] for line in overall] == list(NAMES)
@@ -160,7 +205,8 @@ def test_a_small_weight_is_named_as_the_cause(workspace, monkeypatch):
     [finding] = diagnosis.findings
     assert finding.source == "ft_c" and finding.groups == [g.group for g in diagnosis.groups]
     assert finding.sentence == (
-        "ft_c keeps 20% of its change in model.embed_tokens, layers 0–3, model.norm and lm_head: its weight there is 0.2"
+        "ft_c keeps 20% of its change in model.embed_tokens, layers 0–3, model.norm and lm_head: loses 80% of its "
+        "change to its weight there (0.2)"
     )
 
 
@@ -190,14 +236,14 @@ def test_cli_prints_tables_and_summary_and_writes_json(workspace, monkeypatch, c
     assert main(["diagnose", str(folder), "--device", "cpu", "--json", "-"]) == 0
     document = json.loads(capsys.readouterr().out)
     diagnosis = diagnose_merged_folder(folder, device="cpu")
-    assert document["schema"] == "mergescope.diagnosis/1" and document["method"] == "ties"
+    assert document["schema"] == "mergescope.diagnosis/2" and document["method"] == "ties"
     assert [s["name"] for s in document["sources"]] == list(NAMES)
     assert document["summary"] == diagnosis.summary
     group = next(g for g in document["groups"] if g["name"] == "model.layers.3")
     assert group["sources"]["ft_b"]["retention"] == pytest.approx(diagnosis.groups[4].sources[1].retention)
     assert main(["diagnose", str(folder), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "ft_b keeps -100% of its change in layers 2–3: sign conflicts with ft_a there" in " ".join(printed.split())
+    assert "ft_b keeps -100% of its change in layers 2–3: loses 200% of its change to the sign election" in " ".join(printed.split())
     assert main(["diagnose", str(root / "nothing-here")]) == 2
     assert "mergescope: error:" in capsys.readouterr().err
 
@@ -226,3 +272,25 @@ def test_groups_are_described_as_layer_ranges():
     assert describe_groups(["model.layers.15", "model.norm", "lm_head"]) == "layer 15, model.norm and lm_head"
     assert describe_groups(["model.layers.2", "model.layers.4"]) == "layer 2 and layer 4"
     assert describe_groups(["encoder.block.4", "encoder.block.5", "decoder.block.0"]) == "encoder.block 4–5 and decoder.block 0"
+
+
+@pytest.mark.mergekit
+def test_loss_parts_of_a_mergekit_merge_match_numpy(workspace, monkeypatch):
+    """A folder written by mergekit itself (its own mergekit_config.yml beside the weights) is diagnosed
+    exactly: the parts need only θ₀, θᵢ and θ_m."""
+    from mergekit_reference import mergekit_available, run_mergekit
+
+    if not mergekit_available():
+        pytest.skip("mergekit venv missing (python benchmarks/mergekit_env.py)")
+    root, states = workspace
+    plan = {**ties_plan(), "base_model": str(root / "base"),
+            "models": [{**m, "model": str(root / m["model"])} for m in ties_plan()["models"]]}
+    folder = run_mergekit(plan, root / "mergekit_ties")
+    merged = load_file(folder / "model.safetensors") if (folder / "model.safetensors").exists() else {
+        k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    document = diagnose_merged_folder(folder, device="cpu").to_json()
+    expected = reference(states, merged)
+    for group in [*document["groups"], document["total"]]:
+        for name in NAMES:
+            want = expected[group["name"]][1][name]
+            assert_loss_parts(group["sources"][name], want["parts"], want["retention"])
