@@ -29,16 +29,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergescope.checkpoints import CheckpointWriter, MergescopeError, TensorSpec, resolve_device
+from mergescope.checkpoints import Cancelled, CheckpointWriter, MergescopeError, TensorSpec, resolve_device
 from mergescope.checkpoints.writer import DEFAULT_MAX_SHARD_BYTES
 
 from .job import MergeJob, TensorTask
 from .model_card import model_card
+from .plan import PLAN_FILE_NAME
 
 DEFAULT_SEED = 0
 
 
-class MergeCancelled(MergescopeError):
+class MergeCancelled(Cancelled):
     """The merge was cancelled; nothing was written."""
 
 
@@ -250,5 +251,5 @@ def _write_model_files(job: MergeJob, writer: CheckpointWriter) -> None:
                 writer.add_file(path)
     if job.plan.chat_template:
         writer.add_text("chat_template.jinja", job.plan.chat_template)
-    writer.add_text("mergekit_config.yml", job.plan.to_yaml())
-    writer.add_text("README.md", model_card(job))
+    writer.add_text(PLAN_FILE_NAME, job.plan.to_yaml())
+    writer.add_text("README.md", model_card(job.plan, list(job.checkpoints)))

@@ -20,10 +20,11 @@ def default_best_path(plan_path: str) -> Path:
 def run_tune_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from mergescope.merge.evaluation import check_template
+    from mergescope.merge.eval_command import check_template
     from mergescope.merge.job import build_job
     from mergescope.merge.plan import load_plan
-    from mergescope.merge.search_space import candidates, check_path, grid_points, parse_vary, plain_document, random_points
+    from mergescope.merge.search_space import candidates, check_path, grid_points, parse_vary, random_points
+    from mergescope.merge.yaml_lines import plain_document
 
     plan = load_plan(args.plan)
     check_template(args.eval_cmd)
