@@ -24,13 +24,11 @@ Then one line per source with its whole-model retention and cosine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from mergescope.checkpoints import layer_index
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .diagnosis import GroupDiagnosis
-    from .diagnosis_context import PlanContext
+from .diagnosis_context import PlanContext
+from .diagnosis_groups import GroupDiagnosis
 
 LOW_RETENTION = 1 / 3
 MIN_RUN_MASS = 0.01
@@ -66,7 +64,7 @@ class _RunEffect:
     density: float | None = None
 
 
-def aggregate(groups: list["GroupDiagnosis"], i: int, context: "PlanContext | None") -> _RunEffect:
+def aggregate(groups: list[GroupDiagnosis], i: int, context: PlanContext | None) -> _RunEffect:
     """Source i's retention and loss shares over ``groups``, each group weighted by ‖τᵢ‖² there."""
     run = _RunEffect()
     parameters: dict[str, list[tuple[float, float]]] = {"weight": [], "weight_total": [], "density": []}
@@ -84,7 +82,8 @@ def aggregate(groups: list["GroupDiagnosis"], i: int, context: "PlanContext | No
             for name, share in effect.conflict_with.items():
                 run.conflict_with[name] = run.conflict_with.get(name, 0.0) + mass * share
         total = context.parameters.get(group.group) if context is not None else None
-        for key, value in (("weight", effect.weight), ("density", effect.density), ("weight_total", total and total.weight_total)):
+        weight_total = total and total.weight_total
+        for key, value in (("weight", effect.weight), ("density", effect.density), ("weight_total", weight_total)):
             if value is not None:
                 parameters[key].append((mass, value))
     if run.mass > 0:
@@ -149,7 +148,7 @@ def describe_groups(groups: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def low_runs(groups: list["GroupDiagnosis"], i: int) -> list[list["GroupDiagnosis"]]:
+def low_runs(groups: list[GroupDiagnosis], i: int) -> list[list[GroupDiagnosis]]:
     """Maximal runs of consecutive groups where source i's retention is below ``LOW_RETENTION``."""
     runs: list[list] = [[]]
     for group in groups:
@@ -166,7 +165,7 @@ def percent(value: float) -> str:
 
 
 def summarize(
-    groups: list["GroupDiagnosis"], total: "GroupDiagnosis", names: list[str], context: "PlanContext | None"
+    groups: list[GroupDiagnosis], total: GroupDiagnosis, names: list[str], context: PlanContext | None
 ) -> tuple[list[Finding], list[str]]:
     """The findings and the summary sentences: findings first (source order, then model order), then one
     whole-model line per source."""
