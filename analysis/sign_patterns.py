@@ -23,6 +23,7 @@ import numpy as np
 
 from .sums import SignCounts
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -35,7 +36,9 @@ def pattern_table(n: int) -> np.ndarray:
     return np.stack([(codes // 3**i) % 3 - 1 for i in range(n)], axis=1).astype(np.int64)
 
 
-def counts_from_histogram(histogram: np.ndarray, n: int, pattern_mass: np.ndarray | None = None, keep: bool = False) -> SignCounts:
+def counts_from_histogram(
+    histogram: np.ndarray, n: int, pattern_mass: np.ndarray | None = None, keep: bool = False
+) -> SignCounts:
     """All sign statistics from the pattern histogram (exact integer arithmetic); ``keep`` stores the
     histogram and ``pattern_mass`` in the result."""
     patterns = pattern_table(n)
@@ -75,7 +78,7 @@ class SignAccumulator:
             self.multi = torch.zeros((), dtype=torch.int64, device=device)
             self.conflict = torch.zeros((), dtype=torch.int64, device=device)
 
-    def add(self, s: "torch.Tensor", tau: "torch.Tensor | None" = None) -> None:
+    def add(self, s: torch.Tensor, tau: torch.Tensor | None = None) -> None:
         """Count the sign patterns of S (n × c); with ``patterns`` also add τ² (``tau``, n × c) per pattern."""
         import torch
 
@@ -85,7 +88,8 @@ class SignAccumulator:
             if self.mass is not None and tau is not None:
                 squares = self.squares[: s.shape[1]]
                 for i in range(self.n):  # a weighted bincount per model: 2.5x faster than one index_add_
-                    self.mass[:, i] += torch.bincount(codes, weights=squares.copy_(tau[i]).square_(), minlength=3**self.n)
+                    weights = squares.copy_(tau[i]).square_()
+                    self.mass[:, i] += torch.bincount(codes, weights=weights, minlength=3**self.n)
             return
         a = s.abs()
         self.sign_dot += (s @ s.T).double()
