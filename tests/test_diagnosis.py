@@ -51,7 +51,7 @@ def build_models(root) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def diagnosis_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("diagnosis")
     return root, build_models(root)
 
@@ -71,7 +71,10 @@ def ties_plan() -> dict:
         "models": [
             {"model": "ft_a", "parameters": {"weight": 1.0, "density": 1.0}},
             {"model": "ft_b", "parameters": {"weight": 0.5, "density": 1.0}},
-            {"model": "ft_c", "parameters": {"weight": 1.0, "density": [{"filter": "lm_head", "value": 0.02}, {"value": 1.0}]}},
+            {
+                "model": "ft_c",
+                "parameters": {"weight": 1.0, "density": [{"filter": "lm_head", "value": 0.02}, {"value": 1.0}]},
+            },
         ],
     }
 
@@ -111,8 +114,8 @@ def reference(states: dict, merged: dict) -> dict:
     return result
 
 
-def test_ties_diagnosis_matches_numpy_and_names_the_conflict_and_the_trim(workspace, monkeypatch):
-    root, states = workspace
+def test_ties_diagnosis_matches_numpy_and_names_the_conflict_and_the_trim(diagnosis_models, monkeypatch):
+    root, states = diagnosis_models
     folder, merged = merge(root, "merged_ties", ties_plan(), monkeypatch)
     diagnosis = diagnose_merged_folder(folder.relative_to(root.parent), device="cpu")  # from the cwd
     expected = reference(states, merged)
@@ -137,15 +140,17 @@ def test_ties_diagnosis_matches_numpy_and_names_the_conflict_and_the_trim(worksp
     conflict = found["ft_b", ("model.layers.2", "model.layers.3")]
     assert conflict.sentence == "ft_b keeps -100% of its change in layers 2–3: sign conflicts with ft_a there"
     trim = found["ft_c", ("lm_head",)]
-    assert trim.sentence.startswith("ft_c keeps ") and trim.sentence.endswith("of its change in lm_head: trimmed away there (density 0.02)")
+    assert trim.sentence.startswith("ft_c keeps ") and trim.sentence.endswith(
+        "of its change in lm_head: trimmed away there (density 0.02)"
+    )
     assert trim.retention == pytest.approx(expected["lm_head"][1]["ft_c"]["retention"], rel=1e-6)
     overall = [line for line in diagnosis.summary if "over the whole model" in line]
     assert [line.split()[0] for line in overall] == list(NAMES)
     assert overall[1].startswith(f"ft_b keeps {round(100 * expected['total'][1]['ft_b']['retention'])}% ")
 
 
-def test_a_small_weight_is_named_as_the_cause(workspace, monkeypatch):
-    root, states = workspace
+def test_a_small_weight_is_named_as_the_cause(diagnosis_models, monkeypatch):
+    root, states = diagnosis_models
     plan = {"merge_method": "task_arithmetic", "base_model": "base", "dtype": "float32", "models": [
         {"model": "ft_a", "parameters": {"weight": 1.0}},
         {"model": "ft_c", "parameters": {"weight": 0.2}},
@@ -160,12 +165,13 @@ def test_a_small_weight_is_named_as_the_cause(workspace, monkeypatch):
     [finding] = diagnosis.findings
     assert finding.source == "ft_c" and finding.groups == [g.group for g in diagnosis.groups]
     assert finding.sentence == (
-        "ft_c keeps 20% of its change in model.embed_tokens, layers 0–3, model.norm and lm_head: its weight there is 0.2"
+        "ft_c keeps 20% of its change in model.embed_tokens, layers 0–3, model.norm and lm_head: "
+        "its weight there is 0.2"
     )
 
 
-def test_plan_without_base_model_needs_base_and_relative_paths_resolve(workspace, monkeypatch, tmp_path):
-    root, states = workspace
+def test_plan_without_base_model_needs_base_and_relative_paths_resolve(diagnosis_models, monkeypatch, tmp_path):
+    root, states = diagnosis_models
     plan = {"merge_method": "linear", "dtype": "float32", "models": [
         {"model": "ft_a", "parameters": {"weight": 1.0}}, {"model": "ft_c", "parameters": {"weight": 1.0}},
     ]}
@@ -184,8 +190,8 @@ def test_plan_without_base_model_needs_base_and_relative_paths_resolve(workspace
         diagnose_merged_folder(root / "base")
 
 
-def test_cli_prints_tables_and_summary_and_writes_json(workspace, monkeypatch, capsys):
-    root, states = workspace
+def test_cli_prints_tables_and_summary_and_writes_json(diagnosis_models, monkeypatch, capsys):
+    root, states = diagnosis_models
     folder, _ = merge(root, "merged_cli", ties_plan(), monkeypatch)
     assert main(["diagnose", str(folder), "--device", "cpu", "--json", "-"]) == 0
     document = json.loads(capsys.readouterr().out)
@@ -209,14 +215,21 @@ def run_effect(retention: float, lost: float, conflict: float, **rest) -> _RunEf
 
 def test_cause_rules_at_their_boundaries():
     # sign losses explain at least half the shortfall 1 − ρ: named, else the weight is
-    assert cause_of(run_effect(0.09, 0.46, 0.46, conflict_with={"ft_c": 0.46, "ft_b": 0.1}), True) == "sign conflicts with ft_c there"
+    assert (
+        cause_of(run_effect(0.09, 0.46, 0.46, conflict_with={"ft_c": 0.46, "ft_b": 0.1}), True)
+        == "sign conflicts with ft_c there"
+    )
     assert cause_of(run_effect(0.09, 0.44, 0.44, conflict_with={"ft_c": 0.44}, weight=1.0, weight_total=3.0), True) == (
         "averaged in with weight 1 of 3"
     )
     assert cause_of(run_effect(0.2, 0.45, 0.05, density=0.1), None) == "trimmed away there (density 0.1)"
-    assert cause_of(run_effect(0.2, 0.45, 0.05), None) == "zeroed there where no other source disagrees (a trim or drop)"
-    assert cause_of(run_effect(-0.3, 0.4, 0.4, conflict_with={"ft_a": 0.4}), None) == "the merge moves the opposite way there"
-    assert cause_of(run_effect(-0.3, 0.5, 0.5, conflict_with={"ft_a": 0.5, "ft_c": 0.41}), None) == "sign conflicts with ft_a and ft_c there"
+    assert cause_of(run_effect(0.2, 0.45, 0.05), None) == (
+        "zeroed there where no other source disagrees (a trim or drop)"
+    )
+    opposite = run_effect(-0.3, 0.4, 0.4, conflict_with={"ft_a": 0.4})
+    assert cause_of(opposite, None) == "the merge moves the opposite way there"
+    two_culprits = run_effect(-0.3, 0.5, 0.5, conflict_with={"ft_a": 0.5, "ft_c": 0.41})
+    assert cause_of(two_culprits, None) == "sign conflicts with ft_a and ft_c there"
     assert cause_of(run_effect(0.25, 0.1, 0.1, weight=0.25), False) == "its weight there is 0.25"
 
 
@@ -225,4 +238,7 @@ def test_groups_are_described_as_layer_ranges():
     assert describe_groups(["model.layers.3"]) == "layer 3"
     assert describe_groups(["model.layers.15", "model.norm", "lm_head"]) == "layer 15, model.norm and lm_head"
     assert describe_groups(["model.layers.2", "model.layers.4"]) == "layer 2 and layer 4"
-    assert describe_groups(["encoder.block.4", "encoder.block.5", "decoder.block.0"]) == "encoder.block 4–5 and decoder.block 0"
+    assert (
+        describe_groups(["encoder.block.4", "encoder.block.5", "decoder.block.0"])
+        == "encoder.block 4–5 and decoder.block 0"
+    )
