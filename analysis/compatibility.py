@@ -43,18 +43,23 @@ def checkpoint_warnings(base: Checkpoint, models: list[Checkpoint], names: list[
         if ta and tb and ta != tb:
             found.append(AnalysisWarning(
                 "tokenizer_mismatch", name, None,
-                f"{name}'s tokenizer differs from the base's (fingerprint {tb} vs {ta}): token ids may mean different things",
+                f"{name}'s tokenizer differs from the base's (fingerprint {tb} vs {ta}): "
+                "token ids may mean different things",
             ))
         for tensor in base.tensor_names:
             if tensor not in model:
-                found.append(AnalysisWarning("missing_tensor", name, tensor, f"{name} has no {tensor}; its task vector there counts as 0"))
+                message = f"{name} has no {tensor}; its task vector there counts as 0"
+                found.append(AnalysisWarning("missing_tensor", name, tensor, message))
         for tensor in model.tensor_names:
             if tensor not in base:
-                found.append(AnalysisWarning("extra_tensor", name, tensor, f"{name} has {tensor}, which the base lacks; it is not analysed"))
+                message = f"{name} has {tensor}, which the base lacks; it is not analysed"
+                found.append(AnalysisWarning("extra_tensor", name, tensor, message))
     return found
 
 
-def shared_rows(tensor: str, base: TensorSpec, model: TensorSpec, base_vocab: int | None, model_vocab: int | None) -> int | None:
+def shared_rows(
+    tensor: str, base: TensorSpec, model: TensorSpec, base_vocab: int | None, model_vocab: int | None
+) -> int | None:
     """For an embedding or output head whose vocabulary grew or shrank, the rows both have; else None.
 
     A 2-D tensor counts as vocabulary-indexed when its name says so (embed, wte, lm_head…) or its row
@@ -62,7 +67,9 @@ def shared_rows(tensor: str, base: TensorSpec, model: TensorSpec, base_vocab: in
     """
     if len(base.shape) != 2 or len(model.shape) != 2 or base.shape[1:] != model.shape[1:]:
         return None
-    vocabulary_indexed = any(h in tensor for h in _VOCAB_HINTS) or base.shape[0] == base_vocab or model.shape[0] == model_vocab
+    vocabulary_indexed = (
+        any(h in tensor for h in _VOCAB_HINTS) or base.shape[0] == base_vocab or model.shape[0] == model_vocab
+    )
     return min(base.shape[0], model.shape[0]) if vocabulary_indexed else None
 
 
@@ -76,7 +83,8 @@ def alignment_warning(tensor: str, name: str, base: TensorSpec, model: TensorSpe
     grew = f"{extra} extra rows (ids {base.shape[0]}–{model.shape[0] - 1})" if extra > 0 else f"{-extra} fewer rows"
     return AnalysisWarning(
         "vocab_mismatch", name, tensor,
-        f"{tensor}: {name} has {model.shape[0]} rows, the base {base.shape[0]}: {grew}; the {rows} shared rows are compared",
+        f"{tensor}: {name} has {model.shape[0]} rows, the base {base.shape[0]}: {grew}; "
+        f"the {rows} shared rows are compared",
     )
 
 
@@ -84,7 +92,8 @@ def non_finite_warning(tensor: str, name: str | None, count: int) -> AnalysisWar
     who = name or "the base"
     return AnalysisWarning(
         "non_finite", name, tensor,
-        f"{tensor}: {count} NaN/Inf values in {who}; they are counted as 0 in the statistics, and a merge would spread them",
+        f"{tensor}: {count} NaN/Inf values in {who}; they are counted as 0 in the statistics, "
+        "and a merge would spread them",
     )
 
 

@@ -30,9 +30,9 @@ API::
     for event in stream_diagnosis(base, sources, merged, ...): ...   # AnalysisWarning, Progress,
                                                                       # GroupDiagnosis, then the Diagnosis
 
-* :class:`SourceEffect` — one source in one group: ``norm``, ``retention``, ``cosine``, ``lost``, ``reversed``,
-  ``conflict``, ``trimmed``, ``conflict_with`` (name → share), ``weight``, ``density``.
-* :class:`GroupDiagnosis` ``(group, numel, merged_norm, sources: list[SourceEffect])``.
+* :class:`~.diagnosis_groups.SourceEffect` — one source in one group: ``norm``, ``retention``, ``cosine``, ``lost``,
+  ``reversed``, ``conflict``, ``trimmed``, ``conflict_with`` (name → share), ``weight``, ``density``.
+* :class:`~.diagnosis_groups.GroupDiagnosis` ``(group, numel, merged_norm, sources: list[SourceEffect])``.
 * :class:`Diagnosis` ``(names, references, base, merged, method, groups, total, findings, summary, warnings)``;
   ``findings`` are :class:`~.diagnosis_summary.Finding` (a source, a run of groups keeping < 1/3, the cause);
   ``summary`` the plain-words sentences; :meth:`Diagnosis.to_json` the ``mergescope.diagnosis/2`` document.
@@ -42,49 +42,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import numpy as np
 
 from mergescope.checkpoints import Checkpoint, MergescopeError, open_checkpoint
 
 from .compatibility import AnalysisWarning
 from .diagnosis_context import PlanContext, plan_context_for_folder
+from .diagnosis_groups import GroupDiagnosis, group_diagnosis
 from .diagnosis_summary import Finding, summarize
-from .loss_parts import PARTS, LossParts, loss_parts
+from .loss_parts import PARTS
 from .report import AnalysisCancelled, unique_names
-from .retention import merge_gram_from_task_sums
-from .sign_patterns import pattern_table
 from .stream import Progress, TensorResult, stream_analysis
 from .sums import TaskVectorSums
 
 SCHEMA = "mergescope.diagnosis/2"
-
-
-@dataclass
-class SourceEffect:
-    """What the merge did to one source's task vector over one group (see the module docstring)."""
-
-    norm: float
-    retention: float | None
-    cosine: float | None
-    lost: float | None = None
-    reversed: float | None = None
-    conflict: float | None = None
-    trimmed: float | None = None
-    conflict_with: dict[str, float] = field(default_factory=dict)
-    weight: float | None = None
-    density: float | None = None
-    parts: LossParts | None = None  # 1 − retention, split exactly (see .loss_parts)
-
-
-@dataclass
-class GroupDiagnosis:
-    group: str  # a layer group, or "total"
-    numel: int
-    merged_norm: float
-    sources: list[SourceEffect]
 
 
 @dataclass
@@ -134,53 +106,6 @@ def _group_json(group: GroupDiagnosis, names: list[str]) -> dict:
     }
 
 
-def sign_losses(pattern_mass: np.ndarray, n: int) -> list[dict]:
-    """Per source i < n: ``lost``, ``reversed``, ``conflict``, ``trimmed`` and ``conflict_with`` (index → share)
-    as shares of Σ τᵢ², from the pattern mass of the n sources and the merge (the last of n + 1 vectors)."""
-    patterns = pattern_table(n + 1)
-    merged = patterns[:, n]
-    found = []
-    for i in range(n):
-        own = patterns[:, i]
-        mass = pattern_mass[:, i]
-        total = float(mass[own != 0].sum())
-        if total <= 0:
-            found.append({"lost": None, "reversed": None, "conflict": None, "trimmed": None, "conflict_with": {}})
-            continue
-        lost = (own != 0) & (merged != own)
-        opposed_by = {j: lost & (patterns[:, j] == -own) for j in range(n) if j != i}
-        conflicted = np.zeros_like(lost)
-        for mask in opposed_by.values():
-            conflicted |= mask
-        share = lambda mask: float(mass[mask].sum()) / total  # noqa: E731
-        found.append({
-            "lost": share(lost),
-            "reversed": share(lost & (merged == -own)),
-            "conflict": share(conflicted),
-            "trimmed": share(lost & ~conflicted),
-            "conflict_with": {j: share(mask) for j, mask in opposed_by.items()},
-        })
-    return found
-
-
-def group_diagnosis(group: str, sums: TaskVectorSums, names: list[str], context: PlanContext | None) -> GroupDiagnosis:
-    """The numbers of one group (or ``"total"``) from its summed analysis sums over ``[τ₁…τₙ, τ_m]``."""
-    n = len(names)
-    gram = merge_gram_from_task_sums(sums.gram, sums.numel)
-    losses = sign_losses(sums.signs.pattern_mass, n) if sums.signs.pattern_mass is not None else [None] * n
-    parameters = context.parameters.get(group) if context is not None else None
-    effects = []
-    for i, (loss, parts) in enumerate(zip(losses, loss_parts(sums.signs, n))):
-        effect = SourceEffect(gram.norm(i), gram.retention(i), gram.cosine(i), parts=parts)
-        if loss is not None:
-            effect.lost, effect.reversed, effect.conflict, effect.trimmed = loss["lost"], loss["reversed"], loss["conflict"], loss["trimmed"]
-            effect.conflict_with = {names[j]: value for j, value in loss["conflict_with"].items()}
-        if parameters is not None:
-            effect.weight, effect.density = parameters.weights[i], parameters.densities[i]
-        effects.append(effect)
-    return GroupDiagnosis(group, sums.numel, gram.merged_norm, effects)
-
-
 def stream_diagnosis(
     base: Checkpoint,
     sources: list[Checkpoint],
@@ -198,12 +123,15 @@ def stream_diagnosis(
         raise MergescopeError("a diagnosis needs at least one source model besides the base")
     names = names or unique_names(sources)
     references = references or [s.source for s in sources]
-    labels = unique_names([*sources, merged])
+    merged_name = unique_names([*sources, merged])[-1]
     n = len(sources)
     groups: list[GroupDiagnosis] = []
     warnings: list[AnalysisWarning] = []
     total, current, current_group = TaskVectorSums(n + 1), TaskVectorSums(n + 1), None
-    for event in stream_analysis(base, [*sources, merged], [*names, labels[-1]], device=device, cancel=cancel, patterns=True):
+    events = stream_analysis(
+        base, [*sources, merged], [*names, merged_name], device=device, cancel=cancel, patterns=True
+    )
+    for event in events:
         if isinstance(event, TensorResult):
             if current_group is not None and event.group != current_group:
                 groups.append(group_diagnosis(current_group, current, names, context))

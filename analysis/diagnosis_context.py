@@ -13,8 +13,10 @@ from pathlib import Path
 
 from mergescope.checkpoints import Checkpoint, MergescopeError, layer_group, open_checkpoint
 from mergescope.checkpoints.hub import parse_hub_id
+from mergescope.merge.job import MergeJob, build_job
+from mergescope.merge.plan import PLAN_FILE_NAME, MergePlan, load_plan, plan_file_in
 
-PLAN_FILE_NAMES = ("mergekit_config.yml", "mergekit_config.yaml")
+from .plan_warnings import reference_names
 
 
 @dataclass
@@ -42,10 +44,12 @@ class PlanContext:
 
 def plan_file(folder: Path) -> Path:
     """The plan a merged folder holds; a one-line error when it holds none."""
-    for name in PLAN_FILE_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    raise MergescopeError(f"{folder}: no mergekit_config.yml, so not a folder written by mergescope merge (or mergekit)")
+    found = plan_file_in(folder)
+    if found is None:
+        raise MergescopeError(
+            f"{folder}: no {PLAN_FILE_NAME}, so not a folder written by mergescope merge (or mergekit)"
+        )
+    return found
 
 
 def resolve_reference(reference: str, folder: Path, plan_path: Path) -> str:
@@ -66,12 +70,12 @@ def resolve_reference(reference: str, folder: Path, plan_path: Path) -> str:
 
 def plan_context_for_folder(folder: Path, base: str | Checkpoint | None) -> PlanContext:
     """Open the base and sources named by ``folder``'s plan (``base`` overrides or supplies the base)."""
-    from mergescope.merge.plan import load_plan
-
     path = plan_file(folder)
     plan = load_plan(path)
     if plan.models is None:
-        raise MergescopeError(f"{path}: a slices: plan stacks layers, so its tensors do not line up with a base; nothing to diagnose")
+        raise MergescopeError(
+            f"{path}: a slices: plan stacks layers, so its tensors do not line up with a base; nothing to diagnose"
+        )
     opened: dict[str, Checkpoint] = {}
 
     def open_reference(reference: str, base_checkpoint: Checkpoint | None = None) -> Checkpoint:
@@ -88,7 +92,8 @@ def plan_context_for_folder(folder: Path, base: str | Checkpoint | None) -> Plan
         base_checkpoint = opened[plan.base_model] = open_reference(plan.base_model)
     else:
         raise MergescopeError(
-            f"{path}: this {plan.merge_method} plan has no base_model: pass the base the sources were fine-tuned from (--base BASE)"
+            f"{path}: this {plan.merge_method} plan has no base_model: pass the base the sources were fine-tuned from "
+            "(--base BASE)"
         )
     if plan.base_model and plan.base_model not in opened:
         opened[plan.base_model] = open_reference(plan.base_model)
@@ -105,30 +110,29 @@ def plan_context_for_folder(folder: Path, base: str | Checkpoint | None) -> Plan
     return _with_job(plan, opened, base_checkpoint, references)
 
 
-def _with_job(plan, opened: dict[str, Checkpoint], base: Checkpoint, references: list[str]) -> PlanContext:
+def _with_job(plan: MergePlan, opened: dict[str, Checkpoint], base: Checkpoint, references: list[str]) -> PlanContext:
     """Resolve the plan's parameters per tensor (headers only) and average them per layer group."""
-    from mergescope.merge.job import build_job
-
-    from .plan_warnings import reference_names
-
     sources = [opened[r] for r in references]
     try:
         job = build_job(plan, checkpoints=opened)
     except MergescopeError as exc:
         names = [s.name for s in sources]
         first = str(exc).splitlines()[0]
-        return PlanContext(plan.merge_method, None, base, sources, names, references, {}, [f"the plan's parameters are not shown: {first}"])
+        not_shown = [f"the plan's parameters are not shown: {first}"]
+        return PlanContext(plan.merge_method, None, base, sources, names, references, {}, not_shown)
     names = [reference_names(job)[r] for r in references]
     normalize = job.tasks[0].options.get("normalize") if job.tasks else None
     return PlanContext(plan.merge_method, normalize, base, sources, names, references, plan_parameters(job, references))
 
 
-def plan_parameters(job, references: list[str]) -> dict[str, GroupParameters]:
+def plan_parameters(job: MergeJob, references: list[str]) -> dict[str, GroupParameters]:
     """Per layer group: each source's weight and density (None when the method has none), averaged over the
     group's tensors weighted by their size, and the average sum of all inputs' weights."""
     sums: dict[str, dict] = {}
     for task in job.tasks:
-        entry = sums.setdefault(layer_group(task.output), {"numel": 0, "weights": {}, "densities": {}, "total": 0.0, "has_total": False})
+        entry = sums.setdefault(
+            layer_group(task.output), {"numel": 0, "weights": {}, "densities": {}, "total": 0.0, "has_total": False}
+        )
         entry["numel"] += task.numel
         weights = [p.get("weight") for p in task.params]
         if any(w is not None for w in weights):

@@ -26,15 +26,12 @@ Without the decomposition (more than 7 sources) the older sign-share rules apply
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from mergescope.checkpoints import layer_index
 
+from .diagnosis_context import PlanContext
+from .diagnosis_groups import GroupDiagnosis, SourceEffect
 from .loss_parts import LossParts
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .diagnosis import GroupDiagnosis, SourceEffect
-    from .diagnosis_context import PlanContext
 
 LOW_RETENTION = 1 / 3
 #: the whole-model rule for "likely lost" (see :func:`likely_lost`)
@@ -83,7 +80,7 @@ class _RunEffect:
     weights: dict[int, float] = field(default_factory=dict)
 
 
-def aggregate(groups: list["GroupDiagnosis"], i: int, context: "PlanContext | None") -> _RunEffect:
+def aggregate(groups: list[GroupDiagnosis], i: int, context: PlanContext | None) -> _RunEffect:
     """Source i's retention and loss shares over ``groups``, each group weighted by ‖τᵢ‖² there."""
     run = _RunEffect()
     parameters: dict[str, list[tuple[float, float]]] = {"weight": [], "weight_total": [], "density": []}
@@ -108,7 +105,8 @@ def aggregate(groups: list["GroupDiagnosis"], i: int, context: "PlanContext | No
             for name, share in effect.conflict_with.items():
                 run.conflict_with[name] = run.conflict_with.get(name, 0.0) + mass * share
         total = context.parameters.get(group.group) if context is not None else None
-        for key, value in (("weight", effect.weight), ("density", effect.density), ("weight_total", total and total.weight_total)):
+        weight_total = total and total.weight_total
+        for key, value in (("weight", effect.weight), ("density", effect.density), ("weight_total", weight_total)):
             if value is not None:
                 parameters[key].append((mass, value))
     if run.mass > 0:
@@ -214,7 +212,7 @@ def describe_groups(groups: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def low_runs(groups: list["GroupDiagnosis"], i: int) -> list[list["GroupDiagnosis"]]:
+def low_runs(groups: list[GroupDiagnosis], i: int) -> list[list[GroupDiagnosis]]:
     """Maximal runs of consecutive groups where source i's retention is below ``LOW_RETENTION``."""
     runs: list[list] = [[]]
     for group in groups:
@@ -230,7 +228,7 @@ def percent(value: float) -> str:
     return f"{round(100 * value)}%"
 
 
-def likely_lost(effect: "SourceEffect") -> bool:
+def likely_lost(effect: SourceEffect) -> bool:
     """Whether a source's skill is likely lost by the merge, from its whole-model numbers: retention below
     ``LIKELY_LOST_RETENTION`` or cosine with the merge's change below ``LIKELY_LOST_COSINE``."""
     if effect.retention is None:
@@ -238,7 +236,7 @@ def likely_lost(effect: "SourceEffect") -> bool:
     return effect.retention < LIKELY_LOST_RETENTION or (effect.cosine is not None and effect.cosine < LIKELY_LOST_COSINE)
 
 
-def explain(run: _RunEffect, names: list[str], context: "PlanContext | None") -> tuple[str, str]:
+def explain(run: _RunEffect, names: list[str], context: PlanContext | None) -> tuple[str, str]:
     """(cause, advice) of one source's loss over a run or the whole model."""
     normalize = context.normalize if context is not None else None
     if run.parts is not None:
@@ -247,7 +245,7 @@ def explain(run: _RunEffect, names: list[str], context: "PlanContext | None") ->
 
 
 def summarize(
-    groups: list["GroupDiagnosis"], total: "GroupDiagnosis", names: list[str], context: "PlanContext | None"
+    groups: list[GroupDiagnosis], total: GroupDiagnosis, names: list[str], context: PlanContext | None
 ) -> tuple[list[Finding], list[str]]:
     """The findings and the summary sentences: findings first (source order, then model order), then one
     whole-model line per source."""

@@ -92,7 +92,8 @@ def plan_warnings(job: MergeJob, analysis_report: dict | None = None) -> list[st
     lines = []
     for worst in found.values():
         # a rule that fires on some tensors only (a gradient, a filter): say where it is worst
-        where = f" (at {worst.tensor}; {worst.tensors} of {len(job.tasks)} tensors)" if worst.tensors < len(job.tasks) else ""
+        some = worst.tensors < len(job.tasks)
+        where = f" (at {worst.tensor}; {worst.tensors} of {len(job.tasks)} tensors)" if some else ""
         lines.append(worst.message + where)
     return lines + _report_warnings(job, names, analysis_report)
 
@@ -118,7 +119,9 @@ def _weight_findings(method: str, task, models: list[str]):
                 f"soup scaled by {total:g}; set normalize: true or make them sum to 1"
             )
         if method == "linear" and normalize and abs(total) < 1e-6:
-            yield ("sum",), 1.0, f"linear: weights {listed} sum to 0 and normalize divides by it: every weight becomes inf/NaN"
+            yield ("sum",), 1.0, (
+                f"linear: weights {listed} sum to 0 and normalize divides by it: every weight becomes inf/NaN"
+            )
         if method in _ADDITIVE and not normalize:
             if scale * total > OVERSHOOT:
                 yield ("sum",), scale * total, (
@@ -128,13 +131,16 @@ def _weight_findings(method: str, task, models: list[str]):
             for model, weight in zip(models, weights):
                 if scale * weight > OVERSHOOT:
                     yield ("extrapolate", model), scale * weight, (
-                        f"{model}: weight {weight:g} (× λ {scale:g}) extrapolates its task vector past the fine-tune itself"
+                        f"{model}: weight {weight:g} (× λ {scale:g}) extrapolates its task vector past the "
+                        "fine-tune itself"
                     )
         for model, weight in zip(models, weights):
             if weight == 0:
                 yield ("zero", model), 1.0, f"{model}: weight 0, so it contributes nothing to the merge"
             elif weight < 0:
-                yield ("negative", model), -weight, f"{model}: negative weight {weight:g} subtracts its task vector (moves away from it)"
+                yield ("negative", model), -weight, (
+                    f"{model}: negative weight {weight:g} subtracts its task vector (moves away from it)"
+                )
 
 
 def _density_findings(job: MergeJob, task, models: list[str]):
@@ -144,8 +150,8 @@ def _density_findings(job: MergeJob, task, models: list[str]):
             density = float(p.get("density", 1.0))
             if method.random and task.options.get("rescale", False) and density < LOW_RANDOM_DENSITY:
                 yield ("density", model), 1 / max(density, 1e-9), (
-                    f"{model}: density {density:g} with rescale keeps {density:.0%} of its entries at random and multiplies "
-                    f"them by about {1 / max(density, 1e-9):.0f}: expect noise; raise the density"
+                    f"{model}: density {density:g} with rescale keeps {density:.0%} of its entries at random and "
+                    f"multiplies them by about {1 / max(density, 1e-9):.0f}: expect noise; raise the density"
                 )
             elif density < LOW_DENSITY:
                 yield ("density", model), 1 / max(density, 1e-9), (

@@ -2,7 +2,7 @@
 
 For a resolved plan (:class:`~mergescope.merge.job.MergeJob`) and a base θ₀ — the plan's ``base_model``, or
 the analysis' base for plans without one (linear soups) — every output tensor is merged by the executor's own
-:func:`~mergescope.merge.executor.merge_tensor` (same method function, parameters, seed and output dtype, so a
+:func:`~mergescope.merge.tensor_merge.merge_tensor` (same method function, parameters, seed and output dtype, so a
 preview and a merge cannot disagree), and compared with the sources: τᵢ = θᵢ − θ₀ for each source the plan
 merges (matched to the job's inputs by reference; the base itself, an input of linear plans, is left out) and
 τ_m = θ_merged − θ₀. Per layer group and for the whole model it reports ‖τ_m‖, ‖τᵢ‖, the retention
@@ -48,16 +48,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from mergescope.checkpoints import Cancelled, Checkpoint, MergescopeError, layer_group, resolve_device
 from mergescope.checkpoints.device import one_torch_thread
-from mergescope.checkpoints import Checkpoint, MergescopeError, layer_group, resolve_device
 from mergescope.checkpoints.dtypes import torch_dtype
-from mergescope.merge.executor import DEFAULT_SEED, merge_tensor
+from mergescope.checkpoints.read_ahead import read_ahead
 from mergescope.merge.job import MergeJob, TensorTask
+from mergescope.merge.tensor_merge import DEFAULT_SEED, merge_tensor
 
 from . import preview_sampling
 from .plan_warnings import plan_warnings, source_names, source_references  # noqa: F401 (plan_warnings: API)
@@ -66,12 +66,14 @@ from .retention import MergeGram, merge_gram_from_task_sums
 from .stream import usable_cores
 from .tensor_pass import TaskInput, tensor_sums
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
+
 DEFAULT_SAMPLE_SIZE = 1 << 14
 #: methods whose result at an entry depends only on the inputs at that entry: sampling is exact per entry
 ENTRYWISE_METHODS = frozenset({"linear", "task_arithmetic", "passthrough", "nearswap", "ram"})
 
 
-class PreviewCancelled(MergescopeError):
+class PreviewCancelled(Cancelled):
     """The preview was cancelled before it finished."""
 
 
@@ -139,10 +141,14 @@ class _Layout:
 def preview_layout(job: MergeJob, base: Checkpoint | None) -> _Layout:
     """The base to compare against and the sources (plan order, the base left out)."""
     if job.plan.slices is not None:
-        raise MergescopeError("a plan with slices: stacks layers, so its tensors do not line up with a base: preview needs models:")
+        raise MergescopeError(
+            "a plan with slices: stacks layers, so its tensors do not line up with a base: preview needs models:"
+        )
     if base is None:
         if not job.plan.base_model:
-            raise MergescopeError(f"{job.plan.merge_method} plan without base_model: pass the base the sources were fine-tuned from")
+            raise MergescopeError(
+                f"{job.plan.merge_method} plan without base_model: pass the base the sources were fine-tuned from"
+            )
         base = job.checkpoints[job.plan.base_model]
     references = source_references(job, base)
     if not references:
@@ -173,7 +179,9 @@ def stream_preview(
     layout = preview_layout(job, base)
     device = resolve_device(device)
     seed = seed if seed is not None else job.plan.options.get("seed", DEFAULT_SEED)
-    comparable = [t for t in job.tasks if t.output in layout.base and tuple(layout.base.spec(t.output).shape) == tuple(t.shape)]
+    comparable = [
+        t for t in job.tasks if t.output in layout.base and tuple(layout.base.spec(t.output).shape) == tuple(t.shape)
+    ]
     kept = {t.output for t in comparable}
     skipped = [t.output for t in job.tasks if t.output not in kept]
     n = len(layout.references)
@@ -189,16 +197,9 @@ def stream_preview(
     if device == "cpu":
         one_torch_thread.enter()
     try:
-        upcoming = iter(comparable)
-        pending: deque = deque((t, reader.submit(loader, t)) for t in _take(upcoming, prefetch + 1))
-        done = 0
-        while pending:
+        for done, (task, future) in enumerate(read_ahead(comparable, loader, reader, prefetch), 1):
             if cancel is not None and cancel.is_set():
                 return
-            task, future = pending.popleft()
-            following = next(upcoming, None)
-            if following is not None:
-                pending.append((following, reader.submit(loader, following)))
             group = layer_group(task.output)
             if current_group is not None and group != current_group:
                 groups.append(group_preview(current_group, current))
@@ -209,7 +210,6 @@ def stream_preview(
                 sums = _task_sums(job, task, future.result(), seed, device, compute, workers)
             current.add(sums)
             total.add(sums)
-            done += 1
             yield PreviewProgress(done, len(comparable), time.perf_counter() - start, task.output)
         if current_group is not None:
             groups.append(group_preview(current_group, current))
@@ -220,7 +220,8 @@ def stream_preview(
         if device == "cpu":
             one_torch_thread.exit()
     yield PlanPreview(
-        layout.names, layout.references, mode, groups, group_preview("total", total), skipped, time.perf_counter() - start
+        layout.names, layout.references, mode, groups, group_preview("total", total), skipped,
+        time.perf_counter() - start,
     )
 
 
@@ -233,10 +234,6 @@ def run_preview(job: MergeJob, base: Checkpoint | None = None, **options) -> Pla
     if result is None:
         raise PreviewCancelled("preview cancelled")
     return result
-
-
-def _take(iterator, count: int) -> list:
-    return [item for _, item in zip(range(count), iterator)]
 
 
 @dataclass
@@ -254,12 +251,16 @@ class _Loader:
     """Reads one task's tensors (the reader thread's job): the executor's reads, plus any source or base the
     task does not read itself; in sampled mode keeps only the sampled rows."""
 
-    def __init__(self, job: MergeJob, layout: _Layout, mode: str, sample_size: int, sample_seed: int, device: str, cache):
+    def __init__(
+        self, job: MergeJob, layout: _Layout, mode: str, sample_size: int, sample_seed: int, device: str, cache
+    ):
         self.job, self.layout, self.device = job, layout, device
         self.mode, self.sample_size, self.sample_seed, self.cache = mode, sample_size, sample_seed, cache
 
     def __call__(self, task: TensorTask) -> _Loaded:
-        sample = sample_rows(tuple(task.shape), self.sample_size, self.sample_seed, task.output) if self.mode == "sampled" else None
+        sample = None
+        if self.mode == "sampled":
+            sample = sample_rows(tuple(task.shape), self.sample_size, self.sample_seed, task.output)
         rows, lengths = sample if sample is not None else (None, None)
         loaded: dict[tuple[int, str], object] = {}
 
@@ -274,7 +275,10 @@ class _Loader:
         sources = []
         for ref in self.layout.references:
             if ref not in by_reference:
-                raise MergescopeError(f"{task.output}: {ref} is not among this tensor's inputs; preview needs the same models for every tensor")
+                raise MergescopeError(
+                    f"{task.output}: {ref} is not among this tensor's inputs; preview needs the same models for every "
+                    "tensor"
+                )
             sources.append(by_reference[ref])
         return _Loaded(reads, sources, tensor(self.layout.base, task.output), rows, lengths)
 
@@ -291,11 +295,14 @@ class _Loader:
         return sampled
 
 
-def _task_sums(job: MergeJob, task: TensorTask, loaded: _Loaded, seed: int, device: str, pool, workers: int) -> MergeGram:
+def _task_sums(
+    job: MergeJob, task: TensorTask, loaded: _Loaded, seed: int, device: str, pool, workers: int
+) -> MergeGram:
     """Merge one tensor (or its sample) with the executor's function and sum its Gram matrix."""
     shape = tuple(loaded.base.shape)
     run = task if loaded.rows is None else replace(task, shape=shape)
-    merged = merge_tensor(job, run, loaded.reads, seed, device).to(torch_dtype(job.out_dtype))  # what the merge writes
+    merged = merge_tensor(job.method, run, loaded.reads, seed=seed, device=device, out_dtype=job.out_dtype)
+    merged = merged.to(torch_dtype(job.out_dtype))  # what the merge writes
     vectors = [*loaded.sources, merged]
     if loaded.rows is None:
         sums = whole_gram(loaded.base, vectors, pool, workers)

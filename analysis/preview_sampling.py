@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 
 from mergescope.checkpoints import Checkpoint, CheckpointError, SafetensorsCheckpoint, TensorInfo
 from mergescope.checkpoints.dtypes import torch_dtype
-from mergescope.merge.executor import tensor_seed
+from mergescope.merge.tensor_merge import tensor_seed
 
 from .retention import MergeGram
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -81,7 +82,7 @@ def sample_gram(base, vectors: list, row_lengths) -> MergeGram:
     return MergeGram(len(vectors) - 1, (x @ x.T).numpy())
 
 
-def read_rows(checkpoint: Checkpoint, name: str, rows) -> "torch.Tensor":
+def read_rows(checkpoint: Checkpoint, name: str, rows) -> torch.Tensor:
     """Rows ``rows`` (ascending) of tensor ``name`` along dim 0 (entries of a 1-D tensor), in its stored dtype.
 
     From a safetensors file only those rows' bytes are read (one positioned read per row, inside the tensor's
@@ -90,9 +91,11 @@ def read_rows(checkpoint: Checkpoint, name: str, rows) -> "torch.Tensor":
     import torch
 
     spec = checkpoint.spec(name)
-    if not isinstance(checkpoint, SafetensorsCheckpoint) or not isinstance(spec, TensorInfo) or not hasattr(os, "preadv"):
+    readable = isinstance(checkpoint, SafetensorsCheckpoint) and isinstance(spec, TensorInfo) and hasattr(os, "preadv")
+    if not readable:
         whole = checkpoint.read(name)
-        return (whole.reshape(whole.shape[0], -1) if whole.dim() > 1 else whole).index_select(0, rows).reshape(len(rows), *spec.shape[1:])
+        matrix = whole.reshape(whole.shape[0], -1) if whole.dim() > 1 else whole
+        return matrix.index_select(0, rows).reshape(len(rows), *spec.shape[1:])
     row_bytes = spec.nbytes // (spec.shape[0] if len(spec.shape) > 1 else spec.numel)
     out = torch.empty(len(rows) * row_bytes, dtype=torch.uint8)
     view = memoryview(out.numpy())
@@ -110,5 +113,7 @@ def _pread_exactly(fd: int, view: memoryview, offset: int) -> None:
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if not got:
-            raise CheckpointError(f"tensor data ends past the end of the file at byte {offset + done}; the file was truncated")
+            raise CheckpointError(
+                f"tensor data ends past the end of the file at byte {offset + done}; the file was truncated"
+            )
         done += got

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from mergescope.checkpoints import Checkpoint, MergescopeError
+from mergescope.checkpoints import Cancelled, Checkpoint, MergescopeError
 
 from .cache import AnalysisCache, cache_key
 from .compatibility import AnalysisWarning, different_base_warnings
@@ -20,7 +20,7 @@ from .sums import TaskVectorSums
 SCHEMA = "mergescope.analysis/1"
 
 
-class AnalysisCancelled(MergescopeError):
+class AnalysisCancelled(Cancelled):
     """The pass was cancelled before it finished; nothing was cached."""
 
 

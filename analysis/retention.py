@@ -38,7 +38,7 @@ class MergeGram:
         if self.gram is None:
             self.gram = np.zeros((self.n + 1, self.n + 1), np.float64)
 
-    def add(self, other: "MergeGram") -> None:
+    def add(self, other: MergeGram) -> None:
         """Accumulate the sums of a disjoint set of elements."""
         self.gram += other.gram
         self.numel += other.numel

@@ -25,6 +25,7 @@ import numpy as np
 
 from .sums import SignCounts
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -37,7 +38,9 @@ def pattern_table(n: int) -> np.ndarray:
     return np.stack([(codes // 3**i) % 3 - 1 for i in range(n)], axis=1).astype(np.int64)
 
 
-def counts_from_histogram(histogram: np.ndarray, n: int, pattern_sums: dict | None = None, keep: bool = False) -> SignCounts:
+def counts_from_histogram(
+    histogram: np.ndarray, n: int, pattern_sums: dict | None = None, keep: bool = False
+) -> SignCounts:
     """All sign statistics from the pattern histogram (exact integer arithmetic); ``keep`` stores the
     histogram and the per-pattern sums (``pattern_mass``, ``pattern_magnitude``, ``pattern_cost``,
     ``amplified_cost``) in the result."""
@@ -80,7 +83,7 @@ class SignAccumulator:
             self.multi = torch.zeros((), dtype=torch.int64, device=device)
             self.conflict = torch.zeros((), dtype=torch.int64, device=device)
 
-    def add(self, s: "torch.Tensor", tau: "torch.Tensor | None" = None) -> None:
+    def add(self, s: torch.Tensor, tau: torch.Tensor | None = None) -> None:
         """Count the sign patterns of S (n × c); with ``patterns`` also add τ² (``tau``, n × c) per pattern."""
         import torch
 

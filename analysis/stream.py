@@ -17,22 +17,25 @@ the number of tensors.
 
 from __future__ import annotations
 
-import itertools
 import os
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from mergescope.checkpoints.device import one_torch_thread
 from mergescope.checkpoints import Checkpoint, layer_group, resolve_device
+from mergescope.checkpoints.device import one_torch_thread
+from mergescope.checkpoints.read_ahead import read_ahead
+from mergescope.merge.magnitude_trim import abs_task_vector
+from mergescope.merge.sparsify import top_magnitude_mask
 
 from .compatibility import AnalysisWarning, alignment_warning, checkpoint_warnings, non_finite_warning, shared_rows
 from .sums import TaskVectorSums
 from .tensor_pass import DEFAULT_CHUNK, TaskInput, tensor_sums
+
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 
 
 @dataclass
@@ -182,21 +185,16 @@ def stream_analysis(
     start = time.perf_counter()
     done_tensors = done_bytes = 0
     try:
-        upcoming = iter(tensor_names)
-        pending: deque = deque((n, reader.submit(load, n)) for n in itertools.islice(upcoming, prefetch + 1))
-        while pending:
+        for name, future in read_ahead(tensor_names, load, reader, prefetch):
             if cancel is not None and cancel.is_set():
                 return
-            name, future = pending.popleft()
-            following = next(upcoming, None)
-            if following is not None:
-                pending.append((following, reader.submit(load, following)))
             loaded = future.result()
             yield from loaded.warnings
             with torch.no_grad():
                 masks = _trim_masks(loaded, density, compute) if density < 1.0 else None
                 result = tensor_sums(
-                    loaded.base, loaded.inputs, trim_masks=masks, chunk=chunk, pool=compute, workers=workers, patterns=patterns
+                    loaded.base, loaded.inputs, trim_masks=masks, chunk=chunk, pool=compute, workers=workers,
+                    patterns=patterns,
                 )
             for count, who in zip(result.non_finite, [None, *names]):
                 if count:
@@ -232,9 +230,6 @@ def _trim_masks(loaded: _Loaded, density: float, pool: ThreadPoolExecutor) -> li
     (an embedding or a head), so peak memory does not grow with the number of cores or models.
     """
     import torch
-
-    from mergescope.merge.magnitude_trim import abs_task_vector
-    from mergescope.merge.sparsify import top_magnitude_mask
 
     def mask(item: TaskInput):
         if item.values is None:

@@ -54,10 +54,10 @@ class SignCounts:
     amplified_cost: np.ndarray | None = None  # (n,) float64: Σ τᵢ(τᵢ − τ_last) where |τ_last| > |τᵢ|, same sign
 
     @classmethod
-    def zeros(cls, n: int) -> "SignCounts":
+    def zeros(cls, n: int) -> SignCounts:
         return cls(np.zeros((n, n), np.int64), np.zeros((n, n), np.int64))
 
-    def add(self, other: "SignCounts") -> None:
+    def add(self, other: SignCounts) -> None:
         self.sign_dot += other.sign_dot
         self.both_nonzero += other.both_nonzero
         self.multi_nonzero += other.multi_nonzero
@@ -97,7 +97,7 @@ class TaskVectorSums:
         if self.signs is None:
             self.signs = SignCounts.zeros(self.n)
 
-    def add(self, other: "TaskVectorSums") -> None:
+    def add(self, other: TaskVectorSums) -> None:
         """Accumulate the sums of a disjoint set of elements."""
         self.numel += other.numel
         self.gram += other.gram
@@ -144,7 +144,10 @@ class TaskVectorSums:
         pairs = []
         for i in range(self.n):
             for j in range(i + 1, self.n):
-                pair = {"a": names[i], "b": names[j], "cosine": self.cosine(i, j), "sign_conflict": self.signs.sign_conflict(i, j)}
+                pair = {
+                    "a": names[i], "b": names[j], "cosine": self.cosine(i, j),
+                    "sign_conflict": self.signs.sign_conflict(i, j),
+                }
                 if self.trimmed is not None:
                     pair["sign_conflict_trimmed"] = self.trimmed.sign_conflict(i, j)
                 pairs.append(pair)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 from mergescope.checkpoints import Checkpoint
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
+
 DENSITIES = (0.1, 0.2, 0.5, 0.8)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from .sign_patterns import SignAccumulator
 from .sums import TaskVectorSums
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -41,7 +42,7 @@ class TaskInput:
     (LoRA), or nothing (``values is None``: the model lacks the tensor, τᵢ taken as 0). ``values`` is
     flat and may be in any float dtype; it is converted chunk by chunk."""
 
-    values: "torch.Tensor | None"
+    values: torch.Tensor | None
     is_delta: bool = False
 
 
@@ -52,12 +53,12 @@ class TensorPassResult:
 
 
 def tensor_sums(
-    base: "torch.Tensor",
+    base: torch.Tensor,
     inputs: list[TaskInput],
     *,
-    trim_masks: "list[torch.Tensor] | None" = None,
+    trim_masks: list[torch.Tensor] | None = None,
     chunk: int = DEFAULT_CHUNK,
-    pool: "Executor | None" = None,
+    pool: Executor | None = None,
     workers: int = 1,
     patterns: bool = False,
 ) -> TensorPassResult:

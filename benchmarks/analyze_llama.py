@@ -56,7 +56,8 @@ def _child(part: str, root: Path, density: float) -> dict:
         models = [open_checkpoint(paths[k]) for k in FINETUNES]
         report = run_analysis(base, models, density=density, use_cache=False, device="cpu")
         extra["total"] = report["total"]
-    return {"part": part, "seconds": time.perf_counter() - started, "rss_start": rss_start, "peak_rss": _peak_rss(), **extra}
+    seconds = time.perf_counter() - started
+    return {"part": part, "seconds": seconds, "rss_start": rss_start, "peak_rss": _peak_rss(), **extra}
 
 
 def _run(part: str, root: Path, density: float) -> dict:
@@ -84,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = _warm_cache([paths["base"], *(paths[k] for k in FINETUNES)])
     runs: dict[str, list[dict]] = {"floor": [], "analysis": []}
     for i in range(args.repeats):
-        for part in (("floor", "analysis") if i % 2 == 0 else ("analysis", "floor")):
+        for part in ("floor", "analysis") if i % 2 == 0 else ("analysis", "floor"):
             runs[part].append(_run(part, root, args.density))
     best = {part: min(r, key=lambda r: r["seconds"]) for part, r in runs.items()}
-    print(f"machine  {os.cpu_count()} CPUs; {nbytes / 1e9:.2f} GB of weights (base + {len(FINETUNES)} fine-tunes), warm page cache")
+    print(
+        f"machine  {os.cpu_count()} CPUs; {nbytes / 1e9:.2f} GB of weights (base + {len(FINETUNES)} fine-tunes), "
+        "warm page cache"
+    )
     print(f"{'':12s}{'best':>9s}{'GB/s':>8s}   all runs (s)          peak RSS   above start")
     for part, result in best.items():
         times = " ".join(f"{r['seconds']:.2f}" for r in runs[part])
@@ -96,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{result['peak_rss'] / 1e6:8.0f} MB {(result['peak_rss'] - result['rss_start']) / 1e6:8.0f} MB"
         )
     ratio = best["analysis"]["seconds"] / best["floor"]["seconds"]
-    print(f"analysis / floor: {ratio:.2f}x (goal <= 1.5x); analysis peak RSS {best['analysis']['peak_rss'] / 1e6:.0f} MB (goal <= 1000 MB)")
+    print(
+        f"analysis / floor: {ratio:.2f}x (goal <= 1.5x); "
+        f"analysis peak RSS {best['analysis']['peak_rss'] / 1e6:.0f} MB (goal <= 1000 MB)"
+    )
     realised = (load_manifest(root) or {}).get("realised", {})
     total = best["analysis"]["total"]
     print("check against the statistics the fixture builder recorded (float64, independent code):")

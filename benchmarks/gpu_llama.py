@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-", dir=default_root(args.scale).parent))
     out_bytes = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors"))
     write_floor = min(write_floor_seconds(work, out_bytes) for _ in range(2))
-    startup = {device: min(timed([sys.executable, "-c", code])[0] for _ in range(2)) for device, code in STARTUP.items()}
+    startup = {
+        device: min(timed([sys.executable, "-c", code])[0] for _ in range(2)) for device, code in STARTUP.items()
+    }
     print(f"machine  {os.cpu_count()} CPUs, {torch.cuda.get_device_name()}; torch {torch.__version__}")
     print(f"inputs   {nbytes / 1e9:.2f} GB (bf16 base + {len(FINETUNES)} fine-tunes), warm page cache")
     print(
@@ -116,14 +118,18 @@ def main(argv: list[str] | None = None) -> int:
         f"start python+torch {startup['cpu']:.2f}s (cpu) {startup['cuda']:.2f}s (cuda, with context)"
     )
     print("         a merge's floor: start + read + write; an analysis's: start + read")
-    print(f"{'task':22s}{'cpu':>8s}{'cuda':>8s}{'cuda/cpu':>10s}{'cuda/floor':>12s}{'RSS cpu':>10s}{'RSS cuda':>10s}  outputs")
+    print(
+        f"{'task':22s}{'cpu':>8s}{'cuda':>8s}{'cuda/cpu':>10s}{'cuda/floor':>12s}"
+        f"{'RSS cpu':>10s}{'RSS cuda':>10s}  outputs"
+    )
     try:
         tasks: dict[str, dict[str, list[str]]] = {}
         for method in args.methods:
             plan = work / f"{method}.yml"
             plan.write_text(yaml.safe_dump(plan_for(method, paths), sort_keys=False))
             tasks[f"merge {method}"] = {
-                device: [mergescope, "merge", str(plan), "-o", str(work / f"{method}-{device}"), "--device", device, "--force"]
+                device: [mergescope, "merge", str(plan), "-o", str(work / f"{method}-{device}"), "--device", device,
+                         "--force"]
                 for device in ("cpu", "cuda")
             }
         tasks["analyze (density 0.5)"] = {
@@ -138,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             outputs = ""
             if label.startswith("merge"):
                 method = label.split()[1]
-                count, worst = compare(work / f"{method}-cuda", work / f"{method}-cpu") if method not in RANDOM else (0, 0.0)
-                outputs = f"{count} tensors, max diff {worst:.1f} bf16 steps" if count else "random masks differ by device"
+                count, worst = (
+                    compare(work / f"{method}-cuda", work / f"{method}-cpu") if method not in RANDOM else (0, 0.0)
+                )
+                outputs = (
+                    f"{count} tensors, max diff {worst:.1f} bf16 steps" if count else "random masks differ by device"
+                )
             else:
                 cpu_total = json.loads((work / "analysis-cpu.json").read_text())["total"]
                 cuda_total = json.loads((work / "analysis-cuda.json").read_text())["total"]
@@ -147,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 outputs = f"max cosine difference {gap:.1e}"
             print(
                 f"{label:22s}{best['cpu'][0]:7.2f}s{best['cuda'][0]:7.2f}s{best['cuda'][0] / best['cpu'][0]:9.2f}x"
-                f"{best['cuda'][0] / floor:11.2f}x{best['cpu'][1] / 1e9:8.2f}GB{best['cuda'][1] / 1e9:8.2f}GB  {outputs}"
+                f"{best['cuda'][0] / floor:11.2f}x"
+                f"{best['cpu'][1] / 1e9:8.2f}GB{best['cuda'][1] / 1e9:8.2f}GB  {outputs}"
             )
             print(json.dumps({"task": label, "runs": runs}), file=sys.stderr)
     finally:

@@ -277,11 +277,11 @@ class _Stats:
 
     def __init__(self) -> None:
         self.base_sq = 0.0
-        self.sq = {ft: 0.0 for ft in FINETUNES}
+        self.sq = dict.fromkeys(FINETUNES, 0.0)
         self.dot = {(a, b): 0.0 for i, a in enumerate(FINETUNES) for b in FINETUNES[i + 1:]}
-        self.conflicts = {pair: 0 for pair in self.dot}
-        self.both_changed = {pair: 0 for pair in self.dot}
-        self.unchanged = {ft: 0 for ft in FINETUNES}
+        self.conflicts = dict.fromkeys(self.dot, 0)
+        self.both_changed = dict.fromkeys(self.dot, 0)
+        self.unchanged = dict.fromkeys(FINETUNES, 0)
         self.numel = 0
 
     def add(self, base: torch.Tensor, fts: dict[str, torch.Tensor]) -> None:

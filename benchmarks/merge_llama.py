@@ -60,7 +60,9 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     return float(seconds), int(kilobytes) * 1024
 
 
-def alternate(commands: dict[str, list[str]], repeats: int, run=None, before=None) -> dict[str, list[tuple[float, int]]]:
+def alternate(
+    commands: dict[str, list[str]], repeats: int, run=None, before=None
+) -> dict[str, list[tuple[float, int]]]:
     """Each command ``repeats`` times, the order reversed every other round so that neither always runs second;
     the (seconds, peak RSS) of every run by ``run`` (default :func:`timed`). ``before(name)`` runs first."""
     names = list(commands)
@@ -111,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     mergescope = shutil.which("mergescope") or str(Path(sys.executable).with_name("mergescope"))
     nbytes = _warm_cache([paths["base"], *(paths[k] for k in FINETUNES)])
     work = Path(tempfile.mkdtemp(prefix="merge-bench-", dir=default_root(args.scale).parent))
-    print(f"machine  {os.cpu_count()} CPUs; inputs {nbytes / 1e9:.2f} GB (bf16 base + {len(FINETUNES)} fine-tunes), warm page cache")
-    print(f"{'method':16s}{'mergekit':>10s}{'mergescope':>12s}{'ratio':>8s}{'goal':>7s}{'RSS mergekit':>14s}{'RSS ours':>10s}  outputs")
+    print(f"machine  {os.cpu_count()} CPUs; inputs {nbytes / 1e9:.2f} GB (bf16 base + {len(FINETUNES)} fine-tunes), "
+          "warm page cache")
+    print(f"{'method':16s}{'mergekit':>10s}{'mergescope':>12s}{'ratio':>8s}{'goal':>7s}{'RSS mergekit':>14s}"
+          f"{'RSS ours':>10s}  outputs")
     goals = {"ties": 0.2, "task_arithmetic": 0.5}
     try:
         for method in args.methods:
@@ -120,18 +124,21 @@ def main(argv: list[str] | None = None) -> int:
             plan.write_text(yaml.safe_dump(plan_for(method, paths), sort_keys=False))
             out = {tool: work / f"{method}-{tool}" for tool in ("mergekit", "mergescope")}
             commands = {
-                "mergekit": [str(mergekit_yaml), str(plan), str(out["mergekit"]), "--device", "cpu", "--no-copy-tokenizer",
-                             "--quiet", "--lazy-unpickle"],
-                "mergescope": [mergescope, "merge", str(plan), "-o", str(out["mergescope"]), "--device", "cpu", "--force"],
+                "mergekit": [str(mergekit_yaml), str(plan), str(out["mergekit"]), "--device", "cpu",
+                             "--no-copy-tokenizer", "--quiet", "--lazy-unpickle"],
+                "mergescope": [mergescope, "merge", str(plan), "-o", str(out["mergescope"]), "--device", "cpu",
+                               "--force"],
             }
-            runs = alternate(commands, args.repeats, before=lambda tool: shutil.rmtree(out[tool], ignore_errors=True))
+            # out is this iteration's: alternate() calls the lambda before it returns
+            runs = alternate(commands, args.repeats, before=lambda tool: shutil.rmtree(out[tool], ignore_errors=True))  # noqa: B023
             best = {tool: min(r) for tool, r in runs.items()}
             count, worst = compare(work / f"{method}-mergescope", work / f"{method}-mergekit")
             ratio = best["mergescope"][0] / best["mergekit"][0]
             goal = goals.get(method)
             print(
                 f"{method:16s}{best['mergekit'][0]:9.1f}s{best['mergescope'][0]:11.1f}s{ratio:7.2f}x"
-                f"{(f'{goal:.1f}x' if goal else '–'):>7s}{best['mergekit'][1] / 1e9:12.2f}GB{best['mergescope'][1] / 1e9:8.2f}GB"
+                f"{(f'{goal:.1f}x' if goal else '–'):>7s}"
+                f"{best['mergekit'][1] / 1e9:12.2f}GB{best['mergescope'][1] / 1e9:8.2f}GB"
                 f"  {count} tensors, max diff {worst:.1f} bf16 steps"
             )
             print(json.dumps({"method": method, "runs": runs}), file=sys.stderr)

@@ -57,12 +57,20 @@ def main() -> None:
             return lags, latencies, time.perf_counter() - begin
 
     lags, latencies, with_app = asyncio.run(drive())
-    print(f"analysis alone: {floor:.2f} s; in the app (keys pressed throughout): {with_app:.2f} s ({with_app / floor:.2f}x)")
-    print(f"event-loop lag during the pass: median {statistics.median(lags) * 1000:.0f} ms, "
-          f"p95 {sorted(lags)[int(len(lags) * 0.95)] * 1000:.0f} ms, max {max(lags) * 1000:.0f} ms ({len(lags)} samples)")
+    print(
+        f"analysis alone: {floor:.2f} s; "
+        f"in the app (keys pressed throughout): {with_app:.2f} s ({with_app / floor:.2f}x)"
+    )
+    print(
+        f"event-loop lag during the pass: median {statistics.median(lags) * 1000:.0f} ms, "
+        f"p95 {sorted(lags)[int(len(lags) * 0.95)] * 1000:.0f} ms, max {max(lags) * 1000:.0f} ms ({len(lags)} samples)"
+    )
     if latencies:
-        print(f"key press → handled: median {statistics.median(latencies) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "
-              f"over {len(latencies)} keys")
+        print(
+            f"key press → handled: median {statistics.median(latencies) * 1000:.0f} ms, "
+            f"max {max(latencies) * 1000:.0f} ms "
+            f"over {len(latencies)} keys"
+        )
 
 
 if __name__ == "__main__":

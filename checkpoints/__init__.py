@@ -2,16 +2,17 @@
 
 from .checkpoint import Checkpoint, SafetensorsCheckpoint, TorchBinCheckpoint
 from .device import resolve_device
-from .errors import CheckpointError, MergescopeError
+from .errors import Cancelled, CheckpointError, MergescopeError
 from .lora import LoraAdapter, LoraCheckpoint
 from .model_files import ModelConfig
 from .naming import group_order_key, group_tensors, layer_group, layer_index, natural_key
 from .resolve import open_checkpoint
 from .safetensors_format import TensorInfo, read_header
 from .tensor_spec import TensorSpec
-from .writer import CheckpointWriter, save_checkpoint
+from .writer import CheckpointWriter, check_output_folder, save_checkpoint
 
 __all__ = [
+    "Cancelled",
     "Checkpoint",
     "CheckpointError",
     "CheckpointWriter",
@@ -23,6 +24,7 @@ __all__ = [
     "TensorInfo",
     "TensorSpec",
     "TorchBinCheckpoint",
+    "check_output_folder",
     "group_order_key",
     "group_tensors",
     "layer_group",

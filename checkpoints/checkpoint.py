@@ -10,6 +10,7 @@ fetches one tensor when asked. Subclasses differ only in where bytes come from: 
 from __future__ import annotations
 
 import hashlib
+import pickle
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from .naming import group_tensors, natural_key
 from .safetensors_format import TensorInfo, read_header, read_tensor
 from .tensor_spec import TensorSpec
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -121,11 +123,11 @@ class Checkpoint(ABC):
     def read(
         self,
         name: str,
-        dtype: "torch.dtype | str | None" = None,
-        device: "str | None" = None,
+        dtype: torch.dtype | str | None = None,
+        device: str | None = None,
         *,
-        buffer: "torch.Tensor | None" = None,
-    ) -> "torch.Tensor":
+        buffer: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Tensor ``name``, converted to ``dtype`` and moved to ``device`` when given.
 
         Without ``buffer`` the tensor owns fresh memory. With ``buffer`` (a flat uint8 tensor of at least
@@ -139,17 +141,17 @@ class Checkpoint(ABC):
             tensor = tensor.to(device)
         return tensor
 
-    def stored_delta(self, name: str) -> "torch.Tensor | None":
+    def stored_delta(self, name: str) -> torch.Tensor | None:
         """The float32 task vector against :attr:`base` when this checkpoint stores it (LoRA), else None."""
         return None
 
     @property
-    def base(self) -> "Checkpoint | None":
+    def base(self) -> Checkpoint | None:
         """The checkpoint this one is a delta on, for adapters; None for full checkpoints."""
         return None
 
     @abstractmethod
-    def _read(self, spec: TensorSpec, buffer: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def _read(self, spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor ``spec.name`` in its stored dtype, on the CPU, in ``buffer`` when the format allows."""
 
     def __repr__(self) -> str:
@@ -172,12 +174,12 @@ class SafetensorsCheckpoint(Checkpoint):
         self._files = files
 
     @classmethod
-    def from_file(cls, source: str, path: Path, root: Path | None, name=None) -> "SafetensorsCheckpoint":
+    def from_file(cls, source: str, path: Path, root: Path | None, name=None) -> SafetensorsCheckpoint:
         header = read_header(path)
         return cls(source, root, header.tensors, [path], name)
 
     @classmethod
-    def from_index(cls, source: str, index_path: Path, weight_map: dict[str, Path], name=None) -> "SafetensorsCheckpoint":
+    def from_index(cls, source: str, index_path: Path, weight_map: dict[str, Path], name=None) -> SafetensorsCheckpoint:
         """Open the shards named by an index; ``weight_map`` maps tensor name → shard path (validated)."""
         headers = {shard: read_header(shard) for shard in dict.fromkeys(weight_map.values())}
         infos: dict[str, TensorInfo] = {}
@@ -194,7 +196,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def files(self) -> list[Path]:
         return list(self._files)
 
-    def _read(self, spec: TensorSpec, buffer: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def _read(self, spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.Tensor:
         assert isinstance(spec, TensorInfo)
         return read_tensor(spec, buffer)
 
@@ -223,13 +225,11 @@ class TorchBinCheckpoint(Checkpoint):
     def files(self) -> list[Path]:
         return list(self._files)
 
-    def _read(self, spec: TensorSpec, buffer: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def _read(self, spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.Tensor:
         return self._tensors[spec.name].clone()
 
 
 def _load_weights_only(path: Path) -> dict:
-    import pickle
-
     import torch
 
     try:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 from .errors import MergescopeError
+
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 
 
 def resolve_device(spec: str = "auto") -> str:
@@ -31,8 +35,6 @@ class _OneTorchThread:
     and leave later merges single-threaded."""
 
     def __init__(self) -> None:
-        import threading
-
         self._lock = threading.Lock()
         self._open = 0
         self._saved = 1

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from .errors import MergescopeError
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -61,14 +62,14 @@ _ALIASES = {
 }
 
 
-def torch_dtype(name: str) -> "torch.dtype":
+def torch_dtype(name: str) -> torch.dtype:
     """The ``torch.dtype`` for a safetensors dtype name such as ``"BF16"``."""
     import torch
 
     return getattr(torch, _TORCH_NAMES[name])
 
 
-def dtype_name(dtype: "torch.dtype | str") -> str:
+def dtype_name(dtype: torch.dtype | str) -> str:
     """The safetensors name of a ``torch.dtype`` or of a user spelling (``bfloat16``, ``fp16``, ``F32``)."""
     if isinstance(dtype, str):
         if dtype in ITEMSIZE:

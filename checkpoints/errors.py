@@ -14,3 +14,7 @@ class MergescopeError(Exception):
 
 class CheckpointError(MergescopeError):
     """A checkpoint cannot be found, opened or read."""
+
+
+class Cancelled(MergescopeError):
+    """A long operation (analysis, preview, merge, evaluation) stopped because its cancel event was set."""

@@ -16,6 +16,9 @@ from pathlib import Path
 from .errors import CheckpointError
 from .model_files import MODEL_FILES
 
+# huggingface_hub is imported inside the functions that reach the hub: start-up cost (about 0.5 s, paid only
+# by hub ids)
+
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 _FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".yml", ".yaml")
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -101,7 +104,9 @@ def _from_cache(text: str, repo: str, revision: str | None, cache: Path) -> Path
 
     patterns = _OFFLINE_PATTERNS + ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
     try:
-        folder = snapshot_download(repo, revision=revision, cache_dir=cache, allow_patterns=patterns, local_files_only=True)
+        folder = snapshot_download(
+            repo, revision=revision, cache_dir=cache, allow_patterns=patterns, local_files_only=True
+        )
     except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
         raise CheckpointError(
             f"{text}: not in the hub cache {cache} and HF_HUB_OFFLINE is set; download it first "
@@ -120,9 +125,13 @@ def _fetch(text: str, repo: str, revision: str | None, cache: Path) -> Path:
         patterns = files_to_fetch(HfApi().list_repo_files(repo, revision=revision))
         return Path(snapshot_download(repo, revision=revision, cache_dir=cache, allow_patterns=patterns))
     except hub_errors.GatedRepoError:
-        raise CheckpointError(f"{text}: gated repository; accept its licence on the hub and log in (`hf auth login`)") from None
+        raise CheckpointError(
+            f"{text}: gated repository; accept its licence on the hub and log in (`hf auth login`)"
+        ) from None
     except hub_errors.RepositoryNotFoundError:
-        raise CheckpointError(f"{text}: no such repository on the hub (or it is private: log in with `hf auth login`)") from None
+        raise CheckpointError(
+            f"{text}: no such repository on the hub (or it is private: log in with `hf auth login`)"
+        ) from None
     except hub_errors.RevisionNotFoundError:
         raise CheckpointError(f"{text}: the repository has no revision {revision!r}") from None
     except hub_errors.HFValidationError as exc:

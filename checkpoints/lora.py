@@ -28,6 +28,7 @@ from .model_files import ModelConfig, model_files_in, read_json, tokenizer_finge
 from .safetensors_format import TensorInfo, read_header, read_tensor
 from .tensor_spec import TensorSpec
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -131,7 +132,7 @@ class LoraAdapter:
             raise CheckpointError(f"{self.folder / ADAPTER_CONFIG}: lora_alpha {alpha!r} is not a number")
         return float(alpha)
 
-    def delta(self, weight: str) -> "torch.Tensor":
+    def delta(self, weight: str) -> torch.Tensor:
         """``Δ = scale · B @ A`` for the adapted weight ``weight``, in float32."""
         import torch
 
@@ -191,7 +192,7 @@ class LoraCheckpoint(Checkpoint):
         st = self.adapter.weights_file.stat()
         return [self._base.fingerprint, f"{self.adapter.weights_file.resolve()}|{st.st_size}|{st.st_mtime_ns}"]
 
-    def _read(self, spec: TensorSpec, buffer: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def _read(self, spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.Tensor:
         import torch
 
         if spec.name in self.adapter.replaced:
@@ -201,7 +202,7 @@ class LoraCheckpoint(Checkpoint):
             return merged.to(torch_dtype(spec.dtype))
         return self._base.read(spec.name, buffer=buffer)
 
-    def stored_delta(self, name: str) -> "torch.Tensor | None":
+    def stored_delta(self, name: str) -> torch.Tensor | None:
         """Exact ``Δ`` on adapted weights, exact zeros on untouched ones, None on replaced tensors."""
         import torch
 

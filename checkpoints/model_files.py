@@ -43,7 +43,7 @@ class ModelConfig:
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "ModelConfig":
+    def from_dict(cls, raw: dict) -> ModelConfig:
         # multimodal configs keep the language model's numbers under text_config
         text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
 

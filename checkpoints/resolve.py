@@ -23,7 +23,9 @@ TORCH_INDEX = "pytorch_model.bin.index.json"
 TORCH_SINGLE = "pytorch_model.bin"
 
 
-def open_checkpoint(source: str | os.PathLike, *, base: Checkpoint | None = None, name: str | None = None) -> Checkpoint:
+def open_checkpoint(
+    source: str | os.PathLike, *, base: Checkpoint | None = None, name: str | None = None
+) -> Checkpoint:
     """Open ``source`` lazily (headers only).
 
     ``base`` is used for a LoRA adapter folder instead of the base model the adapter names.

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .dtypes import ITEMSIZE, torch_dtype
-from .tensor_spec import TensorSpec
 from .errors import CheckpointError
+from .tensor_spec import TensorSpec
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -146,7 +147,7 @@ def _check_no_overlap(path: Path, infos, data_start: int) -> None:
         previous = info
 
 
-def read_bytes(info: TensorInfo, out: "torch.Tensor | None" = None) -> "torch.Tensor":
+def read_bytes(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
     """One tensor's bytes as a uint8 tensor, read with positioned reads that release the GIL.
 
     Into ``out[:nbytes]`` when a large enough flat uint8 ``out`` is given; otherwise into a buffer from
@@ -185,7 +186,7 @@ def _read_into(f, view: memoryview, info: TensorInfo) -> None:
         done += n
 
 
-def read_tensor(info: TensorInfo, buffer: "torch.Tensor | None" = None) -> "torch.Tensor":
+def read_tensor(info: TensorInfo, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Tensor ``info`` in its stored dtype, on the CPU: owning its memory, or a view of ``buffer``."""
     import torch
 

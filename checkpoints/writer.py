@@ -24,15 +24,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checkpoint import Checkpoint
 from .dtypes import ITEMSIZE, dtype_name, torch_dtype
 from .errors import CheckpointError, MergescopeError
 from .tensor_spec import TensorSpec
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 INDEX_NAME = "model.safetensors.index.json"
+
+
+def check_destination(out: Path, *, overwrite: bool) -> None:
+    """Refuse, with a one-line error, an output path that is a file, or a folder holding files unless
+    ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder; choose another output path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: folder exists and is not empty; choose another output folder or pass --force to "
+                              "replace it")
+
+
+def check_output_folder(out: Path, inputs: Iterable[Checkpoint], *, overwrite: bool) -> None:
+    """Refuse, with a one-line error, an output folder that is the folder of one of ``inputs`` or holds it
+    (replacing it would delete the input), or that :func:`check_destination` refuses. Run before any work, so
+    that a long job cannot end by failing to write, or by replacing its own input."""
+    target = out.resolve()
+    for checkpoint in inputs:
+        root = checkpoint.root.resolve() if checkpoint.root else None
+        if root is not None and (root == target or target in root.parents):
+            raise CheckpointError(
+                f"{out}: is (or is inside) the input {checkpoint.source}; choose another output folder"
+            )
+    check_destination(out, overwrite=overwrite)
 
 
 @dataclass
@@ -66,7 +92,8 @@ def _layout(filename: str, specs: list[TensorSpec], metadata: Mapping[str, str])
     position = 0
     relative: dict[str, int] = {}
     for spec in ordered:
-        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [position, position + spec.nbytes]}
+        offsets = [position, position + spec.nbytes]
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": offsets}
         relative[spec.name] = position
         position += spec.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -95,7 +122,7 @@ class CheckpointWriter:
         self.out_dir = Path(out_dir)
         self.specs = {s.name: s for s in specs}
         self.overwrite = overwrite
-        self._check_destination()
+        check_destination(self.out_dir, overwrite=overwrite)
         self.total_bytes = sum(s.nbytes for s in self.specs.values())
         parent = self.out_dir.parent
         try:
@@ -135,15 +162,8 @@ class CheckpointWriter:
             self.abort()
             raise
 
-    def _check_destination(self) -> None:
-        out = self.out_dir
-        if out.exists() and not out.is_dir():
-            raise CheckpointError(f"{out}: exists and is not a folder; choose another output path")
-        if out.is_dir() and any(out.iterdir()) and not self.overwrite:
-            raise CheckpointError(f"{out}: folder exists and is not empty; pass --force to replace it")
-
     # --- writing ----------------------------------------------------------------------------------
-    def write(self, name: str, tensor: "torch.Tensor") -> None:
+    def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write tensor ``name`` (converted to its planned dtype) at its place in its shard."""
         spec = self.specs.get(name)
         if spec is None:
@@ -152,7 +172,7 @@ class CheckpointWriter:
             raise MergescopeError(f"writer: tensor {name!r} written twice")
         if tuple(tensor.shape) != spec.shape:
             raise MergescopeError(f"writer: tensor {name!r} has shape {list(tensor.shape)}, planned {list(spec.shape)}")
-        import torch
+        import torch  # start-up cost (see the imports)
 
         data = tensor.detach().to(device="cpu", dtype=torch_dtype(spec.dtype)).contiguous()
         if spec.numel:
@@ -185,7 +205,7 @@ class CheckpointWriter:
                 "weight_map": {n: self._shard_of[n].filename for n in sorted(self.specs)},
             }
             (self.tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        self._check_destination()
+        check_destination(self.out_dir, overwrite=self.overwrite)
         trash = None
         if self.out_dir.is_dir():
             trash = self.out_dir.with_name(f".{self.out_dir.name}.replaced-{os.getpid()}")
@@ -204,7 +224,7 @@ class CheckpointWriter:
         if not self._committed:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
-    def __enter__(self) -> "CheckpointWriter":
+    def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -227,7 +247,7 @@ def _gb(n: int) -> str:
 
 def save_checkpoint(
     out_dir: str | os.PathLike,
-    tensors: Mapping[str, "torch.Tensor"],
+    tensors: Mapping[str, torch.Tensor],
     *,
     files: Iterable[Path] = (),
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,

@@ -1,1 +1,1 @@
-"""Merge plans (mergekit YAML), merge methods and the streaming executor (issue 4)."""
+"""Merge plans (mergekit YAML), merge methods and the streaming executor."""

@@ -1,9 +1,10 @@
 """Running a merge job: tensor by tensor, on the GPU when there is one, into an atomic checkpoint.
 
 For each output tensor, a reader thread fetches its inputs (in their stored dtype, moved to the device)
-while the previous tensor is merged; the method's pure function merges them in float32; the result is cast
-to the output dtype and written in place by :class:`~mergescope.checkpoints.CheckpointWriter` in a writer
-thread while the next tensor is merged, then freed.
+while the previous tensor is merged (:func:`~mergescope.checkpoints.read_ahead.read_ahead`); the method's pure
+function merges them in float32 (:func:`~.tensor_merge.merge_tensor`); the result is cast to the output dtype
+and written in place by :class:`~mergescope.checkpoints.CheckpointWriter` in a writer thread while the next
+tensor is merged, then freed.
 
 Memory bound: at most ``prefetch + 1`` input sets are alive, plus the method's temporaries and two output
 tensors (one being written): a few copies of the largest tensor, never the model. Elementwise methods and
@@ -12,33 +13,35 @@ mask per model (DARE, breadcrumbs, DELLA) or, for TIES without rescale, two numb
 threshold and a tie cut, found block by block). Non-finite inputs stop the merge naming the model and
 tensor (``allow_non_finite`` overrides); so does a cancel (between tensors). Either way the writer removes
 its temporary folder: the output appears only when complete.
-
-Random methods draw from a generator seeded per output tensor from (seed, tensor name), so a merge is
-bit-identical across runs on the same device and does not depend on the order tensors are processed.
 """
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
 import json
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergescope.checkpoints import CheckpointWriter, MergescopeError, TensorSpec, resolve_device
+from mergescope.checkpoints import Cancelled, CheckpointWriter, MergescopeError, TensorSpec, resolve_device
+from mergescope.checkpoints.read_ahead import read_ahead
 from mergescope.checkpoints.writer import DEFAULT_MAX_SHARD_BYTES
 
 from .job import MergeJob, TensorTask
 from .model_card import model_card
+from .plan import PLAN_FILE_NAME
+from .tensor_merge import DEFAULT_SEED, merge_tensor
 
-DEFAULT_SEED = 0
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
+
+#: around merging a tensor this large (an embedding, a head), freed heap memory is handed back to the OS
+_TRIM_AFTER = 1 << 24
 
 
-class MergeCancelled(MergescopeError):
+class MergeCancelled(Cancelled):
     """The merge was cancelled; nothing was written."""
 
 
@@ -60,12 +63,6 @@ class MergeProgress:
     def eta_s(self) -> float | None:
         rate = self.throughput
         return None if rate == 0 else (self.bytes_total - self.bytes_done) / rate
-
-
-def tensor_seed(seed: int, tensor: str) -> int:
-    """A 63-bit seed for one output tensor, from the merge seed and the tensor's name."""
-    digest = hashlib.blake2b(f"{seed}\0{tensor}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def run_merge(
@@ -103,26 +100,16 @@ def run_merge(
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-write") as writing:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-read") as reader:
             written = None  # the write in flight: one output tensor at most, written while the next merges
-            pending: deque = deque()
-            upcoming = iter(job.tasks)
-            for task in upcoming:
-                pending.append((task, reader.submit(read, task)))
-                if len(pending) > prefetch:
-                    break
-            for index in range(len(job.tasks)):
+            for index, (task, future) in enumerate(read_ahead(job.tasks, read, reader, prefetch)):
                 if cancel is not None and cancel.is_set():
                     raise MergeCancelled(f"merge cancelled; nothing was written to {out_dir}")
-                task, future = pending.popleft()
-                following = next(upcoming, None)
-                if following is not None:
-                    pending.append((following, reader.submit(read, following)))
                 tensors = future.result()
                 if not allow_non_finite:
                     _check_finite(task, tensors)
                 large = task.numel >= _TRIM_AFTER
                 if large:
                     _give_back_free_memory()
-                merged = merge_tensor(job, task, tensors, seed, device)
+                merged = merge_tensor(job.method, task, tensors, seed=seed, device=device, out_dtype=job.out_dtype)
                 if written is not None:
                     written.result()
                 written = writing.submit(writer.write, task.output, merged)
@@ -132,77 +119,21 @@ def run_merge(
                 done += sum(job.checkpoints[ref].spec(name).nbytes for ref, name in task.reads)
                 if on_event is not None:
                     memory = torch.cuda.memory_allocated(device) if device.startswith("cuda") else None
-                    on_event(MergeProgress(task.output, index + 1, len(job.tasks), done, total, time.perf_counter() - start, memory))
+                    elapsed = time.perf_counter() - start
+                    on_event(MergeProgress(task.output, index + 1, len(job.tasks), done, total, elapsed, memory))
             if written is not None:
                 written.result()
         _write_model_files(job, writer)
         return writer.commit()
 
 
-#: entries per block when a method runs block by block (16 MB of float32 per input)
-ELEMENTWISE_BLOCK = 1 << 18
-
-
-#: around merging a tensor this large (an embedding, a head), freed heap memory is handed back to the OS
-_TRIM_AFTER = 1 << 24
-
-
-
 def _give_back_free_memory() -> None:
     """glibc keeps freed blocks for reuse, so earlier temporaries would still count against the peak while
     the largest tensors are merged; ``malloc_trim`` returns them (a no-op without glibc)."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def merge_tensor(job: MergeJob, task: TensorTask, tensors: list, seed: int, device: str):
-    """The method's pure function applied to one output tensor's inputs (any float dtype), in float32.
-
-    On large tensors, elementwise methods run block by block, writing into the output dtype directly, so
-    only one block's float32 copies exist at a time; the task-arithmetic family (TIES, DARE, breadcrumbs,
-    DELLA) first decides its trims over the whole tensor (masks, random draws, rescale factors: one model's
-    float32 task vector at a time; TIES' thresholds and tie cuts in one blockwise pass over all models),
-    then combines block by block. The bits equal a whole-tensor merge.
-    """
-    import torch
-
-    from mergescope.checkpoints.dtypes import torch_dtype
-
-    options = {**task.options, "tensor_name": task.output}
-    generator = None
-    if job.method.random:
-        generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, task.output))
-
-    def apply(inputs: list):
-        inputs = [t.float() for t in inputs]
-        base = inputs[0] if task.base else None
-        return job.method.function(base, inputs[1:] if task.base else inputs, task.params, options, generator)
-
-    with torch.no_grad():
-        numel = tensors[0].numel()
-        prepare = getattr(job.method.function, "prepare", None)
-        if numel <= ELEMENTWISE_BLOCK or not (job.method.elementwise or prepare):
-            return apply(tensors)
-        flat = [t.reshape(-1) for t in tensors]
-        if prepare is None:
-            out = torch.empty(numel, dtype=torch_dtype(job.out_dtype), device=tensors[0].device)
-            for start in range(0, numel, ELEMENTWISE_BLOCK):
-                stop = min(start + ELEMENTWISE_BLOCK, numel)
-                out[start:stop] = apply([t[start:stop] for t in flat])
-            return out.reshape(task.shape)
-        # two phases: masks, draws and rescale factors over the whole tensor, then the elementwise rest
-        combine = job.method.function.combine
-        trims = prepare(tensors[0], tensors[1:], task.params, options, generator)
-        out = torch.empty(numel, dtype=torch_dtype(job.out_dtype), device=tensors[0].device)  # after the peak
-        for start in range(0, numel, ELEMENTWISE_BLOCK):
-            stop = min(start + ELEMENTWISE_BLOCK, numel)
-            blocks = [t[start:stop] for t in flat]
-            out[start:stop] = combine(blocks[0], blocks[1:], [t.block(start, stop) for t in trims], task.params, options)
-        return out.reshape(task.shape)
 
 
 def _check_finite(task: TensorTask, tensors: list) -> None:
@@ -239,7 +170,8 @@ def _write_model_files(job: MergeJob, writer: CheckpointWriter) -> None:
     """config.json (adjusted), generation config, tokenizer, model card and the plan itself."""
     if job.config is not None:
         config = dict(job.config)
-        config["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(job.out_dtype, config.get("torch_dtype"))
+        torch_names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+        config["torch_dtype"] = torch_names.get(job.out_dtype, config.get("torch_dtype"))
         writer.add_text("config.json", json.dumps(config, indent=2) + "\n")
     for path in job.reference.model_files():
         if path.name == "generation_config.json":
@@ -250,5 +182,5 @@ def _write_model_files(job: MergeJob, writer: CheckpointWriter) -> None:
                 writer.add_file(path)
     if job.plan.chat_template:
         writer.add_text("chat_template.jinja", job.plan.chat_template)
-    writer.add_text("mergekit_config.yml", job.plan.to_yaml())
-    writer.add_text("README.md", model_card(job))
+    writer.add_text(PLAN_FILE_NAME, job.plan.to_yaml())
+    writer.add_text("README.md", model_card(job.plan, list(job.checkpoints)))

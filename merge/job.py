@@ -18,8 +18,15 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from mergescope.checkpoints import Checkpoint, MergescopeError, group_order_key, layer_group, layer_index, open_checkpoint
-from mergescope.checkpoints.dtypes import dtype_name
+from mergescope.checkpoints import (
+    Checkpoint,
+    MergescopeError,
+    group_order_key,
+    layer_group,
+    layer_index,
+    open_checkpoint,
+)
+from mergescope.checkpoints.dtypes import ITEMSIZE, dtype_name
 
 from .methods import MergeMethod
 from .parameters import resolve
@@ -65,16 +72,12 @@ class MergeJob:
 
     @property
     def bytes_to_write(self) -> int:
-        from mergescope.checkpoints.dtypes import ITEMSIZE
-
         return sum(t.numel * ITEMSIZE[self.out_dtype] for t in self.tasks)
 
     @property
     def largest_task_bytes(self) -> int:
         """Bytes of the largest output tensor's inputs in float32: the unit of the memory bound."""
         return max((t.numel * 4 * len(t.reads) for t in self.tasks), default=0)
-
-
 
 
 def build_job(plan: MergePlan, *, checkpoints: dict[str, Checkpoint] | None = None) -> MergeJob:
@@ -132,7 +135,6 @@ def _line_of(plan: MergePlan, ref: str) -> int:
     return 0
 
 
-
 def _layer_count(checkpoint: Checkpoint) -> int:
     if checkpoint.config.num_layers is not None:
         return checkpoint.config.num_layers
@@ -148,19 +150,26 @@ def _t_of(tensor: str, layers: int) -> float:
 
 
 def _resolve_params(plan, method, entries, slice_params, tensor_name, t, problems) -> tuple[list[dict], dict]:
+    """Each entry's per-model parameters and the method-level ones for one output tensor at layer position t;
+    a required parameter nobody set is a problem (citing the entry's line)."""
+
+    def resolved(spec, scopes: list) -> object:
+        return resolve(spec.name, scopes, spec.default, tensor_name=tensor_name, t=t, kind=spec.value_type)
+
     per_model, shared = [], {}
     for spec in method.parameters:
         if not spec.per_model:
-            shared[spec.name] = resolve(spec.name, [slice_params, plan.parameters], spec.default, tensor_name=tensor_name, t=t, kind=spec.value_type)
+            shared[spec.name] = resolved(spec, [slice_params, plan.parameters])
             if shared[spec.name] is None and spec.required:
                 problems.add(0, f"parameter {spec.name} is required by {method.name} (for {tensor_name})")
     for entry in entries:
         values = {}
         for spec in method.parameters:
             if spec.per_model:
-                value = resolve(spec.name, [entry.parameters, slice_params, plan.parameters], spec.default, tensor_name=tensor_name, t=t, kind=spec.value_type)
+                value = resolved(spec, [entry.parameters, slice_params, plan.parameters])
                 if value is None and spec.required:
-                    problems.add(entry.line, f"{entry.model}: parameter {spec.name} is required by {method.name} (for {tensor_name})")
+                    problems.add(entry.line, f"{entry.model}: parameter {spec.name} is required by {method.name} "
+                                 f"(for {tensor_name})")
                 values[spec.name] = value
         per_model.append(values)
     return per_model, shared
@@ -217,7 +226,9 @@ def _slice_tasks(plan: MergePlan, opened, reference: Checkpoint, problems: PlanP
         for source in output_slice.sources:
             available = _layer_count(opened[source.model])
             if source.layer_range[1] > available:
-                problems.add(source.line, f"layer_range {list(source.layer_range)} goes past {source.model}'s {available} layers")
+                problems.add(
+                    source.line, f"layer_range {list(source.layer_range)} goes past {source.model}'s {available} layers"
+                )
     if problems:
         return [], None
     groups = reference.groups()

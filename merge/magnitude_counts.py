@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -25,12 +26,12 @@ CHUNK = 1 << 12
 _scratch = threading.local()
 
 
-def block_size(device: "torch.device") -> int:
+def block_size(device: torch.device) -> int:
     """Entries per block of the counting pass on ``device``."""
     return BLOCK if device.type == "cpu" else BLOCK * 4
 
 
-def abs_task_vector(model: "torch.Tensor", base: "torch.Tensor", out: "torch.Tensor | None" = None) -> "torch.Tensor":
+def abs_task_vector(model: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """|τ| = |f32(model) − f32(base)| in float32 (fresh, or written into ``out``); exact for bf16 and fp16."""
     import torch
 
@@ -38,7 +39,7 @@ def abs_task_vector(model: "torch.Tensor", base: "torch.Tensor", out: "torch.Ten
     return tau.sub_(base if base.dtype != torch.float64 else base.float()).abs_()
 
 
-def scratch_buffers(numel: int, device: "torch.device") -> "tuple[torch.Tensor, ...]":
+def scratch_buffers(numel: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Two float32 and two int32 buffers of ``numel`` entries, kept per thread for reuse on a CPU: a fresh
     4 MB buffer costs a millisecond of page faults, as much as counting a million entries."""
     import torch
@@ -52,7 +53,7 @@ def scratch_buffers(numel: int, device: "torch.device") -> "tuple[torch.Tensor, 
     return tuple(buffer[:numel] for buffer in kept)
 
 
-def bits_of(value: "torch.Tensor") -> int:
+def bits_of(value: torch.Tensor) -> int:
     """The int32 bit pattern of a non-negative float32 0-dim tensor."""
     import torch
 
@@ -65,15 +66,15 @@ class Tally:
     ``counts``); the entries strictly between low and high with their flat indices, when gathered; and
     whether no |τ| was NaN."""
 
-    counts: "torch.Tensor"  # int64 [4, chunks]
-    between: "tuple[torch.Tensor, torch.Tensor] | None"  # (values, flat indices), in flat order
+    counts: torch.Tensor  # int64 [4, chunks]
+    between: tuple[torch.Tensor, torch.Tensor] | None  # (values, flat indices), in flat order
     nan_free: bool
     totals: list[int] = field(init=False)  # the four counts over the whole tensor
 
     def __post_init__(self) -> None:
         self.totals = self.counts.sum(dim=1).tolist()
 
-    def ties(self, row: int) -> "torch.Tensor":
+    def ties(self, row: int) -> torch.Tensor:
         """Per chunk, the entries equal to low (``row`` 0) or to high (``row`` 2): #{≤ b} − #{< b}."""
         return self.counts[row + 1] - self.counts[row]
 
@@ -82,15 +83,15 @@ class Tally:
 class Bracket:
     """[low, high] for one model's |τ|, and whether the pass gathers the entries strictly between."""
 
-    low: "torch.Tensor"
-    high: "torch.Tensor"
+    low: torch.Tensor
+    high: torch.Tensor
     gather: bool
 
 
 class _Counter:
     """One model's counts, filled block by block (:func:`tally`)."""
 
-    def __init__(self, bracket: Bracket, numel: int, blocks: int, device: "torch.device") -> None:
+    def __init__(self, bracket: Bracket, numel: int, blocks: int, device: torch.device) -> None:
         import torch
 
         self.lo, self.hi = bits_of(bracket.low), bits_of(bracket.high)
@@ -101,7 +102,9 @@ class _Counter:
         self.values: list = []
         self.positions: list = []
 
-    def count(self, number: int, start: int, magnitude: "torch.Tensor", scratch: "torch.Tensor", kept: "torch.Tensor") -> None:
+    def count(
+        self, number: int, start: int, magnitude: torch.Tensor, scratch: torch.Tensor, kept: torch.Tensor
+    ) -> None:
         """Count one block of |τ| (flat entries from ``start``), using two int32 scratch blocks."""
         import torch
 
@@ -132,7 +135,7 @@ class _Counter:
         return Tally(counts, gathered, not bool(self.sums.isnan().any()))
 
 
-def tally(base: "torch.Tensor", models: "list[torch.Tensor]", brackets: list[Bracket], block: int) -> list[Tally]:
+def tally(base: torch.Tensor, models: list[torch.Tensor], brackets: list[Bracket], block: int) -> list[Tally]:
     """One pass over flat ``base`` and ``models`` in blocks: each model's :class:`Tally` of |τ| against its
     bracket. Each block of the base is converted to float32 once for all models.
 
@@ -156,7 +159,7 @@ def tally(base: "torch.Tensor", models: "list[torch.Tensor]", brackets: list[Bra
     return [counter.finish() for counter in counters]
 
 
-def chunk_sums(values: "torch.Tensor", out: "torch.Tensor") -> None:
+def chunk_sums(values: torch.Tensor, out: torch.Tensor) -> None:
     """Σ of each :data:`CHUNK` of consecutive ``values`` (the last may be shorter) into int32 ``out``."""
     import torch
 
@@ -167,7 +170,7 @@ def chunk_sums(values: "torch.Tensor", out: "torch.Tensor") -> None:
         torch.sum(values[full:], 0, dtype=torch.int32, out=out[-1])
 
 
-def nth_tie(base: "torch.Tensor", model: "torch.Tensor", threshold: "torch.Tensor", ties: "torch.Tensor", nth: int) -> int:
+def nth_tie(base: torch.Tensor, model: torch.Tensor, threshold: torch.Tensor, ties: torch.Tensor, nth: int) -> int:
     """Flat index of the ``nth`` (1-based) entry with |τ| = t, given the number of such entries per chunk:
     the chunk holding it is formed again and searched."""
     import torch

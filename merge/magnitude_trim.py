@@ -30,11 +30,13 @@ and the whole-tensor merge see the same bits.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import TYPE_CHECKING
 
 from mergescope.merge import magnitude_counts as counting
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -47,7 +49,7 @@ MARGIN_MIN = 8
 abs_task_vector = counting.abs_task_vector
 
 
-def keep_mask(magnitude: "torch.Tensor", threshold: "torch.Tensor", last_tie: int) -> "torch.Tensor":
+def keep_mask(magnitude: torch.Tensor, threshold: torch.Tensor, last_tie: int) -> torch.Tensor:
     """Boolean mask of the kept entries of a block of |τ| whose first entry has flat index 0.
 
     keep ⇔ |τⱼ| > t, or |τⱼ| = t and j ≤ c: |τⱼ| ≥ t on j ≤ c and |τⱼ| > t on j > c (c = ``last_tie``).
@@ -72,7 +74,7 @@ def float32_bits(value: float) -> int:
     return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
-def apply_cut_(tau: "torch.Tensor", threshold: float, last_tie: int) -> "torch.Tensor":
+def apply_cut_(tau: torch.Tensor, threshold: float, last_tie: int) -> torch.Tensor:
     """τ ⊙ m in place, for the float32 τ of a block and the trim (t, c): dropped entries become ±0 (τ·0, the
     sign kept), kept ones are left as they are — the bits of ``tau.mul_(keep_mask(|τ|, t, c))``.
 
@@ -82,8 +84,6 @@ def apply_cut_(tau: "torch.Tensor", threshold: float, last_tie: int) -> "torch.T
     τ, never kept by the mask, stays NaN here too (τ·0 is NaN). t = ∞ or NaN (nothing kept; an infinite τ
     times 0 is NaN) multiplies by the mask itself.
     """
-    import math
-
     import torch
 
     if not math.isfinite(threshold):
@@ -100,7 +100,7 @@ def apply_cut_(tau: "torch.Tensor", threshold: float, last_tie: int) -> "torch.T
     return tau
 
 
-def exact_cut(magnitude: "torch.Tensor", count: int) -> "tuple[torch.Tensor, int]":
+def exact_cut(magnitude: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
     """(t, c) over a whole flat |τ|: t = ``kthvalue`` of rank r = n − count + 1, c the index of the m-th entry
     equal to t, m = count − #{|τ| > t}. ``count`` = 0 gives (+∞, −1): nothing kept.
 
@@ -134,7 +134,7 @@ def sample_size(numel: int) -> int:
     return min(1 << 16, max(1 << 12, int((2 * numel) ** (2 / 3))))
 
 
-def _bracket(base: "torch.Tensor", model: "torch.Tensor", rank: int) -> "counting.Bracket | None":
+def _bracket(base: torch.Tensor, model: torch.Tensor, rank: int) -> counting.Bracket | None:
     """[low, high] from the strided sample, gathering when t is expected strictly between them (the sample's
     own estimate of t, its entry at the expected rank, is); None when the sample brackets a NaN."""
     numel = model.numel()
@@ -152,8 +152,8 @@ def _bracket(base: "torch.Tensor", model: "torch.Tensor", rank: int) -> "countin
 
 
 def top_magnitude_cuts(
-    base: "torch.Tensor", models: "list[torch.Tensor]", counts: list[int], *, block: int | None = None
-) -> "list[tuple[torch.Tensor, int]]":
+    base: torch.Tensor, models: list[torch.Tensor], counts: list[int], *, block: int | None = None
+) -> list[tuple[torch.Tensor, int]]:
     """(t, c) of TIES' trim of each τ = model − base keeping ``counts[i]`` entries (module docstring), all
     from one pass over the tensors in blocks; the same answers as :func:`exact_cut` on each whole |τ|."""
     import torch
@@ -162,7 +162,7 @@ def top_magnitude_cuts(
     models = [model.reshape(-1) for model in models]
     numel = base.numel()
     block = block or counting.block_size(base.device)
-    cuts: "list[tuple[torch.Tensor, int] | None]" = [None] * len(models)
+    cuts: list[tuple[torch.Tensor, int] | None] = [None] * len(models)
     pending: list[tuple[int, int, counting.Bracket]] = []  # (model, rank of t, bracket)
     for index, (model, count) in enumerate(zip(models, counts)):
         rank = numel - count + 1  # t is the rank-th smallest |τ|
@@ -174,14 +174,14 @@ def top_magnitude_cuts(
         else:
             pending.append((index, rank, bracket))
     tallies = counting.tally(base, [models[index] for index, _, _ in pending], [b for _, _, b in pending], block)
-    for (index, rank, bracket), tally in zip(pending, tallies):
+    for (index, _, bracket), tally in zip(pending, tallies):
         cuts[index] = _cut(base, models[index], counts[index], bracket, tally, block)
     return cuts  # type: ignore[return-value]
 
 
 def _cut(
-    base: "torch.Tensor", model: "torch.Tensor", count: int, bracket: "counting.Bracket", tally: "counting.Tally", block: int
-) -> "tuple[torch.Tensor, int]":
+    base: torch.Tensor, model: torch.Tensor, count: int, bracket: counting.Bracket, tally: counting.Tally, block: int
+) -> tuple[torch.Tensor, int]:
     """(t, c) from a model's tally: t at low, at high, or selected among the entries strictly between (a
     second pass gathers them when the first did not); the exact selection when t is outside the bracket."""
     import torch

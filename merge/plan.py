@@ -11,12 +11,8 @@ models, malformed slices.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from mergescope.checkpoints import MergescopeError
 from mergescope.checkpoints.dtypes import dtype_name
@@ -24,13 +20,17 @@ from mergescope.checkpoints.dtypes import dtype_name
 from .methods import METHODS, MergeMethod
 from .parameters import coerce, is_conditional, is_scalar
 from .soup_block import greedy_soup_options
-from .yaml_lines import LinedDict, load_yaml, read_yaml_file
+from .yaml_lines import LinedDict, dump_yaml, load_yaml, read_yaml_file
 
 TOP_LEVEL_KEYS = {
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "tokenizer", "chat_template", "modules", "mergescope",
 }
 MERGESCOPE_KEYS = {"seed": int, "device": str, "shard_size": (int, str), "allow_non_finite": bool, "greedy_soup": dict}
+#: the plan's file in a merged folder, as mergekit writes it (and mergescope, beside the weights)
+PLAN_FILE_NAME = "mergekit_config.yml"
+#: the names a merged folder's plan may have (mergekit reads either)
+PLAN_FILE_NAMES = (PLAN_FILE_NAME, "mergekit_config.yaml")
 
 
 class PlanError(MergescopeError):
@@ -80,17 +80,12 @@ class MergePlan:
 
     def to_yaml(self) -> str:
         """The plan as mergekit YAML (the ``raw`` document, so unknown-to-us but valid keys survive)."""
-        buffer = io.StringIO()
-        yaml.safe_dump(_plain(self.raw), buffer, sort_keys=False, default_flow_style=None, allow_unicode=True)
-        return buffer.getvalue()
+        return dump_yaml(self.raw)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+def plan_file_in(folder: Path) -> Path | None:
+    """The plan a merged folder holds (:data:`PLAN_FILE_NAMES`), None when it holds none."""
+    return next((folder / name for name in PLAN_FILE_NAMES if (folder / name).is_file()), None)
 
 
 def load_plan(path: str | Path) -> MergePlan:
@@ -130,7 +125,10 @@ class PlanProblems:
     def raise_if_any(self) -> None:
         if not self.items:
             return
-        lines = [f"{self.source}:{line}: {message}" if line else f"{self.source}: {message}" for line, message in sorted(self.items)]
+        lines = [
+            f"{self.source}:{line}: {message}" if line else f"{self.source}: {message}"
+            for line, message in sorted(self.items)
+        ]
         more = len(lines) - self.MAX_SHOWN
         raise PlanError("\n".join(lines[: self.MAX_SHOWN] + ([f"... and {more} more problems"] if more > 0 else [])))
 
@@ -151,7 +149,9 @@ def _build(document: object, problems: PlanProblems) -> MergePlan | None:
             if method_name is not None else "merge_method is missing",
         )
     if "modules" in document:
-        problems.add(document.line_of("modules"), "modules: (multi-module models) is not supported yet; use models or slices")
+        problems.add(
+            document.line_of("modules"), "modules: (multi-module models) is not supported yet; use models or slices"
+        )
     has_models, has_slices = document.get("models") is not None, document.get("slices") is not None
     if has_models == has_slices:
         problems.add(document.line, "give exactly one of models: or slices:")
@@ -221,7 +221,8 @@ def _models(value: object, line: int, method: MergeMethod | None, problems: Plan
                 problems.add(item.line_of(key), f"unknown key {key!r} in a models entry (known: model, parameters)")
         model = _model_reference(item, "model", problems)
         if model is not None:
-            entries.append(ModelEntry(model, _parameters(item, "parameters", method, problems, model_level=True), item.line))
+            parameters = _parameters(item, "parameters", method, problems, model_level=True)
+            entries.append(ModelEntry(model, parameters, item.line))
     return entries
 
 
@@ -245,20 +246,28 @@ def _slices(value: object, line: int, method: MergeMethod | None, problems: Plan
                 not isinstance(layer_range, list) or len(layer_range) != 2
                 or not all(type(x) is int for x in layer_range) or not 0 <= layer_range[0] < layer_range[1]
             ):
-                problems.add(source.line_of("layer_range"), f"layer_range must be [start, end) with 0 <= start < end, not {layer_range!r}")
+                problems.add(
+                    source.line_of("layer_range"),
+                    f"layer_range must be [start, end) with 0 <= start < end, not {layer_range!r}",
+                )
                 continue
             if model is not None:
                 params = _parameters(source, "parameters", method, problems, model_level=True)
                 sources.append(SliceSource(model, params, source.line, tuple(layer_range)))
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
         if len(lengths) > 1:
-            problems.add(item.line, f"the sources of a slice must have the same number of layers, not {sorted(lengths)}")
+            problems.add(
+                item.line, f"the sources of a slice must have the same number of layers, not {sorted(lengths)}"
+            )
         base = _model_reference(item, "base_model", problems, optional=True)
-        slices.append(OutputSlice(sources, base, _parameters(item, "parameters", method, problems, model_level=False), item.line))
+        parameters = _parameters(item, "parameters", method, problems, model_level=False)
+        slices.append(OutputSlice(sources, base, parameters, item.line))
     return slices
 
 
-def _parameters(mapping: LinedDict, key: str, method: MergeMethod | None, problems: PlanProblems, *, model_level: bool) -> dict:
+def _parameters(
+    mapping: LinedDict, key: str, method: MergeMethod | None, problems: PlanProblems, *, model_level: bool
+) -> dict:
     value = mapping.get(key)
     if value is None:
         return {}
@@ -275,7 +284,9 @@ def _parameters(mapping: LinedDict, key: str, method: MergeMethod | None, proble
             known = ", ".join(sorted(specs)) or "none"
             problems.add(line, f"{method.name} has no parameter {name!r} (known: {known})")
         elif model_level and not spec.per_model:
-            problems.add(line, f"{name} applies to the whole merge: put it under the top-level parameters:, not a model's")
+            problems.add(
+                line, f"{name} applies to the whole merge: put it under the top-level parameters:, not a model's"
+            )
         else:
             for message in _setting_problems(name, setting, spec):
                 problems.add(line, message)
@@ -326,7 +337,8 @@ def _mergescope_options(document: LinedDict, problems: PlanProblems) -> dict:
             for line, message in found:
                 problems.add(line, message)
         elif expected is None:
-            problems.add(block.line_of(key), f"unknown mergescope option {key!r} (known: {', '.join(sorted(MERGESCOPE_KEYS))})")
+            known = ", ".join(sorted(MERGESCOPE_KEYS))
+            problems.add(block.line_of(key), f"unknown mergescope option {key!r} (known: {known})")
         elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             problems.add(block.line_of(key), f"mergescope.{key} has the wrong type: {value!r}")
         else:

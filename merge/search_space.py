@@ -57,7 +57,9 @@ def parse_vary(spec: str) -> Variable:
     key, equals, text = spec.partition("=")
     key = key.strip()
     if not equals or not key or not text.strip():
-        raise MergescopeError(f"--vary {spec!r}: write KEY=a:b:step or KEY=v1,v2 (e.g. models.0.parameters.weight=0.2:1.0:0.2)")
+        raise MergescopeError(
+            f"--vary {spec!r}: write KEY=a:b:step or KEY=v1,v2 (e.g. models.0.parameters.weight=0.2:1.0:0.2)"
+        )
     path = tuple(part.strip() for part in key.split("."))
     if any(not part for part in path):
         raise MergescopeError(f"--vary {spec!r}: {key!r} has an empty part; join keys and indices with single dots")
@@ -90,27 +92,25 @@ def inclusive_grid(start: str, stop: str, step: str, *, spec: str = "") -> list:
     try:
         a, b, s = Decimal(start.strip()), Decimal(stop.strip()), Decimal(step.strip())
     except InvalidOperation:
-        raise MergescopeError(f"--vary {spec!r}: a:b:step needs three numbers, got {start!r}, {stop!r}, {step!r}") from None
+        raise MergescopeError(
+            f"--vary {spec!r}: a:b:step needs three numbers, got {start!r}, {stop!r}, {step!r}"
+        ) from None
     if not all(x.is_finite() for x in (a, b, s)):
         raise MergescopeError(f"--vary {spec!r}: a:b:step needs finite numbers")
     if s <= 0:
         raise MergescopeError(f"--vary {spec!r}: the step {step.strip()} must be positive")
     if b < a:
-        raise MergescopeError(f"--vary {spec!r}: the grid runs from a up to b, so a ({start.strip()}) must not exceed b ({stop.strip()})")
+        raise MergescopeError(
+            f"--vary {spec!r}: the grid runs from a up to b, so a ({start.strip()}) must not exceed b ({stop.strip()})"
+        )
     count = int((b - a) / s) + 1
     if count > MAX_GRID:
         raise MergescopeError(f"--vary {spec!r}: {count} values; use a larger step")
-    integral = all(x == x.to_integral_value() and "." not in t and "e" not in t.lower() for x, t in ((a, start), (b, stop), (s, step)))
+    integral = all(
+        x == x.to_integral_value() and "." not in t and "e" not in t.lower()
+        for x, t in ((a, start), (b, stop), (s, step))
+    )
     return [int(a + k * s) if integral else float(a + k * s) for k in range(count)]
-
-
-def plain_document(value: object) -> object:
-    """A deep copy of a loaded YAML document with plain dicts and lists (what ``yaml.safe_dump`` writes)."""
-    if isinstance(value, dict):
-        return {k: plain_document(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain_document(v) for v in value]
-    return value
 
 
 def check_path(document: dict, variable: Variable) -> None:
@@ -127,7 +127,10 @@ def set_path(document: dict, path: tuple[str, ...], value: object, *, key: str =
         where = ".".join(path[:depth]) or "the plan"
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise MergescopeError(f"--vary {key}: {where} is a list of {len(node)}; {part!r} is not an index in it (0–{len(node) - 1})")
+                raise MergescopeError(
+                    f"--vary {key}: {where} is a list of {len(node)}; {part!r} is not an index in it "
+                    f"(0–{len(node) - 1})"
+                )
             index = int(part)
             if last:
                 node[index] = value
@@ -153,7 +156,9 @@ def grid_points(variables: list[Variable]) -> list[tuple]:
     """The cartesian product of the values, the last variable changing fastest."""
     size = grid_size(variables)
     if size > MAX_GRID:
-        raise MergescopeError(f"the grid has {size} candidates (more than {MAX_GRID}); narrow it or sample with --random N")
+        raise MergescopeError(
+            f"the grid has {size} candidates (more than {MAX_GRID}); narrow it or sample with --random N"
+        )
     return list(itertools.product(*(v.values for v in variables)))
 
 

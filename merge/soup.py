@@ -21,19 +21,20 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from mergescope.checkpoints import Checkpoint, MergescopeError, check_output_folder
 
-from mergescope.checkpoints import Checkpoint, MergescopeError
-
-from .evaluation import check_template, score_merged_plan, score_with_command
-from .plan import MergePlan, PlanError, parse_plan
-from .search_space import plain_document
+from .eval_command import check_template
+from .evaluation import score_with_command
+from .executor import run_merge
+from .job import MergeJob, build_job
+from .plan import PLAN_FILE_NAME, MergePlan, PlanError, parse_plan
+from .trial_merge import score_merged_plan, scratch_folder
+from .yaml_lines import dump_yaml, plain_document
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ def rank_by_score(scores: Sequence[tuple[str, float]]) -> list[tuple[str, float]
     return sorted(scores, key=lambda item: -item[1])
 
 
-def greedy_selection(ranked: Sequence[tuple[str, float]], score_soup: Callable[[tuple[str, ...]], float]) -> Iterator[SoupStep]:
+def greedy_selection(
+    ranked: Sequence[tuple[str, float]], score_soup: Callable[[tuple[str, ...]], float]
+) -> Iterator[SoupStep]:
     """The greedy soup over ``ranked`` (best first, with their scores alone): yields one step per candidate.
     ``score_soup(ingredients)`` scores the uniform soup of those models."""
     if not ranked:
@@ -112,11 +115,9 @@ class SoupRecipe:
     candidates: list[str]  # each entry's model reference, as the plan loader resolved it
     original: MergePlan | None = None  # the user's plan, whose lines errors cite
 
-    def check_inputs(self):
+    def check_inputs(self) -> MergeJob:
         """Open every candidate and check they fit together (a :class:`~.job.MergeJob` of them all), citing the
         user's plan lines — or, for models given on the command line, no lines."""
-        from .job import build_job
-
         if self.original is not None:
             return build_job(self.original)
         plan = self.plan(self.candidates)
@@ -133,7 +134,7 @@ class SoupRecipe:
         by_model = dict(zip(self.candidates, self.document["models"]))
         document = {key: ([by_model[m] for m in ingredients] if key == "models" else value)
                     for key, value in self.document.items()}
-        return yaml.safe_dump(document, sort_keys=False, default_flow_style=None, allow_unicode=True)
+        return dump_yaml(document)
 
 
 def recipe_from_models(models: Sequence[str], source: str = "soup") -> SoupRecipe:
@@ -184,15 +185,14 @@ def run_greedy_soup(recipe: SoupRecipe, eval_cmd: str, out: str | Path, *, devic
                     cancel: threading.Event | None = None) -> SoupResult:
     """Score the candidates, choose the soup greedily, write it to ``out``; scratch folders are removed
     (unless ``keep_scratch``), also when interrupted."""
-    from .executor import run_merge
-    from .job import build_job
-
     check_template(eval_cmd)
     emit = on_event or (lambda event: None)
     out = Path(out)
     everything = recipe.check_inputs()  # every problem reported before any work
-    _check_output(out, overwrite, everything.checkpoints.values())
-    scratch = _make_scratch(out, scratch_dir)
+    check_output_folder(out, everything.checkpoints.values(), overwrite=overwrite)
+    # beside the output (same disk, which has room for a model) unless scratch_dir is given
+    parent = Path(scratch_dir) if scratch_dir else out.absolute().parent
+    scratch = scratch_folder(parent, f".{out.name}.soup-scratch-", "the candidate soups")
     try:
         def score_soup(ingredients: tuple[str, ...]) -> float:
             emit(SoupActivity(f"merging and evaluating the soup of {len(ingredients)}: {_names(ingredients)}"))
@@ -216,7 +216,7 @@ def run_greedy_soup(recipe: SoupRecipe, eval_cmd: str, out: str | Path, *, devic
         emit(SoupActivity(f"writing the soup of {len(steps[-1].ingredients)} to {out}"))
         job = build_job(recipe.plan(steps[-1].ingredients))
         path = run_merge(job, out, device=device, overwrite=overwrite, cancel=cancel)
-        _annotate_plan(path / "mergekit_config.yml", soup_header(steps, eval_cmd))
+        _annotate_plan(path / PLAN_FILE_NAME, soup_header(steps, eval_cmd))
         return SoupResult(steps, path)
     finally:
         if not keep_scratch:
@@ -225,27 +225,6 @@ def run_greedy_soup(recipe: SoupRecipe, eval_cmd: str, out: str | Path, *, devic
 
 def _names(models: Sequence[str]) -> str:
     return " + ".join(Path(m).name or m for m in models)
-
-
-def _check_output(out: Path, overwrite: bool, inputs) -> None:
-    target = out.resolve()
-    for checkpoint in inputs:
-        root = checkpoint.root.resolve() if checkpoint.root else None
-        if root is not None and (root == target or target in root.parents):
-            raise MergescopeError(f"{out}: is (or is inside) the input {checkpoint.source}; choose another output folder")
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise MergescopeError(f"{out}: already exists; choose another output folder or pass --force to replace it")
-
-
-def _make_scratch(out: Path, scratch_dir: str | Path | None) -> Path:
-    """A hidden folder for the candidate soups: beside the output (same disk, which has room for a model)
-    unless ``scratch_dir`` is given."""
-    parent = Path(scratch_dir) if scratch_dir else out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.soup-scratch-", dir=parent))
-    except OSError as exc:
-        raise MergescopeError(f"{parent}: cannot create a scratch folder for the candidate soups: {exc.strerror or exc}") from None
 
 
 def soup_header(steps: Sequence[SoupStep], eval_cmd: str) -> str:
@@ -259,7 +238,9 @@ def soup_header(steps: Sequence[SoupStep], eval_cmd: str) -> str:
     for index, step in enumerate(steps):
         decision = "start (best alone)" if index == 0 else ("added" if step.added else "rejected")
         lines.append(f"  {step.model:<{width}}  {step.alone:>12.6g}  {step.score:>12.6g}  {decision}")
-    lines.append("The plan below is the soup of the kept models; the plan with mergescope.greedy_soup reruns the selection.")
+    lines.append(
+        "The plan below is the soup of the kept models; the plan with mergescope.greedy_soup reruns the selection."
+    )
     return "".join(f"# {line}\n" for line in lines)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from mergescope.checkpoints import MergescopeError
 
-from .evaluation import check_template
+from .eval_command import check_template
 from .yaml_lines import LinedDict
 
 GREEDY_SOUP_KEYS = {"eval_cmd": "the eval command, with {model}", "timeout": "seconds per evaluation"}
@@ -65,7 +65,9 @@ def _plan_shape_problems(document: LinedDict) -> list[Problem]:
     """What the rest of the plan must look like for a uniform soup of any subset of its models."""
     problems: list[Problem] = []
     if document.get("merge_method") != "linear":
-        problems.append((document.line_of("merge_method"), "greedy_soup builds uniform soups: merge_method must be linear"))
+        problems.append(
+            (document.line_of("merge_method"), "greedy_soup builds uniform soups: merge_method must be linear")
+        )
     if document.get("slices") is not None:
         problems.append((document.line_of("slices"), "greedy_soup chooses among models:, not slices:"))
     if document.get("base_model") is not None:
@@ -98,5 +100,7 @@ def _weight_problems(models: list, top: LinedDict) -> list[Problem]:
         seen.setdefault(float(weight), line)
     if len(seen) > 1:
         (first, _), (other, line) = list(seen.items())[:2]
-        problems.append((line, f"greedy_soup averages uniformly: every model needs the same weight (found {first:g} and {other:g})"))
+        problems.append(
+            (line, f"greedy_soup averages uniformly: every model needs the same weight (found {first:g} and {other:g})")
+        )
     return problems

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -26,7 +27,7 @@ def keep_count(numel: int, density: float) -> int:
     return int(density * numel)
 
 
-def _magnitudes(values: "torch.Tensor", absolute: bool = False) -> "torch.Tensor":
+def _magnitudes(values: torch.Tensor, absolute: bool = False) -> torch.Tensor:
     """|values| flat in float32 (or float64); ``absolute`` says the caller already holds a float |τ|, used as is."""
     import torch
 
@@ -39,12 +40,12 @@ def _magnitudes(values: "torch.Tensor", absolute: bool = False) -> "torch.Tensor
 _SAMPLE = 1 << 16
 
 
-def kth_smallest(values: "torch.Tensor", k: int) -> "torch.Tensor":
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest entry (1-based) of a 1-D tensor, exactly, by selection rather than sorting."""
     return _kth_with_candidates(values, k)[0]
 
 
-def _kth_with_candidates(values: "torch.Tensor", k: int) -> "tuple[torch.Tensor, torch.Tensor | None]":
+def _kth_with_candidates(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The k-th smallest entry, and the ascending indices of a bracket of entries that holds every entry
     equal to it (None when the whole tensor was searched).
 
@@ -74,7 +75,7 @@ def _kth_with_candidates(values: "torch.Tensor", k: int) -> "tuple[torch.Tensor,
     return values.kthvalue(k).values, None
 
 
-def select_extreme(magnitude: "torch.Tensor", count: int, *, largest: bool, low_index_first: bool) -> "torch.Tensor":
+def select_extreme(magnitude: torch.Tensor, count: int, *, largest: bool, low_index_first: bool) -> torch.Tensor:
     """Flat boolean mask of exactly ``count`` entries of a 1-D ``magnitude``: its largest or its smallest.
 
     The threshold is the count-th extreme value (by selection); entries beyond it are taken, and entries
@@ -113,7 +114,7 @@ def trim_count(numel: int, density: float) -> int:
     return max(1, keep_count(numel, density))
 
 
-def top_magnitude_mask(values: "torch.Tensor", density: float, *, absolute: bool = False) -> "torch.Tensor":
+def top_magnitude_mask(values: torch.Tensor, density: float, *, absolute: bool = False) -> torch.Tensor:
     """TIES' trim: the :func:`trim_count` entries of largest |τ|, ties lowest index first.
 
     ``absolute``: ``values`` already is |τ| in float32, so no copy is made.
@@ -122,7 +123,7 @@ def top_magnitude_mask(values: "torch.Tensor", density: float, *, absolute: bool
     return select_extreme(_magnitudes(values, absolute), k, largest=True, low_index_first=True).reshape(values.shape)
 
 
-def outlier_mask(values: "torch.Tensor", density: float, gamma: float, *, absolute: bool = False) -> "torch.Tensor":
+def outlier_mask(values: torch.Tensor, density: float, gamma: float, *, absolute: bool = False) -> torch.Tensor:
     """Model Breadcrumbs' trim: drop the largest outliers and the smallest entries, keep k = ⌊density·n⌋ between.
 
     With n_top = ⌊γ·n⌋ and n_bot = max(0, n − k − n_top), the kept entries are ranks n_bot … n_bot + k − 1 of
@@ -145,13 +146,13 @@ def outlier_mask(values: "torch.Tensor", density: float, gamma: float, *, absolu
     return (~dropped).reshape(values.shape)
 
 
-def _need(generator: "torch.Generator | None", what: str) -> "torch.Generator":
+def _need(generator: torch.Generator | None, what: str) -> torch.Generator:
     if generator is None:
         raise ValueError(f"{what} draws random masks: pass a torch.Generator (the global RNG is never used)")
     return generator
 
 
-def bernoulli_mask(values: "torch.Tensor", density: float, generator: "torch.Generator | None") -> "torch.Tensor":
+def bernoulli_mask(values: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
     """DARE's drop: each entry kept independently with probability ``density`` (a float 0/1 mask).
 
     One Bernoulli draw per entry, in storage order, from ``generator`` (which must live on the tensor's device).
@@ -162,7 +163,7 @@ def bernoulli_mask(values: "torch.Tensor", density: float, generator: "torch.Gen
     return torch.bernoulli(probabilities, generator=_need(generator, "DARE"))
 
 
-def della_probabilities(values: "torch.Tensor", density: float, epsilon: float) -> "torch.Tensor":
+def della_probabilities(values: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's keep probabilities: p = (density − ε) + 2ε · r / (m − 1) for the entry of 0-based rank r among m.
 
     Ranks are by |τ| ascending along dim 1 — within each row of a matrix (along the second axis for higher
@@ -186,14 +187,14 @@ def della_probabilities(values: "torch.Tensor", density: float, epsilon: float) 
     return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(values.shape)
 
 
-def della_mask(values: "torch.Tensor", density: float, epsilon: float, generator: "torch.Generator | None") -> "torch.Tensor":
+def della_mask(values: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None) -> torch.Tensor:
     """DELLA's MagPrune drop: a float 0/1 mask, entry kept with its :func:`della_probabilities` probability."""
     import torch
 
     return torch.bernoulli(della_probabilities(values, density, epsilon), generator=_need(generator, "DELLA"))
 
 
-def l1_rescale_factor(values: "torch.Tensor", mask: "torch.Tensor", eps: float = 1e-7) -> "torch.Tensor | None":
+def l1_rescale_factor(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor | None:
     """‖τ‖₁ / ‖τ ⊙ m‖₁ as a 0-dim tensor, or None when either norm is below ``eps`` (then no rescale).
 
     mergekit's ``rescale`` is ``(τ ⊙ m) · factor``: it matches L1 norms rather than dividing by the keep

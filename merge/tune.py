@@ -24,19 +24,21 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from mergescope.checkpoints import Cancelled, MergescopeError
 
-from mergescope.checkpoints import MergescopeError
-
-from .evaluation import EvaluationCancelled, check_template, score_merged_plan
+from .eval_command import check_template
 from .plan import PlanError, parse_plan
 from .search_space import Candidate, Variable
 from .soup import message_without_lines
+from .trial_merge import score_merged_plan, scratch_folder
+from .yaml_lines import dump_yaml
+
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 
 
 @dataclass
@@ -55,27 +57,22 @@ def evaluate_candidate(candidate: Candidate, eval_cmd: str, scratch: Path, *, de
     """Validate, merge and score one candidate. A bad candidate is a result, not an exception: ``invalid`` when
     the plan loader or job builder refuses it, ``failed`` when its merge or evaluation fails (an unexpected
     exception included, so that one odd candidate does not end a long search); only a cancel stops it."""
-    from .executor import MergeCancelled
-
     start = time.perf_counter()
     source = f"candidate {candidate.number}"
     try:
-        plan = parse_plan(candidate_yaml(candidate.document), source)
+        plan = parse_plan(dump_yaml(candidate.document), source)
         score = score_merged_plan(plan, scratch, eval_cmd, device=device, timeout=timeout, cancel=cancel,
                                   label=f"candidate-{candidate.number}")
     except PlanError as exc:
-        return TuneResult(candidate, "invalid", None, time.perf_counter() - start, message_without_lines(str(exc), source))
-    except (EvaluationCancelled, MergeCancelled):
+        message = message_without_lines(str(exc), source)
+        return TuneResult(candidate, "invalid", None, time.perf_counter() - start, message)
+    except Cancelled:
         return TuneResult(candidate, "cancelled", None, time.perf_counter() - start, "cancelled")
     except MergescopeError as exc:
         return TuneResult(candidate, "failed", None, time.perf_counter() - start, str(exc))
     except Exception as exc:  # noqa: BLE001 - one odd candidate must not end a long search without its results
         return TuneResult(candidate, "failed", None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
     return TuneResult(candidate, "ok", score, time.perf_counter() - start)
-
-
-def candidate_yaml(document: dict) -> str:
-    return yaml.safe_dump(document, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
 def run_search(candidates: Sequence[Candidate], eval_cmd: str, *, jobs: int = 1, device: str | None = None,
@@ -88,12 +85,16 @@ def run_search(candidates: Sequence[Candidate], eval_cmd: str, *, jobs: int = 1,
     if jobs < 1:
         raise MergescopeError(f"--jobs {jobs}: run at least one candidate at a time")
     cancel = cancel or threading.Event()
-    scratch = _make_scratch(scratch_dir)
+    parent = Path(scratch_dir) if scratch_dir else Path(tempfile.gettempdir())
+    scratch = scratch_folder(parent, ".mergescope-tune-scratch-", "the candidates")
     results: list[TuneResult] = []
     try:
-        with torch_threads_divided(jobs), ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="mergescope-tune") as pool:
-            pending = {pool.submit(evaluate_candidate, c, eval_cmd, scratch, device=device, timeout=timeout, cancel=cancel)
-                       for c in candidates}
+        threads = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="mergescope-tune")
+        with torch_threads_divided(jobs), threads as pool:
+            pending = {
+                pool.submit(evaluate_candidate, c, eval_cmd, scratch, device=device, timeout=timeout, cancel=cancel)
+                for c in candidates
+            }
             try:
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -124,15 +125,6 @@ def torch_threads_divided(jobs: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _make_scratch(scratch_dir: str | Path | None) -> Path:
-    parent = Path(scratch_dir) if scratch_dir else Path(tempfile.gettempdir())
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".mergescope-tune-scratch-", dir=parent))
-    except OSError as exc:
-        raise MergescopeError(f"{parent}: cannot create a scratch folder for the candidates: {exc.strerror or exc}") from None
-
-
 def ranked(results: Sequence[TuneResult]) -> list[TuneResult]:
     """Scored candidates best first (ties: the lower candidate number), then the others by number."""
     scored = sorted((r for r in results if r.status == "ok"), key=lambda r: (-r.score, r.candidate.number))
@@ -154,4 +146,4 @@ def best_plan_text(best: TuneResult, variables: Sequence[Variable], eval_cmd: st
     header = [f"best of {tried} candidates by mergescope tune: score {best.score:.6g}",
               f"eval command: {' '.join(eval_cmd.split())}"]  # one comment line, whatever the command holds
     header += [f"  {v.key} = {value}" for v, value in zip(variables, best.candidate.values)]
-    return "".join(f"# {line}\n" for line in header) + candidate_yaml(best.candidate.document)
+    return "".join(f"# {line}\n" for line in header) + dump_yaml(best.candidate.document)

@@ -1,4 +1,5 @@
-"""YAML loading that remembers where each mapping and key came from, for errors that cite the line."""
+"""Plan YAML in and out: loading that remembers where each mapping and key came from (for errors that cite
+the line), and writing a document back as mergekit reads it."""
 
 from __future__ import annotations
 
@@ -52,6 +53,20 @@ def load_yaml(text: str, source: str) -> object:
         raise MergescopeError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise MergescopeError(f"{source}: YAML error: {exc}") from None
+
+
+def plain_document(value: object) -> object:
+    """A deep copy of a loaded YAML document with plain dicts and lists (what ``yaml.safe_dump`` writes)."""
+    if isinstance(value, dict):
+        return {k: plain_document(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_document(v) for v in value]
+    return value
+
+
+def dump_yaml(document: object) -> str:
+    """``document`` as YAML text in the plan's key order, short lists inline, unicode as is."""
+    return yaml.safe_dump(plain_document(document), sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
 def read_yaml_file(path: Path) -> object:

@@ -73,7 +73,9 @@ def _conflict_all(taus: list[np.ndarray]) -> float | None:
     return None if count == 0 else int(np.count_nonzero(disagree)) / count
 
 
-def statistics(base: np.ndarray, taus: list[np.ndarray], names: list[str], trimmed: list[np.ndarray] | None = None) -> dict:
+def statistics(
+    base: np.ndarray, taus: list[np.ndarray], names: list[str], trimmed: list[np.ndarray] | None = None
+) -> dict:
     """The statistics block over one set of elements: base (cleaned) and the models' τ (float32 arrays)."""
     base64 = np.asarray(base, dtype=np.float64)
     t64 = [np.asarray(t, dtype=np.float64) for t in taus]
@@ -166,13 +168,18 @@ def expected_report(base: dict, taus: list[dict], names: list[str], density: flo
 
 # --- test helpers: comparing a report with the reference, and making fine-tunes ------------------------
 #: ratios of counts (and names, and max_abs) must match exactly; the rest are floats formed from float32 inputs
-EXACT = {"numel", "nonzero", "sign_conflict", "conflict_all", "sign_conflict_trimmed", "conflict_all_trimmed", "a", "b", "name", "group", "max_abs"}
+EXACT = {
+    "numel", "nonzero", "sign_conflict", "conflict_all", "sign_conflict_trimmed", "conflict_all_trimmed", "a", "b",
+    "name", "group", "max_abs",
+}
 RTOL, ATOL = 1e-5, 1e-6
 
 
 def assert_matches(actual, expected, path: str = "") -> None:
     if isinstance(expected, dict):
-        assert isinstance(actual, dict) and set(actual) == set(expected), f"{path}: keys {sorted(actual)} != {sorted(expected)}"
+        assert isinstance(actual, dict) and set(actual) == set(expected), (
+            f"{path}: keys {sorted(actual)} != {sorted(expected)}"
+        )
         for key in expected:
             if key in EXACT and not isinstance(expected[key], (dict, list)):
                 assert actual[key] == expected[key], f"{path}.{key}: {actual[key]!r} != {expected[key]!r}"
@@ -185,7 +192,9 @@ def assert_matches(actual, expected, path: str = "") -> None:
     elif expected is None:
         assert actual is None, f"{path}: {actual!r} is not null"
     else:
-        assert actual is not None and actual == pytest.approx(expected, rel=RTOL, abs=ATOL), f"{path}: {actual!r} != {expected!r}"
+        assert actual is not None and actual == pytest.approx(expected, rel=RTOL, abs=ATOL), (
+            f"{path}: {actual!r} != {expected!r}"
+        )
 
 
 def assert_report(report: dict, expected: dict) -> None:
@@ -209,7 +218,10 @@ def noise(state, seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
 
 
 def plus(state, delta, factor: float = 1.0) -> dict[str, torch.Tensor]:
-    return {name: (v.float() + factor * delta[name]).to(v.dtype) if name in delta else v.clone() for name, v in state.items()}
+    return {
+        name: (v.float() + factor * delta[name]).to(v.dtype) if name in delta else v.clone()
+        for name, v in state.items()
+    }
 
 
 def reference_from_states(base_state: dict, models: dict[str, dict], density: float = 1.0) -> dict:

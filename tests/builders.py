@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 
-def llama_config(vocab: int = 64, hidden: int = 16, layers: int = 2, intermediate: int = 32, heads: int = 4, kv_heads: int = 2) -> dict:
+def llama_config(
+    vocab: int = 64, hidden: int = 16, layers: int = 2, intermediate: int = 32, heads: int = 4, kv_heads: int = 2
+) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -28,7 +30,9 @@ def llama_config(vocab: int = 64, hidden: int = 16, layers: int = 2, intermediat
     }
 
 
-def llama_state(config: dict | None = None, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def llama_state(
+    config: dict | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """A Llama-shaped state dict with Hugging Face tensor names and random weights."""
     c = config or llama_config()
     g = torch.Generator().manual_seed(seed)
@@ -91,12 +95,15 @@ def bert_state(layers: int = 2, hidden: int = 8, vocab: int = 20) -> dict[str, t
 
 def write_tokenizer(folder: Path, vocab: int = 64, extra: str = "") -> None:
     tokens = {f"t{i}{extra}": i for i in range(vocab)}
-    tokenizer = {"version": "1.0", "model": {"type": "WordLevel", "vocab": tokens, "unk_token": "t0"}, "added_tokens": []}
+    model = {"type": "WordLevel", "vocab": tokens, "unk_token": "t0"}
+    tokenizer = {"version": "1.0", "model": model, "added_tokens": []}
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
-def write_model(folder: Path, state: dict[str, torch.Tensor], config: dict | None = None, *, tokenizer_vocab: int | None = None) -> Path:
+def write_model(
+    folder: Path, state: dict[str, torch.Tensor], config: dict | None = None, *, tokenizer_vocab: int | None = None
+) -> Path:
     """``folder/model.safetensors`` (+ config.json, + tokenizer.json)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -116,7 +123,7 @@ def write_sharded(folder: Path, state: dict[str, torch.Tensor], shards: int, con
         filename = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: state[n] for n in names[k::shards]}
         save_file(part, str(folder / filename), metadata={"format": "pt"})
-        weight_map.update({n: filename for n in part})
+        weight_map.update(dict.fromkeys(part, filename))
     total = sum(t.numel() * t.element_size() for t in state.values())
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -6,13 +6,14 @@ expectation helpers check mergekit's own output from first principles where that
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
 
 from mergekit_reference import assert_tensors_close, task_vector_stats
+
 
 @dataclass(frozen=True)
 class Tol:
@@ -71,7 +72,8 @@ def _expect_task_arithmetic(out: dict, states: dict) -> None:
     base = states["base"]
     for name in out:
         w_b = 0.25 if "mlp" in name else 1.0
-        tau = 0.5 * (states["ft_a"][name].double() - base[name].double()) + w_b * (states["ft_b"][name].double() - base[name].double())
+        tau_a, tau_b = (states[m][name].double() - base[name].double() for m in ("ft_a", "ft_b"))
+        tau = 0.5 * tau_a + w_b * tau_b
         torch.testing.assert_close(out[name].double(), base[name].double() + 0.7 * tau, rtol=1e-6, atol=1e-7, msg=name)
 
 

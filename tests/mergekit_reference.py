@@ -24,7 +24,7 @@ import subprocess
 import textwrap
 import zlib
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -63,7 +63,7 @@ def _env_module():
     return module
 
 
-@lru_cache(maxsize=None)
+@cache
 def mergekit_available(venv: Path = MERGEKIT_VENV) -> bool:
     """The mergekit venv exists, was built and smoke-tested by benchmarks/mergekit_env.py with the
     current pins (its marker file), and its interpreter still starts. Cheap: no mergekit import."""
@@ -121,7 +121,9 @@ def run_mergekit(config: Mapping, out_dir: Path, *, extra_args: Sequence[str] = 
     try:
         result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=_subprocess_env())
     except subprocess.TimeoutExpired as exc:
-        raise MergekitError(f"mergekit-yaml timed out after {timeout:.0f} s: {' '.join(args)}\n{exc.stderr or ''}") from exc
+        raise MergekitError(
+            f"mergekit-yaml timed out after {timeout:.0f} s: {' '.join(args)}\n{exc.stderr or ''}"
+        ) from exc
     if result.returncode != 0:
         raise MergekitError(f"mergekit-yaml failed ({result.returncode}): {' '.join(args)}\n{result.stderr[-6000:]}")
     return out_dir
@@ -255,14 +257,16 @@ def assert_tensors_close(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, 
         if x.numel() and excess.max() > 0:
             flat = int(excess.reshape(-1).argmax())
             index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape)) if x.ndim else ()
-            problems.append((float(excess.reshape(-1)[flat] / bound.reshape(-1)[flat]), name, index,
-                             x.reshape(-1)[flat].item(), y.reshape(-1)[flat].item(), int((excess > 0).sum()), x.numel()))
+            ratio = float(excess.reshape(-1)[flat] / bound.reshape(-1)[flat])
+            problems.append((ratio, name, index, x.reshape(-1)[flat].item(), y.reshape(-1)[flat].item(),
+                             int((excess > 0).sum()), x.numel()))
     if problems:
         problems.sort(reverse=True)
         ratio, name, index, ours_v, theirs_v, bad, total = problems[0]
         others = ", ".join(f"{p[1]} ({p[5]})" for p in problems[1:6])
         raise AssertionError(
-            f"{prefix}{len(problems)} tensor(s) differ beyond atol={atol:g} + rtol={rtol:g}·|x|; worst: {name}{list(index)} "
+            f"{prefix}{len(problems)} tensor(s) differ beyond atol={atol:g} + rtol={rtol:g}·|x|; "
+            f"worst: {name}{list(index)} "
             f"ours={ours_v!r} mergekit={theirs_v!r} (|diff|={abs(ours_v - theirs_v):.3g}, {ratio + 1:.3g}× the bound; "
             f"{bad}/{total} elements off)" + (f"; also {others}" if others else "")
         )
@@ -292,7 +296,9 @@ def _depth_factor(name: str, layers: int) -> float:
     return 0.5 if "embed_tokens" in name else 1.0
 
 
-def fixture_states(dtype: torch.dtype = torch.float32, config: dict | None = None, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+def fixture_states(
+    dtype: torch.dtype = torch.float32, config: dict | None = None, seed: int = 0
+) -> dict[str, dict[str, torch.Tensor]]:
     """``{"base": state, "ft_a": ..., "ft_b": ..., "ft_c": ...}``, deterministic (seeded per tensor name).
 
     For bfloat16 the base is rounded first and each fine-tune is ``round(base + τ)``, as a bf16 fine-tune
@@ -338,13 +344,13 @@ def write_fixture(root: Path, dtype: torch.dtype = torch.float32, config: dict |
     return paths
 
 
-
 def write_fixtures(root: Path) -> dict[str, str]:
     """The fixture in float32 (``base``, ``ft_a``, …) and bfloat16 (``bbase``, ``bft_a``, …) under ``root``, keyed
     by the names the cases' ``$…`` placeholders use."""
     paths = {name: str(path) for name, path in write_fixture(Path(root) / "f32", torch.float32).items()}
     paths.update({f"b{name}": str(path) for name, path in write_fixture(Path(root) / "bf16", torch.bfloat16).items()})
     return paths
+
 
 def tensor_names(config: dict | None = None) -> set[str]:
     return set(llama_state(config or FIXTURE_CONFIG))

@@ -82,9 +82,13 @@ def test_vocab_mismatch_compares_shared_rows(tmp_path, base_state, tuned):
     g = torch.Generator().manual_seed(9)
     for name in (EMBED, HEAD):
         grown[name] = torch.cat([tuned[name], torch.randn(8, 16, generator=g)])
-    report = analyse(tmp_path, base_state, {"grown": (grown, grown_config, ""), "ft": plus(base_state, noise(base_state, 2))})
+    report = analyse(
+        tmp_path, base_state, {"grown": (grown, grown_config, ""), "ft": plus(base_state, noise(base_state, 2))}
+    )
     warnings = only(report, "vocab_mismatch")
-    assert sorted(w["tensor"] for w in warnings) == sorted([EMBED, HEAD]) and all(w["model"] == "grown" for w in warnings)
+    assert sorted(w["tensor"] for w in warnings) == sorted([EMBED, HEAD]) and all(
+        w["model"] == "grown" for w in warnings
+    )
     for w in warnings:
         assert "72 rows" in w["message"] and "8 extra rows (ids 64–71)" in w["message"]
     assert set(codes(report)) == {"vocab_mismatch"}
@@ -150,11 +154,10 @@ def test_tokenizer_and_architecture_mismatch(tmp_path, base_state, tuned):
 
 
 # --- cache ----------------------------------------------------------------------------------------------------
-def test_cache_hit_reads_nothing_and_a_rewrite_invalidates(tmp_path, monkeypatch, base_state, tuned):
-    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+def test_cache_hit_reads_nothing_and_a_rewrite_invalidates(tmp_path, monkeypatch, cache_dir, base_state, tuned):
     base_dir, ft_dir = folder(tmp_path, "base", base_state), folder(tmp_path, "ft", tuned)
     first = run_analysis(open_checkpoint(base_dir), [open_checkpoint(ft_dir)])
-    assert (tmp_path / "cache" / "analysis.sqlite").is_file()
+    assert (cache_dir / "analysis.sqlite").is_file()
 
     def no_reads(info, out=None):
         raise AssertionError(f"read {info.name} on a cache hit")
@@ -171,12 +174,13 @@ def test_cache_hit_reads_nothing_and_a_rewrite_invalidates(tmp_path, monkeypatch
     fresh = run_analysis(open_checkpoint(base_dir), [open_checkpoint(ft_dir)])
     assert fresh != first
     assert_report(fresh, ref.reference_from_states(base_state, {"ft": other}))
-    assert run_analysis(open_checkpoint(base_dir), [open_checkpoint(ft_dir)], density=0.5) != fresh  # density is in the key
+    assert (
+        run_analysis(open_checkpoint(base_dir), [open_checkpoint(ft_dir)], density=0.5) != fresh
+    )  # density is in the key
 
 
 # --- cancellation, progress, names -----------------------------------------------------------------------------
 def test_cancel_after_first_tensor(tmp_path, monkeypatch, base_state, tuned):
-    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
     base = open_checkpoint(folder(tmp_path, "base", base_state))
     models = [open_checkpoint(folder(tmp_path, "ft", tuned))]
     cancel, seen = threading.Event(), []
@@ -232,10 +236,11 @@ def test_colliding_folder_names_in_report(tmp_path, base_state, tuned):
 
 
 # --- command line -----------------------------------------------------------------------------------------------
-def test_cli_json_to_stdout(tmp_path, capsys, monkeypatch, base_state, tuned):
-    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
-    paths = [str(folder(tmp_path, n, s)) for n, s in
-             [("base", base_state), ("m1", tuned), ("m2", plus(base_state, noise(base_state, 2)))]]
+def test_cli_json_to_stdout(tmp_path, capsys, base_state, tuned):
+    paths = [
+        str(folder(tmp_path, n, s))
+        for n, s in [("base", base_state), ("m1", tuned), ("m2", plus(base_state, noise(base_state, 2)))]
+    ]
     assert main(["analyze", *paths, "--json", "-", "--density", "0.5"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["schema"] == "mergescope.analysis/1" and [m["name"] for m in report["models"]] == ["m1", "m2"]

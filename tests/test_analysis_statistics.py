@@ -61,7 +61,9 @@ def test_reference_trim_keeps_k_largest_lowest_index_first():
     assert ref.trim_mask(tau, 0.5).tolist() == [False, True, True, False, False, True, False]  # k = 3
     assert ref.trim_mask(tau, 0.3).tolist() == [False, True, True, False, False, False, False]  # k = 2
     assert ref.trim_mask(tau, 0.1).tolist() == [False, True, False, False, False, False, False]  # ⌊0.7⌋ = 0, at least 1
-    stats = ref.statistics(np.ones(3), [np.array([1, -1, 0.0]), np.array([1, 1, 2.0]), np.array([-1, 0, 0.0])], ["a", "b", "c"])
+    stats = ref.statistics(
+        np.ones(3), [np.array([1, -1, 0.0]), np.array([1, 1, 2.0]), np.array([-1, 0, 0.0])], ["a", "b", "c"]
+    )
     assert stats["conflict_all"] == 2 / 2 and pair(stats, "a", "b")["sign_conflict"] == 1 / 2
     assert pair(stats, "b", "c")["sign_conflict"] == 1.0 and stats["delta"]["a"]["nonzero"] == 2 / 3
 
@@ -93,8 +95,9 @@ def test_known_structure(tmp_path):
     assert total["delta"]["d"] == {"norm": 0.0, "rel": 0.0, "nonzero": 0.0, "max_abs": 0.0}
     assert total["delta"]["a"]["nonzero"] == nonzero / numel
     assert total["delta"]["b"]["norm"] == pytest.approx(2 * total["delta"]["a"]["norm"], rel=1e-12)
-    assert pair(total, "a", "b")["cosine"] == pytest.approx(1.0, abs=1e-12) and pair(total, "a", "b")["sign_conflict"] == 0.0
-    assert pair(total, "a", "c")["cosine"] == pytest.approx(-1.0, abs=1e-12) and pair(total, "a", "c")["sign_conflict"] == 1.0
+    ab, ac = pair(total, "a", "b"), pair(total, "a", "c")
+    assert ab["cosine"] == pytest.approx(1.0, abs=1e-12) and ab["sign_conflict"] == 0.0
+    assert ac["cosine"] == pytest.approx(-1.0, abs=1e-12) and ac["sign_conflict"] == 1.0
     assert pair(total, "a", "d")["cosine"] is None and pair(total, "a", "d")["sign_conflict"] is None
     assert total["conflict_all"] == 1.0  # wherever δ ≠ 0, c opposes a and b
     assert total["cancellation"] == pytest.approx(1 - 2 / 4, abs=1e-9)  # ‖δ + 2δ − δ‖ / (1 + 2 + 1)‖δ‖
@@ -177,9 +180,14 @@ def test_lora_adapter_as_a_model(tmp_path):
     deltas = write_lora(tmp_path / "lora", base_state, targets, r=4, alpha=8, base_ref=str(base_dir))
     full = plus(base_state, noise(base_state, 5))
     base = open_checkpoint(base_dir)
-    models = [open_checkpoint(tmp_path / "lora", base=base), open_checkpoint(write_model(tmp_path / "full", full, CONFIG))]
+    models = [
+        open_checkpoint(tmp_path / "lora", base=base),
+        open_checkpoint(write_model(tmp_path / "full", full, CONFIG)),
+    ]
     report = run_analysis(base, models, use_cache=False)
-    lora_tau = {n: ref.f32(deltas[n]) if n in deltas else np.zeros(v.numel(), np.float32) for n, v in base_state.items()}
+    lora_tau = {
+        n: ref.f32(deltas[n]) if n in deltas else np.zeros(v.numel(), np.float32) for n, v in base_state.items()
+    }
     full_tau = {n: ref.task_vector(base_state[n], full[n]) for n in base_state}
     clean = {n: ref.clean_base(t) for n, t in base_state.items()}
     assert_report(report, ref.expected_report(clean, [lora_tau, full_tau], ["lora", "full"]))
@@ -231,7 +239,9 @@ def test_json_shape(tmp_path, density):
         assert set(block) == STATS | trimmed | extra
         assert set(block["delta"]) == set(models)
         for stats in block["delta"].values():
-            assert set(stats) == {"norm", "rel", "nonzero", "max_abs"} and all(isinstance(v, float) for v in stats.values())
+            assert set(stats) == {"norm", "rel", "nonzero", "max_abs"} and all(
+                isinstance(v, float) for v in stats.values()
+            )
         assert [(p["a"], p["b"]) for p in block["pairs"]] == [("x", "y"), ("x", "z"), ("y", "z")]
         assert all(set(p) == pair_keys for p in block["pairs"])
         assert isinstance(block["numel"], int) and not isinstance(block["numel"], bool)
@@ -242,7 +252,8 @@ def test_json_shape(tmp_path, density):
         check_stats(t, {"name", "group", "shape"})
         assert t["shape"] == list(base[t["name"]].shape) and t["numel"] == math.prod(t["shape"])
         assert t["group"] == ref.layer_group(t["name"])
-    assert [g["name"] for g in report["groups"]] == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    groups = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    assert [g["name"] for g in report["groups"]] == groups
     for g in report["groups"]:
         check_stats(g, {"name", "tensors"})
     check_stats(report["total"], set())

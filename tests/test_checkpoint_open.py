@@ -11,8 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from builders import llama_config, llama_state, write_model, write_sharded, write_tokenizer
-from mergescope.checkpoints import CheckpointError, SafetensorsCheckpoint, TorchBinCheckpoint, open_checkpoint
-from mergescope.checkpoints import safetensors_format
+from mergescope.checkpoints import (
+    CheckpointError,
+    SafetensorsCheckpoint,
+    TorchBinCheckpoint,
+    open_checkpoint,
+    safetensors_format,
+)
 
 
 def assert_same_tensors(checkpoint, expected: dict[str, torch.Tensor]) -> None:
@@ -128,7 +133,8 @@ def test_config_and_tokenizer_fingerprint(tmp_path):
     fa, fb, fc = (open_checkpoint(p).tokenizer_fingerprint for p in (a, b, c))
     assert fa is not None and fa == fb and fa != fc
     assert open_checkpoint(write_model(tmp_path / "d", llama_state())).tokenizer_fingerprint is None
-    assert {p.name for p in open_checkpoint(a).model_files()} == {"config.json", "tokenizer.json", "tokenizer_config.json"}
+    files = {p.name for p in open_checkpoint(a).model_files()}
+    assert files == {"config.json", "tokenizer.json", "tokenizer_config.json"}
 
 
 def test_fingerprint_changes_when_a_file_changes(tmp_path):

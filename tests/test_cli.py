@@ -8,10 +8,10 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from builders import llama_config, llama_state, write_lora, write_model, write_sharded
@@ -214,7 +214,8 @@ def test_info_json_sharded_model(models):
     facts = json.loads(result.stdout)
     assert facts["shards"] == 4 == len(list(sharded.glob("model-*-of-*.safetensors")))
     assert facts["parameters"] == sum(t.numel() for t in state.values())
-    assert facts["bytes"] == json.loads((sharded / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert facts["bytes"] == index["metadata"]["total_size"]
     assert facts["tensors"] == len(state)
     assert facts["dtypes"] == dtype_counts(state)
     assert facts["tokenizer_fingerprint"] is None  # write_sharded writes no tokenizer

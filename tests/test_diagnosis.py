@@ -51,7 +51,7 @@ def build_models(root) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def diagnosis_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("diagnosis")
     return root, build_models(root)
 
@@ -71,7 +71,10 @@ def ties_plan() -> dict:
         "models": [
             {"model": "ft_a", "parameters": {"weight": 1.0, "density": 1.0}},
             {"model": "ft_b", "parameters": {"weight": 0.5, "density": 1.0}},
-            {"model": "ft_c", "parameters": {"weight": 1.0, "density": [{"filter": "lm_head", "value": 0.02}, {"value": 1.0}]}},
+            {
+                "model": "ft_c",
+                "parameters": {"weight": 1.0, "density": [{"filter": "lm_head", "value": 0.02}, {"value": 1.0}]},
+            },
         ],
     }
 
@@ -122,7 +125,8 @@ def loss_parts_reference(tau: np.ndarray, tau_m: np.ndarray, taus: list[np.ndarr
     reversed_ = changed & (tau * tau_m < 0)
     amplified = changed & (tau * tau_m > 0) & (np.abs(tau_m) > np.abs(tau))
     shrunk = changed & (tau * tau_m > 0) & ~amplified
-    parts = {k: term[m].sum() / norm for k, m in (("zeroed", zeroed), ("reversed", reversed_), ("shrunk", shrunk), ("amplified", amplified))}
+    masks = {"zeroed": zeroed, "reversed": reversed_, "shrunk": shrunk, "amplified": amplified}
+    parts = {k: term[m].sum() / norm for k, m in masks.items()}
     parts["reversed_by"], parts["ratio"] = {}, {}
     for j, other in enumerate(taus):
         opposed = reversed_ & (np.sign(other) == -np.sign(tau))
@@ -137,13 +141,14 @@ def assert_loss_parts(document: dict, want: dict, retention: float) -> None:
     got = document["loss_parts"]
     for part in ("zeroed", "reversed", "shrunk", "amplified"):
         assert got[part] == pytest.approx(want[part], rel=1e-6, abs=1e-9), part
-    assert sum(got[p] for p in ("zeroed", "reversed", "shrunk", "amplified")) == pytest.approx(1 - retention, abs=1e-6)
+    total = sum(got[p] for p in ("zeroed", "reversed", "shrunk", "amplified"))
+    assert total == pytest.approx(1 - retention, abs=1e-6)
     assert got["reversed_by"] == pytest.approx(want["reversed_by"], rel=1e-6, abs=1e-9)
     assert got["ratio"] == pytest.approx(want["ratio"], rel=1e-6)
 
 
-def test_ties_diagnosis_matches_numpy_and_names_the_conflict_and_the_trim(workspace, monkeypatch):
-    root, states = workspace
+def test_ties_diagnosis_matches_numpy_and_names_the_conflict_and_the_trim(diagnosis_models, monkeypatch):
+    root, states = diagnosis_models
     folder, merged = merge(root, "merged_ties", ties_plan(), monkeypatch)
     diagnosis = diagnose_merged_folder(folder.relative_to(root.parent), device="cpu")  # from the cwd
     expected = reference(states, merged)
@@ -189,8 +194,8 @@ def test_ties_diagnosis_matches_numpy_and_names_the_conflict_and_the_trim(worksp
     assert overall[1].startswith(f"ft_b keeps {round(100 * expected['total'][1]['ft_b']['retention'])}% ")
 
 
-def test_a_small_weight_is_named_as_the_cause(workspace, monkeypatch):
-    root, states = workspace
+def test_a_small_weight_is_named_as_the_cause(diagnosis_models, monkeypatch):
+    root, states = diagnosis_models
     plan = {"merge_method": "task_arithmetic", "base_model": "base", "dtype": "float32", "models": [
         {"model": "ft_a", "parameters": {"weight": 1.0}},
         {"model": "ft_c", "parameters": {"weight": 0.2}},
@@ -210,8 +215,8 @@ def test_a_small_weight_is_named_as_the_cause(workspace, monkeypatch):
     )
 
 
-def test_plan_without_base_model_needs_base_and_relative_paths_resolve(workspace, monkeypatch, tmp_path):
-    root, states = workspace
+def test_plan_without_base_model_needs_base_and_relative_paths_resolve(diagnosis_models, monkeypatch, tmp_path):
+    root, states = diagnosis_models
     plan = {"merge_method": "linear", "dtype": "float32", "models": [
         {"model": "ft_a", "parameters": {"weight": 1.0}}, {"model": "ft_c", "parameters": {"weight": 1.0}},
     ]}
@@ -230,8 +235,8 @@ def test_plan_without_base_model_needs_base_and_relative_paths_resolve(workspace
         diagnose_merged_folder(root / "base")
 
 
-def test_cli_prints_tables_and_summary_and_writes_json(workspace, monkeypatch, capsys):
-    root, states = workspace
+def test_cli_prints_tables_and_summary_and_writes_json(diagnosis_models, monkeypatch, capsys):
+    root, states = diagnosis_models
     folder, _ = merge(root, "merged_cli", ties_plan(), monkeypatch)
     assert main(["diagnose", str(folder), "--device", "cpu", "--json", "-"]) == 0
     document = json.loads(capsys.readouterr().out)
@@ -255,14 +260,21 @@ def run_effect(retention: float, lost: float, conflict: float, **rest) -> _RunEf
 
 def test_cause_rules_at_their_boundaries():
     # sign losses explain at least half the shortfall 1 − ρ: named, else the weight is
-    assert cause_of(run_effect(0.09, 0.46, 0.46, conflict_with={"ft_c": 0.46, "ft_b": 0.1}), True) == "sign conflicts with ft_c there"
+    assert (
+        cause_of(run_effect(0.09, 0.46, 0.46, conflict_with={"ft_c": 0.46, "ft_b": 0.1}), True)
+        == "sign conflicts with ft_c there"
+    )
     assert cause_of(run_effect(0.09, 0.44, 0.44, conflict_with={"ft_c": 0.44}, weight=1.0, weight_total=3.0), True) == (
         "averaged in with weight 1 of 3"
     )
     assert cause_of(run_effect(0.2, 0.45, 0.05, density=0.1), None) == "trimmed away there (density 0.1)"
-    assert cause_of(run_effect(0.2, 0.45, 0.05), None) == "zeroed there where no other source disagrees (a trim or drop)"
-    assert cause_of(run_effect(-0.3, 0.4, 0.4, conflict_with={"ft_a": 0.4}), None) == "the merge moves the opposite way there"
-    assert cause_of(run_effect(-0.3, 0.5, 0.5, conflict_with={"ft_a": 0.5, "ft_c": 0.41}), None) == "sign conflicts with ft_a and ft_c there"
+    assert cause_of(run_effect(0.2, 0.45, 0.05), None) == (
+        "zeroed there where no other source disagrees (a trim or drop)"
+    )
+    opposite = run_effect(-0.3, 0.4, 0.4, conflict_with={"ft_a": 0.4})
+    assert cause_of(opposite, None) == "the merge moves the opposite way there"
+    two_culprits = run_effect(-0.3, 0.5, 0.5, conflict_with={"ft_a": 0.5, "ft_c": 0.41})
+    assert cause_of(two_culprits, None) == "sign conflicts with ft_a and ft_c there"
     assert cause_of(run_effect(0.25, 0.1, 0.1, weight=0.25), False) == "its weight there is 0.25"
 
 
@@ -275,14 +287,14 @@ def test_groups_are_described_as_layer_ranges():
 
 
 @pytest.mark.mergekit
-def test_loss_parts_of_a_mergekit_merge_match_numpy(workspace, monkeypatch):
+def test_loss_parts_of_a_mergekit_merge_match_numpy(diagnosis_models, monkeypatch):
     """A folder written by mergekit itself (its own mergekit_config.yml beside the weights) is diagnosed
     exactly: the parts need only θ₀, θᵢ and θ_m."""
     from mergekit_reference import mergekit_available, run_mergekit
 
     if not mergekit_available():
         pytest.skip("mergekit venv missing (python benchmarks/mergekit_env.py)")
-    root, states = workspace
+    root, states = diagnosis_models
     plan = {**ties_plan(), "base_model": str(root / "base"),
             "models": [{**m, "model": str(root / m["model"])} for m in ties_plan()["models"]]}
     folder = run_mergekit(plan, root / "mergekit_ties")

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from mergescope.checkpoints import MergescopeError
-from mergescope.merge.evaluation import EvaluationCancelled, check_template, command_arguments, score_with_command
+from mergescope.merge.eval_command import check_template, command_arguments
+from mergescope.merge.evaluation import EvaluationCancelled, score_with_command
 
 PY = shlex.quote(sys.executable)
 

@@ -407,7 +407,7 @@ def test_files_to_fetch_single_safetensors_without_index():
 
 def test_bin_only_model_in_cache(hub_env, tmp_path):
     """A legacy pytorch_model.bin repo resolves too (weights_only loading)."""
-    state = {k: v for k, v in list(llama_state(seed=6).items())[:4]}
+    state = dict(list(llama_state(seed=6).items())[:4])
     staged = tmp_path / "stage"
     staged.mkdir()
     torch.save(state, staged / "pytorch_model.bin")

@@ -32,7 +32,8 @@ def slow_plan(tmp_path_factory) -> Path:
 
 def start_merge(root: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "mergescope.tui.cli.main", "merge", str(root / "plan.yml"), "-o", str(out), "--device", "cpu"],
+        [sys.executable, "-m", "mergescope.tui.cli.main", "merge", str(root / "plan.yml"), "-o", str(out),
+         "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

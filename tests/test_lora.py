@@ -56,14 +56,18 @@ def test_rslora_alpha_pattern_and_embedding(tmp_path, base):
         alpha_pattern={"down_proj": 4.0}, seed=7,
     )
     check_adapter(open_checkpoint(tmp_path / "lora"), state, deltas)
-    deltas = write_lora(tmp_path / "emb", state, [], r=2, alpha=4, base_ref=str(base_dir), embedding="model.embed_tokens")
+    deltas = write_lora(
+        tmp_path / "emb", state, [], r=2, alpha=4, base_ref=str(base_dir), embedding="model.embed_tokens"
+    )
     check_adapter(open_checkpoint(tmp_path / "emb"), state, deltas)
 
 
 def test_fan_in_fan_out(tmp_path):
     state = {"transformer.h.0.attn.c_attn.weight": torch.randn(8, 24), "transformer.ln_f.weight": torch.ones(8)}
     base_dir = write_model(tmp_path / "gpt2", state)
-    deltas = write_lora(tmp_path / "lora", state, ["transformer.h.0.attn.c_attn"], fan_in_fan_out=True, base_ref=str(base_dir))
+    deltas = write_lora(
+        tmp_path / "lora", state, ["transformer.h.0.attn.c_attn"], fan_in_fan_out=True, base_ref=str(base_dir)
+    )
     check_adapter(open_checkpoint(tmp_path / "lora"), state, deltas)
 
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from mergescope.merge import executor, magnitude_counts, magnitude_trim, sparsify
+from mergescope.merge import magnitude_counts, magnitude_trim, sparsify, tensor_merge
 from mergescope.merge.methods import get_method
 from mergescope.merge.methods.task_arithmetic import Trim, disjoint_sums, elect_signs, ties
 
-N = 3 * executor.ELEMENTWISE_BLOCK + 12_345  # above the executor's block and the exact-selection size
+N = 3 * tensor_merge.ELEMENTWISE_BLOCK + 12_345  # above the executor's block and the exact-selection size
 
 
 @pytest.fixture
@@ -47,7 +47,9 @@ def tied_inputs(seed: int, models: int = 3, n: int = N) -> tuple[torch.Tensor, l
     return base, out
 
 
-def reference_ties(base: np.ndarray, models: list[np.ndarray], weights: list[float], densities: list[float]) -> np.ndarray:
+def reference_ties(
+    base: np.ndarray, models: list[np.ndarray], weights: list[float], densities: list[float]
+) -> np.ndarray:
     """TIES with normalize, in numpy float32: trim (stable sort), weight, elect by the sign of the sum (ties to
     +), disjoint weighted mean, added to the base. Sums run model by model from +0, as torch's do."""
     deltas = []
@@ -70,10 +72,8 @@ def reference_ties(base: np.ndarray, models: list[np.ndarray], weights: list[flo
 
 def blockwise(base: torch.Tensor, models: list[torch.Tensor], params: list[dict]) -> torch.Tensor:
     """TIES through the executor's block-by-block path (trims over the whole tensor, then blocks)."""
-    method = get_method("ties")
-    job = SimpleNamespace(method=method, out_dtype="F32")
     task = SimpleNamespace(output="w", options={"normalize": True}, params=params, base=True, shape=tuple(base.shape))
-    return executor.merge_tensor(job, task, [base, *models], 0, "cpu")
+    return tensor_merge.merge_tensor(get_method("ties"), task, [base, *models], seed=0, device="cpu", out_dtype="F32")
 
 
 def bits(tensor: torch.Tensor) -> np.ndarray:
@@ -88,7 +88,7 @@ def test_ties_on_a_large_tied_tensor_equals_a_direct_computation(small_blocks, m
     params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
     expected = reference_ties(base.numpy(), [m.numpy() for m in models], weights, densities)
     blocked = blockwise(base, models, params)
-    whole = ties(base, models, params, {"normalize": True})
+    whole = ties.merge(base, models, params, {"normalize": True})
     assert not exact_calls  # the blockwise selection answered, without the exact fallback
     assert np.array_equal(bits(whole), expected.view(np.int32))
     assert np.array_equal(bits(blocked), bits(whole))
@@ -100,7 +100,7 @@ def test_ties_bf16_inputs_block_by_block_equal_the_whole_tensor(small_blocks):
     base = torch.randn(N, generator=g).bfloat16()
     models = [(base.float() + 0.01 * torch.randn(N, generator=g)).bfloat16() for _ in range(3)]
     params = [{"weight": 1.0, "density": d} for d in (0.5, 0.2, 0.9)]
-    whole = ties(base.float(), [m.float() for m in models], params, {"normalize": True})
+    whole = ties.merge(base.float(), [m.float() for m in models], params, {"normalize": True})
     assert np.array_equal(bits(blockwise(base, models, params)), bits(whole))
 
 
@@ -146,7 +146,9 @@ def test_cuts_keep_the_stable_sort_top(small_blocks, name):
     magnitude = (model - base).abs()
     n = magnitude.numel()
     counts = [1, 2, 1000, n // 3, n // 2, n // 2 + 1, n - 7, n - 1, n]
-    for count, (threshold, last_tie) in zip(counts, magnitude_trim.top_magnitude_cuts(base, [model] * len(counts), counts)):
+    for count, (threshold, last_tie) in zip(
+        counts, magnitude_trim.top_magnitude_cuts(base, [model] * len(counts), counts)
+    ):
         keep = magnitude_trim.keep_mask(magnitude, threshold, last_tie)
         assert np.array_equal(keep.numpy(), stable_top(magnitude.numpy(), count)), (name, count)
 
@@ -164,7 +166,9 @@ def test_t_strictly_inside_the_bracket_gathered_in_a_second_pass(small_blocks, m
     threshold, last_tie = magnitude_trim.top_magnitude_cuts(base, [model], [count])[0]
     magnitude = (model - base).abs()
     assert passes == [False, True]
-    assert np.array_equal(magnitude_trim.keep_mask(magnitude, threshold, last_tie).numpy(), stable_top(magnitude.numpy(), count))
+    assert np.array_equal(
+        magnitude_trim.keep_mask(magnitude, threshold, last_tie).numpy(), stable_top(magnitude.numpy(), count)
+    )
 
 
 def kthvalue_top(magnitude: np.ndarray, count: int) -> np.ndarray:

@@ -46,6 +46,12 @@ def write_plan(tmp_path, plan: dict) -> str:
     return str(path)
 
 
+def linear_soup(paths: dict, **keys) -> dict:
+    """The plan averaging ft_a and ft_b (weight 1 each), with ``keys`` added at the top level."""
+    models = [{"model": str(paths[n]), "parameters": {"weight": 1.0}} for n in ("ft_a", "ft_b")]
+    return {"merge_method": "linear", "models": models, **keys}
+
+
 def merge(tmp_path, plan: dict, out="out", **kwargs):
     job = build_job(load_plan(write_plan(tmp_path, plan)))
     return run_merge(job, tmp_path / out, device="cpu", **kwargs)
@@ -58,7 +64,7 @@ def test_linear_with_normalised_weights(tmp_path, models):
         {"model": str(paths["ft_b"]), "parameters": {"weight": 3.0}},
     ], "dtype": "float32"}
     out = load_output(merge(tmp_path, plan))
-    for name, base in states["base"].items():
+    for name in states["base"]:
         expected = (1.0 * states["ft_a"][name] + 3.0 * states["ft_b"][name]) / 4.0
         torch.testing.assert_close(out[name], expected, rtol=1e-6, atol=1e-7)
 
@@ -70,7 +76,10 @@ def test_task_arithmetic_gradient_and_filter(tmp_path, models):
         "base_model": str(paths["base"]),
         "models": [
             {"model": str(paths["ft_a"]), "parameters": {"weight": [0.0, 1.0]}},
-            {"model": str(paths["ft_b"]), "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": -0.25}]}},
+            {
+                "model": str(paths["ft_b"]),
+                "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": -0.25}]},
+            },
         ],
         "parameters": {"normalize": False},
         "dtype": "float32",
@@ -88,8 +97,7 @@ def test_task_arithmetic_gradient_and_filter(tmp_path, models):
 
 def test_bf16_output_and_written_files(tmp_path, models):
     states, paths = models
-    plan = {"merge_method": "linear", "models": [{"model": str(paths[n]), "parameters": {"weight": 1.0}} for n in ("ft_a", "ft_b")],
-            "out_dtype": "bfloat16"}
+    plan = linear_soup(paths, out_dtype="bfloat16")
     folder = merge(tmp_path, plan)
     out = load_output(folder)
     name = "model.layers.1.mlp.up_proj.weight"
@@ -125,9 +133,12 @@ def test_passthrough_stacks_layers(tmp_path, models):
 
 def test_lora_input(tmp_path, models):
     states, paths = models
-    deltas = write_lora(tmp_path / "lora", states["base"], ["model.layers.0.self_attn.q_proj"], base_ref=str(paths["base"]))
+    deltas = write_lora(
+        tmp_path / "lora", states["base"], ["model.layers.0.self_attn.q_proj"], base_ref=str(paths["base"])
+    )
     plan = {"merge_method": "task_arithmetic", "base_model": str(paths["base"]),
-            "models": [{"model": f"{paths['base']}+{tmp_path / 'lora'}", "parameters": {"weight": 0.5}}], "dtype": "float32"}
+            "models": [{"model": f"{paths['base']}+{tmp_path / 'lora'}", "parameters": {"weight": 0.5}}],
+            "dtype": "float32"}
     out = load_output(merge(tmp_path, plan))
     name = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(out[name], states["base"][name] + 0.5 * deltas[name], rtol=1e-5, atol=1e-6)
@@ -138,7 +149,7 @@ def test_plan_problems_are_reported_together_with_lines(tmp_path, models):
     _, paths = models
     text = f"""merge_method: ties
 models:
-  - model: {paths['ft_a']}
+  - model: {paths["ft_a"]}
     parameters:
       wieght: 1.0
       density: 1.5
@@ -191,7 +202,7 @@ def test_non_finite_input_is_refused_and_nothing_is_written(tmp_path, models):
 
 def test_cancel_leaves_nothing(tmp_path, models):
     _, paths = models
-    plan = {"merge_method": "linear", "models": [{"model": str(paths[n]), "parameters": {"weight": 1.0}} for n in ("ft_a", "ft_b")]}
+    plan = linear_soup(paths)
     cancel = threading.Event()
     job = build_job(load_plan(write_plan(tmp_path, plan)))
     with pytest.raises(MergeCancelled):
@@ -202,7 +213,7 @@ def test_cancel_leaves_nothing(tmp_path, models):
 
 def test_cli_merge_dry_run_and_force(tmp_path, models, capsys):
     _, paths = models
-    plan = write_plan(tmp_path, {"merge_method": "linear", "models": [{"model": str(paths[n]), "parameters": {"weight": 1.0}} for n in ("ft_a", "ft_b")]})
+    plan = write_plan(tmp_path, linear_soup(paths))
     assert main(["merge", plan, "-o", str(tmp_path / "out"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "30 tensors" in printed and not (tmp_path / "out").exists()
@@ -218,8 +229,7 @@ def test_cli_merge_dry_run_and_force(tmp_path, models, capsys):
 def test_output_loads_in_transformers(tmp_path, models):
     transformers = pytest.importorskip("transformers")
     states, paths = models
-    plan = {"merge_method": "linear", "models": [{"model": str(paths[n]), "parameters": {"weight": 1.0}} for n in ("ft_a", "ft_b")],
-            "out_dtype": "bfloat16"}
+    plan = linear_soup(paths, out_dtype="bfloat16")
     folder = merge(tmp_path, plan)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.bfloat16
@@ -236,15 +246,19 @@ def test_output_loads_in_transformers(tmp_path, models):
     ("breadcrumbs", {"density": 0.6, "gamma": 0.05}), ("della", {"density": 0.5, "epsilon": 0.1}),
 ])
 def test_methods_give_the_same_bits_block_by_block(tmp_path, models, monkeypatch, method, extra):
-    import mergescope.merge.executor as executor
+    import mergescope.merge.tensor_merge as tensor_merge
 
     _, paths = models
-    plan = {"merge_method": method, "out_dtype": "bfloat16", "parameters": {"rescale": True} if "dare" in method else {},
-            "models": [{"model": str(paths[n]), "parameters": {"weight": [0.3, 0.9], **extra}} for n in ("ft_a", "ft_b")]}
+    plan = {
+        "merge_method": method,
+        "out_dtype": "bfloat16",
+        "parameters": {"rescale": True} if "dare" in method else {},
+        "models": [{"model": str(paths[n]), "parameters": {"weight": [0.3, 0.9], **extra}} for n in ("ft_a", "ft_b")],
+    }
     if method != "linear":
         plan["base_model"] = str(paths["base"])
     whole = load_output(merge(tmp_path, plan, out="whole", seed=7))
-    monkeypatch.setattr(executor, "ELEMENTWISE_BLOCK", 37)  # odd blocks with ragged tails
+    monkeypatch.setattr(tensor_merge, "ELEMENTWISE_BLOCK", 37)  # odd blocks with ragged tails
     blocked = load_output(merge(tmp_path, plan, out="blocked", seed=7))
     assert whole.keys() == blocked.keys()
     assert all(torch.equal(whole[k], blocked[k]) for k in whole)
@@ -255,10 +269,10 @@ def test_layer_range_past_the_model_is_reported_with_its_line(tmp_path, models):
     text = f"""merge_method: passthrough
 slices:
   - sources:
-      - model: {paths['ft_a']}
+      - model: {paths["ft_a"]}
         layer_range: [0, 2]
   - sources:
-      - model: {paths['ft_b']}
+      - model: {paths["ft_b"]}
         layer_range: [1, 5]
 """
     with pytest.raises(PlanError, match=r"p.yml:7: layer_range \[1, 5\] goes past .*ft_b's 3 layers"):
@@ -267,7 +281,7 @@ slices:
 
 def test_bf16_inputs_block_by_block_equal_float32_inputs(tmp_path, monkeypatch):
     """Large bf16 tensors take the two-phase path with their stored dtype: τ must still be formed in float32."""
-    import mergescope.merge.executor as executor
+    import mergescope.merge.tensor_merge as tensor_merge
 
     config = llama_config(layers=2)
     base = llama_state(config, seed=0)
@@ -276,12 +290,13 @@ def test_bf16_inputs_block_by_block_equal_float32_inputs(tmp_path, monkeypatch):
         state = base if name == "base" else {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
         write_model(tmp_path / name, {k: v.bfloat16() for k, v in state.items()}, config)
         write_model(tmp_path / f"{name}32", {k: v.bfloat16().float() for k, v in state.items()}, config)
+
     def plan(suffix: str) -> dict:
         return {"merge_method": "ties", "base_model": str(tmp_path / f"base{suffix}"), "dtype": "float32",
                 "models": [{"model": str(tmp_path / f"{n}{suffix}"), "parameters": {"weight": 1.0, "density": 0.5}}
                            for n in ("a", "b")]}
 
-    monkeypatch.setattr(executor, "ELEMENTWISE_BLOCK", 53)
+    monkeypatch.setattr(tensor_merge, "ELEMENTWISE_BLOCK", 53)
     from_bf16 = load_output(merge(tmp_path, plan(""), out="from_bf16"))
     from_f32 = load_output(merge(tmp_path, plan("32"), out="from_f32"))
     assert all(torch.equal(from_bf16[k], from_f32[k]) for k in from_f32)

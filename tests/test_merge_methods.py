@@ -130,7 +130,8 @@ def test_registry_names_roles_and_defaults():
     ties = METHODS["ties"]
     assert [p.name for p in ties.parameters] == ["int8_mask", "normalize", "rescale", "lambda", "weight", "density"]
     assert ties.parameter("weight").required and ties.parameter("weight").per_model
-    assert ties.parameter("density").default == 1.0 and (ties.parameter("density").low, ties.parameter("density").high) == (0, 1)
+    density = ties.parameter("density")
+    assert density.default == 1.0 and (density.low, density.high) == (0, 1)
     assert METHODS["breadcrumbs"].parameter("gamma").default == 0.01
     assert METHODS["della"].parameter("epsilon").default == 0.15
     assert METHODS["slerp"].parameter("t").required and not METHODS["slerp"].parameter("t").per_model
@@ -168,9 +169,12 @@ def test_task_arithmetic(normalize):
     expected = ref_task_arithmetic(base, models, w, normalize=normalize, lam=0.8)
     close(run("task_arithmetic", base, models, {"weight": w}, normalize=normalize, **{"lambda": 0.8}), expected)
     # defaults: no normalisation, λ = 1; density is accepted and ignored
-    close(run("task_arithmetic", base, models, {"weight": w, "density": [0.1] * 3}), ref_task_arithmetic(base, models, w))
+    ignored_density = run("task_arithmetic", base, models, {"weight": w, "density": [0.1] * 3})
+    close(ignored_density, ref_task_arithmetic(base, models, w))
     # weights summing to ~0 are not divided by
-    close(run("task_arithmetic", base, models[:2], {"weight": [1.0, -1.0]}, normalize=True), base + models[0] - models[1])
+    close(
+        run("task_arithmetic", base, models[:2], {"weight": [1.0, -1.0]}, normalize=True), base + models[0] - models[1]
+    )
     close(run("task_arithmetic", base, [], {}), base)
 
 
@@ -190,11 +194,15 @@ def test_ties_defaults_normalize_and_rescale_option():
     base, models = fine_tunes((50,), 2, seed=4)
     w, d = [1.0, 2.0], [0.3, 0.6]
     masks = [ref_top(m - base, x) for m, x in zip(models, d)]
-    close(run("ties", base, models, {"weight": w, "density": d}), ref_task_arithmetic(base, models, w, masks, True, True))
+    close(
+        run("ties", base, models, {"weight": w, "density": d}), ref_task_arithmetic(base, models, w, masks, True, True)
+    )
     rescaled = ref_task_arithmetic(base, models, w, masks, True, False, rescale=True)
     got = run("ties", base, models, {"weight": w, "density": d}, normalize=False, rescale=True)
     close(got, rescaled)
-    assert np.array_equal(got, run("ties", base, models, {"weight": w, "density": d}, normalize=False, rescale=True, int8_mask=True))
+    assert np.array_equal(
+        got, run("ties", base, models, {"weight": w, "density": d}, normalize=False, rescale=True, int8_mask=True)
+    )
 
 
 def test_ties_sign_election_uses_the_weighted_sum_not_a_count():
@@ -339,8 +347,12 @@ def test_della_formula_given_its_draws(name, elect, normalize):
     base, models = fine_tunes((6, 20), 2, seed=10)
     w, d, e = [1.0, 0.5], [0.5, 0.4], [0.1, 0.2]
     g = torch.Generator().manual_seed(21)
-    masks = [torch.bernoulli(torch.tensor(ref_della_probabilities(m - base, di, ei), dtype=torch.float32), generator=g).numpy()
-             for m, di, ei in zip(models, d, e)]
+    masks = [
+        torch.bernoulli(
+            torch.tensor(ref_della_probabilities(m - base, di, ei), dtype=torch.float32), generator=g
+        ).numpy()
+        for m, di, ei in zip(models, d, e)
+    ]
     got = run(name, base, models, {"weight": w, "density": d, "epsilon": e}, seed=21)
     close(got, ref_task_arithmetic(base, models, w, masks, elect=elect, normalize=normalize, rescale=True))
 
@@ -405,7 +417,8 @@ def ref_model_stock(base, models, filter_wise=False):
     for i in range(len(taus)):
         for j in range(i + 1, len(taus)):
             dot = (taus[i] * taus[j]).sum(-1)
-            cos.append(np.clip(dot / np.maximum(np.linalg.norm(taus[i], axis=-1) * np.linalg.norm(taus[j], axis=-1), 1e-6), -1, 1))
+            norms = np.linalg.norm(taus[i], axis=-1) * np.linalg.norm(taus[j], axis=-1)
+            cos.append(np.clip(dot / np.maximum(norms, 1e-6), -1, 1))
     c = np.mean(cos, axis=0)[..., None]
     n = len(ms)
     den = 1 + (n - 1) * c
@@ -476,9 +489,13 @@ def test_nuslerp(with_base):
     w = {"weight": [1.0, 3.0]}
     close(run("nuslerp", b, [m1, m2], w), offset + ref_arc(t, x1.reshape(-1), x2.reshape(-1)).reshape(4, 6))
     close(run("nuslerp", b, [m1, m2], w, nuslerp_flatten=False), offset + ref_arc(t, x1, x2))
-    close(run("nuslerp", b, [m1, m2], w, nuslerp_flatten=False, nuslerp_row_wise=True), offset + ref_arc(t, x1.T, x2.T).T)
-    close(run("nuslerp", b, [m1, m2], {"weight": [1.0, -1.0]}),  # weights summing to 0: t = 1/2
-          offset + ref_arc(0.5, x1.reshape(-1), x2.reshape(-1)).reshape(4, 6))
+    close(
+        run("nuslerp", b, [m1, m2], w, nuslerp_flatten=False, nuslerp_row_wise=True), offset + ref_arc(t, x1.T, x2.T).T
+    )
+    close(
+        run("nuslerp", b, [m1, m2], {"weight": [1.0, -1.0]}),  # weights summing to 0: t = 1/2
+        offset + ref_arc(0.5, x1.reshape(-1), x2.reshape(-1)).reshape(4, 6),
+    )
 
 
 def ref_multislerp(base, models, weights, normalize=True, eps=1e-8):

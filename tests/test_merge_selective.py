@@ -11,8 +11,8 @@ from mergescope.merge.methods import METHODS
 
 def run(name, base, models, **options):
     method = METHODS[name]
-    out = method.function(torch.tensor(base, dtype=torch.float32), [torch.tensor(m, dtype=torch.float32) for m in models],
-                          [{} for _ in models], options, None)
+    inputs = [torch.tensor(m, dtype=torch.float32) for m in models]
+    out = method.function(torch.tensor(base, dtype=torch.float32), inputs, [{} for _ in models], options, None)
     return out.double().numpy()
 
 
@@ -21,7 +21,7 @@ def inputs():
     rng = np.random.default_rng(0)
     base = rng.normal(size=(6, 40))
     models = []
-    for i in range(3):
+    for _ in range(3):
         tau = rng.normal(size=base.shape) * 0.01
         tau[rng.random(base.shape) < 0.5] = 0.0  # sparse changes: unique and shared entries both occur
         models.append(base + tau)
@@ -50,7 +50,7 @@ def test_ram(inputs):
     np.testing.assert_allclose(got, reference_ram(base, models, 1e-5), rtol=1e-6, atol=1e-7)
     # an entry only one model changed takes that change whole; one several changed takes their mean
     taus = np.stack([m - base for m in models])
-    one = np.argwhere(((np.abs(taus) > 1e-5).sum(0) == 1))[0]
+    one = np.argwhere((np.abs(taus) > 1e-5).sum(0) == 1)[0]
     changer = int(np.argmax(np.abs(taus[:, one[0], one[1]])))
     assert got[tuple(one)] == pytest.approx(models[changer][tuple(one)], abs=1e-6)
 

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 import mergekit_reference as mk
+from mergekit_cases import ALL_CASES, CASES, F32, STAT_CASES, Case, assert_matches
 from mergekit_reference import (
     FINE_TUNES,
     MergekitError,
@@ -35,8 +36,6 @@ from mergekit_reference import (
     sliced_names,
     tensor_names,
 )
-
-from mergekit_cases import ALL_CASES, CASES, F32, STAT_CASES, Case, assert_matches
 
 pytestmark = [
     pytest.mark.mergekit,

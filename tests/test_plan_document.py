@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 
 from mergescope.merge.plan import parse_plan
 from mergescope.tui.plan_document import (
-    ModelRow, default_form, format_field, from_plan, parse_field, set_method, to_document, to_yaml,
+    ModelRow,
+    default_form,
+    format_field,
+    from_plan,
+    parse_field,
+    set_method,
+    to_document,
+    to_yaml,
 )
 
 

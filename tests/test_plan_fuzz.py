@@ -15,10 +15,15 @@ from mergescope.merge.job import build_job
 from mergescope.merge.methods import METHODS
 from mergescope.merge.plan import MergePlan, parse_plan
 
-scalars = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(-2, 2) | st.just(float("nan")) | st.text(max_size=6)
+scalars = (
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(-2, 2) | st.just(float("nan")) | st.text(max_size=6)
+)
 values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["filter", "value", "model", "x"]), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["filter", "value", "model", "x"]), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 KEYS = ["merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
@@ -60,16 +65,19 @@ def mutate(plan: dict, path: list, value) -> dict:
     return plan
 
 
-PATHS = [["merge_method"], ["base_model"], ["models"], ["models", 0], ["models", 0, "model"], ["models", 0, "parameters"],
-         ["models", 0, "parameters", "weight"], ["models", 1, "parameters", "weight", 0], ["models", 0, "parameters", "density"],
-         ["parameters"], ["parameters", "normalize"], ["dtype"]]
+PATHS = [["merge_method"], ["base_model"], ["models"], ["models", 0], ["models", 0, "model"],
+         ["models", 0, "parameters"], ["models", 0, "parameters", "weight"], ["models", 1, "parameters", "weight", 0],
+         ["models", 0, "parameters", "density"], ["parameters"], ["parameters", "normalize"], ["dtype"]]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     config = llama_config(layers=2)
-    return {name: str(write_model(root / name, llama_state(config, seed=i), config)) for i, name in enumerate(("BASE", "A", "B"))}
+    return {
+        name: str(write_model(root / name, llama_state(config, seed=i), config))
+        for i, name in enumerate(("BASE", "A", "B"))
+    }
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

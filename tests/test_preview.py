@@ -16,7 +16,14 @@ from builders import llama_config, llama_state, write_model
 from mergescope.analysis import run_analysis
 from mergescope.analysis.plan_warnings import plan_warnings
 from mergescope.analysis.preview import (
-    GroupPreview, PlanPreview, PreviewCancelled, PreviewProgress, SampleCache, run_preview, sample_rows, stream_preview,
+    GroupPreview,
+    PlanPreview,
+    PreviewCancelled,
+    PreviewProgress,
+    SampleCache,
+    run_preview,
+    sample_rows,
+    stream_preview,
 )
 from mergescope.checkpoints import MergescopeError, open_checkpoint
 from mergescope.merge.executor import run_merge
@@ -46,7 +53,9 @@ def reference(base: dict, sources: list[dict], merged: dict) -> dict:
     for key, gram in sums.items():
         m = len(sources)
         retention = [gram[m, i] / gram[i, i] if gram[i, i] > 0 else None for i in range(m)]
-        cosine = [gram[m, i] / np.sqrt(gram[i, i] * gram[m, m]) if gram[i, i] * gram[m, m] > 0 else None for i in range(m)]
+        cosine = [
+            gram[m, i] / np.sqrt(gram[i, i] * gram[m, m]) if gram[i, i] * gram[m, m] > 0 else None for i in range(m)
+        ]
         result[key] = (np.sqrt(gram[m, m]), retention, cosine)
     return result
 
@@ -80,9 +89,13 @@ def tiny(tmp_path_factory):
 
 def plan_for(method: str, paths: dict, *, out_dtype: str | None = None) -> dict:
     """A valid plan of ``method`` over the tiny models (one or two sources, the parameters it requires)."""
-    two = [{"model": paths["ft_a"], "parameters": {"weight": 0.7}}, {"model": paths["ft_b"], "parameters": {"weight": 0.4}}]
+    two = [
+        {"model": paths["ft_a"], "parameters": {"weight": 0.7}},
+        {"model": paths["ft_b"], "parameters": {"weight": 0.4}},
+    ]
     one = [{"model": paths["ft_a"]}]
-    plan = {"merge_method": method, "base_model": paths["base"], "models": two, "dtype": "float32", "mergescope": {"seed": 3}}
+    plan = {"merge_method": method, "base_model": paths["base"], "models": two, "dtype": "float32",
+            "mergescope": {"seed": 3}}
     if method in ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
         for entry, density in zip(plan["models"], (0.6, 0.5)):
             entry["parameters"]["density"] = density
@@ -159,7 +172,9 @@ def test_task_arithmetic_of_orthogonal_task_vectors_keeps_each_weight(orthogonal
     assert preview.names == ["ft_a", "ft_b"]
     for group in [*preview.groups, preview.total]:
         assert group.retention == pytest.approx([0.8, 0.3], abs=1e-5)
-        assert group.merged_norm == pytest.approx(np.hypot(0.8 * group.source_norms[0], 0.3 * group.source_norms[1]), rel=1e-5)
+        assert group.merged_norm == pytest.approx(
+            np.hypot(0.8 * group.source_norms[0], 0.3 * group.source_norms[1]), rel=1e-5
+        )
 
 
 def test_linear_soup_of_two_orthogonal_fine_tunes_keeps_half_of_each(orthogonal):
@@ -169,7 +184,9 @@ def test_linear_soup_of_two_orthogonal_fine_tunes_keeps_half_of_each(orthogonal)
     ]}
     preview = run_preview(job_of(plan), open_checkpoint(orthogonal["base"]), mode="exact")
     assert preview.total.retention == pytest.approx([0.5, 0.5], abs=1e-5)
-    assert preview.total.cosine[0] == pytest.approx(preview.total.source_norms[0] / np.hypot(*preview.total.source_norms), abs=1e-5)  # ⟨(a+b)/2, a⟩ / (‖a‖·‖a+b‖/2)
+    assert preview.total.cosine[0] == pytest.approx(
+        preview.total.source_norms[0] / np.hypot(*preview.total.source_norms), abs=1e-5
+    )  # ⟨(a+b)/2, a⟩ / (‖a‖·‖a+b‖/2)
 
 
 def test_linear_plan_listing_its_base_leaves_the_base_out_of_the_sources(orthogonal):
@@ -190,7 +207,11 @@ def wide(tmp_path_factory):
     config = llama_config(vocab=1024, hidden=64, intermediate=256, layers=2, heads=4, kv_heads=2)
     base = llama_state(config, seed=0)
     ft_a = fine_tune(base, 1)
-    ft_b = {k: base[k] + 0.6 * (ft_a[k] - base[k]) + 0.015 * torch.randn(base[k].shape, generator=torch.Generator().manual_seed(hash(k) % 1000)) for k in base}
+
+    def noise(name: str) -> torch.Tensor:
+        return 0.015 * torch.randn(base[name].shape, generator=torch.Generator().manual_seed(hash(name) % 1000))
+
+    ft_b = {k: base[k] + 0.6 * (ft_a[k] - base[k]) + noise(k) for k in base}
     paths = {n: str(write_model(root / n, s, config)) for n, s in (("base", base), ("ft_a", ft_a), ("ft_b", ft_b))}
     return paths
 
@@ -233,7 +254,8 @@ def test_sample_cache_reads_once_and_follows_weight_changes(wide, monkeypatch):
 
     def plan(weight_b):
         return job_of({"merge_method": "task_arithmetic", "base_model": wide["base"], "dtype": "float32", "models": [
-            {"model": wide["ft_a"], "parameters": {"weight": 0.7}}, {"model": wide["ft_b"], "parameters": {"weight": weight_b}},
+            {"model": wide["ft_a"], "parameters": {"weight": 0.7}},
+            {"model": wide["ft_b"], "parameters": {"weight": weight_b}},
         ]})
 
     cache = SampleCache()
@@ -294,7 +316,10 @@ def test_plans_the_preview_cannot_compare_are_refused(tiny):
 
 # --- plan warnings -------------------------------------------------------------------------------------------
 def warnings_for(paths: dict, method: str, weights, *, parameters=None, per_model=None, report=None) -> list[str]:
-    models = [{"model": paths[n], "parameters": {"weight": w, **(per_model or {}).get(n, {})}} for n, w in zip(("ft_a", "ft_b"), weights)]
+    models = [
+        {"model": paths[n], "parameters": {"weight": w, **(per_model or {}).get(n, {})}}
+        for n, w in zip(("ft_a", "ft_b"), weights)
+    ]
     plan = {"merge_method": method, "base_model": paths["base"], "models": models, "dtype": "float32"}
     if parameters:
         plan["parameters"] = parameters
@@ -328,9 +353,13 @@ def test_low_densities_and_dare_rescale_are_flagged_naming_the_model(tiny):
     paths = tiny[2]
     [line] = warnings_for(paths, "ties", [0.5, 0.5], per_model={"ft_a": {"density": 0.5}, "ft_b": {"density": 0.05}})
     assert line.startswith("ft_b: density 0.05 keeps only 5%")
-    [line] = warnings_for(paths, "dare_ties", [0.5, 0.5], per_model={"ft_a": {"density": 0.15}, "ft_b": {"density": 0.5}})
+    [line] = warnings_for(
+        paths, "dare_ties", [0.5, 0.5], per_model={"ft_a": {"density": 0.15}, "ft_b": {"density": 0.5}}
+    )
     assert line.startswith("ft_a: density 0.15 with rescale") and "about 7" in line
-    [line] = warnings_for(paths, "ties", [0.5, 0.5], per_model={"ft_a": {"density": [0.5, 0.02]}, "ft_b": {"density": 0.5}})
+    [line] = warnings_for(
+        paths, "ties", [0.5, 0.5], per_model={"ft_a": {"density": [0.5, 0.02]}, "ft_b": {"density": 0.5}}
+    )
     assert line.startswith("ft_a: density 0.02") and "(at model.layers.2." in line  # the gradient's end
     [line] = warnings_for(paths, "ties", [0.0, 0.5], per_model={"ft_a": {"density": 0.5}, "ft_b": {"density": 0.5}})
     assert line == "ft_a: weight 0, so it contributes nothing to the merge"
@@ -340,7 +369,8 @@ def test_models_the_analysis_flagged_are_named(tiny, tmp_path):
     root, states, paths = tiny
     config = llama_config(layers=3)
     unrelated = str(write_model(tmp_path / "other", llama_state(config, seed=9), config))
-    report = run_analysis(open_checkpoint(paths["base"]), [open_checkpoint(paths["ft_a"]), open_checkpoint(unrelated)], use_cache=False, device="cpu")
+    models = [open_checkpoint(paths["ft_a"]), open_checkpoint(unrelated)]
+    report = run_analysis(open_checkpoint(paths["base"]), models, use_cache=False, device="cpu")
     plan = {"merge_method": "task_arithmetic", "base_model": paths["base"], "dtype": "float32", "models": [
         {"model": paths["ft_a"], "parameters": {"weight": 0.5}}, {"model": unrelated, "parameters": {"weight": 0.5}},
     ]}

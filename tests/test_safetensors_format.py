@@ -22,7 +22,9 @@ def make_file(path, header: object, data: bytes = b"", raw_header: bytes | None 
 
 
 def test_header_matches_the_safetensors_library(tmp_path):
-    state = {"a": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "c": torch.arange(6, dtype=torch.int32).reshape(2, 3)}
+    state = {
+        "a": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "c": torch.arange(6, dtype=torch.int32).reshape(2, 3)
+    }
     save_file(state, str(tmp_path / "x.safetensors"), metadata={"format": "pt", "k": "v"})
     header = read_header(tmp_path / "x.safetensors")
     assert header.metadata == {"format": "pt", "k": "v"}
@@ -35,7 +37,10 @@ def test_header_matches_the_safetensors_library(tmp_path):
     raw = (tmp_path / "x.safetensors").read_bytes()
     for name, tensor in state.items():
         info = header.tensors[name]
-        assert raw[info.offset : info.offset + info.nbytes] == tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        assert (
+            raw[info.offset : info.offset + info.nbytes]
+            == tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        )
 
 
 GOOD = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
@@ -48,8 +53,10 @@ GOOD = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
         ({"header": GOOD, "data": b"\0" * 8, "length": 10_000}, "past the end of the file"),
         ({"header": None, "raw_header": b"\xff\xfe not json"}, "not valid JSON"),
         ({"header": [1, 2]}, "not a JSON object"),
-        ({"header": {"t": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, "data": b"\0" * 8}, "unsupported dtype"),
-        ({"header": {"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, "data": b"\0" * 12}, "needs 12 bytes"),
+        ({"header": {"t": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, "data": b"\0" * 8},
+         "unsupported dtype"),
+        ({"header": {"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, "data": b"\0" * 12},
+         "needs 12 bytes"),
         ({"header": {"t": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, "data": b"\0" * 8}, "non-negative"),
         ({"header": {"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, "data": b"\0" * 8}, "begin <= end"),
         ({"header": {"t": {"dtype": "F32", "shape": [2]}}, "data": b"\0" * 8}, "data_offsets"),
@@ -63,7 +70,10 @@ GOOD = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
             },
             "overlap",
         ),
-        ({"header": None, "raw_header": b'{"t": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}, "t": {}}'}, "listed twice"),
+        (
+            {"header": None, "raw_header": b'{"t": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}, "t": {}}'},
+            "listed twice",
+        ),
         ({"header": {"__metadata__": {"a": 1}}}, "__metadata__"),
     ],
 )

@@ -78,7 +78,10 @@ def test_greedy_soup_decisions_scores_and_tensors(tmp_path, candidates):
                              device="cpu", on_event=events.append)
     by_hand = soup_steps_by_hand(states)
     names = {str(paths[n]): n for n in paths}
-    assert [(names[s.model], "start" if i == 0 else ("added" if s.added else "rejected")) for i, s in enumerate(result.steps)] == EXPECTED
+    assert [
+        (names[s.model], "start" if i == 0 else ("added" if s.added else "rejected"))
+        for i, s in enumerate(result.steps)
+    ] == EXPECTED
     for step, (_, _, score) in zip(result.steps, by_hand):
         assert step.score == pytest.approx(score, rel=1e-6)
     alone = {names[e.model]: e.score for e in events if type(e).__name__ == "CandidateScored"}
@@ -93,7 +96,10 @@ def test_greedy_soup_decisions_scores_and_tensors(tmp_path, candidates):
     for name, tensor in soup.items():
         expected = np.mean([states[m][name].double().numpy() for m in kept], axis=0)
         np.testing.assert_allclose(tensor.double().numpy(), expected, rtol=1e-6, atol=1e-7)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1", "m2", "m3", "m4", "score.py", "soup", f"target-{SCORED}.f64"]  # no scratch
+    # no scratch left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m0", "m1", "m2", "m3", "m4", "score.py", "soup", f"target-{SCORED}.f64"
+    ]
 
 
 def test_written_plan_is_the_soup_as_made(tmp_path, candidates):
@@ -111,10 +117,12 @@ def test_written_plan_is_the_soup_as_made(tmp_path, candidates):
 
 def test_cli_prints_each_step(tmp_path, candidates, capsys):
     _, paths, eval_cmd = candidates
-    status = main(["soup", *(str(paths[n]) for n in DESIGN), "--eval-cmd", eval_cmd, "-o", str(tmp_path / "out"), "--device", "cpu"])
+    models = [str(paths[n]) for n in DESIGN]
+    status = main(["soup", *models, "--eval-cmd", eval_cmd, "-o", str(tmp_path / "out"), "--device", "cpu"])
     out = capsys.readouterr().out
     assert status == 0
-    decisions = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] in ("start", "added", "rejected")]
+    words = [line.split() for line in out.splitlines()]
+    decisions = [w[0] for w in words if w and w[0] in ("start", "added", "rejected")]
     assert decisions == [d for _, d in EXPECTED]
     rejected = next(line for line in out.splitlines() if line.split()[:1] == ["rejected"])
     assert str(paths["m2"]) in rejected and f"{-0.805019:.6g}" in rejected  # hand value: ‖(2.15, 1.1)‖ / 3
@@ -141,7 +149,10 @@ def test_a_single_weight_file_is_scored_through_a_one_model_soup(tmp_path, candi
     _, paths, eval_cmd = candidates
     recipe = recipe_from_models([str(paths["m4"] / "model.safetensors"), str(paths["m1"])])
     result = run_greedy_soup(recipe, eval_cmd, tmp_path / "soup", device="cpu")
-    assert [(s.alone, s.added) for s in result.steps] == [(pytest.approx(-1.1, rel=1e-6), True), (pytest.approx(-5.0, rel=1e-6), False)]
+    assert [(s.alone, s.added) for s in result.steps] == [
+        (pytest.approx(-1.1, rel=1e-6), True),
+        (pytest.approx(-5.0, rel=1e-6), False),
+    ]
 
 
 def test_keep_scratch_keeps_the_candidate_soups(tmp_path, candidates):
@@ -204,13 +215,16 @@ mergescope:
         parse_plan(text, "soup.yml")
     assert str(error.value).splitlines() == [
         "soup.yml:1: greedy_soup builds uniform soups: merge_method must be linear",
-        "soup.yml:2: greedy_soup: a base_model would be merged into every soup; remove it, or list it under models: as one more candidate",
+        "soup.yml:2: greedy_soup: a base_model would be merged into every soup; "
+        "remove it, or list it under models: as one more candidate",
         "soup.yml:7: greedy_soup averages uniformly: weight must be one number, not [0.5, 1.0]",
         "soup.yml:9: greedy_soup averages uniformly: every model needs the same weight (found 1 and 0.5)",
         "soup.yml:10: greedy_soup averages: normalize must not be false",
-        "soup.yml:13: greedy_soup.eval_cmd: eval command 'python eval.py' has no {model}: write where the model folder goes, e.g. 'python eval.py {model}'",
+        "soup.yml:13: greedy_soup.eval_cmd: eval command 'python eval.py' has no {model}: "
+        "write where the model folder goes, e.g. 'python eval.py {model}'",
         "soup.yml:14: greedy_soup.timeout must be a positive number of seconds, not 0",
-        "soup.yml:15: unknown greedy_soup option 'tolerance' (known: eval_cmd (the eval command, with {model}), timeout (seconds per evaluation))",
+        "soup.yml:15: unknown greedy_soup option 'tolerance' "
+        "(known: eval_cmd (the eval command, with {model}), timeout (seconds per evaluation))",
     ]
 
 
@@ -223,7 +237,9 @@ def test_greedy_soup_block_shapes():
         ("  greedy_soup: {timeout: 5}", 5, "greedy_soup needs eval_cmd"),
     ]:
         with pytest.raises(PlanError) as error:
-            parse_plan(f"merge_method: linear\nmodels: [a, b]\nparameters: {{weight: 1}}\nmergescope:\n{block}\n", "p.yml")
+            parse_plan(
+                f"merge_method: linear\nmodels: [a, b]\nparameters: {{weight: 1}}\nmergescope:\n{block}\n", "p.yml"
+            )
         assert str(error.value).startswith(f"p.yml:{line}: ") and message in str(error.value)
     with pytest.raises(PlanError, match="p.yml:2: greedy_soup needs at least two models"):
         parse_plan("merge_method: linear\nmodels: [a]\nparameters: {weight: 1}\n"
@@ -238,7 +254,8 @@ def test_interrupt_during_an_evaluation_leaves_nothing(tmp_path, candidates):
     out = tmp_path / "out"
     process = subprocess.Popen(
         [sys.executable, "-m", "mergescope.tui.cli.main", "soup", str(paths["m0"]), str(paths["m1"]),
-         "--eval-cmd", f"{shlex.quote(sys.executable)} {shlex.quote(str(slow))} {{model}}", "-o", str(out), "--device", "cpu"],
+         "--eval-cmd", f"{shlex.quote(sys.executable)} {shlex.quote(str(slow))} {{model}}", "-o", str(out),
+          "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:

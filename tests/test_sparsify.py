@@ -38,7 +38,9 @@ def test_select_extreme_keeps_exactly_count_lowest_index_ties_first():
             mask = select_extreme(values, count, largest=largest, low_index_first=largest)
             assert int(mask.sum()) == count
             # independent: a stable full sort; the smallest are taken highest index first
-            order = torch.sort(-values, stable=True).indices if largest else torch.sort(values.flip(0), stable=True).indices
+            order = (
+                torch.sort(-values, stable=True).indices if largest else torch.sort(values.flip(0), stable=True).indices
+            )
             if not largest:
                 order = values.numel() - 1 - order
             expected = torch.zeros_like(mask)

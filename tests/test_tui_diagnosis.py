@@ -15,7 +15,7 @@ from mergescope.merge.plan import parse_plan
 from mergescope.tui.app import MergescopeApp
 from mergescope.tui.display import retention_text
 from mergescope.tui.session import open_session
-from tui_fixtures import build_models, run, static_text, wait_for_analysis
+from tui_fixtures import run, static_text, wait_for_analysis
 
 PLAN = """merge_method: ties
 base_model: base
@@ -28,12 +28,9 @@ dtype: float32
 
 
 @pytest.fixture
-def merged(tmp_path, monkeypatch):
-    states = build_models(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+def merged(workspace, tmp_path):
     out = run_merge(build_job(parse_plan(PLAN)), tmp_path / "merged")
-    return states, load_file(out / "model.safetensors")
+    return workspace, load_file(out / "model.safetensors")
 
 
 async def wait_for(pilot, condition, timeout=30.0):
@@ -46,7 +43,9 @@ async def wait_for(pilot, condition, timeout=30.0):
 def retention(states, merged_state, source: str, prefix: str) -> float:
     names = [n for n in states["base"] if n.startswith(prefix)]
     tau = np.concatenate([(states[source][n].double() - states["base"][n].double()).numpy().ravel() for n in names])
-    tau_m = np.concatenate([merged_state[n].astype(np.float64).ravel() - states["base"][n].double().numpy().ravel() for n in names])
+    tau_m = np.concatenate(
+        [merged_state[n].astype(np.float64).ravel() - states["base"][n].double().numpy().ravel() for n in names]
+    )
     return float(tau_m @ tau / (tau @ tau))
 
 

@@ -7,20 +7,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 
 from mergescope.tui.app import MergescopeApp
 from mergescope.tui.display import fmt_rel
 from mergescope.tui.session import open_session
-from tui_fixtures import build_models, run, static_text, wait_for_analysis
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    states = build_models(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
-    return states
+from tui_fixtures import run, static_text, wait_for_analysis
 
 
 def group_rel(states, model: str, group: str) -> float:

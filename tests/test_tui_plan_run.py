@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from mergescope.merge.executor import run_merge
@@ -14,15 +13,7 @@ from mergescope.merge.job import build_job
 from mergescope.merge.plan import load_plan
 from mergescope.tui.app import MergescopeApp
 from mergescope.tui.session import open_session
-from tui_fixtures import build_models, run, static_text, wait_for_analysis
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    states = build_models(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
-    return states
+from tui_fixtures import run, static_text, wait_for_analysis
 
 
 async def wait_until(pilot, condition, timeout: float = 20.0) -> None:
@@ -58,7 +49,9 @@ def test_plan_preview_save_and_run(workspace, tmp_path):
             method.value = "task_arithmetic"
             await pilot.pause(0.2)
             await set_input(pilot, app, "#param-1-weight", "0.25")
-            await wait_until(pilot, lambda: status().startswith("exact") and screen.form.models[1].fields["weight"] == "0.25")
+            await wait_until(
+                pilot, lambda: status().startswith("exact") and screen.form.models[1].fields["weight"] == "0.25"
+            )
             await pilot.pause(0.5)
             await wait_until(pilot, lambda: status().startswith("exact"))
             base, a, b = (workspace[n] for n in ("base", "ft_a", "ft_b"))

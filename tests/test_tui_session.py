@@ -12,7 +12,7 @@ from mergescope.checkpoints import MergescopeError
 from mergescope.merge.plan import load_plan
 from mergescope.tui.app import MergescopeApp
 from mergescope.tui.session import demo_models, open_session
-from tui_fixtures import build_models, run, wait_for_analysis
+from tui_fixtures import run, wait_for_analysis
 
 PLAN = """merge_method: dare_ties
 base_model: base
@@ -28,10 +28,8 @@ mergescope: {seed: 3}
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    build_models(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+def workspace(workspace, tmp_path):
+    """The shared workspace (conftest) with plan.yml; its folder."""
     (tmp_path / "plan.yml").write_text(PLAN)
     return tmp_path
 
@@ -66,7 +64,9 @@ def test_plan_in_builder_round_trips(workspace):
 
 
 def test_demo_manifest_models(workspace):
-    (workspace / "mergescope-demo.json").write_text(json.dumps({"base": "base", "fine_tunes": [{"path": "ft_a"}, {"path": "ft_b"}], "traps": ["ft_c"]}))
+    (workspace / "mergescope-demo.json").write_text(
+        json.dumps({"base": "base", "fine_tunes": [{"path": "ft_a"}, {"path": "ft_b"}], "traps": ["ft_c"]})
+    )
     session = open_session([str(workspace)])
     assert session.workspace == workspace and [m.name for m in session.models] == ["ft_a", "ft_b", "ft_c"]
     assert demo_models({"models": ["x"], "lora": {"path": "y"}}) == ["x", "y"]

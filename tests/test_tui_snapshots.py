@@ -9,16 +9,13 @@ import pytest
 
 from mergescope.tui.app import MergescopeApp
 from mergescope.tui.session import open_session
-from tui_fixtures import build_models, static_text
+from tui_fixtures import static_text
 
 SIZES = [(80, 24), (160, 48)]
 
 
 @pytest.fixture
-def app(tmp_path, monkeypatch):
-    build_models(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+def app(workspace):
     return MergescopeApp(open_session(["base", "ft_a", "ft_b", "ft_c"]), use_cache=False)
 
 
@@ -71,14 +68,11 @@ def test_help(snap_compare, app):
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_diagnosis(snap_compare, tmp_path, monkeypatch, size):
+def test_diagnosis(snap_compare, workspace, tmp_path, size):
     from mergescope.merge.executor import run_merge
     from mergescope.merge.job import build_job
     from mergescope.merge.plan import parse_plan
 
-    build_models(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MERGESCOPE_CACHE_DIR", str(tmp_path / "cache"))
     plan = "merge_method: ties\nbase_model: base\nmodels:\n" + "".join(
         f"  - {{model: {m}, parameters: {{weight: 1.0, density: 0.5}}}}\n" for m in ("ft_a", "ft_b", "ft_c"))
     run_merge(build_job(parse_plan(plan)), tmp_path / "merged")

@@ -19,7 +19,13 @@ from eval_scripts import distance_eval_command
 from mergescope.checkpoints import MergescopeError
 from mergescope.merge.plan import load_plan
 from mergescope.merge.search_space import (
-    Variable, candidates, grid_points, inclusive_grid, parse_vary, random_points, set_path,
+    Variable,
+    candidates,
+    grid_points,
+    inclusive_grid,
+    parse_vary,
+    random_points,
+    set_path,
 )
 from mergescope.merge.tune import ranked, run_search
 from mergescope.tui.cli.main import main
@@ -79,7 +85,9 @@ def test_inclusive_grid_is_exact(text, expected):
 
 def test_parse_vary_lists_and_paths():
     variable = parse_vary("models.1.parameters.weight = 0.5, 1, true, base")
-    assert variable == Variable("models.1.parameters.weight", ("models", "1", "parameters", "weight"), (0.5, 1, True, "base"))
+    assert variable == Variable(
+        "models.1.parameters.weight", ("models", "1", "parameters", "weight"), (0.5, 1, True, "base")
+    )
     assert parse_vary(W_A).values == (0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -138,7 +146,9 @@ def test_grid_search_scores_match_numpy_and_the_best_is_the_target(setup):
 
 def test_cli_table_and_best_plan(setup, capsys):
     folder, tau, eval_cmd = setup
-    status = main(["tune", str(folder / "plan.yml"), "--eval-cmd", eval_cmd, "--vary", W_A, "--vary", W_B, "--device", "cpu"])
+    status = main(
+        ["tune", str(folder / "plan.yml"), "--eval-cmd", eval_cmd, "--vary", W_A, "--vary", W_B, "--device", "cpu"]
+    )
     out = capsys.readouterr().out
     assert status == 0
     rows = [line.strip("│ ").split("│") for line in out.splitlines() if line.startswith("│")]
@@ -192,7 +202,10 @@ def test_cli_random_prints_only_the_sampled_candidates(setup, capsys):
     rows = sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("│"))
     assert len(rows) == 3
     assert main(argv) == 0
-    assert sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("│"))[0].split("│")[1:5] == rows[0].split("│")[1:5]
+    assert (
+        sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("│"))[0].split("│")[1:5]
+        == rows[0].split("│")[1:5]
+    )
 
 
 def test_two_jobs_give_the_results_of_one(setup):
@@ -200,7 +213,9 @@ def test_two_jobs_give_the_results_of_one(setup):
     threads = torch.get_num_threads()
     one = search(folder, [W_A, W_B], eval_cmd, jobs=1)
     two = search(folder, [W_A, W_B], eval_cmd, jobs=2)
-    assert [(r.candidate.number, r.candidate.values, r.score) for r in one] == [(r.candidate.number, r.candidate.values, r.score) for r in two]
+    assert [(r.candidate.number, r.candidate.values, r.score) for r in one] == [
+        (r.candidate.number, r.candidate.values, r.score) for r in two
+    ]
     assert len(two) == 10 and all(r.status == "ok" for r in two)
     assert torch.get_num_threads() == threads  # the per-job division is undone
 
@@ -232,11 +247,15 @@ def test_interrupt_stops_every_job_and_removes_scratch(setup):
     slow = folder / "slow.py"
     slow.write_text(f"import time\nopen({str(folder / 'started')!r}, 'a').write('x')\ntime.sleep(60)\nprint(1)\n")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mergescope.tui.cli.main", "tune", str(folder / "plan.yml"), "--vary", W_A, "--jobs", "2",
-         "--eval-cmd", f"{shlex.quote(sys.executable)} {shlex.quote(str(slow))} {{model}}", "--device", "cpu"],
+        [sys.executable, "-m", "mergescope.tui.cli.main", "tune", str(folder / "plan.yml"), "--vary", W_A,
+         "--jobs", "2", "--eval-cmd", f"{shlex.quote(sys.executable)} {shlex.quote(str(slow))} {{model}}",
+         "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not ((folder / "started").exists() and len((folder / "started").read_text()) == 2) and time.monotonic() < deadline:
+    while (
+        not ((folder / "started").exists() and len((folder / "started").read_text()) == 2)
+        and time.monotonic() < deadline
+    ):
         assert process.poll() is None, process.communicate()
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)

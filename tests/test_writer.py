@@ -67,7 +67,10 @@ def test_tensor_larger_than_the_shard_limit_gets_its_own_shard(tmp_path):
 
 
 def test_mixed_dtypes_are_aligned(tmp_path):
-    state = {"b": torch.ones(3, dtype=torch.bfloat16), "f": torch.ones(5), "d": torch.ones(1, dtype=torch.float64), "u": torch.ones(3, dtype=torch.uint8)}
+    state = {
+        "b": torch.ones(3, dtype=torch.bfloat16), "f": torch.ones(5), "d": torch.ones(1, dtype=torch.float64),
+        "u": torch.ones(3, dtype=torch.uint8),
+    }
     out = save_checkpoint(tmp_path / "out", state)
     raw = (out / "model.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])

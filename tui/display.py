@@ -47,7 +47,8 @@ def sparkline(values: list[float | None], top: float | None = None) -> str:
         top = max((v for v in values if v is not None), default=0.0)
     if top <= 0:
         return SPARK[0] * len(values)
-    return "".join(" " if v is None else SPARK[min(int(v / top * (len(SPARK) - 1) + 0.5), len(SPARK) - 1)] for v in values)
+    last = len(SPARK) - 1
+    return "".join(" " if v is None else SPARK[min(int(v / top * last + 0.5), last)] for v in values)
 
 
 def short(name: str, width: int) -> str:

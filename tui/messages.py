@@ -24,6 +24,8 @@ class LayerHighlighted(Message):
 class MergeEvent(Message):
     """Progress of a running merge (a :class:`mergescope.merge.executor.MergeProgress`), or its end."""
 
-    def __init__(self, progress=None, *, finished: str | None = None, failed: str | None = None, cancelled: bool = False) -> None:
+    def __init__(
+        self, progress=None, *, finished: str | None = None, failed: str | None = None, cancelled: bool = False
+    ) -> None:
         super().__init__()
         self.progress, self.finished, self.failed, self.cancelled = progress, finished, failed, cancelled

@@ -24,8 +24,8 @@ def session_checkpoints(session) -> dict:
 
 def preview_rows(app, plan, cancel: threading.Event) -> Iterator[tuple[str, list[str], list[Row], list[str]]]:
     """Yield (status, source names, rows, warnings): once after the sampled pass, then as exact groups land."""
-    from mergescope.analysis.preview import GroupPreview, PlanPreview, PreviewProgress, SampleCache, stream_preview
     from mergescope.analysis.plan_warnings import plan_warnings
+    from mergescope.analysis.preview import GroupPreview, PlanPreview, PreviewProgress, SampleCache, stream_preview
     from mergescope.merge.job import build_job
 
     if app.sample_cache is None:
@@ -38,7 +38,10 @@ def preview_rows(app, plan, cancel: threading.Event) -> Iterator[tuple[str, list
     names: list[str] = []
     for mode in ("sampled", "exact"):
         done = 0
-        for event in stream_preview(job, app.session.base, mode=mode, cancel=cancel, cache=app.sample_cache, device=app.device):
+        events = stream_preview(
+            job, app.session.base, mode=mode, cancel=cancel, cache=app.sample_cache, device=app.device
+        )
+        for event in events:
             if cancel.is_set():
                 return
             if isinstance(event, GroupPreview) and mode == "exact":

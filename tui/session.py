@@ -16,10 +16,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergescope.analysis.diagnosis_context import plan_context_for_folder
 from mergescope.checkpoints import Checkpoint, MergescopeError, open_checkpoint
-
-DEMO_MANIFEST = "mergescope-demo.json"
-PLAN_FILE_NAMES = ("mergekit_config.yml", "mergekit_config.yaml")
+from mergescope.merge.plan import load_plan, plan_file_in
 
 
 @dataclass
@@ -44,9 +43,9 @@ def open_session(targets: list[str], base: str | None = None) -> Session:
     ``base`` is the base of a merged folder whose plan names none (a linear soup)."""
     if len(targets) == 1:
         target = Path(targets[0])
-        if target.is_dir() and (target / DEMO_MANIFEST).is_file():
+        if target.is_dir() and _demo_manifest(target).is_file():
             return _demo_session(target)
-        if target.is_dir() and _plan_file(target) is not None:
+        if target.is_dir() and plan_file_in(target) is not None:
             return _merged_session(target, base)
         if target.suffix in (".yml", ".yaml") and target.is_file():
             return _plan_session(target)
@@ -59,8 +58,11 @@ def open_session(targets: list[str], base: str | None = None) -> Session:
     return Session(base, models, references=list(targets))
 
 
-def _plan_file(folder: Path) -> Path | None:
-    return next((folder / n for n in PLAN_FILE_NAMES if (folder / n).is_file()), None)
+def _demo_manifest(folder: Path) -> Path:
+    """Where a demo workspace in ``folder`` keeps its manifest."""
+    from mergescope.demo.workspace import MANIFEST  # imports torch: only when a folder may be a workspace
+
+    return folder / MANIFEST
 
 
 def _plan_models(plan) -> tuple[str, list[str]]:
@@ -75,8 +77,6 @@ def _plan_models(plan) -> tuple[str, list[str]]:
 
 
 def _plan_session(path: Path) -> Session:
-    from mergescope.merge.plan import load_plan
-
     plan = load_plan(path)
     base_ref, refs = _plan_models(plan)
     base = open_checkpoint(base_ref)
@@ -86,8 +86,6 @@ def _plan_session(path: Path) -> Session:
 
 def _merged_session(folder: Path, base: str | None) -> Session:
     """A merged folder: its plan's base and sources (found as the merge named them, or beside the folder)."""
-    from mergescope.analysis.diagnosis_context import plan_context_for_folder
-
     context = plan_context_for_folder(folder, base)
     opened = [context.base, *context.sources]
     return Session(context.base, context.sources, start="diagnosis", merged_dir=folder,
@@ -96,19 +94,24 @@ def _merged_session(folder: Path, base: str | None) -> Session:
 
 def _demo_session(folder: Path) -> Session:
     """A demo workspace: its manifest names the base and the models, paths relative to the workspace."""
+    manifest_path = _demo_manifest(folder)
     try:
-        manifest = json.loads((folder / DEMO_MANIFEST).read_text())
+        manifest = json.loads(manifest_path.read_text())
         base_ref = folder / manifest["base"]
         refs = [folder / m for m in demo_models(manifest)]
         set_aside = frozenset(str(folder / m) for m in demo_models(manifest, keys=("lora", "traps")))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MergescopeError(f"{folder / DEMO_MANIFEST}: unreadable demo manifest ({exc}); rebuild with mergescope demo") from None
+        raise MergescopeError(
+            f"{manifest_path}: unreadable demo manifest ({exc}); rebuild with mergescope demo"
+        ) from None
     base = open_checkpoint(str(base_ref))
     models = [open_checkpoint(str(r), base=base) for r in refs]
     return Session(base, models, workspace=folder, references=[str(base_ref), *map(str, refs)], set_aside=set_aside)
 
 
-def demo_models(manifest: dict, keys: tuple[str, ...] = ("fine_tunes", "finetunes", "models", "lora", "traps")) -> list[str]:
+def demo_models(
+    manifest: dict, keys: tuple[str, ...] = ("fine_tunes", "finetunes", "models", "lora", "traps")
+) -> list[str]:
     """The model folders a demo manifest lists under ``keys``; by default all besides its base: fine-tunes,
     the LoRA adapter, the traps."""
     found: list[str] = []

@@ -24,14 +24,18 @@ inputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
 from mergescope.merge.methods import adaptive, linear, selective, spherical, task_arithmetic
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+BASE_ROLES = ("required", "optional", "input")
 
 
 @dataclass(frozen=True)
@@ -56,27 +60,47 @@ class ParameterSpec:
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A merge method: its name, its parameters and its tensor function.
+    """A merge method: its name, its parameters and its tensor function, with what the executor may rely on.
 
-    ``base_role``: "required" (``base`` is θ₀ and must be given; ``needs_base`` is True), "optional" (θ₀ is used
-    when the plan names a base_model, else None) or "input" (mergekit merges the base like any other model: pass
-    it in ``models`` and base=None).
+    - ``base_role``: "required" (``base`` is θ₀ and must be given: :attr:`needs_base`), "optional" (θ₀ is used
+      when the plan names a base_model, else None) or "input" (mergekit merges the base like any other model:
+      pass it in ``models`` and base=None).
+    - ``random``: the function draws from its generator, so the executor seeds one per output tensor.
+    - ``elementwise``: the result at each entry depends only on the inputs at that entry (no norms, thresholds
+      or draws), so the executor may apply ``function`` to a large tensor block by block, holding float32
+      copies of one block only.
+    - ``prepare`` and ``combine``: the same computation as ``function`` in two phases, given together or not at
+      all: ``prepare(base, models, params, options, generator)`` decides per-model trims over the whole
+      tensor; ``combine(base, models, trims, params, options)`` is elementwise given those trims (each
+      restricted to the block with ``trim.block(start, stop)``), so a large tensor is combined block by block
+      with the bits of ``function``.
     """
 
     name: str
     description: str
-    needs_base: bool
-    parameters: tuple[ParameterSpec, ...]
-    random: bool
     function: Callable[..., torch.Tensor]
+    parameters: tuple[ParameterSpec, ...] = ()
     base_role: str = "required"
-    #: the result at each entry depends only on the inputs at that entry (no norms, thresholds or draws), so
-    #: the executor may apply it to a large tensor block by block, holding float32 copies of one block only
+    random: bool = False
     elementwise: bool = False
+    prepare: Callable[..., list] | None = None
+    combine: Callable[..., torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if self.base_role not in ("required", "optional", "input") or self.needs_base != (self.base_role == "required"):
-            raise ValueError(f"{self.name}: inconsistent base_role {self.base_role!r} / needs_base {self.needs_base}")
+        if self.base_role not in BASE_ROLES:
+            raise ValueError(f"{self.name}: base_role {self.base_role!r} is not one of {BASE_ROLES}")
+        if (self.prepare is None) != (self.combine is None):
+            raise ValueError(f"{self.name}: give prepare and combine together, or neither")
+
+    @property
+    def needs_base(self) -> bool:
+        """A plan must name a base_model: the function takes θ₀ as ``base``."""
+        return self.base_role == "required"
+
+    @property
+    def two_phase(self) -> bool:
+        """The method has ``prepare`` and ``combine``."""
+        return self.prepare is not None
 
     def parameter(self, name: str) -> ParameterSpec:
         for spec in self.parameters:
@@ -94,10 +118,19 @@ _WEIGHT = _p("weight", per_model=True, doc="the model's coefficient; required")
 _DENSITY = _p("density", 1.0, per_model=True, low=0.0, high=1.0, doc="fraction of the task vector kept; 1 keeps all")
 _INT8 = _p("int8_mask", False, kind=bool, doc="memory option of mergekit's sign mask; never changes the result")
 _LAMBDA = _p("lambda", 1.0, doc="scale of the merged task vector, after normalisation")
+_GAMMA = _p("gamma", 0.01, per_model=True, low=0.0, high=1.0, doc="fraction of largest-magnitude entries dropped")
+_EPSILON = _p(
+    "epsilon", 0.15, per_model=True, low=0.0, high=0.5,
+    doc="keep probabilities span density ± epsilon by magnitude rank; needs 0 < density ± epsilon < 1",
+)
 
 
-def _family(normalize: bool, rescale: bool, extra: tuple[ParameterSpec, ...] = ()) -> tuple[ParameterSpec, ...]:
-    return (
+def _task_arithmetic_family(
+    variant: task_arithmetic.Variant, description: str, *, normalize: bool, rescale: bool,
+    extra: tuple[ParameterSpec, ...] = (), random: bool = False, elementwise: bool = False,
+) -> MergeMethod:
+    """A member of :mod:`.task_arithmetic`'s family, with ``normalize`` and ``rescale`` defaulting as given."""
+    parameters = (
         _INT8,
         _p("normalize", normalize, kind=bool, doc="divide the merged task vector by the (agreeing) weights' sum"),
         _p("rescale", rescale, kind=bool, doc="scale each trimmed task vector back to its L1 norm"),
@@ -105,69 +138,72 @@ def _family(normalize: bool, rescale: bool, extra: tuple[ParameterSpec, ...] = (
         _WEIGHT,
         _DENSITY,
     ) + extra
+    return MergeMethod(
+        variant.name, description, variant.merge, parameters, random=random, elementwise=elementwise,
+        prepare=variant.prepare, combine=variant.combine,
+    )
 
-
-_GAMMA = _p("gamma", 0.01, per_model=True, low=0.0, high=1.0, doc="fraction of largest-magnitude entries dropped")
-_EPSILON = _p(
-    "epsilon", 0.15, per_model=True, low=0.0, high=0.5,
-    doc="keep probabilities span density ± epsilon by magnitude rank; needs 0 < density ± epsilon < 1",
-)
 
 _TA = task_arithmetic
 _ALL = [
-    MergeMethod("linear", "Weighted average of the models (model soup); the base is one more input",
-                False, (_WEIGHT, _p("normalize", True, kind=bool, doc="divide by the sum of the weights")),
-                False, linear.linear, "input", elementwise=True),
-    MergeMethod("task_arithmetic", "Base plus the weighted sum of task vectors", True,
-                _family(False, False), False, _TA.task_arithmetic, elementwise=True),
-    MergeMethod("ties", "Trim task vectors to the largest magnitudes, elect signs, average the agreeing ones", True,
-                _family(True, False), False, _TA.ties),
-    MergeMethod("dare_linear", "Randomly drop task-vector entries (DARE), rescale, weighted sum", True,
-                _family(False, True), True, _TA.dare_linear),
-    MergeMethod("dare_ties", "Randomly drop task-vector entries (DARE), rescale, TIES sign election", True,
-                _family(False, True), True, _TA.dare_ties),
-    MergeMethod("breadcrumbs", "Drop the largest outliers and smallest entries of task vectors, weighted sum", True,
-                _family(False, False, (_GAMMA,)), False, _TA.breadcrumbs),
-    MergeMethod("breadcrumbs_ties", "Model Breadcrumbs trim followed by TIES sign election", True,
-                _family(False, False, (_GAMMA,)), False, _TA.breadcrumbs_ties),
-    MergeMethod("della", "Drop entries with magnitude-ranked probabilities (DELLA), rescale, TIES sign election",
-                True, _family(True, True, (_EPSILON,)), True, _TA.della),
-    MergeMethod("della_linear", "Drop entries with magnitude-ranked probabilities (DELLA), rescale, weighted sum",
-                True, _family(False, True, (_EPSILON,)), True, _TA.della_linear),
-    MergeMethod("slerp", "Spherical interpolation between the base (t=0) and one other model (t=1)", True,
-                (_p("t", low=0.0, doc="interpolation factor; 0 is the base, 1 the other model (above 1 extrapolates); required"),),
-                False, spherical.slerp),
-    MergeMethod("nearswap", "Take the other model's value where it is within t of the base", True,
-                (_p("t", low=0.0, doc="similarity threshold; required"),), False, linear.nearswap),
-    MergeMethod("model_stock", "Interpolate base and model average by the task vectors' mean cosine", True,
-                (_p("filter_wise", False, kind=bool, doc="one ratio per row instead of per tensor"),),
-                False, adaptive.model_stock),
-    MergeMethod("sce", "Select high-variance entries, weight by mean square, erase minority signs", True,
-                (_INT8, _p("select_topk", 1.0, low=0.0, high=1.0, doc="fraction of highest-variance entries kept")),
-                False, adaptive.sce),
-    MergeMethod("nuslerp", "Spherical interpolation of two models (or their task vectors) by weight ratio", False,
+    MergeMethod("linear", "Weighted average of the models (model soup); the base is one more input", linear.linear,
+                (_WEIGHT, _p("normalize", True, kind=bool, doc="divide by the sum of the weights")),
+                base_role="input", elementwise=True),
+    _task_arithmetic_family(_TA.task_arithmetic, "Base plus the weighted sum of task vectors",
+                            normalize=False, rescale=False, elementwise=True),
+    _task_arithmetic_family(_TA.ties, "Trim task vectors to the largest magnitudes, elect signs, average the agreeing "
+                            "ones", normalize=True, rescale=False),
+    _task_arithmetic_family(_TA.dare_linear, "Randomly drop task-vector entries (DARE), rescale, weighted sum",
+                            normalize=False, rescale=True, random=True),
+    _task_arithmetic_family(_TA.dare_ties, "Randomly drop task-vector entries (DARE), rescale, TIES sign election",
+                            normalize=False, rescale=True, random=True),
+    _task_arithmetic_family(_TA.breadcrumbs, "Drop the largest outliers and smallest entries of task vectors, "
+                            "weighted sum", normalize=False, rescale=False, extra=(_GAMMA,)),
+    _task_arithmetic_family(_TA.breadcrumbs_ties, "Model Breadcrumbs trim followed by TIES sign election",
+                            normalize=False, rescale=False, extra=(_GAMMA,)),
+    _task_arithmetic_family(_TA.della, "Drop entries with magnitude-ranked probabilities (DELLA), rescale, TIES sign "
+                            "election", normalize=True, rescale=True, extra=(_EPSILON,), random=True),
+    _task_arithmetic_family(_TA.della_linear, "Drop entries with magnitude-ranked probabilities (DELLA), rescale, "
+                            "weighted sum", normalize=False, rescale=True, extra=(_EPSILON,), random=True),
+    MergeMethod("slerp", "Spherical interpolation between the base (t=0) and one other model (t=1)", spherical.slerp,
+                (_p("t", low=0.0, doc="interpolation factor; 0 is the base, 1 the other model (above 1 "
+                    "extrapolates); required"),)),
+    MergeMethod("nearswap", "Take the other model's value where it is within t of the base", linear.nearswap,
+                (_p("t", low=0.0, doc="similarity threshold; required"),)),
+    MergeMethod("model_stock", "Interpolate base and model average by the task vectors' mean cosine",
+                adaptive.model_stock,
+                (_p("filter_wise", False, kind=bool, doc="one ratio per row instead of per tensor"),)),
+    MergeMethod("sce", "Select high-variance entries, weight by mean square, erase minority signs", adaptive.sce,
+                (_INT8, _p("select_topk", 1.0, low=0.0, high=1.0, doc="fraction of highest-variance entries kept"))),
+    MergeMethod("nuslerp", "Spherical interpolation of two models (or their task vectors) by weight ratio",
+                spherical.nuslerp,
                 (_WEIGHT,
                  _p("nuslerp_row_wise", False, kind=bool, doc="slerp the vectors along dim 0 (needs flatten off)"),
                  _p("nuslerp_flatten", True, kind=bool, doc="slerp the whole tensor as one vector")),
-                False, spherical.nuslerp, "optional"),
-    MergeMethod("multislerp", "Spherical barycentric interpolation of several models (or their task vectors)", False,
+                base_role="optional"),
+    MergeMethod("multislerp", "Spherical barycentric interpolation of several models (or their task vectors)",
+                spherical.multislerp,
                 (_WEIGHT, _p("normalize_weights", True, kind=bool, doc="divide the weights by their sum"),
                  _p("eps", 1e-8, low=0.0, doc="numerical guard")),
-                False, spherical.multislerp, "optional"),
-    MergeMethod("karcher", "Karcher mean of the models' directions on the sphere, at their mean norm", False,
+                base_role="optional"),
+    MergeMethod("karcher", "Karcher mean of the models' directions on the sphere, at their mean norm",
+                spherical.karcher,
                 (_p("max_iter", 10, low=0, kind=int, doc="iterations at most"),
                  _p("tol", 1e-5, low=0.0, doc="convergence and zero-norm tolerance")),
-                False, spherical.karcher, "input"),
-    MergeMethod("ram", "Keep changes only one model made; average those several made (Reinforced Agent Merging)", True,
-                (_p("epsilon", 1e-5, low=0.0, doc="a change counts when |τ| exceeds it"),), False, selective.ram),
-    MergeMethod("ramplus_tl", "RAM, with each model's unique changes boosted by its overlap ratio (tensor-local)", True,
+                base_role="input"),
+    MergeMethod("ram", "Keep changes only one model made; average those several made (Reinforced Agent Merging)",
+                selective.ram, (_p("epsilon", 1e-5, low=0.0, doc="a change counts when |τ| exceeds it"),)),
+    MergeMethod("ramplus_tl", "RAM, with each model's unique changes boosted by its overlap ratio (tensor-local)",
+                selective.ramplus_tl,
                 (_p("r", 0.1, low=0.0, doc="boost strength"), _p("alpha", 0.2, low=0.0, doc="cap of the overlap ratio"),
-                 _p("epsilon", 1e-5, low=0.0, doc="a change counts when |τ| exceeds it")), False, selective.ramplus_tl),
-    MergeMethod("arcee_fusion", "Take the model's change only where it matters (|Δ|·KL above median + 1.5·IQR)", True,
-                (), False, selective.arcee_fusion),
-    MergeMethod("passthrough", "Copy the single input's tensor (layer stacking is done by the plan)", False,
-                (_p("scale", None, per_model=True, required=False, doc="optional factor for the tensor; None leaves it"),),
-                False, linear.passthrough, "input", elementwise=True),
+                 _p("epsilon", 1e-5, low=0.0, doc="a change counts when |τ| exceeds it"))),
+    MergeMethod("arcee_fusion", "Take the model's change only where it matters (|Δ|·KL above median + 1.5·IQR)",
+                selective.arcee_fusion),
+    MergeMethod("passthrough", "Copy the single input's tensor (layer stacking is done by the plan)",
+                linear.passthrough,
+                (_p("scale", None, per_model=True, required=False,
+                    doc="optional factor for the tensor; None leaves it"),),
+                base_role="input", elementwise=True),
 ]
 
 METHODS: dict[str, MergeMethod] = {method.name: method for method in _ALL}

@@ -25,6 +25,7 @@ from mergescope.checkpoints.errors import MergescopeError
 from mergescope.merge.methods.task_arithmetic import elect_signs
 from mergescope.merge.sparsify import select_extreme
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -56,13 +57,14 @@ def model_stock(base, models, params, options, generator=None):
     denominator = 1 + (count - 1) * cosine
     singular = denominator.abs() < 1e-6
     ratio = torch.where(
-        singular, torch.zeros_like(cosine), count * cosine / torch.where(singular, torch.ones_like(denominator), denominator)
+        singular, torch.zeros_like(cosine),
+        count * cosine / torch.where(singular, torch.ones_like(denominator), denominator),
     )
     average = sum(models) / count
     return (ratio * average + (1 - ratio) * base).reshape(shape)
 
 
-def _variance_mask(taus: "torch.Tensor", fraction: float) -> "torch.Tensor":
+def _variance_mask(taus: torch.Tensor, fraction: float) -> torch.Tensor:
     """The entries (shape of one τ) whose variance across the models is among the ⌊nonzero·fraction⌋ largest."""
     import torch
 

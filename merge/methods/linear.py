@@ -16,18 +16,17 @@ passthrough
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from mergescope.checkpoints.errors import MergescopeError
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 
 
 def _count(name: str, models: list, wanted: int, options: dict, what: str) -> None:
     if len(models) != wanted:
         where = options.get("tensor_name") or "tensor"
-        raise MergescopeError(f"{where}: {name} merges exactly {wanted} {what}, got {len(models)}: fix the plan's models")
+        raise MergescopeError(
+            f"{where}: {name} merges exactly {wanted} {what}, got {len(models)}: fix the plan's models"
+        )
 
 
 def _no_base(name: str, base) -> None:

@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING
 from mergescope.checkpoints.errors import MergescopeError
 from mergescope.merge import sparsify
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-def _counting(base: "torch.Tensor", models: "list[torch.Tensor]", epsilon: float):
+def _counting(base: torch.Tensor, models: list[torch.Tensor], epsilon: float):
     """τ as an (n, numel) matrix with non-counting entries zeroed, the counting mask, and c per entry."""
     import torch
 
@@ -40,7 +41,7 @@ def _counting(base: "torch.Tensor", models: "list[torch.Tensor]", epsilon: float
     return taus * counts_mask, counts_mask, contributors
 
 
-def _ram(base, models, options, boost: bool) -> "torch.Tensor":
+def _ram(base, models, options, boost: bool) -> torch.Tensor:
     if base is None:
         raise MergescopeError("ram needs a base_model: set base_model in the plan")
     if not models:
@@ -59,17 +60,17 @@ def _ram(base, models, options, boost: bool) -> "torch.Tensor":
     return base + merged.reshape(base.shape)
 
 
-def ram(base, models, params, options, generator=None) -> "torch.Tensor":
+def ram(base, models, params, options, generator=None) -> torch.Tensor:
     """RAM: unique changes kept whole, overlapping ones averaged over the models that made them."""
     return _ram(base, models, options, boost=False)
 
 
-def ramplus_tl(base, models, params, options, generator=None) -> "torch.Tensor":
+def ramplus_tl(base, models, params, options, generator=None) -> torch.Tensor:
     """RAM+ (tensor-local): RAM with each model's unique changes boosted by 1 + r·clip(ρᵢ, 0, α)."""
     return _ram(base, models, options, boost=True)
 
 
-def _quantile(values: "torch.Tensor", q: float) -> "torch.Tensor":
+def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     import torch
 
     flat = values.reshape(-1)
@@ -77,7 +78,7 @@ def _quantile(values: "torch.Tensor", q: float) -> "torch.Tensor":
     return sparsify.kth_smallest(flat, index + 1)
 
 
-def arcee_fusion(base, models, params, options, generator=None) -> "torch.Tensor":
+def arcee_fusion(base, models, params, options, generator=None) -> torch.Tensor:
     """θ₀ + (θ − θ₀)·[importance ≥ median + 1.5·IQR], importance = |θ − θ₀|·KL(softmax θ ‖ softmax θ₀).
 
     The softmax, log and sum round their last bits differently on a GPU, so an entry whose importance lies

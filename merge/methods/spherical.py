@@ -31,12 +31,9 @@ karcher (all inputs, equal weights; the base is an ordinary input)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from mergescope.checkpoints.errors import MergescopeError
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 
 
 _BLOCK = 1 << 20

@@ -6,8 +6,9 @@ All eight are one computation with two switches, a *trim* and a *sign election*.
 
 1. τᵢ = θᵢ − θ₀.
 2. Trim: τ̃ᵢ = τᵢ ⊙ mᵢ for a 0/1 mask mᵢ chosen by the method from densityᵢ (and γᵢ or εᵢ); with
-   ``rescale`` the result is multiplied by ‖τᵢ‖₁ / ‖τᵢ ⊙ mᵢ‖₁ (see :func:`~mergescope.merge.sparsify.l1_rescale_factor`).
-   A density ≥ 1 leaves τᵢ untouched — no trim, no rescale, no random draw.
+   ``rescale`` the result is multiplied by ‖τᵢ‖₁ / ‖τᵢ ⊙ mᵢ‖₁
+   (see :func:`~mergescope.merge.sparsify.l1_rescale_factor`). A density ≥ 1 leaves τᵢ untouched — no trim,
+   no rescale, no random draw.
 3. Weight: δᵢ = wᵢ · τ̃ᵢ.
 4. Without sign election: Δ = Σᵢ δᵢ and D = Σᵢ wᵢ (D := 1 when |D| < 1e-8).
    With sign election (TIES): per entry, the elected sign is s = +1 if Σᵢ δᵢ ≥ 0 else −1 — the sign of the
@@ -26,16 +27,17 @@ election) are likewise accepted and unused, as in mergekit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
 from mergescope.merge import magnitude_trim, sparsify
 
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-def elect_signs(deltas: "torch.Tensor") -> "torch.Tensor":
+def elect_signs(deltas: torch.Tensor) -> torch.Tensor:
     """Boolean [n, …] mask of the entries of the stacked weighted deltas that agree with the elected sign.
 
     The elected sign is + where Σᵢ δᵢ ≥ 0 and − elsewhere; an entry agrees when its own sign equals it, so
@@ -45,7 +47,7 @@ def elect_signs(deltas: "torch.Tensor") -> "torch.Tensor":
     return deltas.sign() == elected
 
 
-def disjoint_sums(deltas: "torch.Tensor", weights: list[float]) -> "tuple[torch.Tensor, torch.Tensor]":
+def disjoint_sums(deltas: torch.Tensor, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_{agreeing} δᵢ, Σ_{agreeing} wᵢ) per entry for the stacked weighted deltas; ``deltas`` is overwritten.
 
     The same bits as summing ``deltas ⊙ elect_signs(deltas)`` and ``w ⊙ elect_signs(deltas)`` over models,
@@ -62,7 +64,8 @@ def disjoint_sums(deltas: "torch.Tensor", weights: list[float]) -> "tuple[torch.
     merged = aligned.sum(dim=0).mul_(elected)
     agree = aligned.sign_()  # 1 where agreeing, ±0 elsewhere
     if any(w != 1 for w in weights):
-        agree.mul_(torch.tensor(weights, dtype=agree.dtype, device=agree.device).reshape((-1,) + (1,) * (agree.dim() - 1)))
+        per_model = torch.tensor(weights, dtype=agree.dtype, device=agree.device)
+        agree.mul_(per_model.reshape((-1,) + (1,) * (agree.dim() - 1)))
     return merged, agree.sum(dim=0)
 
 
@@ -76,18 +79,18 @@ class Trim:
     counted from the start of the tensor or block the trim applies to.
     """
 
-    mask: "torch.Tensor | None" = None
-    scale: "torch.Tensor | None" = None
+    mask: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
     zero: bool = False
     threshold: float | None = None
     last_tie: int = -1
 
-    def block(self, start: int, stop: int) -> "Trim":
+    def block(self, start: int, stop: int) -> Trim:
         """The same trim restricted to flat entries ``start:stop``."""
         mask = None if self.mask is None else self.mask.reshape(-1)[start:stop]
         return Trim(mask, self.scale, self.zero, self.threshold, self.last_tie - start)
 
-    def apply_(self, delta: "torch.Tensor") -> None:
+    def apply_(self, delta: torch.Tensor) -> None:
         """τ ⊙ m, then × the rescale factor, in place on the untrimmed float32 τ ``delta``."""
         if self.threshold is not None:
             magnitude_trim.apply_cut_(delta, self.threshold, self.last_tie)
@@ -98,7 +101,7 @@ class Trim:
 
 
 def prepare_trims(
-    kind: str | None, base: "torch.Tensor", models: "list[torch.Tensor]", params: list[dict], options: dict, generator
+    kind: str | None, base: torch.Tensor, models: list[torch.Tensor], params: list[dict], options: dict, generator
 ) -> list[Trim]:
     """Step 2's whole-tensor part, one model at a time: masks (thresholds, draws, ranks) and L1 rescale factors;
     TIES without rescale as thresholds and tie cuts (:func:`magnitude_trims`).
@@ -144,7 +147,7 @@ def prepare_trims(
     return trims
 
 
-def magnitude_trims(base: "torch.Tensor", models: "list[torch.Tensor]", params: list[dict]) -> list[Trim]:
+def magnitude_trims(base: torch.Tensor, models: list[torch.Tensor], params: list[dict]) -> list[Trim]:
     """TIES' trims without rescale as thresholds and tie cuts, all models found in one blockwise pass: no
     full-size |τ| or mask (:mod:`~mergescope.merge.magnitude_trim`). A density ≥ 1 keeps everything."""
     trims = [Trim() for _ in models]
@@ -157,8 +160,8 @@ def magnitude_trims(base: "torch.Tensor", models: "list[torch.Tensor]", params: 
 
 
 def combine_trimmed(
-    base: "torch.Tensor", models: "list[torch.Tensor]", trims: list[Trim], params: list[dict], options: dict, *, elect: bool
-) -> "torch.Tensor":
+    base: torch.Tensor, models: list[torch.Tensor], trims: list[Trim], params: list[dict], options: dict, *, elect: bool
+) -> torch.Tensor:
     """Steps 3–6, elementwise: weight the trimmed deltas, elect signs, normalise, scale, add to θ₀."""
     import torch
 
@@ -197,15 +200,15 @@ def combine_trimmed(
 
 
 def generalized_task_arithmetic(
-    base: "torch.Tensor | None",
-    models: "list[torch.Tensor]",
+    base: torch.Tensor | None,
+    models: list[torch.Tensor],
     params: list[dict],
     options: dict,
-    generator: "torch.Generator | None",
+    generator: torch.Generator | None,
     *,
     trim: str | None,
     elect: bool,
-) -> "torch.Tensor":
+) -> torch.Tensor:
     """Steps 1–6 of the module docstring; ``trim`` ∈ {None, "magnitude", "outliers", "random", "della"}."""
     if base is None:
         raise MergescopeError("this merge method needs a base_model: set base_model in the plan")
@@ -217,42 +220,46 @@ def generalized_task_arithmetic(
     return combine_trimmed(base, models, trims, params, options, elect=elect)
 
 
-def _variant(name: str, trim: str | None, elect: bool, doc: str) -> Callable[..., "torch.Tensor"]:
-    def merge(base, models, params, options, generator=None):
-        return generalized_task_arithmetic(base, models, params, options, generator, trim=trim, elect=elect)
+@dataclass(frozen=True)
+class Variant:
+    """One member of the family: its ``trim`` (None, "magnitude", "outliers", "random" or "della") and whether it
+    elects signs (``elect``). :meth:`merge` is steps 1–6; :meth:`prepare` (the whole-tensor part of step 2) and
+    :meth:`combine` (steps 3–6, elementwise) are the same computation in two phases, for block-by-block
+    execution of large tensors with the same bits."""
 
-    def prepare(base, models, params, options, generator=None):
-        return prepare_trims(trim, base, models, params, options, generator)
+    name: str
+    trim: str | None
+    elect: bool
+    doc: str
 
-    def combine(base, models, trims, params, options):
-        return combine_trimmed(base, models, trims, params, options, elect=elect)
+    def merge(self, base, models, params, options, generator=None) -> torch.Tensor:
+        return generalized_task_arithmetic(base, models, params, options, generator, trim=self.trim, elect=self.elect)
 
-    merge.__name__ = merge.__qualname__ = name
-    merge.__doc__ = doc
-    merge.prepare, merge.combine = prepare, combine  # the two phases, for block-by-block execution
-    return merge
+    def prepare(self, base, models, params, options, generator=None) -> list[Trim]:
+        return prepare_trims(self.trim, base, models, params, options, generator)
+
+    def combine(self, base, models, trims, params, options) -> torch.Tensor:
+        return combine_trimmed(base, models, trims, params, options, elect=self.elect)
 
 
-task_arithmetic = _variant("task_arithmetic", None, False, "θ₀ + λ·Σᵢ wᵢτᵢ [/ Σᵢ wᵢ if normalize]. No trim, no election.")
-ties = _variant(
-    "ties", "magnitude", True,
-    "TIES: keep the max(1, ⌊density·n⌋) largest |τᵢ| (ties at the threshold: lowest index), elect signs by the "
-    "sum of the weighted trimmed deltas, disjoint weighted mean when normalize (default on).",
-)
-dare_linear = _variant(
-    "dare_linear", "random", False,
-    "DARE: keep each entry with probability density (drawn from the generator), L1-rescale (default on), weighted sum.",
-)
-dare_ties = _variant("dare_ties", "random", True, "DARE's random drop followed by TIES' sign election; normalize defaults off.")
-breadcrumbs = _variant(
-    "breadcrumbs", "outliers", False,
-    "Model Breadcrumbs: drop the ⌊γ·n⌋ largest |τᵢ| and the smallest, keep ⌊density·n⌋; weighted sum. density 1 "
-    "(the default) drops nothing — not even the outliers.",
-)
-breadcrumbs_ties = _variant("breadcrumbs_ties", "outliers", True, "Model Breadcrumbs' trim followed by TIES' sign election.")
-della = _variant(
-    "della", "della", True,
-    "DELLA: per-row magnitude-ranked keep probabilities in [density − ε, density + ε], L1 rescale, TIES election, "
-    "normalize on by default.",
-)
-della_linear = _variant("della_linear", "della", False, "DELLA's MagPrune drop followed by a weighted sum (no election).")
+task_arithmetic = Variant("task_arithmetic", None, elect=False,
+                          doc="θ₀ + λ·Σᵢ wᵢτᵢ [/ Σᵢ wᵢ if normalize]. No trim, no election.")
+ties = Variant("ties", "magnitude", elect=True,
+               doc="TIES: keep the max(1, ⌊density·n⌋) largest |τᵢ| (ties at the threshold: lowest index), elect "
+                   "signs by the sum of the weighted trimmed deltas, disjoint weighted mean when normalize "
+                   "(default on).")
+dare_linear = Variant("dare_linear", "random", elect=False,
+                      doc="DARE: keep each entry with probability density (drawn from the generator), L1-rescale "
+                          "(default on), weighted sum.")
+dare_ties = Variant("dare_ties", "random", elect=True,
+                    doc="DARE's random drop followed by TIES' sign election; normalize defaults off.")
+breadcrumbs = Variant("breadcrumbs", "outliers", elect=False,
+                      doc="Model Breadcrumbs: drop the ⌊γ·n⌋ largest |τᵢ| and the smallest, keep ⌊density·n⌋; weighted "
+                          "sum. density 1 (the default) drops nothing — not even the outliers.")
+breadcrumbs_ties = Variant("breadcrumbs_ties", "outliers", elect=True,
+                           doc="Model Breadcrumbs' trim followed by TIES' sign election.")
+della = Variant("della", "della", elect=True,
+                doc="DELLA: per-row magnitude-ranked keep probabilities in [density − ε, density + ε], L1 rescale, "
+                    "TIES election, normalize on by default.")
+della_linear = Variant("della_linear", "della", elect=False,
+                       doc="DELLA's MagPrune drop followed by a weighted sum (no election).")

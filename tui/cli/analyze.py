@@ -3,69 +3,34 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections import defaultdict
 
+from rich.console import Console
+from rich.table import Table
+
+from mergescope.analysis import run_analysis
 from mergescope.checkpoints import open_checkpoint
 
 from .formatting import human_bytes
+from .output import AnalysisProgressBar, write_json
 
 #: colours from "barely changed" to "changed the most" for the per-layer table
 _SCALE = ("grey50", "cyan", "green", "yellow", "dark_orange", "red")
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from mergescope.analysis import run_analysis
-
     base = open_checkpoint(args.base)
     models = [open_checkpoint(source, base=base) for source in args.models]
     err = Console(stderr=True)
-    with _progress(err) as on_event:
+    with AnalysisProgressBar(err) as on_event:
         report = run_analysis(
             base, models, density=args.density, device=args.device, use_cache=not args.no_cache, on_event=on_event
         )
     if args.json:
-        text = json.dumps(report, indent=1, allow_nan=False)
-        if args.json == "-":
-            sys.stdout.write(text + "\n")
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-            err.print(f"wrote {args.json}")
+        write_json(report, args.json, err)
         return 0
     print_report(report, Console())
     return 0
-
-
-class _progress:
-    """A rich progress bar on stderr fed by the analysis' Progress events."""
-
-    def __init__(self, console):
-        self.console = console
-
-    def __enter__(self):
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-        from mergescope.analysis import Progress as ProgressEvent
-
-        self.bar = Progress(
-            TextColumn("[bold]analysing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[current]}", style="dim"), console=self.console, transient=True, disable=not self.console.is_terminal,
-        )
-        self.bar.start()
-        self.task = self.bar.add_task("analyse", total=None, current="")
-
-        def on_event(event) -> None:
-            if isinstance(event, ProgressEvent):
-                self.bar.update(self.task, total=event.bytes_total, completed=event.bytes_done, current=event.current)
-
-        return on_event
-
-    def __exit__(self, *exc):
-        self.bar.stop()
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -80,9 +45,7 @@ def _rel(value: float | None) -> str:
     return f"{value:.2e}" if value < 1e-3 else f"{value:.4f}"
 
 
-def print_report(report: dict, console) -> None:
-    from rich.table import Table
-
+def print_report(report: dict, console: Console) -> None:
     names = [m["name"] for m in report["models"]]
     console.print(
         f"[bold]Task vectors[/] of {', '.join(names)} against [bold]{report['base']['name']}[/]"
@@ -107,7 +70,8 @@ def print_report(report: dict, console) -> None:
     total = report["total"]
     groups.add_section()
     groups.add_row(
-        "[bold]whole model", *(_rel(total["delta"][n]["rel"]) for n in names), _fmt(total["conflict_all"]), _fmt(total["cancellation"])
+        "[bold]whole model", *(_rel(total["delta"][n]["rel"]) for n in names), _fmt(total["conflict_all"]),
+        _fmt(total["cancellation"]),
     )
     console.print(groups)
     console.print(
@@ -120,12 +84,13 @@ def print_report(report: dict, console) -> None:
         console.print(_pair_matrix(total, names, key, "Sign-conflict rate (whole model)"))
     _print_warnings(report["warnings"], console)
     sizes = sum(t["numel"] for t in report["tensors"])
-    console.print(f"[dim]{len(report['tensors'])} tensors, {sizes:,} parameters per model ({human_bytes(sizes * 4)} as float32)[/]")
+    console.print(
+        f"[dim]{len(report['tensors'])} tensors, {sizes:,} parameters per model "
+        f"({human_bytes(sizes * 4)} as float32)[/]"
+    )
 
 
-def _pair_matrix(stats: dict, names: list[str], key: str, title: str):
-    from rich.table import Table
-
+def _pair_matrix(stats: dict, names: list[str], key: str, title: str) -> Table:
     values = {}
     for pair in stats["pairs"]:
         values[pair["a"], pair["b"]] = values[pair["b"], pair["a"]] = pair.get(key)
@@ -138,9 +103,7 @@ def _pair_matrix(stats: dict, names: list[str], key: str, title: str):
     return table
 
 
-def _print_warnings(warnings: list[dict], console) -> None:
-    from rich.table import Table
-
+def _print_warnings(warnings: list[dict], console: Console) -> None:
     if not warnings:
         console.print("[green]No compatibility warnings.[/]")
         return

@@ -7,13 +7,15 @@ import shlex
 import sys
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from mergescope.demo.recipe import Recipe
+from mergescope.demo.workspace import build_workspace, read_manifest
+
 
 def run_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from mergescope.demo.recipe import Recipe
-    from mergescope.demo.workspace import build_workspace, read_manifest
-
     err = Console(stderr=True)
     with _BuildProgress(err) as progress:
         root = build_workspace(Path(args.directory), progress, recipe=Recipe(seed=args.seed), kernels=args.kernels)
@@ -28,7 +30,7 @@ def run_demo(args: argparse.Namespace) -> int:
         out.print("open it with:", style="bold")
         print(f"mergescope inspect {shlex.quote(str(root))}")
         return 0
-    from mergescope.tui.cli.inspect import run_inspect
+    from .inspect import run_inspect  # imports textual, which --no-tui does not wait for
 
     return run_inspect([str(root)])
 
@@ -36,16 +38,15 @@ def run_demo(args: argparse.Namespace) -> int:
 class _BuildProgress:
     """A rich progress bar on stderr (a plain line when stderr is not a terminal), fed by the build."""
 
-    def __init__(self, console):
+    def __init__(self, console: Console):
         self.console = console
         self.started = False
 
-    def __enter__(self) -> "_BuildProgress":
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    def __enter__(self) -> _BuildProgress:
         self.bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True, disable=not self.console.is_terminal,
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
+            disable=not self.console.is_terminal,
         )
         self.bar.start()
         self.task = self.bar.add_task("building the demo workspace", total=None)
@@ -55,21 +56,22 @@ class _BuildProgress:
         if not self.started:
             self.started = True
             if not self.console.is_terminal:
-                print("mergescope demo: training the demo models (about a minute on 2 CPU cores)...", file=sys.stderr, flush=True)
+                print("mergescope demo: training the demo models (about a minute on 2 CPU cores)...", file=sys.stderr,
+                      flush=True)
         self.bar.update(self.task, description=stage, completed=done, total=total)
 
     def __exit__(self, *exc) -> None:
         self.bar.stop()
 
 
-def print_summary(manifest: dict, console) -> None:
+def print_summary(manifest: dict, console: Console) -> None:
     """The workspace's models with their task and measured accuracy per task, and its plans."""
-    from rich.table import Table
-
     tasks = list(manifest.get("tasks", {}))
     accuracy = manifest.get("accuracy", {})
     roles = {manifest.get("base"): "base"}
-    roles.update({f["path"]: f"full fine-tune ({f['task']}, {f['steps']} steps)" for f in manifest.get("fine_tunes", [])})
+    roles.update(
+        {f["path"]: f"full fine-tune ({f['task']}, {f['steps']} steps)" for f in manifest.get("fine_tunes", [])}
+    )
     roles.update({f["path"]: f"LoRA r={f['rank']} ({f['task']}, {f['steps']} steps)" for f in manifest.get("lora", [])})
     roles.update({t["path"]: f"trap: {t['kind'].replace('_', ' ')}" for t in manifest.get("traps", [])})
     table = Table(title="Models (exact-match accuracy on held-out prompts)", header_style="bold", title_justify="left")

@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
-from .analyze import _progress
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mergescope.analysis.diagnosis import Diagnosis, diagnose_merged_folder
+from mergescope.analysis.diagnosis_groups import SourceEffect
+
+from .output import AnalysisProgressBar, write_json
 
 LOW = 1 / 3
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from mergescope.analysis.diagnosis import diagnose_merged_folder
-
     err = Console(stderr=True)
-    with _progress(err) as on_event:
+    with AnalysisProgressBar(err) as on_event:
         diagnosis = diagnose_merged_folder(args.merged, base=args.base, device=args.device, on_event=on_event)
     if args.json:
-        text = json.dumps(diagnosis.to_json(), indent=1, allow_nan=False)
-        if args.json == "-":
-            sys.stdout.write(text + "\n")
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-            err.print(f"wrote {args.json}")
+        write_json(diagnosis.to_json(), args.json, err)
         return 0
     print_diagnosis(diagnosis, Console())
     return 0
@@ -44,7 +39,7 @@ def retention_cell(value: float | None) -> str:
     return f"[yellow]{text}[/]" if value < 2 * LOW else f"[green]{text}[/]"
 
 
-def loss_cell(effect) -> str:
+def loss_cell(effect: SourceEffect) -> str:
     """Share of ‖τᵢ‖² the merge zeroed or reversed (%), and in brackets the part at sign conflicts."""
     if effect.lost is None:
         return "[dim]–[/]"
@@ -54,14 +49,13 @@ def loss_cell(effect) -> str:
     return f"{text} [dim]({round(100 * effect.conflict)})[/]"
 
 
-def print_diagnosis(diagnosis, console) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
+def print_diagnosis(diagnosis: Diagnosis, console: Console) -> None:
     names = diagnosis.names
     method = f" ({diagnosis.method})" if diagnosis.method else ""
     console.print(f"[bold]Diagnosis[/] of {escape(diagnosis.merged)}{method} against [bold]{escape(diagnosis.base)}[/]")
-    kept = Table(title="Retention ⟨τ_m,τᵢ⟩/‖τᵢ‖² (1 kept, 0 gone, <0 reversed)", header_style="bold", title_justify="left")
+    kept = Table(
+        title="Retention ⟨τ_m,τᵢ⟩/‖τᵢ‖² (1 kept, 0 gone, <0 reversed)", header_style="bold", title_justify="left"
+    )
     kept.add_column("layer", no_wrap=True)
     kept.add_column("‖τ_m‖", justify="right")
     for name in names:
@@ -82,7 +76,9 @@ def print_diagnosis(diagnosis, console) -> None:
     lost.add_section()
     lost.add_row("[bold]whole model", *(loss_cell(e) for e in total.sources))
     console.print(kept)
-    cosines = "  ".join(f"{n} {e.cosine:.2f}" if e.cosine is not None else f"{n} –" for n, e in zip(names, total.sources))
+    cosines = "  ".join(
+        f"{n} {e.cosine:.2f}" if e.cosine is not None else f"{n} –" for n, e in zip(names, total.sources)
+    )
     console.print(f"[dim]cosine of the merge's change with each source's (whole model): {cosines}[/]")
     if any(e.lost is not None for e in total.sources):
         console.print(lost)

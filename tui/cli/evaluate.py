@@ -10,18 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from rich.console import Console
+from rich.table import Table
+
+from mergescope.checkpoints import MergescopeError
+from mergescope.demo.evaluate import evaluate
+from mergescope.demo.tasks import TASK_DESCRIPTIONS, check_tasks, eval_examples
+
 
 def run_eval(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from mergescope.demo.evaluate import evaluate
-    from mergescope.demo.tasks import TASK_DESCRIPTIONS, check_tasks, eval_examples
-
     tasks = check_tasks(args.task)
     if args.limit is not None and args.limit < 1:
-        from mergescope.checkpoints import MergescopeError
-
         raise MergescopeError(f"--limit {args.limit}: give at least 1 prompt per task")
     scores = evaluate(args.model, list(tasks), args.limit)
     mean = sum(scores.values()) / len(scores)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from rich.console import Console
+from rich.table import Table
+
 from mergescope.checkpoints import Checkpoint, LoraCheckpoint, layer_index, open_checkpoint
 
 from .formatting import human_bytes, human_count
@@ -56,9 +59,6 @@ def _group_summary(groups: list[str]) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     base = open_checkpoint(args.base) if args.base else None
     checkpoint = open_checkpoint(args.checkpoint, base=base)
     facts = describe(checkpoint)
@@ -112,9 +112,7 @@ def _or_unknown(value: object) -> str:
     return "unknown" if value is None else str(value)
 
 
-def _tensor_table(checkpoint: Checkpoint):
-    from rich.table import Table
-
+def _tensor_table(checkpoint: Checkpoint) -> Table:
     table = Table(title="Tensors", header_style="bold")
     for column in ("group", "tensor", "dtype", "shape"):
         table.add_column(column, overflow="fold")

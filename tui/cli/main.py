@@ -1,13 +1,15 @@
 """``mergescope``: argument parsing and dispatch.
 
 Only the standard library is imported at start-up, so ``mergescope --help`` answers at once; each
-command imports what it needs (rich, torch, textual) when it runs. A :class:`MergescopeError` (bad input
-the user can fix) is printed as one line on stderr with exit status 2, never as a traceback.
+command's module (``mergescope.tui.cli.<command>``) is imported when the command runs, with what it needs
+(rich, torch, textual). A :class:`MergescopeError` (bad input the user can fix) is printed as one line on
+stderr with exit status 2, never as a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -17,9 +19,11 @@ DESCRIPTION = (
     "See inside model merges: open checkpoints lazily, analyse task vectors (norms, sign conflicts, "
     "cosines), run mergekit-compatible merge plans, and diagnose merges that went wrong."
 )
+EVAL_CMD_HELP = "e.g. 'python eval.py {model}'; prints the score last"
 
 
 def _version() -> str:
+    # imported here, not at the top: importlib.metadata takes longer to import than --help takes to answer
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -55,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--base", metavar="BASE", help="base model for a LoRA adapter (default: the one it names)")
     info.add_argument("--tensors", action="store_true", help="also list every tensor by layer group")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    info.set_defaults(handler=_run_info)
+    info.set_defaults(handler=_command("info", "run_info"))
 
     analyze = commands.add_parser(
         "analyze",
@@ -69,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--density", type=float, default=1.0, help="also count sign conflicts after a top-d trim")
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     analyze.add_argument("--no-cache", action="store_true", help="recompute instead of using cached results")
-    analyze.set_defaults(handler=_run_analyze)
+    analyze.set_defaults(handler=_command("analyze", "run_analyze"))
 
     merge = commands.add_parser(
         "merge",
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="replace an existing output folder")
     merge.add_argument("--dry-run", action="store_true", help="resolve the plan and print what would happen")
     merge.add_argument("--allow-non-finite", action="store_true", help="merge even when inputs hold NaN/Inf")
-    merge.set_defaults(handler=_run_merge)
+    merge.set_defaults(handler=_command("merge", "run_merge_command"))
 
     soup = commands.add_parser(
         "soup",
@@ -94,34 +98,35 @@ def build_parser() -> argparse.ArgumentParser:
         "The eval command's last stdout line must be the score (higher is better); {model} is the folder to score.",
     )
     soup.add_argument("models", metavar="MODEL", nargs="+", help="the candidate fine-tunes (at least two)")
-    soup.add_argument("--eval-cmd", metavar="CMD", required=True, help="e.g. 'python eval.py {model}'; prints the score last")
+    soup.add_argument("--eval-cmd", metavar="CMD", required=True, help=EVAL_CMD_HELP)
     soup.add_argument("-o", "--output", metavar="OUT", required=True, help="output folder for the soup")
     soup.add_argument("--device", help="auto (default), cpu, cuda or cuda:N, for the merges")
     soup.add_argument("--force", action="store_true", help="replace an existing output folder")
     soup.add_argument("--keep-scratch", action="store_true", help="keep the candidate soups' scratch folders")
     soup.add_argument("--scratch", metavar="DIR", help="where candidate soups are written (default: beside OUT)")
     soup.add_argument("--timeout", type=float, metavar="S", help="seconds allowed per evaluation")
-    soup.set_defaults(handler=_run_soup)
+    soup.set_defaults(handler=_command("soup", "run_soup_command"))
 
     tune = commands.add_parser(
         "tune",
         help="search a plan's parameters with an eval command",
-        description="Merge and score every candidate plan of a grid (or --random N of it): each --vary KEY=VALUES sets a "
-        "path in the plan (models.0.parameters.weight, parameters.density, ...) to a:b:step (inclusive) or v1,v2,.... "
-        "Prints the candidates by score and writes the best plan.",
+        description="Merge and score every candidate plan of a grid (or --random N of it): each --vary KEY=VALUES "
+        "sets a path in the plan (models.0.parameters.weight, parameters.density, ...) to a:b:step (inclusive) or "
+        "v1,v2,.... Prints the candidates by score and writes the best plan.",
     )
     tune.add_argument("plan", metavar="PLAN.yml")
-    tune.add_argument("--eval-cmd", metavar="CMD", required=True, help="e.g. 'python eval.py {model}'; prints the score last")
+    tune.add_argument("--eval-cmd", metavar="CMD", required=True, help=EVAL_CMD_HELP)
     tune.add_argument("--vary", metavar="KEY=VALUES", action="append", required=True,
                       help="a plan path and its values: a:b:step or v1,v2,... (repeatable)")
     tune.add_argument("--random", type=int, metavar="N", help="sample N distinct candidates of the grid instead of all")
     tune.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
-    tune.add_argument("--jobs", type=int, default=1, metavar="J", help="candidates merged and scored at once (default 1)")
+    tune.add_argument("--jobs", type=int, default=1, metavar="J",
+                      help="candidates merged and scored at once (default 1)")
     tune.add_argument("-o", "--output", metavar="BEST.yml", help="where the best plan goes (default: PLAN.best.yml)")
     tune.add_argument("--device", help="auto (default, or the plan's mergescope.device), cpu, cuda or cuda:N")
     tune.add_argument("--scratch", metavar="DIR", help="where candidates are merged (default: beside BEST.yml)")
     tune.add_argument("--timeout", type=float, metavar="S", help="seconds allowed per evaluation")
-    tune.set_defaults(handler=_run_tune)
+    tune.set_defaults(handler=_command("tune", "run_tune_command"))
 
     diagnose = commands.add_parser(
         "diagnose",
@@ -131,10 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         "source's change removed at sign conflicts or by trimming, and a plain-words summary.",
     )
     diagnose.add_argument("merged", metavar="MERGED_DIR")
-    diagnose.add_argument("--base", metavar="BASE", help="the base the sources were fine-tuned from (needed when the plan has no base_model)")
+    diagnose.add_argument("--base", metavar="BASE",
+                          help="the base the sources were fine-tuned from (needed when the plan has no base_model)")
     diagnose.add_argument("--json", metavar="PATH", help="write the diagnosis as JSON to PATH ('-' for stdout)")
     diagnose.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    diagnose.set_defaults(handler=_run_diagnose)
+    diagnose.set_defaults(handler=_command("diagnose", "run_diagnose"))
 
     inspect = commands.add_parser(
         "inspect",
@@ -142,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Open the TUI on BASE MODEL..., on a plan (PLAN.yml) or on a merged folder.",
     )
     inspect.add_argument("targets", metavar="TARGET", nargs="+")
-    inspect.add_argument("--base", metavar="BASE", help="the base of a merged folder whose plan names none (linear soups)")
+    inspect.add_argument("--base", metavar="BASE",
+                         help="the base of a merged folder whose plan names none (linear soups)")
     inspect.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (analysis, previews, merges)")
     inspect.add_argument("--no-cache", action="store_true", help="recompute the analysis instead of using the cache")
-    inspect.set_defaults(handler=_run_inspect)
+    inspect.set_defaults(handler=_command("inspect", "run_inspect_command"))
 
     demo = commands.add_parser(
         "demo",
@@ -160,81 +167,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="portable (default): pinned CPU kernels, the same weights on every x86-64 machine; native: torch's own "
              "kernels for this CPU",
     )
-    demo.set_defaults(handler=_run_demo)
+    demo.set_defaults(handler=_command("demo", "run_demo"))
 
     evaluate = commands.add_parser(
         "eval",
         help="exact-match accuracy of a demo model on the demo tasks",
         description="Score a demo-architecture model (a folder of the demo workspace, a merged output of it, a LoRA "
         "adapter) by greedy decoding on each task's held-out prompts. Prints a table whose last line is the mean "
-        "accuracy as a bare number, so it works as --eval-cmd \"mergescope eval {model}\".",
+        'accuracy as a bare number, so it works as --eval-cmd "mergescope eval {model}".',
     )
     evaluate.add_argument("model", metavar="MODEL")
     evaluate.add_argument("--task", action="append", metavar="T", help="a task to score (repeatable; default: all)")
     evaluate.add_argument("--limit", type=int, metavar="N", help="score only the first N held-out prompts of each task")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    evaluate.set_defaults(handler=_run_eval)
+    evaluate.set_defaults(handler=_command("evaluate", "run_eval"))
     return parser
 
 
-def _run_info(args: argparse.Namespace) -> int:
-    from .info import run_info
+def _command(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """The handler that runs ``mergescope.tui.cli.<module>.<function>(args)``, importing the module only then:
+    it imports rich, torch or textual, which ``--help`` must not wait for."""
 
-    return run_info(args)
-
-
-def _run_analyze(args: argparse.Namespace) -> int:
-    from .analyze import run_analyze
-
-    return run_analyze(args)
-
-
-def _run_merge(args: argparse.Namespace) -> int:
-    from .merge import run_merge_command
-
-    return run_merge_command(args)
-
-
-def _run_soup(args: argparse.Namespace) -> int:
-    from .soup import run_soup_command
-
-    return run_soup_command(args)
-
-
-def _run_tune(args: argparse.Namespace) -> int:
-    from .tune import run_tune_command
-
-    return run_tune_command(args)
-
-
-def _run_diagnose(args: argparse.Namespace) -> int:
-    from .diagnose import run_diagnose
-
-    return run_diagnose(args)
-
-
-def _run_inspect(args: argparse.Namespace) -> int:
-    from .inspect import run_inspect
-
-    return run_inspect(args.targets, base=args.base, device=args.device, use_cache=not args.no_cache)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    return run_demo(args)
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import run_eval
-
-    return run_eval(args)
-
-
-def _not_yet(command: str, issue: int) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
-        print(f"mergescope {command}: not built yet (tracked in issue {issue})", file=sys.stderr)
-        return 1
+        return getattr(importlib.import_module(f"mergescope.tui.cli.{module}"), function)(args)
 
     return handler
 
@@ -245,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    # imported once a command runs: importing mergescope.checkpoints would slow --help down by half
     from mergescope.checkpoints.errors import MergescopeError
 
     try:

@@ -1,5 +1,5 @@
 """SIGTERM handled like Ctrl-C by long-running commands, so that their cleanup (scratch folders, the
-writer's temporary folder) runs before the process exits."""
+writer's temporary folder) runs before the process exits, and how such a command reports being stopped."""
 
 from __future__ import annotations
 
@@ -24,3 +24,13 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stopped(exc: KeyboardInterrupt | Terminated) -> tuple[str, int]:
+    """The word and exit status for a command stopped by Ctrl-C (``interrupted``, 130) or SIGTERM
+    (``terminated``, 143): 128 + the signal's number, as a shell reports a process the signal killed."""
+    return (
+        ("interrupted", 128 + signal.SIGINT)
+        if isinstance(exc, KeyboardInterrupt)
+        else ("terminated", 128 + signal.SIGTERM)
+    )

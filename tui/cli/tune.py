@@ -6,9 +6,28 @@ import argparse
 import time
 from pathlib import Path
 
-from mergescope.checkpoints import MergescopeError
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from .signals import Terminated, sigterm_raises
+from mergescope.checkpoints import MergescopeError
+from mergescope.merge.eval_command import check_template
+from mergescope.merge.job import build_job
+from mergescope.merge.plan import load_plan
+from mergescope.merge.search_space import (
+    Candidate,
+    Variable,
+    candidates,
+    check_path,
+    grid_points,
+    parse_vary,
+    random_points,
+)
+from mergescope.merge.tune import TuneResult, best_plan_text, best_result, ranked, run_search
+from mergescope.merge.yaml_lines import plain_document
+
+from .signals import Terminated, sigterm_raises, stopped
 
 
 def default_best_path(plan_path: str) -> Path:
@@ -18,13 +37,6 @@ def default_best_path(plan_path: str) -> Path:
 
 
 def run_tune_command(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from mergescope.merge.evaluation import check_template
-    from mergescope.merge.job import build_job
-    from mergescope.merge.plan import load_plan
-    from mergescope.merge.search_space import candidates, check_path, grid_points, parse_vary, plain_document, random_points
-
     plan = load_plan(args.plan)
     check_template(args.eval_cmd)
     variables = [parse_vary(spec) for spec in args.vary]
@@ -42,19 +54,16 @@ def run_tune_command(args: argparse.Namespace) -> int:
     return _search(candidates(document, variables, points), variables, best_path, args, Console(highlight=False))
 
 
-def _search(pool, variables, best_path: Path, args: argparse.Namespace, console) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from mergescope.merge.tune import best_plan_text, best_result, run_search
-
+def _search(pool: list[Candidate], variables: list[Variable], best_path: Path, args: argparse.Namespace,
+            console: Console) -> int:
     errors = Console(stderr=True, highlight=False)
     bar = Progress(TextColumn("[bold]candidates"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("best {task.fields[best]}"), console=errors, transient=True, disable=not errors.is_terminal)
+                   TextColumn("best {task.fields[best]}"), console=errors, transient=True,
+                   disable=not errors.is_terminal)
     task = bar.add_task("tune", total=len(pool), best="–")
     results = []
 
-    def on_result(result) -> None:
+    def on_result(result: TuneResult) -> None:
         results.append(result)
         scores = [r.score for r in results if r.status == "ok"]
         bar.update(task, advance=1, best=f"{max(scores):.6g}" if scores else "–")
@@ -67,27 +76,26 @@ def _search(pool, variables, best_path: Path, args: argparse.Namespace, console)
                        scratch_dir=scratch, on_result=on_result)
     except (KeyboardInterrupt, Terminated) as exc:
         print_results(console, results, variables)
-        errors.print(f"[yellow]{'interrupted' if isinstance(exc, KeyboardInterrupt) else 'terminated'}: "
-                     f"{len(results)} of {len(pool)} candidates finished; scratch removed; {best_path} not written[/]")
-        return 130 if isinstance(exc, KeyboardInterrupt) else 143
+        word, status = stopped(exc)
+        errors.print(
+            f"[yellow]{word}: {len(results)} of {len(pool)} candidates finished; scratch removed; "
+            f"{best_path} not written[/]"
+        )
+        return status
     print_results(console, results, variables)
     best = best_result(results)
     _write_text(best_path, best_plan_text(best, variables, args.eval_cmd, len(pool)))
     values = ", ".join(f"{v.key}={value}" for v, value in zip(variables, best.candidate.values))
-    console.print(f"best: {values} · score {best.score:.6g} · {len(pool)} candidates in {time.perf_counter() - start:.1f} s",
+    seconds = time.perf_counter() - start
+    console.print(f"best: {values} · score {best.score:.6g} · {len(pool)} candidates in {seconds:.1f} s",
                   soft_wrap=True)
     console.print(f"[green]wrote {best_path}[/]")
     return 0
 
 
-def print_results(console, results, variables) -> None:
+def print_results(console: Console, results: list[TuneResult], variables: list[Variable]) -> None:
     """The results table (scored candidates best first, then invalid and failed ones), then one line per
     distinct reason a candidate was not scored, naming the candidates."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from mergescope.merge.tune import ranked
-
     table = Table(title="Candidates by score", header_style="bold", title_justify="left")
     table.add_column("#", justify="right")
     for label in column_labels(variables):
@@ -107,7 +115,7 @@ def print_results(console, results, variables) -> None:
         console.print(f"[red]{status}[/] #{', #'.join(map(str, numbers))}: {escape(message)}", soft_wrap=True)
 
 
-def column_labels(variables) -> list[str]:
+def column_labels(variables: list[Variable]) -> list[str]:
     """Short column titles: the keys without their ``parameters`` parts (``models.0.weight``), unless two
     would then read the same."""
     short = [".".join(part for part in v.path if part != "parameters") or v.key for v in variables]

@@ -17,7 +17,7 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import Checkbox, Footer, Header, Input, Label, RichLog, Select, Static
 
-from mergescope.checkpoints import MergescopeError
+from mergescope.checkpoints import MergescopeError, check_output_folder
 from mergescope.tui.messages import MergeEvent
 from mergescope.tui.widgets.run.diagnosis_view import DiagnosisView
 from mergescope.tui.widgets.run.merge_progress import MergeProgressPanel
@@ -96,6 +96,7 @@ class RunScreen(Screen):
 
         try:
             job = build_job(parse_plan(self.plan_text, source="plan builder"))
+            check_output_folder(out_dir, job.checkpoints.values(), overwrite=force)
             out = run_merge(job, out_dir, device=device, overwrite=force, cancel=cancel,
                             on_event=lambda p: self.post_message(MergeEvent(p)))
             self.post_message(MergeEvent(finished=str(out)))

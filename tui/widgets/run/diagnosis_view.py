@@ -60,8 +60,9 @@ class DiagnosisView(Vertical):
     @work(thread=True, exclusive=True, group="diagnosis")
     def run_diagnosis(self) -> None:
         from mergescope.analysis import Progress
-        from mergescope.analysis.diagnosis import Diagnosis, GroupDiagnosis, stream_diagnosis
+        from mergescope.analysis.diagnosis import Diagnosis, stream_diagnosis
         from mergescope.analysis.diagnosis_context import plan_context_for_folder
+        from mergescope.analysis.diagnosis_groups import GroupDiagnosis
         from mergescope.checkpoints import MergescopeError, open_checkpoint
 
         app = self.app

@@ -1,0 +1,81 @@
+"""One output tensor merged from its inputs: the method's pure function, in float32, block by block where it
+can be. Both the executor (:mod:`.executor`) and the plan preview (:mod:`mergescope.analysis.preview`) merge
+through :func:`merge_tensor`, so a preview and a merge cannot disagree.
+
+Random methods draw from a generator seeded per output tensor from (seed, tensor name) —
+:func:`tensor_seed` — so a merge is bit-identical across runs on the same device and does not depend on the
+order tensors are processed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+from mergescope.checkpoints.dtypes import torch_dtype
+
+from .job import TensorTask
+from .methods import MergeMethod
+
+# torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+#: the seed of random methods when neither the caller nor the plan's ``mergescope.seed`` gives one
+DEFAULT_SEED = 0
+
+#: entries per block when a method runs block by block (16 MB of float32 per input)
+ELEMENTWISE_BLOCK = 1 << 18
+
+
+def tensor_seed(seed: int, tensor: str) -> int:
+    """A 63-bit seed for one output tensor: the first 8 bytes (little-endian) of BLAKE2b(f"{seed}\\0{tensor}"),
+    top bit cleared."""
+    digest = hashlib.blake2b(f"{seed}\0{tensor}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def merge_tensor(method: MergeMethod, task: TensorTask, tensors: list, *, seed: int, device: str,
+                 out_dtype: str) -> torch.Tensor:
+    """``method`` applied to one output tensor's inputs ``tensors`` (``task.reads`` order, any float dtype), in
+    float32.
+
+    On large tensors, elementwise methods run block by block, writing into ``out_dtype`` directly, so only one
+    block's float32 copies exist at a time; two-phase methods (the task-arithmetic family: TIES, DARE,
+    breadcrumbs, DELLA) first decide their trims over the whole tensor with ``method.prepare`` (masks, random
+    draws, rescale factors: one model's float32 task vector at a time; TIES' thresholds and tie cuts in one
+    blockwise pass over all models), then ``method.combine`` them block by block. The bits equal a
+    whole-tensor merge.
+    """
+    import torch
+
+    options = {**task.options, "tensor_name": task.output}
+    generator = None
+    if method.random:
+        generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, task.output))
+
+    def apply(inputs: list):
+        inputs = [t.float() for t in inputs]
+        base = inputs[0] if task.base else None
+        return method.function(base, inputs[1:] if task.base else inputs, task.params, options, generator)
+
+    with torch.no_grad():
+        numel = tensors[0].numel()
+        if numel <= ELEMENTWISE_BLOCK or not (method.elementwise or method.two_phase):
+            return apply(tensors)
+        flat = [t.reshape(-1) for t in tensors]
+        if not method.two_phase:
+            out = torch.empty(numel, dtype=torch_dtype(out_dtype), device=tensors[0].device)
+            for start in range(0, numel, ELEMENTWISE_BLOCK):
+                stop = min(start + ELEMENTWISE_BLOCK, numel)
+                out[start:stop] = apply([t[start:stop] for t in flat])
+            return out.reshape(task.shape)
+        # two phases: masks, draws and rescale factors over the whole tensor, then the elementwise rest
+        trims = method.prepare(tensors[0], tensors[1:], task.params, options, generator)
+        out = torch.empty(numel, dtype=torch_dtype(out_dtype), device=tensors[0].device)  # after the peak
+        for start in range(0, numel, ELEMENTWISE_BLOCK):
+            stop = min(start + ELEMENTWISE_BLOCK, numel)
+            blocks = [t[start:stop] for t in flat]
+            trimmed = [trim.block(start, stop) for trim in trims]
+            out[start:stop] = method.combine(blocks[0], blocks[1:], trimmed, task.params, options)
+        return out.reshape(task.shape)
