@@ -49,7 +49,7 @@ from mergescope.checkpoints import Checkpoint, MergescopeError, open_checkpoint
 
 from .compatibility import AnalysisWarning
 from .diagnosis_context import PlanContext, plan_context_for_folder
-from .diagnosis_groups import GroupDiagnosis, group_diagnosis
+from .diagnosis_groups import GroupDiagnosis, SourceEffect, group_diagnosis
 from .diagnosis_summary import Finding, summarize
 from .loss_parts import PARTS
 from .report import AnalysisCancelled, unique_names

@@ -117,7 +117,8 @@ def aggregate(groups: list[GroupDiagnosis], i: int, context: PlanContext | None)
     for key, values in parameters.items():
         if values:
             setattr(run, key, sum(m * v for m, v in values) / sum(m for m, _ in values))
-    run.parts = LossParts.weighted_mean(parts) if parts and len(parts) == sum(1 for g in groups if g.sources[i].norm > 0) else None
+    every_group_has_parts = len(parts) == sum(1 for g in groups if g.sources[i].norm > 0)
+    run.parts = LossParts.weighted_mean(parts) if parts and every_group_has_parts else None
     run.weights = {j: sum(v) / len(v) for j, v in weights.items()}
     return run
 
@@ -132,7 +133,8 @@ def cause_from_parts(run: _RunEffect, names: list[str], method: str | None, norm
         culprit = max(parts.against, key=parts.against.get)
         who, ratio = names[culprit], parts.ratio.get(culprit)
         own_weight, weight = run.weight, run.weights.get(culprit)
-        weighted = ratio is not None and own_weight and weight and own_weight > 0 and weight > 0 and weight != own_weight
+        weighted = bool(ratio is not None and own_weight and weight and own_weight > 0 and weight > 0)
+        weighted = weighted and weight != own_weight
         if weighted:
             ratio = ratio * weight / own_weight  # the election compares wⱼ|τⱼ| with wᵢ|τᵢ|
         what = "weighted change" if weighted else "change"
@@ -233,7 +235,8 @@ def likely_lost(effect: SourceEffect) -> bool:
     ``LIKELY_LOST_RETENTION`` or cosine with the merge's change below ``LIKELY_LOST_COSINE``."""
     if effect.retention is None:
         return False
-    return effect.retention < LIKELY_LOST_RETENTION or (effect.cosine is not None and effect.cosine < LIKELY_LOST_COSINE)
+    low_cosine = effect.cosine is not None and effect.cosine < LIKELY_LOST_COSINE
+    return effect.retention < LIKELY_LOST_RETENTION or low_cosine
 
 
 def explain(run: _RunEffect, names: list[str], context: PlanContext | None) -> tuple[str, str]:
@@ -269,7 +272,8 @@ def summarize(
             whole = total.sources[i]
             sentence = (f"{name}'s skill is likely lost (it keeps {percent(whole.retention)} of its change, cosine "
                         f"{whole.cosine:.2f} with the merge's change): {cause}")
-            findings.append(Finding(name, [g.group for g in groups], "the whole model", whole.retention, cause, sentence, advice))
+            everywhere = [g.group for g in groups]
+            findings.append(Finding(name, everywhere, "the whole model", whole.retention, cause, sentence, advice))
     lines = [f"{f.sentence}; {f.advice}" if f.advice else f.sentence for f in findings]
     for name, effect in zip(names, total.sources):
         if effect.retention is None:

@@ -57,7 +57,7 @@ class LossParts:
         return max(PARTS, key=lambda p: getattr(self, p))
 
     @classmethod
-    def weighted_mean(cls, parts: list[tuple[float, "LossParts"]]) -> "LossParts | None":
+    def weighted_mean(cls, parts: list[tuple[float, LossParts]]) -> LossParts | None:
         """The parts of several groups together, each weighted by its ‖τᵢ‖² (``parts``: (mass, parts) pairs);
         the ratios are weighted by the cost they explain."""
         mass = sum(m for m, _ in parts)
@@ -89,10 +89,10 @@ def loss_parts(signs: SignCounts, n: int) -> list[LossParts | None]:
         if norm_squared <= 0:
             found.append(None)
             continue
-        cost = signs.pattern_cost[:, i]
+        cost = signs.pattern_cost[:, i] / norm_squared
 
-        def share(mask: np.ndarray) -> float:
-            return float(cost[mask].sum()) / norm_squared
+        def share(mask: np.ndarray, cost: np.ndarray = cost) -> float:
+            return float(cost[mask].sum())
 
         same = share((own != 0) & (merged == own))
         amplified = float(signs.amplified_cost[i]) / norm_squared

@@ -100,7 +100,7 @@ class SignAccumulator:
         self.multi += torch.count_nonzero(nonzero >= 2)  # bool .sum() is 25x slower
         self.conflict += torch.count_nonzero(s.sum(0).abs_() < nonzero)  # |P − N| < P + N: mixed signs
 
-    def _add_pattern_sums(self, codes: "torch.Tensor", tau: "torch.Tensor") -> None:
+    def _add_pattern_sums(self, codes: torch.Tensor, tau: torch.Tensor) -> None:
         """Per pattern and model, in float64: Σ τᵢ², Σ |τᵢ|, Σ τᵢ(τᵢ − τ_last); and the amplified cost."""
         import torch
 

@@ -2,7 +2,8 @@
 settings, merges every plan, measures every accuracy, and prints each claim of ``mergescope.demo.story``
 (the README's demo claims) as min / median / max over the builds, with the bound it must meet.
 
-    python benchmarks/demo_robustness.py [--seeds 0 1 2 3 4] [--kernels portable native] [--jobs 2] [--out DIR] [--json F]
+    python benchmarks/demo_robustness.py [--seeds 0 1 2 3 4] [--kernels portable native] [--jobs 2] [--out DIR] \
+        [--json F]
 
 ``portable`` pins the CPU kernels (the same weights on every x86-64 machine); ``native`` trains with torch's
 own kernels for this CPU, so the two settings are two genuinely different numerical histories per seed —

@@ -29,7 +29,8 @@ from .tokenizer import BOS, EOS, VOCAB_FILE, CharTokenizer
 MAX_NEW_TOKENS = 7
 
 
-def greedy_answers(model: DemoLlama, tokenizer: CharTokenizer, prompts: list[str], max_new: int = MAX_NEW_TOKENS) -> list[str | None]:
+def greedy_answers(model: DemoLlama, tokenizer: CharTokenizer, prompts: list[str],
+                   max_new: int = MAX_NEW_TOKENS) -> list[str | None]:
     """The greedy continuation of each prompt up to ``<eos>``; None where no ``<eos>`` came in ``max_new`` tokens."""
     by_length: dict[int, list[int]] = defaultdict(list)
     encoded = [[BOS, *tokenizer.encode(p)] for p in prompts]
@@ -59,7 +60,8 @@ def task_accuracy(model: DemoLlama, tokenizer: CharTokenizer, examples: list[Exa
     return sum(a == e.answer for a, e in zip(answers, examples)) / len(examples)
 
 
-def evaluate_model(model: DemoLlama, tokenizer: CharTokenizer, tasks: list[str] | None = None, limit: int | None = None) -> dict[str, float]:
+def evaluate_model(model: DemoLlama, tokenizer: CharTokenizer, tasks: list[str] | None = None,
+                   limit: int | None = None) -> dict[str, float]:
     """Accuracy of an in-memory model on each task's held-out prompts (the first ``limit`` of them)."""
     model.eval()
     return {task: task_accuracy(model, tokenizer, eval_examples(task)[:limit]) for task in check_tasks(tasks)}
@@ -76,7 +78,8 @@ def load_demo_model(source: str | os.PathLike) -> tuple[DemoLlama, CharTokenizer
     tokenizer = _tokenizer_of(checkpoint, source)
     if tokenizer.vocab_size != config.vocab_size:
         raise MergescopeError(
-            f"{source}: vocab.json has {tokenizer.vocab_size} tokens but config.json says vocab_size {config.vocab_size}"
+            f"{source}: vocab.json has {tokenizer.vocab_size} tokens "
+            f"but config.json says vocab_size {config.vocab_size}"
         )
     model = DemoLlama(config)
     expected = model.state_dict()
@@ -89,7 +92,8 @@ def load_demo_model(source: str | os.PathLike) -> tuple[DemoLlama, CharTokenizer
     for name, tensor in expected.items():
         value = checkpoint.read(name, torch.float32)
         if tuple(value.shape) != tuple(tensor.shape):
-            raise MergescopeError(f"{source}: {name} has shape {list(value.shape)}, config.json implies {list(tensor.shape)}")
+            raise MergescopeError(f"{source}: {name} has shape {list(value.shape)}, "
+                                  f"config.json implies {list(tensor.shape)}")
         state[name] = value
     model.load_state_dict(state)
     model.eval()
@@ -103,7 +107,8 @@ def _tokenizer_of(checkpoint: Checkpoint, source: str | os.PathLike) -> CharToke
     return CharTokenizer.load(Path(vocab_file))
 
 
-def evaluate(model_dir: str | os.PathLike, tasks: list[str] | None = None, limit: int | None = None) -> dict[str, float]:
+def evaluate(model_dir: str | os.PathLike, tasks: list[str] | None = None,
+             limit: int | None = None) -> dict[str, float]:
     """Exact-match accuracy, task → share in [0, 1], of the checkpoint at ``model_dir`` with greedy decoding on
     the held-out prompts of ``tasks`` (all by default), the first ``limit`` of each when given."""
     selected = check_tasks(tasks)

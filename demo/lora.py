@@ -33,7 +33,8 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         self.scale = alpha / rank
-        self.lora_A = nn.Parameter(torch.randn(rank, linear.in_features, generator=generator) / math.sqrt(linear.in_features))
+        self.lora_A = nn.Parameter(torch.randn(rank, linear.in_features, generator=generator)
+                                   / math.sqrt(linear.in_features))
         self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,4 +110,5 @@ def adapter_config(base_reference: str, targets: tuple[str, ...], rank: int, alp
 
 
 def write_adapter_config(folder: Path, base_reference: str, targets: tuple[str, ...], rank: int, alpha: float) -> None:
-    (folder / "adapter_config.json").write_text(json.dumps(adapter_config(base_reference, targets, rank, alpha), indent=2) + "\n")
+    config = adapter_config(base_reference, targets, rank, alpha)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

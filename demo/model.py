@@ -63,20 +63,23 @@ class DemoConfig:
         }
 
     @classmethod
-    def from_hf(cls, raw: dict, source: str = "config.json") -> "DemoConfig":
+    def from_hf(cls, raw: dict, source: str = "config.json") -> DemoConfig:
         """Read a ``config.json``; a one-line :class:`MergescopeError` unless it is a demo-architecture Llama."""
         if raw.get("model_type") != "llama":
             found = raw.get("model_type") or (raw.get("architectures") or ["no architecture"])[0]
             raise MergescopeError(f"{source}: not a mergescope demo model (model_type {found!r}, expected llama)")
         kv_heads = raw.get("num_key_value_heads", raw.get("num_attention_heads"))
         if kv_heads != raw.get("num_attention_heads") or raw.get("tie_word_embeddings") or raw.get("attention_bias"):
-            raise MergescopeError(f"{source}: not a mergescope demo model (a Llama with grouped-query attention, a tied head or biases)")
+            raise MergescopeError(f"{source}: not a mergescope demo model "
+                                  "(a Llama with grouped-query attention, a tied head or biases)")
         names = [f.name for f in cls.__dataclass_fields__.values()]
-        missing = [n for n in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if n not in raw]
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [n for n in required if n not in raw]
         if missing:
             raise MergescopeError(f"{source}: not a mergescope demo model: config.json lacks {', '.join(missing)}")
         config = cls(**{n: raw[n] for n in names if raw.get(n) is not None})
-        if config.hidden_size % config.num_attention_heads or config.hidden_size > 1024 or config.num_hidden_layers > 16:
+        if (config.hidden_size % config.num_attention_heads or config.hidden_size > 1024
+                or config.num_hidden_layers > 16):
             raise MergescopeError(
                 f"{source}: a Llama model of hidden size {config.hidden_size} and {config.num_hidden_layers} layers is "
                 "not a mergescope demo model (they are tiny character-level models)"
@@ -187,7 +190,8 @@ class DemoLlama(nn.Module):
         """Logits (batch, T, vocab) for token ids (batch, T); position p of every row is p (no left padding)."""
         t = ids.shape[1]
         if t > self.config.max_position_embeddings:
-            raise MergescopeError(f"sequence of {t} tokens is longer than the model's {self.config.max_position_embeddings} positions")
+            raise MergescopeError(f"sequence of {t} tokens is longer than the model's "
+                                  f"{self.config.max_position_embeddings} positions")
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         x = self.model.embed_tokens(ids)
         for layer in self.model.layers:

@@ -71,7 +71,7 @@ class Recipe:
         return json.loads(json.dumps(asdict(self)))
 
     @classmethod
-    def from_json(cls, raw: dict) -> "Recipe":
+    def from_json(cls, raw: dict) -> Recipe:
         """The inverse of :meth:`to_json` (lists back to tuples)."""
         def plain(value):
             return tuple(plain(v) for v in value) if isinstance(value, list) else value
@@ -129,7 +129,8 @@ def save_adapter(folder: Path, model: DemoLlama, base_folder: Path, recipe: Reci
 
 
 # --- training steps -----------------------------------------------------------------------------------------
-def pretrain(config: DemoConfig, tokenizer: CharTokenizer, seed: int, steps: int, recipe: Recipe, on_step=None) -> DemoLlama:
+def pretrain(config: DemoConfig, tokenizer: CharTokenizer, seed: int, steps: int, recipe: Recipe,
+             on_step=None) -> DemoLlama:
     """A base: seeded initialisation, then ``steps`` steps on the easy half of every task."""
     model = new_model(config, seed)
     spec = TrainSpec(TASK_NAMES, steps, recipe.base_lr, seed, recipe.batch_size, full=False)
@@ -137,11 +138,13 @@ def pretrain(config: DemoConfig, tokenizer: CharTokenizer, seed: int, steps: int
     return model
 
 
-def fine_tune(base: DemoLlama, tokenizer: CharTokenizer, task: str, steps: int, lr: float, seed: int, recipe: Recipe, on_step=None) -> DemoLlama:
+def fine_tune(base: DemoLlama, tokenizer: CharTokenizer, task: str, steps: int, lr: float, seed: int, recipe: Recipe,
+              on_step=None) -> DemoLlama:
     """A copy of ``base`` trained ``steps`` steps on the whole of ``task``, with ``recipe.replay`` of the
     pre-training mix."""
     model = copy.deepcopy(base)
-    train(model, TrainSpec((task,), steps, lr, seed, recipe.batch_size, replay=recipe.replay), tokenizer, on_step=on_step)
+    train(model, TrainSpec((task,), steps, lr, seed, recipe.batch_size, replay=recipe.replay), tokenizer,
+          on_step=on_step)
     return model
 
 
@@ -165,27 +168,31 @@ def train_models(out: Path, recipe: Recipe, progress: BuildProgress | None = Non
     tokenizer = CharTokenizer()
     config = DemoConfig(vocab_size=tokenizer.vocab_size, hidden_size=recipe.hidden_size,
                         intermediate_size=recipe.intermediate_size)
-    base = pretrain(config, tokenizer, recipe.stream_seed("base"), recipe.base_steps, recipe, steps.callback("pre-training the base"))
+    base = pretrain(config, tokenizer, recipe.stream_seed("base"), recipe.base_steps, recipe,
+                    steps.callback("pre-training the base"))
     save_model(out / "base", base.state_dict(), config, tokenizer)
     fine_tunes = []
     for task, n, lr in recipe.fine_tunes:
-        model = fine_tune(base, tokenizer, task, n, lr, recipe.stream_seed(task), recipe, steps.callback(f"fine-tuning on {task}"))
+        model = fine_tune(base, tokenizer, task, n, lr, recipe.stream_seed(task), recipe,
+                          steps.callback(f"fine-tuning on {task}"))
         save_model(out / f"ft_{task}", model.state_dict(), config, tokenizer)
         fine_tunes.append({"path": f"ft_{task}", "task": task, "steps": n, "lr": lr})
     lora_name = f"lora_{recipe.lora_task}"
     lora = with_lora(base, recipe.lora_targets, recipe.lora_rank, recipe.lora_alpha, recipe.stream_seed(lora_name))
-    spec = TrainSpec((recipe.lora_task,), recipe.lora_steps, recipe.lora_lr, recipe.stream_seed(lora_name), recipe.batch_size,
-                     replay=recipe.replay)
-    train(lora, spec, tokenizer, trainable=is_lora_parameter, on_step=steps.callback(f"LoRA fine-tuning on {recipe.lora_task}"))
+    spec = TrainSpec((recipe.lora_task,), recipe.lora_steps, recipe.lora_lr, recipe.stream_seed(lora_name),
+                     recipe.batch_size, replay=recipe.replay)
+    train(lora, spec, tokenizer, trainable=is_lora_parameter,
+          on_step=steps.callback(f"LoRA fine-tuning on {recipe.lora_task}"))
     save_adapter(out / lora_name, lora, out / "base", recipe)
     other = pretrain(config, tokenizer, recipe.stream_seed("other base"), recipe.other_base_steps, recipe,
                      steps.callback("pre-training another base (trap)"))
-    trap = fine_tune(other, tokenizer, recipe.trap_task, recipe.trap_steps, recipe.trap_lr, recipe.stream_seed("trap"), recipe,
-                     steps.callback(f"fine-tuning it on {recipe.trap_task}"))
+    trap = fine_tune(other, tokenizer, recipe.trap_task, recipe.trap_steps, recipe.trap_lr, recipe.stream_seed("trap"),
+                     recipe, steps.callback(f"fine-tuning it on {recipe.trap_task}"))
     save_model(out / "trap_other_base", trap.state_dict(), config, tokenizer)
     grown_tokenizer = tokenizer.grown(recipe.grown_characters)
     grown = grow_vocabulary(base, grown_tokenizer.vocab_size - tokenizer.vocab_size)
-    grown = fine_tune(grown, grown_tokenizer, recipe.grown_task, recipe.grown_steps, recipe.trap_lr, recipe.stream_seed("grown"), recipe,
+    grown = fine_tune(grown, grown_tokenizer, recipe.grown_task, recipe.grown_steps, recipe.trap_lr,
+                      recipe.stream_seed("grown"), recipe,
                       steps.callback(f"fine-tuning a grown vocabulary on {recipe.grown_task}"))
     save_model(out / "trap_grown_vocab", grown.state_dict(), grown.config, grown_tokenizer)
     return {

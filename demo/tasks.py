@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from mergescope.checkpoints.errors import MergescopeError
 
@@ -92,7 +92,7 @@ def _task_seed(name: str, seed: int) -> int:
     return seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(name))
 
 
-@lru_cache(maxsize=None)
+@cache
 def eval_examples(task: str, size: int = EVAL_SIZE) -> tuple[Example, ...]:
     """The held-out set of ``task``: ``size`` distinct prompts (full input lengths) drawn with a fixed seed."""
     rng = random.Random(_task_seed(task, EVAL_SEED))
@@ -103,7 +103,7 @@ def eval_examples(task: str, size: int = EVAL_SIZE) -> tuple[Example, ...]:
     return tuple(seen.values())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _held_out_prompts(task: str) -> frozenset[str]:
     return frozenset(e.prompt for e in eval_examples(task))
 

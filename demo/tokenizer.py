@@ -55,7 +55,7 @@ class CharTokenizer:
                 out.append(self.characters[i - len(SPECIAL_TOKENS)])
         return "".join(out)
 
-    def grown(self, extra: str) -> "CharTokenizer":
+    def grown(self, extra: str) -> CharTokenizer:
         """This vocabulary with the characters of ``extra`` appended (new ids at the end)."""
         return CharTokenizer(self.characters + "".join(c for c in dict.fromkeys(extra) if c not in self.characters))
 
@@ -63,13 +63,15 @@ class CharTokenizer:
         """The tokenizer's files, name → text: ``vocab.json``, ``tokenizer.json``, ``tokenizer_config.json`` and
         ``special_tokens_map.json``."""
         vocab = {token: i for i, token in enumerate(self.tokens)}
-        special = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        special = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                    "special": True}
                    for i, t in enumerate(SPECIAL_TOKENS)]
         tokenizer_json = {
             "version": "1.0", "truncation": None, "padding": None, "added_tokens": special, "normalizer": None,
             "pre_tokenizer": None, "post_processor": None, "decoder": {"type": "Fuse"},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "vocab": vocab, "merges": []},
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
+                      "merges": []},
         }
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
                   "pad_token": "<pad>", "model_max_length": 64}
@@ -90,16 +92,18 @@ class CharTokenizer:
         return paths
 
     @classmethod
-    def from_vocab(cls, vocab: dict, source: str = VOCAB_FILE) -> "CharTokenizer":
+    def from_vocab(cls, vocab: dict, source: str = VOCAB_FILE) -> CharTokenizer:
         """Rebuild from a ``vocab.json`` mapping; a one-line error unless it is a demo character vocabulary."""
         by_id = sorted((i, t) for t, i in vocab.items() if isinstance(i, int))
         tokens = [t for _, t in by_id]
-        if [i for i, _ in by_id] != list(range(len(by_id))) or tuple(tokens[:3]) != SPECIAL_TOKENS or any(len(t) != 1 for t in tokens[3:]):
-            raise MergescopeError(f"{source}: not a mergescope demo character vocabulary (<pad>, <bos>, <eos>, then single characters)")
+        if ([i for i, _ in by_id] != list(range(len(by_id))) or tuple(tokens[:3]) != SPECIAL_TOKENS
+                or any(len(t) != 1 for t in tokens[3:])):
+            raise MergescopeError(f"{source}: not a mergescope demo character vocabulary "
+                                  "(<pad>, <bos>, <eos>, then single characters)")
         return cls("".join(tokens[3:]))
 
     @classmethod
-    def load(cls, path: Path) -> "CharTokenizer":
+    def load(cls, path: Path) -> CharTokenizer:
         """Read a ``vocab.json`` file."""
         try:
             vocab = json.loads(path.read_text(encoding="utf-8"))

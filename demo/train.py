@@ -24,8 +24,8 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 
-from .model import DemoLlama
 from .kernels import TRAIN_THREADS
+from .model import DemoLlama
 from .tasks import Example, train_stream
 from .tokenizer import BOS, EOS, PAD, CharTokenizer
 

@@ -91,8 +91,8 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def build_workspace(directory: str | os.PathLike, progress: BuildProgress | None = None, *, recipe: Recipe = DEFAULT_RECIPE,
-                    kernels: str = PORTABLE) -> Path:
+def build_workspace(directory: str | os.PathLike, progress: BuildProgress | None = None, *,
+                    recipe: Recipe = DEFAULT_RECIPE, kernels: str = PORTABLE) -> Path:
     """Build the demo workspace in ``directory`` (or reuse the one there) and return its absolute path.
 
     ``recipe`` says what to train (``Recipe(seed=N)`` for another seed), ``kernels`` how (:mod:`.kernels`).
@@ -135,7 +135,8 @@ def build_workspace(directory: str | os.PathLike, progress: BuildProgress | None
             "torch": torch.__version__,
             "train_seconds": round(train_seconds, 1),
         }
-        manifest["plans"] = [{"path": f"plans/{p.filename}", "method": p.method, "description": p.description} for p in _plans_for(manifest)]
+        manifest["plans"] = [{"path": f"plans/{p.filename}", "method": p.method, "description": p.description}
+                             for p in _plans_for(manifest)]
         _write_path_files(tmp, root, manifest, recipe)
         manifest["build_seconds"] = round(time.perf_counter() - start, 1)
         _write_manifest(tmp, manifest)

@@ -255,3 +255,22 @@ def test_cli_bad_density(tmp_path, capsys, base_state, tuned, density):
     assert main(["analyze", *paths, "--json", "-", "--no-cache", "--density", density]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "--density" in captured.err and "Traceback" not in captured.err
+
+
+def test_cli_tables_at_a_density_show_the_trimmed_conflicts_their_titles_name(tmp_path, capsys, base_state, tuned):
+    """The per-layer conflict column and the pairwise matrix both show the trimmed rates under --density, and
+    their titles and legend say so; without --density both show the untrimmed rates."""
+    other = plus(base_state, noise(base_state, 2))
+    paths = [str(folder(tmp_path, n, s)) for n, s in [("base", base_state), ("m1", tuned), ("m2", other)]]
+    assert main(["analyze", *paths, "--json", "-", "--density", "0.5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert main(["analyze", *paths, "--density", "0.5"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    whole_row = printed.split("whole model", 1)[1].split("│")[1:5]  # m1, m2, conflict, cancel cells
+    trimmed, untrimmed = report["total"]["conflict_all_trimmed"], report["total"]["conflict_all"]
+    assert f"{trimmed:.3f}" != f"{untrimmed:.3f}"
+    assert whole_row[2].strip() == f"{trimmed:.3f}"
+    assert "Sign-conflict rate (whole model, trimmed to density 0.5)" in printed
+    assert "after each τ is trimmed to its top 0.5 by magnitude" in printed
+    assert main(["analyze", *paths]) == 0
+    assert "Sign-conflict rate (whole model)" in " ".join(capsys.readouterr().out.split())

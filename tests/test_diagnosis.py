@@ -248,7 +248,8 @@ def test_cli_prints_tables_and_summary_and_writes_json(diagnosis_models, monkeyp
     assert group["sources"]["ft_b"]["retention"] == pytest.approx(diagnosis.groups[4].sources[1].retention)
     assert main(["diagnose", str(folder), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "ft_b keeps -100% of its change in layers 2–3: loses 200% of its change to the sign election" in " ".join(printed.split())
+    assert ("ft_b keeps -100% of its change in layers 2–3: loses 200% of its change to the sign election"
+            in " ".join(printed.split()))
     assert main(["diagnose", str(root / "nothing-here")]) == 2
     assert "mergescope: error:" in capsys.readouterr().err
 
@@ -283,7 +284,8 @@ def test_groups_are_described_as_layer_ranges():
     assert describe_groups(["model.layers.3"]) == "layer 3"
     assert describe_groups(["model.layers.15", "model.norm", "lm_head"]) == "layer 15, model.norm and lm_head"
     assert describe_groups(["model.layers.2", "model.layers.4"]) == "layer 2 and layer 4"
-    assert describe_groups(["encoder.block.4", "encoder.block.5", "decoder.block.0"]) == "encoder.block 4–5 and decoder.block 0"
+    assert (describe_groups(["encoder.block.4", "encoder.block.5", "decoder.block.0"])
+            == "encoder.block 4–5 and decoder.block 0")
 
 
 @pytest.mark.mergekit

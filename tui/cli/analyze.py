@@ -47,6 +47,8 @@ def _rel(value: float | None) -> str:
 
 def print_report(report: dict, console: Console) -> None:
     names = [m["name"] for m in report["models"]]
+    trimmed = report["density"] < 1
+    conflict_key = "conflict_all_trimmed" if trimmed else "conflict_all"
     console.print(
         f"[bold]Task vectors[/] of {', '.join(names)} against [bold]{report['base']['name']}[/]"
         + (f"  (trimmed to density {report['density']})" if report["density"] < 1 else "")
@@ -66,22 +68,25 @@ def print_report(report: dict, console: Console) -> None:
             rel = None if delta is None else delta["rel"]
             style = "" if rel is None else _SCALE[min(len(_SCALE) - 1, int(len(_SCALE) * rel / top))]
             cells.append(f"[{style}]{_rel(rel)}[/]" if style else _rel(rel))
-        groups.add_row(group["name"], *cells, _fmt(group["conflict_all"]), _fmt(group["cancellation"]))
+        groups.add_row(group["name"], *cells, _fmt(group.get(conflict_key)), _fmt(group["cancellation"]))
     total = report["total"]
     groups.add_section()
     groups.add_row(
-        "[bold]whole model", *(_rel(total["delta"][n]["rel"]) for n in names), _fmt(total["conflict_all"]),
+        "[bold]whole model", *(_rel(total["delta"][n]["rel"]) for n in names), _fmt(total.get(conflict_key)),
         _fmt(total["cancellation"]),
     )
     console.print(groups)
+    after_trim = f", after each τ is trimmed to its top {report['density']:g} by magnitude" if trimmed else ""
     console.print(
-        "[dim]conflict: share of entries changed by ≥2 models whose signs disagree; "
-        "cancel: 1 − ‖Σ τ‖ / Σ ‖τ‖, what plain averaging destroys[/]"
+        f"[dim]conflict: share of entries changed by ≥2 models whose signs disagree{after_trim}; "
+        "cancel: 1 − ‖Σ τ‖ / Σ ‖τ‖, what plain averaging destroys (untrimmed)[/]"
     )
     if len(names) > 1:
         console.print(_pair_matrix(total, names, "cosine", "Cosine similarity of task vectors (whole model)"))
-        key = "sign_conflict_trimmed" if report["density"] < 1 else "sign_conflict"
-        console.print(_pair_matrix(total, names, key, "Sign-conflict rate (whole model)"))
+        key = "sign_conflict_trimmed" if trimmed else "sign_conflict"
+        where = f"whole model, trimmed to density {report['density']:g}" if trimmed else "whole model"
+        title = f"Sign-conflict rate ({where})"
+        console.print(_pair_matrix(total, names, key, title))
     _print_warnings(report["warnings"], console)
     sizes = sum(t["numel"] for t in report["tensors"])
     console.print(
