@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 from mergescope.demo.evaluate import evaluate
+from mergescope.demo.manifest import read_manifest
 from mergescope.demo.recipe import Recipe
 from mergescope.demo.story import CLAIMS, MERGES, Scores
-from mergescope.demo.workspace import build_workspace, read_manifest
+from mergescope.demo.workspace import build_workspace
 from mergescope.merge.executor import run_merge
 from mergescope.merge.job import build_job
 from mergescope.merge.plan import load_plan

@@ -20,7 +20,6 @@ when complete, and is skipped when DIR already holds a manifest of this builder 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -33,12 +32,11 @@ from mergescope.checkpoints import MergescopeError
 from .build_process import run_build
 from .evaluate import evaluate
 from .kernels import PORTABLE
+from .manifest import SCHEMA, read_manifest, write_manifest
 from .plans import demo_plans, write_plans
 from .recipe import DEFAULT_RECIPE, BuildProgress, Recipe, write_adapter_base
 from .tasks import TASK_DESCRIPTIONS
 
-MANIFEST = "mergescope-demo.json"
-SCHEMA = "mergescope.demo/1"
 #: bump when a change to the recipe's code (not its numbers) changes what a build produces
 BUILDER_VERSION = 2
 
@@ -61,15 +59,6 @@ def _measure(out: Path, models: dict) -> tuple[dict, dict]:
 
 
 # --- the workspace --------------------------------------------------------------------------------------------
-def read_manifest(root: Path) -> dict | None:
-    """The manifest of the workspace at ``root``, or None when there is none (or it is unreadable)."""
-    try:
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("schema") == SCHEMA else None
-
-
 def _is_current(manifest: dict | None, recipe: Recipe, kernels: str) -> bool:
     return (bool(manifest) and manifest.get("builder_version") == BUILDER_VERSION
             and manifest.get("recipe") == recipe.to_json() and manifest.get("kernels") == kernels)
@@ -87,10 +76,6 @@ def _write_path_files(folder: Path, root: Path, manifest: dict, recipe: Recipe) 
         write_adapter_base(folder / lora["path"], root / manifest["base"], recipe)
 
 
-def _write_manifest(folder: Path, manifest: dict) -> None:
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def build_workspace(directory: str | os.PathLike, progress: BuildProgress | None = None, *,
                     recipe: Recipe = DEFAULT_RECIPE, kernels: str = PORTABLE) -> Path:
     """Build the demo workspace in ``directory`` (or reuse the one there) and return its absolute path.
@@ -105,7 +90,7 @@ def build_workspace(directory: str | os.PathLike, progress: BuildProgress | None
     if _is_current(manifest, recipe, kernels):
         if manifest["root"] != str(root):
             _write_path_files(root, root, manifest, recipe)
-            _write_manifest(root, {**manifest, "root": str(root)})
+            write_manifest(root, {**manifest, "root": str(root)})
         return root
     if root.exists() and (not root.is_dir() or (any(root.iterdir()) and manifest is None)):
         raise MergescopeError(f"{root}: exists and is not a mergescope demo workspace; choose another folder")
@@ -139,7 +124,7 @@ def build_workspace(directory: str | os.PathLike, progress: BuildProgress | None
                              for p in _plans_for(manifest)]
         _write_path_files(tmp, root, manifest, recipe)
         manifest["build_seconds"] = round(time.perf_counter() - start, 1)
-        _write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest)
         if progress is not None:
             progress("done", recipe.total_steps, recipe.total_steps)
         _replace(tmp, root, recipe, kernels)

@@ -29,7 +29,8 @@ from mergescope.demo.story import CLAIMS, MERGES
 from mergescope.demo.tasks import TASK_NAMES, eval_examples, train_stream
 from mergescope.demo.tokenizer import CharTokenizer
 from mergescope.demo.train import TrainSpec, train
-from mergescope.demo.workspace import MANIFEST, build_workspace, read_manifest
+from mergescope.demo.manifest import MANIFEST, read_manifest
+from mergescope.demo.workspace import build_workspace
 from mergescope.merge.executor import run_merge
 from mergescope.merge.job import build_job
 from mergescope.merge.plan import PlanError, load_plan, parse_plan

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mergescope.analysis.diagnosis_context import plan_context_for_folder
 from mergescope.checkpoints import Checkpoint, MergescopeError, open_checkpoint
+from mergescope.demo.manifest import MANIFEST
 from mergescope.merge.plan import load_plan, plan_file_in
 
 
@@ -60,8 +61,6 @@ def open_session(targets: list[str], base: str | None = None) -> Session:
 
 def _demo_manifest(folder: Path) -> Path:
     """Where a demo workspace in ``folder`` keeps its manifest."""
-    from mergescope.demo.workspace import MANIFEST  # imports torch: only when a folder may be a workspace
-
     return folder / MANIFEST
 
 

@@ -1,4 +1,5 @@
-"""``mergescope demo [DIR] [--no-tui] [--seed N] [--kernels portable|native]``: build (or reuse) the demo workspace, then open the TUI on it."""
+"""``mergescope demo [DIR] [--no-tui] [--seed N] [--kernels portable|native]``: build (or reuse) the demo
+workspace, then open the TUI on it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from mergescope.demo.manifest import read_manifest
 from mergescope.demo.recipe import Recipe
-from mergescope.demo.workspace import build_workspace, read_manifest
+from mergescope.demo.workspace import build_workspace
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -56,7 +58,7 @@ class _BuildProgress:
         if not self.started:
             self.started = True
             if not self.console.is_terminal:
-                print("mergescope demo: training the demo models (about a minute on 2 CPU cores)...", file=sys.stderr,
+                print("mergescope demo: training the demo models (about 4 minutes on an idle 2-core machine)...", file=sys.stderr,
                       flush=True)
         self.bar.update(self.task, description=stage, completed=done, total=total)
 
