@@ -57,6 +57,25 @@ def spread(values: list[float]) -> str:
     return f"{min(values):+.3f} / {statistics.median(values):+.3f} / {max(values):+.3f}"
 
 
+def markdown_tables(runs: dict[str, Scores], names: list[str], tasks: list[str]) -> str:
+    """The README's two tables: each claim's range and bound, and each model's and merge's accuracy range."""
+    def cell(values: list[float]) -> str:
+        low, mid, high = min(values), statistics.median(values), max(values)
+        return f"{low:.2f} / {mid:.2f} / {high:.2f}"
+
+    lines = ["| claim | bound | min / median / max | holds |", "| --- | --- | --- | --- |"]
+    for claim in CLAIMS:
+        values = [claim.value(s) for s in runs.values()]
+        holds = sum(claim.holds(s) for s in runs.values())
+        lines.append(f"| {claim.text} | {claim.condition} | {cell(values)} | {holds}/{len(runs)} |")
+    lines += ["", "| model or merge | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+    for name in names:
+        percent = [[100 * s[name][t] for s in runs.values()] for t in tasks]
+        lines.append(f"| `{name}` | " + " | ".join(
+            f"{min(v):.0f}–{max(v):.0f}% ({statistics.median(v):.0f})" for v in percent) + " |")
+    return "\n".join(lines)
+
+
 def outer_environment_check(root: Path, seed: int, reference: dict) -> list[str]:
     """Rebuild ``seed`` portably under outer environments that ask for other kernels; the digests must match."""
     lines = []
@@ -83,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write every build's scores and claim values here")
     parser.add_argument("--no-outer-check", action="store_true", help="skip the rebuilds under other outer kernels")
     parser.add_argument("--jobs", type=int, default=2, help="builds at once (default 2)")
+    parser.add_argument("--markdown", action="store_true", help="also print the README's tables")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # evaluation and merges here: one thread per job, like the builds
 
@@ -123,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         reference = read_manifest(args.out / f"seed{seed}-portable")["weights_sha256"]
         print(f"\nportable build of seed {seed} under other outer kernel settings:")
         print("\n".join(outer_environment_check(args.out, seed, reference)))
+    if args.markdown:
+        print("\n" + markdown_tables(runs, names, tasks))
     if args.json:
         document = {"runs": runs, "train_seconds": times,
                     "claims": {c.name: {k: c.value(s) for k, s in runs.items()} for c in CLAIMS}}
