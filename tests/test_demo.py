@@ -23,13 +23,13 @@ from mergescope.analysis import run_analysis
 from mergescope.checkpoints import MergescopeError, open_checkpoint
 from mergescope.demo.evaluate import evaluate, load_demo_model
 from mergescope.demo.kernels import NATIVE, PORTABLE, PORTABLE_ENVIRONMENT, build_environment
+from mergescope.demo.manifest import MANIFEST, read_manifest
 from mergescope.demo.model import DemoConfig, new_model
 from mergescope.demo.recipe import Recipe
 from mergescope.demo.story import CLAIMS, MERGES
 from mergescope.demo.tasks import TASK_NAMES, eval_examples, train_stream
 from mergescope.demo.tokenizer import CharTokenizer
 from mergescope.demo.train import TrainSpec, train
-from mergescope.demo.manifest import MANIFEST, read_manifest
 from mergescope.demo.workspace import build_workspace
 from mergescope.merge.executor import run_merge
 from mergescope.merge.job import build_job
@@ -37,7 +37,8 @@ from mergescope.merge.plan import PlanError, load_plan, parse_plan
 from mergescope.tui.cli.main import main
 
 #: a build small enough to train in seconds, for the tests of the build's mechanics (not of the story)
-TINY = Recipe(seed=7, hidden_size=16, intermediate_size=32, base_steps=8, fine_tunes=(("add", 3, 1e-3), ("reverse", 3, 1e-3), ("sort", 3, 1e-3)),
+TINY = Recipe(seed=7, hidden_size=16, intermediate_size=32, base_steps=8,
+              fine_tunes=(("add", 3, 1e-3), ("reverse", 3, 1e-3), ("sort", 3, 1e-3)),
               lora_steps=2, other_base_steps=2, trap_steps=2, grown_steps=2, batch_size=8)
 
 
@@ -66,7 +67,8 @@ def merged(workspace, tmp_path_factory):
 
     def run(name: str) -> Path:
         if name not in done:
-            done[name] = run_merge(build_job(load_plan(workspace / "plans" / f"{name}.yml")), out_root / name, device="cpu")
+            plan = load_plan(workspace / "plans" / f"{name}.yml")
+            done[name] = run_merge(build_job(plan), out_root / name, device="cpu")
         return done[name]
 
     return run
@@ -114,6 +116,12 @@ def test_training_is_deterministic():
     assert not torch.equal(other.state_dict()["lm_head.weight"], runs[0][1]["lm_head.weight"])
 
 
+def has_carry(prompt: str) -> bool:
+    """``ADD:a+b=`` carries into the tens when a mod 10 + b ≥ 10."""
+    a, b = prompt.removeprefix("ADD:").removesuffix("=").split("+")
+    return int(a) % 10 + int(b) >= 10
+
+
 def test_training_and_held_out_prompts_are_disjoint():
     held_out = {e.prompt for t in TASK_NAMES for e in eval_examples(t)}
     stream = train_stream(TASK_NAMES, seed=0)
@@ -123,9 +131,9 @@ def test_training_and_held_out_prompts_are_disjoint():
     easy_reverse = train_stream(("reverse",), seed=0, full=False)
     assert max(len(next(easy_reverse).answer) for _ in range(500)) == 4
     easy_add = [next(e) for e in [train_stream(("add",), seed=0, full=False)] for _ in range(2000)]
-    carries = [e for e in easy_add if int(e.prompt[4:-1].split("+")[0]) % 10 + int(e.prompt[:-1].split("+")[1]) >= 10]
+    carries = [e for e in easy_add if has_carry(e.prompt)]
     assert not carries and {int(e.answer) for e in easy_add} >= {9, 99}  # no carry, the whole range otherwise
-    held_out_carries = sum(int(e.prompt[4:-1].split("+")[0]) % 10 + int(e.prompt[:-1].split("+")[1]) >= 10 for e in eval_examples("add"))
+    held_out_carries = sum(has_carry(e.prompt) for e in eval_examples("add"))
     assert 0.3 < held_out_carries / len(eval_examples("add")) < 0.6  # the held-out set is the whole task
 
 
@@ -171,7 +179,8 @@ def test_moved_workspace_is_reused_with_its_paths_rewritten(workspace, tmp_path,
     assert build_workspace(moved, lambda *a: calls.append(a)) == moved
     assert calls == []  # nothing retrained
     assert read_manifest(moved)["root"] == str(moved)
-    assert json.loads((moved / "lora_sort" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(moved / "base")
+    adapter = json.loads((moved / "lora_sort" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(moved / "base")
     plan = load_plan(moved / "plans" / "task_arithmetic.yml")
     assert plan.base_model == str(moved / "base")
     monkeypatch.chdir(tmp_path)  # plans work from any directory
@@ -203,16 +212,19 @@ def test_portable_build_gives_the_same_bytes_whatever_kernels_the_caller_asks_fo
     give byte-identical portable builds, and the caller's environment is left as it was."""
     before = dict(os.environ)
     avx2 = _tiny_build(tmp_path / "avx2", monkeypatch, ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2")
-    scalar = _tiny_build(tmp_path / "default", monkeypatch, ATEN_CPU_CAPABILITY="default", MKL_ENABLE_INSTRUCTIONS="SSE4_2")
+    scalar = _tiny_build(tmp_path / "default", monkeypatch, ATEN_CPU_CAPABILITY="default",
+                         MKL_ENABLE_INSTRUCTIONS="SSE4_2")
     assert dict(os.environ) == before
     assert avx2["weights_sha256"] == scalar["weights_sha256"]
     assert avx2["accuracy"] == scalar["accuracy"]
     assert avx2["kernels"] == "portable" and avx2["seed"] == TINY.seed
-    assert set(avx2["weights_sha256"]) == {"base", "ft_add", "ft_reverse", "ft_sort", "lora_sort", "trap_other_base", "trap_grown_vocab"}
+    assert set(avx2["weights_sha256"]) == {
+        "base", "ft_add", "ft_reverse", "ft_sort", "lora_sort", "trap_other_base", "trap_grown_vocab"}
     native = _tiny_build(tmp_path / "native", monkeypatch, NATIVE, ATEN_CPU_CAPABILITY="default", MKL_CBWR="COMPATIBLE")
     assert native["weights_sha256"] == avx2["weights_sha256"]  # the pins are exactly those variables
     if torch.backends.cpu.get_cpu_capability() != "DEFAULT":  # a CPU with vector kernels: they change the bits
-        native_own = _tiny_build(tmp_path / "native-own", monkeypatch, NATIVE, ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AUTO")
+        native_own = _tiny_build(tmp_path / "native-own", monkeypatch, NATIVE, ATEN_CPU_CAPABILITY="avx2",
+                                 MKL_CBWR="AUTO")
         assert native_own["weights_sha256"]["base"] != avx2["weights_sha256"]["base"]
 
 
@@ -240,7 +252,8 @@ def test_task_arithmetic_merge_is_base_plus_both_task_vectors(workspace, merged)
     result = load_file(merged("task_arithmetic") / "model.safetensors")
     base, add, sort = (load_file(workspace / f / "model.safetensors") for f in ("base", "ft_add", "ft_sort"))
     for name in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight", "model.norm.weight"):
-        assert torch.allclose(result[name], base[name] + (add[name] - base[name]) + (sort[name] - base[name]), atol=1e-6)
+        expected = base[name] + (add[name] - base[name]) + (sort[name] - base[name])
+        assert torch.allclose(result[name], expected, atol=1e-6)
 
 
 def test_different_base_trap_is_flagged(workspace):

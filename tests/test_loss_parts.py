@@ -85,7 +85,8 @@ def test_a_source_that_changed_nothing_has_no_parts_and_groups_combine_by_mass()
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 4), st.integers(1, 40), st.integers(0, 2**31 - 1), st.sampled_from([torch.float32, torch.bfloat16]))
+@given(st.integers(1, 4), st.integers(1, 40), st.integers(0, 2**31 - 1),
+       st.sampled_from([torch.float32, torch.bfloat16]))
 def test_parts_always_sum_to_one_minus_retention(n, size, seed, dtype):
     generator = torch.Generator().manual_seed(seed)
     taus = torch.randn(n, size, generator=generator).to(dtype)
