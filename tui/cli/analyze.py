@@ -8,8 +8,7 @@ import sys
 from collections import defaultdict
 
 from mergescope.checkpoints import open_checkpoint
-
-from .formatting import human_bytes
+from mergescope.tui.formatting import human_bytes
 
 #: colours from "barely changed" to "changed the most" for the per-layer table
 _SCALE = ("grey50", "cyan", "green", "yellow", "dark_orange", "red")

@@ -6,8 +6,7 @@ import argparse
 import json
 
 from mergescope.checkpoints import Checkpoint, LoraCheckpoint, layer_index, open_checkpoint
-
-from .formatting import human_bytes, human_count
+from mergescope.tui.formatting import human_bytes, human_count
 
 
 def describe(checkpoint: Checkpoint) -> dict:

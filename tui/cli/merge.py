@@ -8,8 +8,7 @@ from pathlib import Path
 
 from mergescope.analysis import unique_names
 from mergescope.checkpoints import MergescopeError, layer_group
-
-from .formatting import human_bytes
+from mergescope.tui.formatting import human_bytes
 
 
 def run_merge_command(args: argparse.Namespace) -> int:

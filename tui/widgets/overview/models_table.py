@@ -6,7 +6,7 @@ from rich.text import Text
 from textual.widgets import DataTable
 
 from mergescope.checkpoints import Checkpoint
-from mergescope.tui.cli.formatting import human_count
+from mergescope.tui.formatting import human_count
 from mergescope.tui.report_view import badges
 
 _BADGE_LABELS = {"base": "base", "tokenizer": "tok", "vocab": "vocab", "arch": "arch"}

@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, ProgressBar
 
-from mergescope.tui.cli.formatting import human_bytes
+from mergescope.tui.formatting import human_bytes
 from mergescope.tui.display import short
 
 
