@@ -9,9 +9,11 @@ import sys
 import pytest
 
 from mergescope.checkpoints import MergescopeError
+from mergescope.demo.session import manifest_models
+from mergescope.demo.workspace import MANIFEST
 from mergescope.merge.plan import load_plan
 from mergescope.tui.app import MergescopeApp
-from mergescope.tui.session import demo_models, open_session
+from mergescope.tui.session import open_session
 from tui_fixtures import build_models, run, wait_for_analysis
 
 PLAN = """merge_method: dare_ties
@@ -66,10 +68,10 @@ def test_plan_in_builder_round_trips(workspace):
 
 
 def test_demo_manifest_models(workspace):
-    (workspace / "mergescope-demo.json").write_text(json.dumps({"base": "base", "fine_tunes": [{"path": "ft_a"}, {"path": "ft_b"}], "traps": ["ft_c"]}))
+    (workspace / MANIFEST).write_text(json.dumps({"base": "base", "fine_tunes": [{"path": "ft_a"}, {"path": "ft_b"}], "traps": ["ft_c"]}))
     session = open_session([str(workspace)])
     assert session.workspace == workspace and [m.name for m in session.models] == ["ft_a", "ft_b", "ft_c"]
-    assert demo_models({"models": ["x"], "lora": {"path": "y"}}) == ["x", "y"]
+    assert manifest_models({"models": ["x"], "lora": {"path": "y"}}) == ["x", "y"]
     assert session.set_aside == {str(workspace / "ft_c")}  # the trap, before any analysis has flagged it
 
     async def body():

@@ -110,14 +110,10 @@ class MergescopeApp(App):
     @work(thread=True, group="demo-eval")
     def score_workspace(self) -> None:
         """Demo workspace: each model's held-out accuracy per task, shown in the models table as it comes."""
-        from mergescope.demo.evaluate import evaluate
+        from mergescope.demo.session import score_models
 
         session = self.session
-        for key, checkpoint in [("<base>", session.base), *zip(self.names, session.models)]:
-            try:
-                scores = evaluate(checkpoint.root or checkpoint.source)
-            except Exception:  # not a demo-architecture model (e.g. an adapter it cannot load): no score
-                continue
+        for key, scores in score_models([("<base>", session.base), *zip(self.names, session.models)]):
             self.call_from_thread(self._set_scores, key, scores)
 
     def _set_scores(self, key: str, scores: dict[str, float]) -> None:

@@ -20,6 +20,7 @@ from textual.screen import Screen
 from textual.widgets import Checkbox, Footer, Header, Input, Label, Select, Static
 
 from mergescope.checkpoints import MergescopeError
+from mergescope.demo.session import merge_folder
 from mergescope.merge.methods import METHODS
 from mergescope.tui.plan_document import (
     DTYPES, ModelRow, PlanForm, default_form, from_plan, set_method, to_document, to_yaml,
@@ -104,7 +105,7 @@ class PlanScreen(Screen):
                 row.included = row.reference not in left_out
         form = default_form(DEFAULT_METHOD, self._references()[0], rows)
         if session.workspace is not None:
-            form.output = str(session.workspace / "merges" / "ties")
+            form.output = str(merge_folder(session.workspace, DEFAULT_METHOD))
         return form
 
     def _references(self) -> list[str]:
