@@ -117,7 +117,7 @@ def test_cancel_a_run(workspace, tmp_path, monkeypatch):
             await pilot.press("c")
             await wait_until(pilot, lambda: app.screen.state != "running")
             assert app.screen.state == "cancelled"
-            assert app.merge_cancel is None
+            assert app.state.merge_cancel is None
             await pilot.press("escape")
             assert type(app.screen).__name__ == "PlanScreen"
 
@@ -139,7 +139,7 @@ def test_quit_asks_while_a_merge_runs(workspace, monkeypatch):
             await pilot.press("p")
             app.screen.query_one("#method").focus()
             await pilot.press("r", "ctrl+g")
-            await wait_until(pilot, lambda: app.merge_cancel is not None)
+            await wait_until(pilot, lambda: app.state.merge_cancel is not None)
             await pilot.press("q")
             await pilot.pause(0.1)
             assert type(app.screen).__name__ == "ConfirmScreen"

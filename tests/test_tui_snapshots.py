@@ -25,7 +25,7 @@ def app(tmp_path, monkeypatch):
 async def analysed(pilot) -> None:
     app = pilot.app
     deadline = time.monotonic() + 30
-    while not app.analysis_done and time.monotonic() < deadline:
+    while not app.state.analysis_done and time.monotonic() < deadline:
         await pilot.pause(0.05)
     await pilot.pause(0.2)
 
@@ -89,7 +89,7 @@ def test_diagnosis(snap_compare, tmp_path, monkeypatch, size):
         while time.monotonic() < deadline:
             await pilot.pause(0.05)
             screen = pilot.app.screen
-            if getattr(screen, "diagnosis", None) is not None and pilot.app.analysis_done:
+            if getattr(screen, "diagnosis", None) is not None and pilot.app.state.analysis_done:
                 break
         await pilot.pause(0.2)
 

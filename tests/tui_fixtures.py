@@ -38,10 +38,10 @@ def run(coroutine_function, *args):
 async def wait_for_analysis(app, pilot) -> None:
     for _ in range(200):
         await pilot.pause(0.05)
-        if app.analysis_done or app.analysis_error:
+        if app.state.analysis_done or app.state.analysis_error:
             break
     await pilot.pause(0.1)
-    assert app.analysis_done, app.analysis_error
+    assert app.state.analysis_done, app.state.analysis_error
 
 
 def static_text(widget, width: int = 200) -> str:

@@ -1,14 +1,13 @@
 """The Textual app behind ``mergescope inspect``.
 
-State shared by the screens lives here: the session (base and models, opened from headers), the latest
-analysis snapshot (``report``, a ``mergescope.analysis/1`` document as it fills in) and the running merge.
-The analysis runs in a thread worker and reports through :class:`AnalysisUpdated` messages; screens
-subscribe to :attr:`analysis_changed` and redraw from :attr:`report`. Nothing heavy runs on the event loop.
+What the screens share lives in one :class:`~mergescope.tui.state.AppState` (``app.state``): the session, the
+latest analysis snapshot, the plan and the running merge, the demo's scores. The analysis runs in a thread
+worker and reports through :class:`AnalysisUpdated` messages; screens subscribe to :attr:`analysis_changed`
+and redraw from ``state.report``. Nothing heavy runs on the event loop.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 
 from textual import work
@@ -16,10 +15,10 @@ from textual.app import App
 from textual.binding import Binding
 from textual.signal import Signal
 
-from mergescope.analysis import unique_names
 from mergescope.tui.commands import MergescopeCommands
 from mergescope.tui.messages import AnalysisUpdated
 from mergescope.tui.session import Session
+from mergescope.tui.state import BASE_KEY, AppState
 
 #: the analysis sends a snapshot at most this often (seconds)
 SNAPSHOT_EVERY = 0.25
@@ -38,22 +37,11 @@ class MergescopeApp(App):
 
     def __init__(self, session: Session, *, device: str = "auto", use_cache: bool = True) -> None:
         super().__init__()
-        self.session = session
-        self.device = device
-        self.use_cache = use_cache
-        self.names = unique_names(session.models)
-        self.report: dict = {}
-        self.analysis_progress = None
-        self.analysis_done = False
-        self.analysis_error: str | None = None
-        self.analysis_changed: Signal = Signal(self, "analysis_changed")
-        self.scores_changed: Signal = Signal(self, "scores_changed")
-        self.analysis_cancel = threading.Event()
-        self.merge_cancel: threading.Event | None = None  # set while a merge runs
-        self.plan_text: str | None = None  # the plan builder's current plan (YAML), for `r`
-        self.last_merge = None  # the folder of the last merge run in the app
-        self.sample_cache = None  # the plan preview's samples, kept between previews (set on first use)
-        self.demo_scores: dict[str, dict[str, float]] = {}  # demo workspace: model name → task → accuracy
+        self.state = AppState(session, device=device, use_cache=use_cache)
+        #: published with the report after each analysis snapshot
+        self.analysis_changed: Signal[dict] = Signal(self, "analysis_changed")
+        #: published with ``state.demo_scores`` when a model's demo scores arrive
+        self.scores_changed: Signal[dict] = Signal(self, "scores_changed")
 
     # --- start-up ----------------------------------------------------------------------------------
     def on_mount(self) -> None:
@@ -61,12 +49,12 @@ class MergescopeApp(App):
 
         self.push_screen(OverviewScreen())
         self.run_analysis()
-        if self.session.workspace is not None:
+        if self.state.session.workspace is not None:
             self.score_workspace()
-        if self.session.start == "plan":
+        if self.state.session.start == "plan":
             self.action_plan()
-        elif self.session.start == "diagnosis":
-            self.action_diagnose(self.session.merged_dir)
+        elif self.state.session.start == "diagnosis":
+            self.action_diagnose(self.state.session.merged_dir)
 
     @work(thread=True, exclusive=True, group="analysis")
     def run_analysis(self) -> None:
@@ -74,55 +62,55 @@ class MergescopeApp(App):
         from mergescope.analysis import Progress, ReportBuilder, stream_analysis
         from mergescope.analysis.cache import AnalysisCache, cache_key
 
-        base, models = self.session.base, self.session.models
+        base, models = self.state.session.base, self.state.session.models
         try:
-            cache = AnalysisCache() if self.use_cache else None
-            key = cache_key(base, models, self.names, 1.0)
+            cache = AnalysisCache() if self.state.use_cache else None
+            key = cache_key(base, models, self.state.names, 1.0)
             if cache is not None and (hit := cache.get(key)) is not None:
                 self.post_message(AnalysisUpdated(hit, None, done=True))
                 return
-            builder = ReportBuilder(base, models, self.names, 1.0)
+            builder = ReportBuilder(base, models, self.state.names, 1.0)
             last = 0.0
             progress = None
-            for event in stream_analysis(base, models, self.names, device=self.device, cancel=self.analysis_cancel):
+            for event in stream_analysis(base, models, self.state.names, device=self.state.device, cancel=self.state.analysis_cancel):
                 builder.add(event)
                 if isinstance(event, Progress):
                     progress = event
                     if time.monotonic() - last >= SNAPSHOT_EVERY:
                         self.post_message(AnalysisUpdated(builder.report(), progress, done=False))
                         last = time.monotonic()
-            if self.analysis_cancel.is_set():
+            if self.state.analysis_cancel.is_set():
                 return
             report = builder.report()
             if cache is not None:
                 cache.put(key, report)
             self.post_message(AnalysisUpdated(report, progress, done=True))
         except Exception as exc:  # shown in the status line; the app stays usable
-            self.post_message(AnalysisUpdated(self.report, None, done=False, error=str(exc)))
+            self.post_message(AnalysisUpdated(self.state.report, None, done=False, error=str(exc)))
 
     def on_analysis_updated(self, message: AnalysisUpdated) -> None:
-        self.report = message.report
-        self.analysis_progress = message.progress
-        self.analysis_done = message.done
-        self.analysis_error = message.error
-        self.analysis_changed.publish(self.report)
+        self.state.report = message.report
+        self.state.analysis_progress = message.progress
+        self.state.analysis_done = message.done
+        self.state.analysis_error = message.error
+        self.analysis_changed.publish(self.state.report)
 
     @work(thread=True, group="demo-eval")
     def score_workspace(self) -> None:
         """Demo workspace: each model's held-out accuracy per task, shown in the models table as it comes."""
         from mergescope.demo.session import score_models
 
-        session = self.session
-        for key, scores in score_models([("<base>", session.base), *zip(self.names, session.models)]):
+        session = self.state.session
+        for key, scores in score_models([(BASE_KEY, session.base), *zip(self.state.names, session.models)]):
             self.call_from_thread(self._set_scores, key, scores)
 
     def _set_scores(self, key: str, scores: dict[str, float]) -> None:
-        self.demo_scores[key] = scores
-        self.scores_changed.publish(self.demo_scores)
+        self.state.demo_scores[key] = scores
+        self.scores_changed.publish(self.state.demo_scores)
 
     def after_merge(self, out_dir, log) -> None:
         """In a demo workspace, score the new merge on the demo tasks (in a worker) and log the scores."""
-        if self.session.workspace is not None:
+        if self.state.session.workspace is not None:
             self.score_demo_model(out_dir, log)
 
     @work(thread=True, group="demo-eval")
@@ -149,23 +137,23 @@ class MergescopeApp(App):
         from mergescope.tui.screens.plan_screen import PlanScreen
 
         if not isinstance(self.screen, PlanScreen):
-            self.push_screen(PlanScreen(self.session.plan_path))
+            self.push_screen(PlanScreen(self.state.session.plan_path))
 
     def action_run(self) -> None:
         from mergescope.tui.screens.plan_screen import PlanScreen
         from mergescope.tui.screens.run_screen import RunScreen
 
-        if self.merge_cancel is not None:
+        if self.state.merge_cancel is not None:
             self.notify("a merge is already running", severity="warning")
             return
         if isinstance(self.screen, PlanScreen):
             self.screen.action_run()
             return
-        if self.plan_text is None:
+        if self.state.plan_text is None:
             self.notify("build a plan first: p opens the plan builder", severity="warning")
             self.action_plan()
             return
-        self.push_screen(RunScreen(self.plan_text))
+        self.push_screen(RunScreen(self.state.plan_text))
 
     def action_filter_tensors(self) -> None:
         """Every tensor of the model, filtered by name as you type."""
@@ -174,33 +162,33 @@ class MergescopeApp(App):
         self.push_screen(LayerScreen(None, filter_first=True))
 
     def action_cancel_merge(self) -> None:
-        if self.merge_cancel is None:
+        if self.state.merge_cancel is None:
             self.notify("no merge is running", severity="warning")
             return
-        self.merge_cancel.set()
+        self.state.merge_cancel.set()
         self.notify("cancelling the merge after the current tensor")
 
     def action_diagnose(self, merged_dir=None) -> None:
         from mergescope.tui.screens.diagnosis_screen import DiagnosisScreen
 
-        target = merged_dir or getattr(self, "last_merge", None)
+        target = merged_dir or self.state.last_merge
         if target is None:
             self.notify("no merge to diagnose yet: run one (r) or open a merged folder", severity="warning")
             return
         self.push_screen(DiagnosisScreen(target))
 
     async def action_quit(self) -> None:
-        if self.merge_cancel is None:
-            self.analysis_cancel.set()
+        if self.state.merge_cancel is None:
+            self.state.analysis_cancel.set()
             self.exit()
             return
         from mergescope.tui.screens.confirm_screen import ConfirmScreen
 
         def answered(quit_now: bool | None) -> None:
             if quit_now:
-                if self.merge_cancel is not None:
-                    self.merge_cancel.set()
-                self.analysis_cancel.set()
+                if self.state.merge_cancel is not None:
+                    self.state.merge_cancel.set()
+                self.state.analysis_cancel.set()
                 self.exit()
 
         self.push_screen(ConfirmScreen("A merge is running. Cancel it and quit?"), answered)

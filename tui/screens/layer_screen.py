@@ -26,7 +26,7 @@ class LayerScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Input(placeholder="filter tensors by name (Enter to apply, Escape to close)", id="filter")
-        yield TensorTable(self.app.names, self.group, id="tensors")
+        yield TensorTable(self.app.state.names, self.group, id="tensors")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -39,7 +39,7 @@ class LayerScreen(Screen):
             self.action_filter()
 
     def refresh_table(self, _=None) -> None:
-        self.query_one(TensorTable).show(self.app.report)
+        self.query_one(TensorTable).show(self.app.state.report)
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)

@@ -47,14 +47,14 @@ class OverviewScreen(Screen):
     PANES = ("#heatmap", "#side", "#models")
 
     def compose(self) -> ComposeResult:
-        app = self.app
+        session, names = self.app.state.session, self.app.state.names
         yield Header()
-        yield ModelsTable(app.session.base, app.session.models, app.names, id="models")
+        yield ModelsTable(session.base, session.models, names, id="models")
         with Horizontal(id="main"):
-            yield LayerHeatmap(app.names, list(app.session.base.groups()), id="heatmap")
+            yield LayerHeatmap(names, list(session.base.groups()), id="heatmap")
             with VerticalScroll(id="side"):
-                yield PairMatrices(app.names, id="pairs")
-                yield DepthSparklines(app.names, id="depth")
+                yield PairMatrices(names, id="pairs")
+                yield DepthSparklines(names, id="depth")
                 yield Static(id="warnings")
         with Horizontal(id="status"):
             yield ProgressBar(id="analysis-bar", show_eta=True)
@@ -62,7 +62,7 @@ class OverviewScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"base: {self.app.session.base.name}"
+        self.sub_title = f"base: {self.app.state.session.base.name}"
         self.app.analysis_changed.subscribe(self, self.show_analysis)
         self.app.scores_changed.subscribe(self, lambda scores: self.query_one(ModelsTable).show_scores(scores))
         self.query_one("#heatmap").focus()
@@ -74,8 +74,8 @@ class OverviewScreen(Screen):
 
     def show_analysis(self, _=None) -> None:
         """Redraw from the app's latest analysis snapshot."""
-        app = self.app
-        report, done = app.report, app.analysis_done
+        state = self.app.state
+        report, done = state.report, state.analysis_done
         self.query_one(ModelsTable).update_report(report, done)
         heatmap = self.query_one(LayerHeatmap)
         heatmap.update_report(report)
@@ -83,9 +83,9 @@ class OverviewScreen(Screen):
         self.query_one(DepthSparklines).show(report)
         self.query_one("#warnings", Static).update(warnings_text(report))
         bar, label = self.query_one("#analysis-bar", ProgressBar), self.query_one("#analysis-label", Label)
-        progress = app.analysis_progress
-        if app.analysis_error:
-            label.update(Text(f"analysis failed: {app.analysis_error}", style="bold red"))
+        progress = state.analysis_progress
+        if state.analysis_error:
+            label.update(Text(f"analysis failed: {state.analysis_error}", style="bold red"))
         elif done:
             bar.update(total=1, progress=1)
             hint = " · Tab: pairwise matrices, depth, warnings" if self.has_class("narrow") else ""

@@ -87,8 +87,9 @@ class PlanScreen(Screen):
         self.set_class(self.size.width < 100, "narrow-plan")
 
     def _initial_form(self) -> PlanForm:
-        session = self.app.session
-        rows = [ModelRow(ref, name) for ref, name in zip(self._references()[1:], self.app.names)]
+        state = self.app.state
+        session = state.session
+        rows = [ModelRow(ref, name) for ref, name in zip(self._references()[1:], state.names)]
         if self.plan_path is not None:
             from mergescope.merge.plan import load_plan
 
@@ -98,7 +99,7 @@ class PlanScreen(Screen):
         # models that failed a compatibility check (another base, vocabulary, tokenizer, architecture), and those
         # the session sets aside, start unticked and listed last: a first plan never merges what is flagged
         left_out = {row.reference for row in rows
-                    if row.reference in session.set_aside or not all(badges(self.app.report, row.name).values())}
+                    if row.reference in session.set_aside or not all(badges(state.report, row.name).values())}
         if len(left_out) < len(rows):
             rows = [r for r in rows if r.reference not in left_out] + [r for r in rows if r.reference in left_out]
             for row in rows:
@@ -109,13 +110,13 @@ class PlanScreen(Screen):
         return form
 
     def _references(self) -> list[str]:
-        session = self.app.session
+        session = self.app.state.session
         return session.references or [session.base.source, *[m.source for m in session.models]]
 
     def _base_options(self) -> list[tuple[str, str]]:
         refs = self._references()
-        options = [(f"{self.app.session.base.name} (analysis base)", refs[0])]
-        options += [(name, ref) for name, ref in zip(self.app.names, refs[1:])]
+        options = [(f"{self.app.state.session.base.name} (analysis base)", refs[0])]
+        options += [(name, ref) for name, ref in zip(self.app.state.names, refs[1:])]
         options.append(("none", ""))
         if self.form and self.form.base and self.form.base not in refs:
             options.insert(0, (self.form.base, self.form.base))
@@ -197,7 +198,7 @@ class PlanScreen(Screen):
         try:
             plan, text = self.current_plan()
             self.app.call_from_thread(self._plan_ok, text)
-            for status, names, rows, warnings in preview_rows(self.app, plan, cancel):
+            for status, names, rows, warnings in preview_rows(self.app.state, plan, cancel):
                 if cancel.is_set():
                     return
                 self.app.call_from_thread(self._show_preview, status, names, rows, warnings)
@@ -207,7 +208,7 @@ class PlanScreen(Screen):
 
     def _plan_ok(self, text: str) -> None:
         self.plan_text = text
-        self.app.plan_text = text
+        self.app.state.plan_text = text
 
     def _show_preview(self, status: str, names, rows, warnings: list[str]) -> None:
         self.query_one("#preview-status", Static).update(Text(status, style="green" if status.startswith("exact") else "yellow"))
@@ -247,7 +248,7 @@ class PlanScreen(Screen):
         except (MergescopeError, ValueError) as exc:
             self.notify(f"cannot run: {exc}", severity="error")
             return
-        self.app.plan_text = text
+        self.app.state.plan_text = text
         self.app.push_screen(RunScreen(text, self.form.output))
 
     def action_back(self) -> None:

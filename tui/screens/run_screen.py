@@ -55,7 +55,7 @@ class RunScreen(Screen):
             yield Label("output folder", classes="field-label")
             yield Input(self.output, compact=True, id="run-output")
             yield Label("device", classes="field-label")
-            yield Select(device_options(), value=self.app.device if self.app.device != "" else "auto", allow_blank=False, compact=True, id="run-device")
+            yield Select(device_options(), value=self.app.state.device if self.app.state.device != "" else "auto", allow_blank=False, compact=True, id="run-device")
             yield Checkbox("replace the output folder if it exists", False, compact=True, id="run-force")
             yield Static(Text("Ctrl+G starts the merge · Escape goes back", style="bold"), id="run-hint")
         with Vertical(id="run-panel"):
@@ -74,7 +74,7 @@ class RunScreen(Screen):
     def action_start(self) -> None:
         if self.state != "confirm":
             return
-        if self.app.merge_cancel is not None:
+        if self.app.state.merge_cancel is not None:
             self.notify("a merge is already running", severity="warning")
             return
         self.out_dir = Path(self.query_one("#run-output", Input).value or "merged")
@@ -83,10 +83,10 @@ class RunScreen(Screen):
         self.state = "running"
         self.query_one("#run-form").display = False
         self.query_one("#run-panel").display = True
-        self.app.merge_cancel = threading.Event()
+        self.app.state.merge_cancel = threading.Event()
         log = self.query_one(RichLog)
         log.write(f"merging into {self.out_dir} on {device}")
-        self.run_merge(self.out_dir, str(device), force, self.app.merge_cancel)
+        self.run_merge(self.out_dir, str(device), force, self.app.state.merge_cancel)
 
     @work(thread=True, exclusive=True, group="merge")
     def run_merge(self, out_dir: Path, device: str, force: bool, cancel: threading.Event) -> None:
@@ -113,14 +113,16 @@ class RunScreen(Screen):
             if event.progress.tensors_done == event.progress.tensors_total or event.progress.tensors_done % 25 == 0:
                 log.write(f"{event.progress.tensors_done}/{event.progress.tensors_total} {event.progress.tensor}")
             return
-        self.app.merge_cancel = None
+        self.app.state.merge_cancel = None
         if event.finished:
             self.state = "done"
-            self.app.last_merge = Path(event.finished)
+            self.app.state.last_merge = Path(event.finished)
             log.write(f"done: {event.finished} — its diagnosis below (d: full screen · Escape: back)")
             self.notify(f"merged into {event.finished}")
             self.add_class("finished")
-            self.mount(DiagnosisView(event.finished, id="run-diagnosis"), before=self.query_one(Footer))
+            state = self.app.state
+            diagnosis = DiagnosisView(event.finished, base=state.session.base, device=state.device, id="run-diagnosis")
+            self.mount(diagnosis, before=self.query_one(Footer))
             self.app.after_merge(Path(event.finished), log)
         elif event.cancelled:
             self.state = "cancelled"
@@ -131,13 +133,13 @@ class RunScreen(Screen):
             self.notify(event.failed or "merge failed", severity="error")
 
     def action_cancel(self) -> None:
-        if self.state == "running" and self.app.merge_cancel is not None:
-            self.app.merge_cancel.set()
+        if self.state == "running" and self.app.state.merge_cancel is not None:
+            self.app.state.merge_cancel.set()
             self.query_one(RichLog).write("cancelling after the current tensor…")
 
     def action_diagnose(self) -> None:
         if self.state == "done":
-            self.app.action_diagnose(self.app.last_merge)
+            self.app.action_diagnose(self.app.state.last_merge)
 
     def action_back(self) -> None:
         if self.state == "running":

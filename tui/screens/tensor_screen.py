@@ -64,9 +64,9 @@ class TensorScreen(Screen):
     def load_detail(self) -> None:
         from mergescope.analysis.tensor_detail import tensor_detail
 
-        session = self.app.session
+        state = self.app.state
         try:
-            detail = tensor_detail(session.base, session.models, self.app.names, self.tensor)
+            detail = tensor_detail(state.session.base, state.session.models, state.names, self.tensor)
             renderable = render_detail(detail)
         except Exception as exc:  # a read error must not kill the app
             renderable = Text(f"cannot read {self.tensor}: {exc}", style="bold red")

@@ -12,6 +12,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, ProgressBar, Static
 
+from mergescope.checkpoints import Checkpoint
 from mergescope.tui.widgets.run.diagnosis_table import DiagnosisTable
 
 
@@ -36,9 +37,12 @@ class DiagnosisView(Vertical):
     DiagnosisView #diagnosis-bar { width: auto; margin-right: 1; }
     """
 
-    def __init__(self, merged_dir: Path | str, **kwargs) -> None:
+    def __init__(self, merged_dir: Path | str, *, base: Checkpoint, device: str, **kwargs) -> None:
+        """``base``: the session's base (what the merge's plan names is read beside it when needed);
+        ``device``: where the pass runs."""
         super().__init__(**kwargs)
         self.merged_dir = Path(merged_dir)
+        self.base, self.device = base, device
         self.cancel = threading.Event()
         self.diagnosis = None
         self.error: str | None = None
@@ -66,11 +70,11 @@ class DiagnosisView(Vertical):
 
         app = self.app
         try:
-            context = plan_context_for_folder(self.merged_dir, app.session.base)
+            context = plan_context_for_folder(self.merged_dir, self.base)
             merged = open_checkpoint(str(self.merged_dir))
             app.call_from_thread(self._start_table, context.names)
             for event in stream_diagnosis(context.base, context.sources, merged, names=context.names,
-                                          references=context.references, context=context, device=app.device,
+                                          references=context.references, context=context, device=self.device,
                                           cancel=self.cancel):
                 if isinstance(event, GroupDiagnosis):
                     app.call_from_thread(self._add_group, event)
