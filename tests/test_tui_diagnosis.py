@@ -84,7 +84,7 @@ def test_diagnose_after_a_run(merged, tmp_path):
             app.screen.query_one("#output").value = "run_out"
             app.screen.query_one("#method").focus()
             await pilot.press("r", "ctrl+g")
-            await wait_for(pilot, lambda: app.screen.state == "done")
+            await wait_for(pilot, lambda: app.screen.phase == "done")
             await pilot.press("d")
             await pilot.pause(0.1)
             assert type(app.screen).__name__ == "DiagnosisScreen"

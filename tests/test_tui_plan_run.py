@@ -1,9 +1,11 @@
 """Plan builder and run panel at 80x24: edit a weight and watch the preview move, save the plan, run it
-(output compared with a direct merge of the saved plan), cancel a run."""
+(output compared with a direct merge of the saved plan), cancel a run, a run that fails; and the messages
+the screens post on the way."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +13,12 @@ from safetensors.numpy import load_file
 
 from mergescope.merge.executor import run_merge
 from mergescope.merge.job import build_job
-from mergescope.merge.plan import load_plan
+from mergescope.merge.plan import load_plan, parse_plan
 from mergescope.tui.app import MergescopeApp
+from mergescope.tui.screens.plan_screen import PlanValidated
+from mergescope.tui.screens.run_screen import MergeCancelled, MergeFailed, MergeFinished, MergeStarted
 from mergescope.tui.session import open_session
-from tui_fixtures import build_models, run, static_text, wait_for_analysis
+from tui_fixtures import Posted, build_models, run, static_text, wait_for_analysis
 
 
 @pytest.fixture
@@ -43,10 +47,17 @@ def exact_row(app, label: str) -> list[str]:
     return [str(cell) for cell in table.get_row(label)]
 
 
+def log_lines(app) -> list[str]:
+    """The run screen's log, line by line."""
+    return [line.text for line in app.screen.query_one("#run-log").lines]
+
+
 def test_plan_preview_save_and_run(workspace, tmp_path):
+    posted = Posted()
+
     async def body():
         app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
-        async with app.run_test(size=(80, 24)) as pilot:
+        async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
             await wait_for_analysis(app, pilot)
             await pilot.press("p")
             screen = app.screen
@@ -81,8 +92,17 @@ def test_plan_preview_save_and_run(workspace, tmp_path):
             await pilot.pause(0.1)
             assert type(app.screen).__name__ == "RunScreen"
             await pilot.press("ctrl+g")
-            await wait_until(pilot, lambda: app.screen.state in ("done", "failed"))
-            assert app.screen.state == "done"
+            await wait_until(pilot, lambda: app.screen.phase in ("done", "failed"))
+            assert app.screen.phase == "done"
+            await wait_until(pilot, lambda: app.state.last_merge is not None)
+            assert [m.output for m in posted.of(MergeStarted)] == [Path("out_tui")]
+            assert [m.output for m in posted.of(MergeFinished)] == [Path("out_tui")]
+            assert not posted.of(MergeFailed) and not posted.of(MergeCancelled)
+            # the app keeps what the screens reported: the plan that ran, the merge's folder, no merge running
+            assert app.state.last_merge == Path("out_tui") and not app.state.merging
+            assert parse_plan(app.state.plan_text) == parse_plan(posted.of(PlanValidated)[-1].plan_text)
+            assert parse_plan(app.state.plan_text).models[1].parameters["weight"] == 0.25
+            assert "done: out_tui — its diagnosis below (d: full screen · Escape: back)" in log_lines(app)
         return True
 
     run(body)
@@ -103,10 +123,11 @@ def test_cancel_a_run(workspace, tmp_path, monkeypatch):
         return slow(*args, **kwargs)
 
     monkeypatch.setattr(executor, "merge_tensor", slow_merge)
+    posted = Posted()
 
     async def body():
         app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
-        async with app.run_test(size=(80, 24)) as pilot:
+        async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
             await wait_for_analysis(app, pilot)
             await pilot.press("p")
             await set_input(pilot, app, "#output", "out_cancelled")
@@ -115,9 +136,13 @@ def test_cancel_a_run(workspace, tmp_path, monkeypatch):
             await pilot.press("ctrl+g")
             await wait_until(pilot, lambda: app.screen.query_one("#merge-bar").progress > 0)
             await pilot.press("c")
-            await wait_until(pilot, lambda: app.screen.state != "running")
-            assert app.screen.state == "cancelled"
-            assert app.state.merge_cancel is None
+            await wait_until(pilot, lambda: app.screen.phase != "running")
+            assert app.screen.phase == "cancelled"
+            await wait_until(pilot, lambda: not app.state.merging)
+            assert [m.output for m in posted.of(MergeCancelled)] == [Path("out_cancelled")]
+            assert not posted.of(MergeFinished) and not posted.of(MergeFailed)
+            assert app.state.last_merge is None
+            assert log_lines(app)[-1] == "cancelled; nothing was written to out_cancelled"
             await pilot.press("escape")
             assert type(app.screen).__name__ == "PlanScreen"
 
@@ -149,3 +174,28 @@ def test_quit_asks_while_a_merge_runs(workspace, monkeypatch):
             await pilot.pause(0.3)
 
     run(body)
+
+
+def test_a_failed_run_posts_merge_failed(workspace, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("not a merge")
+    posted = Posted()
+
+    async def body():
+        app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
+        async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
+            await wait_for_analysis(app, pilot)
+            await pilot.press("p")
+            await set_input(pilot, app, "#output", "taken")
+            app.screen.query_one("#method").focus()
+            await pilot.press("r", "ctrl+g")
+            await wait_until(pilot, lambda: app.screen.phase != "running")
+            assert app.screen.phase == "failed"
+            await wait_until(pilot, lambda: not app.state.merging)
+            [failed] = posted.of(MergeFailed)
+            assert failed.output == Path("taken") and "folder exists and is not empty" in failed.error
+            assert not posted.of(MergeFinished) and app.state.last_merge is None
+            assert log_lines(app)[-1] == f"failed: {failed.error}"
+
+    run(body)
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]

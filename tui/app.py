@@ -9,19 +9,33 @@ and redraw from ``state.report``. Nothing heavy runs on the event loop.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from textual import work
 from textual.app import App
 from textual.binding import Binding
+from textual.message import Message
 from textual.signal import Signal
 
 from mergescope.tui.commands import MergescopeCommands
 from mergescope.tui.messages import AnalysisUpdated
+from mergescope.tui.screens.plan_screen import PlanValidated
+from mergescope.tui.screens.run_screen import (
+    MergeCancelled, MergeFailed, MergeFinished, MergeScored, MergeStarted,
+)
 from mergescope.tui.session import Session
 from mergescope.tui.state import BASE_KEY, AppState
 
 #: the analysis sends a snapshot at most this often (seconds)
 SNAPSHOT_EVERY = 0.25
+
+
+@dataclass
+class ModelScored(Message):
+    """Demo workspace: one model of the session scored on the demo tasks."""
+
+    key: str  # the model's name; BASE_KEY for the base
+    scores: dict[str, float]  # task → held-out accuracy
 
 
 class MergescopeApp(App):
@@ -102,29 +116,34 @@ class MergescopeApp(App):
 
         session = self.state.session
         for key, scores in score_models([(BASE_KEY, session.base), *zip(self.state.names, session.models)]):
-            self.call_from_thread(self._set_scores, key, scores)
+            self.post_message(ModelScored(key, scores))
 
-    def _set_scores(self, key: str, scores: dict[str, float]) -> None:
+    def on_model_scored(self, message: ModelScored) -> None:
+        self._record_scores(message.key, message.scores)
+
+    def _record_scores(self, key: str, scores: dict[str, float]) -> None:
         self.state.demo_scores[key] = scores
         self.scores_changed.publish(self.state.demo_scores)
 
-    def after_merge(self, out_dir, log) -> None:
-        """In a demo workspace, score the new merge on the demo tasks (in a worker) and log the scores."""
-        if self.state.session.workspace is not None:
-            self.score_demo_model(out_dir, log)
+    # --- what the screens report --------------------------------------------------------------------
+    def on_plan_validated(self, message: PlanValidated) -> None:
+        self.state.plan_text = message.plan_text
 
-    @work(thread=True, group="demo-eval")
-    def score_demo_model(self, out_dir, log) -> None:
-        from mergescope.demo.evaluate import evaluate
+    def on_merge_started(self, message: MergeStarted) -> None:
+        self.state.merge_cancel = message.cancel
 
-        try:
-            scores = evaluate(out_dir)
-        except Exception as exc:  # a model the demo cannot score: say so, keep going
-            self.call_from_thread(log.write, f"demo evaluation failed: {exc}")
-            return
-        self.call_from_thread(self._set_scores, str(out_dir), scores)
-        line = "  ".join(f"{task} {accuracy:.0%}" for task, accuracy in scores.items())
-        self.call_from_thread(log.write, f"demo scores of {out_dir}: {line}")
+    def on_merge_finished(self, message: MergeFinished) -> None:
+        self.state.merge_cancel = None
+        self.state.last_merge = message.output
+
+    def on_merge_failed(self, message: MergeFailed) -> None:
+        self.state.merge_cancel = None
+
+    def on_merge_cancelled(self, message: MergeCancelled) -> None:
+        self.state.merge_cancel = None
+
+    def on_merge_scored(self, message: MergeScored) -> None:
+        self._record_scores(str(message.output), message.scores)
 
     # --- actions -----------------------------------------------------------------------------------
     def action_help(self) -> None:
@@ -143,7 +162,7 @@ class MergescopeApp(App):
         from mergescope.tui.screens.plan_screen import PlanScreen
         from mergescope.tui.screens.run_screen import RunScreen
 
-        if self.state.merge_cancel is not None:
+        if self.state.merging:
             self.notify("a merge is already running", severity="warning")
             return
         if isinstance(self.screen, PlanScreen):

@@ -20,10 +20,3 @@ class LayerHighlighted(Message):
         super().__init__()
         self.group = group
 
-
-class MergeEvent(Message):
-    """Progress of a running merge (a :class:`mergescope.merge.executor.MergeProgress`), or its end."""
-
-    def __init__(self, progress=None, *, finished: str | None = None, failed: str | None = None, cancelled: bool = False) -> None:
-        super().__init__()
-        self.progress, self.finished, self.failed, self.cancelled = progress, finished, failed, cancelled

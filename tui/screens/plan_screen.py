@@ -9,6 +9,7 @@ functions, so it cannot disagree with the merge.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.text import Text
@@ -16,6 +17,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Checkbox, Footer, Header, Input, Label, Select, Static
 
@@ -34,6 +36,13 @@ DEBOUNCE = 0.3
 DEFAULT_METHOD = "ties"
 
 
+@dataclass
+class PlanValidated(Message):
+    """The form makes a valid plan (every edit is checked; ``r`` checks once more before it runs)."""
+
+    plan_text: str  # the plan as mergekit YAML
+
+
 class PlanScreen(Screen):
     BINDINGS = [
         Binding("escape", "back", "Back"),
@@ -45,7 +54,6 @@ class PlanScreen(Screen):
         super().__init__()
         self.plan_path = plan_path
         self.form: PlanForm | None = None
-        self.plan_text: str | None = None  # the last plan that validated
         self._timer = None
         self._cancel = threading.Event()
 
@@ -207,8 +215,7 @@ class PlanScreen(Screen):
                 self.app.call_from_thread(self._plan_problem, str(exc))
 
     def _plan_ok(self, text: str) -> None:
-        self.plan_text = text
-        self.app.state.plan_text = text
+        self.post_message(PlanValidated(text))
 
     def _show_preview(self, status: str, names, rows, warnings: list[str]) -> None:
         self.query_one("#preview-status", Static).update(Text(status, style="green" if status.startswith("exact") else "yellow"))
@@ -220,7 +227,6 @@ class PlanScreen(Screen):
         self.query_one("#plan-warnings", Static).update(text)
 
     def _plan_problem(self, message: str) -> None:
-        self.plan_text = None
         self.query_one("#preview-status", Static).update(Text("the plan has problems:", style="bold red"))
         self.query_one("#plan-warnings", Static).update(Text(message, style="red"))
 
@@ -248,7 +254,7 @@ class PlanScreen(Screen):
         except (MergescopeError, ValueError) as exc:
             self.notify(f"cannot run: {exc}", severity="error")
             return
-        self.app.state.plan_text = text
+        self.post_message(PlanValidated(text))
         self.app.push_screen(RunScreen(text, self.form.output))
 
     def action_back(self) -> None:
