@@ -18,6 +18,7 @@ from mergescope.tui.app import MergescopeApp
 from mergescope.tui.screens.plan_screen import PlanValidated
 from mergescope.tui.screens.run_screen import MergeCancelled, MergeFailed, MergeFinished, MergeStarted
 from mergescope.tui.session import open_session
+from mergescope.tui.widgets.plan.model_fields import ModelFieldsChanged
 from tui_fixtures import Posted, build_models, run, static_text, wait_for_analysis
 
 
@@ -111,6 +112,32 @@ def test_plan_preview_save_and_run(workspace, tmp_path):
     assert ours.keys() == reference.keys()
     for name in ours:
         np.testing.assert_array_equal(ours[name], reference[name])
+
+
+def test_model_fields_post_their_changes(workspace):
+    """Unticking a model and typing a parameter each post ModelFieldsChanged; the plan follows."""
+    posted = Posted()
+
+    async def body():
+        app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
+        async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
+            await wait_for_analysis(app, pilot)
+            await pilot.press("p")
+            await pilot.pause(0.2)
+            screen = app.screen
+            screen.query_one("#use-1").focus()
+            await pilot.press("space")
+            await set_input(pilot, app, "#param-0-density", "0.3")
+            changes = [(m.index, m.model, m.included, m.parameter, m.text) for m in posted.of(ModelFieldsChanged)]
+            unticked = changes.index((1, "ft_b", False, None, ""))
+            assert changes[-1] == (0, "ft_a", True, "density", "0.3") and unticked < len(changes) - 1
+            assert [(row.reference, row.included, row.fields["density"]) for row in screen.form.models] == [
+                ("ft_a", True, "0.3"), ("ft_b", False, screen.form.models[1].fields["density"])]
+            await wait_until(pilot, lambda: "0.3" in (app.state.plan_text or ""))
+            plan = parse_plan(app.state.plan_text)
+            assert [(m.model, m.parameters["density"]) for m in plan.models] == [("ft_a", 0.3)]
+
+    run(body)
 
 
 def test_cancel_a_run(workspace, tmp_path, monkeypatch):

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Checkbox, Footer, Header, Input, Label, Select, Static
+from textual.widgets import Footer, Header, Input, Label, Select, Static
 
 from mergescope.checkpoints import MergescopeError
 from mergescope.demo.session import merge_folder
@@ -28,7 +28,7 @@ from mergescope.tui.plan_document import (
     DTYPES, ModelRow, PlanForm, default_form, from_plan, set_method, to_document, to_yaml,
 )
 from mergescope.tui.report_view import badges
-from mergescope.tui.widgets.plan.model_fields import ModelFields
+from mergescope.tui.widgets.plan.model_fields import ModelFields, ModelFieldsChanged
 from mergescope.tui.widgets.plan.preview_table import PreviewTable
 
 #: seconds of quiet after an edit before the preview recomputes
@@ -141,7 +141,8 @@ class PlanScreen(Screen):
         for name, text in self.form.options.items():
             spec = method.parameter(name)
             widgets += [Static(f"{name}: {spec.description}", classes="dim"),
-                        Input(text, placeholder=f"default {spec.default}", compact=True, id=f"option-{name}", classes="param-input")]
+                        Input(text, placeholder=f"default {spec.default}", compact=True, name=name, id=f"option-{name}",
+                              classes="param-input")]
         if not widgets:
             widgets.append(Static("none", classes="dim"))
         await options.mount_all(widgets)
@@ -162,24 +163,21 @@ class PlanScreen(Screen):
             self.form.dtype = value or None
         self.schedule_preview()
 
-    def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
-        index = int(event.checkbox.id.split("-")[1])
-        self.form.models[index].included = event.value
+    def on_model_fields_changed(self, message: ModelFieldsChanged) -> None:
+        row = self.form.models[message.index]
+        row.included = message.included
+        if message.parameter is not None:
+            row.fields[message.parameter] = message.text
         self.schedule_preview()
 
-    def on_input_changed(self, event: Input.Changed) -> None:
-        ident = event.input.id or ""
-        if ident.startswith("param-"):
-            _, index, name = ident.split("-", 2)
-            self.form.models[int(index)].fields[name] = event.value
-        elif ident.startswith("option-"):
-            self.form.options[ident.removeprefix("option-")] = event.value
-        elif ident == "output":
-            self.form.output = event.value
-            return
-        else:
-            return
+    @on(Input.Changed, "#option-fields Input")
+    def option_changed(self, event: Input.Changed) -> None:
+        self.form.options[event.input.name] = event.value
         self.schedule_preview()
+
+    @on(Input.Changed, "#output")
+    def output_changed(self, event: Input.Changed) -> None:
+        self.form.output = event.value
 
     def schedule_preview(self, delay: float = DEBOUNCE) -> None:
         if self._timer is not None:
