@@ -17,8 +17,8 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.signal import Signal
 
+from mergescope.analysis import Progress
 from mergescope.tui.commands import MergescopeCommands
-from mergescope.tui.messages import AnalysisUpdated
 from mergescope.tui.screens.plan_screen import PlanValidated
 from mergescope.tui.screens.run_screen import (
     MergeCancelled, MergeFailed, MergeFinished, MergeScored, MergeStarted,
@@ -28,6 +28,16 @@ from mergescope.tui.state import BASE_KEY, AppState
 
 #: the analysis sends a snapshot at most this often (seconds)
 SNAPSHOT_EVERY = 0.25
+
+
+@dataclass
+class AnalysisUpdated(Message):
+    """A new snapshot of the streaming analysis: the report so far and the pass's progress."""
+
+    report: dict  # the ``mergescope.analysis/1`` document so far
+    progress: Progress | None  # None before the first tensor, and for a report from the cache
+    done: bool  # the report is complete
+    error: str | None = None  # why the analysis stopped, when it failed
 
 
 @dataclass
@@ -73,7 +83,7 @@ class MergescopeApp(App):
     @work(thread=True, exclusive=True, group="analysis")
     def run_analysis(self) -> None:
         """Stream the analysis (or take it from the cache), posting a snapshot every SNAPSHOT_EVERY seconds."""
-        from mergescope.analysis import Progress, ReportBuilder, stream_analysis
+        from mergescope.analysis import ReportBuilder, stream_analysis
         from mergescope.analysis.cache import AnalysisCache, cache_key
 
         base, models = self.state.session.base, self.state.session.models

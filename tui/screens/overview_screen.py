@@ -10,9 +10,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Static
 
 from mergescope.tui.display import short
-from mergescope.tui.messages import LayerHighlighted
 from mergescope.tui.widgets.overview.depth_sparklines import DepthSparklines
-from mergescope.tui.widgets.overview.layer_heatmap import LayerHeatmap
+from mergescope.tui.widgets.overview.layer_heatmap import LayerHeatmap, LayerHighlighted
 from mergescope.tui.widgets.overview.models_table import ModelsTable
 from mergescope.tui.widgets.overview.pair_matrices import PairMatrices
 
