@@ -1,15 +1,17 @@
 """The Textual app behind ``mergescope inspect``.
 
-What the screens share lives in one :class:`~mergescope.tui.state.AppState` (``app.state``): the session, the
-latest analysis snapshot, the plan and the running merge, the demo's scores. The analysis runs in a thread
-worker and reports through :class:`AnalysisUpdated` messages; screens subscribe to :attr:`analysis_changed`
-and redraw from ``state.report``. Nothing heavy runs on the event loop.
+What the screens share lives in one :class:`~mergescope.tui.state.AppState` (``app.state``), which only the
+app writes, in its message handlers. The analysis and the demo's scoring run in thread workers that report
+through messages (:class:`AnalysisUpdated`, :class:`ModelScored`); the screens' own workers (plan checks,
+merges) post messages that bubble up here. Screens subscribe to :attr:`MergescopeApp.analysis_changed` and
+:attr:`MergescopeApp.scores_changed` and redraw from the state. Nothing heavy runs on the event loop.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from textual import work
 from textual.app import App
@@ -17,11 +19,23 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.signal import Signal
 
-from mergescope.analysis import Progress
+from mergescope.analysis import Progress, ReportBuilder, stream_analysis
+from mergescope.analysis.cache import AnalysisCache, cache_key
+from mergescope.demo.session import score_models
 from mergescope.tui.commands import MergescopeCommands
-from mergescope.tui.screens.plan_screen import PlanValidated
+from mergescope.tui.screens.confirm_screen import ConfirmScreen
+from mergescope.tui.screens.diagnosis_screen import DiagnosisScreen
+from mergescope.tui.screens.help_screen import HelpScreen
+from mergescope.tui.screens.layer_screen import LayerScreen
+from mergescope.tui.screens.overview_screen import OverviewScreen
+from mergescope.tui.screens.plan_screen import PlanScreen, PlanValidated
 from mergescope.tui.screens.run_screen import (
-    MergeCancelled, MergeFailed, MergeFinished, MergeScored, MergeStarted,
+    MergeCancelled,
+    MergeFailed,
+    MergeFinished,
+    MergeScored,
+    MergeStarted,
+    RunScreen,
 )
 from mergescope.tui.session import Session
 from mergescope.tui.state import BASE_KEY, AppState
@@ -69,73 +83,70 @@ class MergescopeApp(App):
 
     # --- start-up ----------------------------------------------------------------------------------
     def on_mount(self) -> None:
-        from mergescope.tui.screens.overview_screen import OverviewScreen
-
+        session = self.state.session
         self.push_screen(OverviewScreen())
         self.run_analysis()
-        if self.state.session.workspace is not None:
+        if session.workspace is not None:
             self.score_workspace()
-        if self.state.session.start == "plan":
+        if session.start == "plan":
             self.action_plan()
-        elif self.state.session.start == "diagnosis":
-            self.action_diagnose(self.state.session.merged_dir)
+        elif session.start == "diagnosis":
+            self.action_diagnose(session.merged_dir)
 
     @work(thread=True, exclusive=True, group="analysis")
     def run_analysis(self) -> None:
         """Stream the analysis (or take it from the cache), posting a snapshot every SNAPSHOT_EVERY seconds."""
-        from mergescope.analysis import ReportBuilder, stream_analysis
-        from mergescope.analysis.cache import AnalysisCache, cache_key
-
-        base, models = self.state.session.base, self.state.session.models
+        state = self.state
+        base, models, names, cancel = state.session.base, state.session.models, state.names, state.analysis_cancel
         try:
-            cache = AnalysisCache() if self.state.use_cache else None
-            key = cache_key(base, models, self.state.names, 1.0)
+            cache = AnalysisCache() if state.use_cache else None
+            key = cache_key(base, models, names, 1.0)
             if cache is not None and (hit := cache.get(key)) is not None:
                 self.post_message(AnalysisUpdated(hit, None, done=True))
                 return
-            builder = ReportBuilder(base, models, self.state.names, 1.0)
+            builder = ReportBuilder(base, models, names, 1.0)
             last = 0.0
             progress = None
-            for event in stream_analysis(base, models, self.state.names, device=self.state.device, cancel=self.state.analysis_cancel):
+            for event in stream_analysis(base, models, names, device=state.device, cancel=cancel):
                 builder.add(event)
                 if isinstance(event, Progress):
                     progress = event
                     if time.monotonic() - last >= SNAPSHOT_EVERY:
                         self.post_message(AnalysisUpdated(builder.report(), progress, done=False))
                         last = time.monotonic()
-            if self.state.analysis_cancel.is_set():
+            if cancel.is_set():
                 return
             report = builder.report()
             if cache is not None:
                 cache.put(key, report)
             self.post_message(AnalysisUpdated(report, progress, done=True))
         except Exception as exc:  # shown in the status line; the app stays usable
-            self.post_message(AnalysisUpdated(self.state.report, None, done=False, error=str(exc)))
-
-    def on_analysis_updated(self, message: AnalysisUpdated) -> None:
-        self.state.report = message.report
-        self.state.analysis_progress = message.progress
-        self.state.analysis_done = message.done
-        self.state.analysis_error = message.error
-        self.analysis_changed.publish(self.state.report)
+            self.post_message(AnalysisUpdated(state.report, None, done=False, error=str(exc)))
 
     @work(thread=True, group="demo-eval")
     def score_workspace(self) -> None:
         """Demo workspace: each model's held-out accuracy per task, shown in the models table as it comes."""
-        from mergescope.demo.session import score_models
-
         session = self.state.session
         for key, scores in score_models([(BASE_KEY, session.base), *zip(self.state.names, session.models)]):
             self.post_message(ModelScored(key, scores))
 
+    # --- the state, from messages ------------------------------------------------------------------
+    def on_analysis_updated(self, message: AnalysisUpdated) -> None:
+        state = self.state
+        state.report, state.analysis_progress = message.report, message.progress
+        state.analysis_done, state.analysis_error = message.done, message.error
+        self.analysis_changed.publish(state.report)
+
     def on_model_scored(self, message: ModelScored) -> None:
         self._record_scores(message.key, message.scores)
+
+    def on_merge_scored(self, message: MergeScored) -> None:
+        self._record_scores(str(message.output), message.scores)
 
     def _record_scores(self, key: str, scores: dict[str, float]) -> None:
         self.state.demo_scores[key] = scores
         self.scores_changed.publish(self.state.demo_scores)
 
-    # --- what the screens report --------------------------------------------------------------------
     def on_plan_validated(self, message: PlanValidated) -> None:
         self.state.plan_text = message.plan_text
 
@@ -152,26 +163,16 @@ class MergescopeApp(App):
     def on_merge_cancelled(self, message: MergeCancelled) -> None:
         self.state.merge_cancel = None
 
-    def on_merge_scored(self, message: MergeScored) -> None:
-        self._record_scores(str(message.output), message.scores)
-
     # --- actions -----------------------------------------------------------------------------------
     def action_help(self) -> None:
-        from mergescope.tui.screens.help_screen import HelpScreen
-
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
 
     def action_plan(self) -> None:
-        from mergescope.tui.screens.plan_screen import PlanScreen
-
         if not isinstance(self.screen, PlanScreen):
             self.push_screen(PlanScreen(self.state.session.plan_path))
 
     def action_run(self) -> None:
-        from mergescope.tui.screens.plan_screen import PlanScreen
-        from mergescope.tui.screens.run_screen import RunScreen
-
         if self.state.merging:
             self.notify("a merge is already running", severity="warning")
             return
@@ -186,8 +187,6 @@ class MergescopeApp(App):
 
     def action_filter_tensors(self) -> None:
         """Every tensor of the model, filtered by name as you type."""
-        from mergescope.tui.screens.layer_screen import LayerScreen
-
         self.push_screen(LayerScreen(None, filter_first=True))
 
     def action_cancel_merge(self) -> None:
@@ -197,9 +196,7 @@ class MergescopeApp(App):
         self.state.merge_cancel.set()
         self.notify("cancelling the merge after the current tensor")
 
-    def action_diagnose(self, merged_dir=None) -> None:
-        from mergescope.tui.screens.diagnosis_screen import DiagnosisScreen
-
+    def action_diagnose(self, merged_dir: Path | str | None = None) -> None:
         target = merged_dir or self.state.last_merge
         if target is None:
             self.notify("no merge to diagnose yet: run one (r) or open a merged folder", severity="warning")
@@ -207,17 +204,18 @@ class MergescopeApp(App):
         self.push_screen(DiagnosisScreen(target))
 
     async def action_quit(self) -> None:
-        if self.state.merge_cancel is None:
-            self.state.analysis_cancel.set()
-            self.exit()
+        if not self.state.merging:
+            self._stop_and_exit()
             return
-        from mergescope.tui.screens.confirm_screen import ConfirmScreen
 
         def answered(quit_now: bool | None) -> None:
             if quit_now:
-                if self.state.merge_cancel is not None:
-                    self.state.merge_cancel.set()
-                self.state.analysis_cancel.set()
-                self.exit()
+                self._stop_and_exit()
 
         self.push_screen(ConfirmScreen("A merge is running. Cancel it and quit?"), answered)
+
+    def _stop_and_exit(self) -> None:
+        if self.state.merge_cancel is not None:
+            self.state.merge_cancel.set()
+        self.state.analysis_cancel.set()
+        self.exit()

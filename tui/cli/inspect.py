@@ -8,6 +8,8 @@ def run_inspect(targets: list[str], *, base: str | None = None, device: str = "a
 
     The targets are resolved (headers only) before the app starts, so a bad path is a one-line error.
     """
+    # Imported when inspect runs, not when the CLI loads: the app brings in textual and torch, and
+    # `mergescope --help` must answer without either (tests/test_cli.py checks).
     from mergescope.tui.app import MergescopeApp
     from mergescope.tui.session import open_session
 

@@ -8,6 +8,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input
 
+from mergescope.tui.screens.tensor_screen import TensorScreen
 from mergescope.tui.widgets.layer.tensor_table import TensorTable
 
 
@@ -64,8 +65,6 @@ class LayerScreen(Screen):
         self.action_open_tensor()
 
     def action_open_tensor(self) -> None:
-        from .tensor_screen import TensorScreen
-
         tensor = self.query_one(TensorTable).current_tensor
         if tensor is not None:
             self.app.push_screen(TensorScreen(tensor))

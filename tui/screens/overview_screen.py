@@ -10,6 +10,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Static
 
 from mergescope.tui.display import short
+from mergescope.tui.screens.layer_screen import LayerScreen
 from mergescope.tui.widgets.overview.depth_sparklines import DepthSparklines
 from mergescope.tui.widgets.overview.layer_heatmap import LayerHeatmap, LayerHighlighted
 from mergescope.tui.widgets.overview.models_table import ModelsTable
@@ -23,7 +24,8 @@ def warnings_text(report: dict, limit: int = 12) -> Text:
     """The analysis' warnings, one line each, grouped by code (the most severe first)."""
     order = ["different_base", "architecture_mismatch", "vocab_mismatch", "shape_mismatch", "tokenizer_mismatch",
              "non_finite", "missing_tensor", "extra_tensor"]
-    found = sorted(report.get("warnings", []), key=lambda w: order.index(w["code"]) if w["code"] in order else len(order))
+    rank = {code: i for i, code in enumerate(order)}
+    found = sorted(report.get("warnings", []), key=lambda w: rank.get(w["code"], len(order)))
     text = Text("warnings\n", style="bold")
     if not found:
         text.append("none so far\n" if report.get("groups") is not None else "…\n", style="dim")
@@ -119,14 +121,13 @@ class OverviewScreen(Screen):
         """Tab: heatmap → pairs/depth/warnings → models → heatmap (the side pane shows when it gets the focus)."""
         panes = [self.query_one(selector) for selector in self.PANES]
         focused = self.focused
-        current = next((i for i, pane in enumerate(panes) if focused is pane or (focused and pane in focused.ancestors)), 0)
+        current = next((i for i, pane in enumerate(panes)
+                        if focused is pane or (focused is not None and pane in focused.ancestors)), 0)
         target = panes[(current + step) % len(panes)]
         target.display = True
         target.focus()
 
     def action_drill(self) -> None:
-        from .layer_screen import LayerScreen
-
         group = self.query_one(LayerHeatmap).current_group
         if group is not None:
             self.app.push_screen(LayerScreen(group))

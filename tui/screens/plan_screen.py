@@ -24,10 +24,20 @@ from textual.widgets import Footer, Header, Input, Label, Select, Static
 from mergescope.checkpoints import MergescopeError
 from mergescope.demo.session import merge_folder
 from mergescope.merge.methods import METHODS
+from mergescope.merge.plan import MergePlan, load_plan, parse_plan
 from mergescope.tui.plan_document import (
-    DTYPES, ModelRow, PlanForm, default_form, from_plan, set_method, to_document, to_yaml,
+    DTYPES,
+    ModelRow,
+    PlanForm,
+    default_form,
+    from_plan,
+    set_method,
+    to_document,
+    to_yaml,
 )
+from mergescope.tui.plan_preview import Row, preview_rows
 from mergescope.tui.report_view import badges
+from mergescope.tui.screens.run_screen import RunScreen
 from mergescope.tui.widgets.plan.model_fields import ModelFields, ModelFieldsChanged
 from mergescope.tui.widgets.plan.preview_table import PreviewTable
 
@@ -64,17 +74,20 @@ class PlanScreen(Screen):
         with Horizontal():
             with VerticalScroll(id="plan-form"):
                 yield Label("method", classes="field-label")
-                yield Select([(f"{name}", name) for name in METHODS], value=self.form.method, allow_blank=False, compact=True, id="method")
+                yield Select([(f"{name}", name) for name in METHODS], value=self.form.method, allow_blank=False,
+                             compact=True, id="method")
                 yield Static(METHODS[self.form.method].description, id="method-doc", classes="dim")
                 yield Label("base model", classes="field-label")
-                yield Select(self._base_options(), value=self.form.base or "", allow_blank=False, compact=True, id="base")
+                yield Select(self._base_options(), value=self.form.base or "", allow_blank=False, compact=True,
+                             id="base")
                 yield Static("values are YAML: 0.5 · a gradient over the layers [0.2, 0.8] · filters "
                              "[{filter: mlp, value: 0.3}, {value: 0.5}] · empty = the default", classes="dim hint")
                 yield Vertical(id="model-fields")
                 yield Label("method parameters", classes="field-label")
                 yield Vertical(id="option-fields")
                 yield Label("dtype", classes="field-label")
-                yield Select([("as the base", "")] + [(d, d) for d in DTYPES], value=self.form.dtype or "", allow_blank=False, compact=True, id="dtype")
+                yield Select([("as the base", "")] + [(d, d) for d in DTYPES], value=self.form.dtype or "",
+                             allow_blank=False, compact=True, id="dtype")
                 yield Label("output folder", classes="field-label")
                 yield Input(self.form.output, compact=True, id="output")
                 yield Label("plan file (s saves)", classes="field-label")
@@ -99,8 +112,6 @@ class PlanScreen(Screen):
         session = state.session
         rows = [ModelRow(ref, name) for ref, name in zip(self._references()[1:], state.names)]
         if self.plan_path is not None:
-            from mergescope.merge.plan import load_plan
-
             form = from_plan(load_plan(self.plan_path), rows)
             form.output = f"{Path(self.plan_path).stem}-merged"
             return form
@@ -190,17 +201,13 @@ class PlanScreen(Screen):
         self.preview(self._cancel)
 
     # --- the plan and its preview ------------------------------------------------------------------
-    def current_plan(self):
+    def current_plan(self) -> tuple[MergePlan, str]:
         """(plan, YAML text) of the form, or raise MergescopeError / ValueError with what is wrong."""
-        from mergescope.merge.plan import parse_plan
-
         text = to_yaml(to_document(self.form))
         return parse_plan(text, source=self.query_one("#plan-file", Input).value or "plan"), text
 
     @work(thread=True, exclusive=True, group="preview")
     def preview(self, cancel: threading.Event) -> None:
-        from mergescope.tui.plan_preview import preview_rows
-
         try:
             plan, text = self.current_plan()
             self.app.call_from_thread(self._plan_ok, text)
@@ -215,8 +222,9 @@ class PlanScreen(Screen):
     def _plan_ok(self, text: str) -> None:
         self.post_message(PlanValidated(text))
 
-    def _show_preview(self, status: str, names, rows, warnings: list[str]) -> None:
-        self.query_one("#preview-status", Static).update(Text(status, style="green" if status.startswith("exact") else "yellow"))
+    def _show_preview(self, status: str, names: list[str], rows: list[Row], warnings: list[str]) -> None:
+        style = "green" if status.startswith("exact") else "yellow"
+        self.query_one("#preview-status", Static).update(Text(status, style=style))
         self.query_one(PreviewTable).show(names, rows)
         text = Text()
         for warning in warnings:
@@ -245,8 +253,6 @@ class PlanScreen(Screen):
         self.notify(f"saved {path}")
 
     def action_run(self) -> None:
-        from .run_screen import RunScreen
-
         try:
             _, text = self.current_plan()
         except (MergescopeError, ValueError) as exc:

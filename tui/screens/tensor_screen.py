@@ -12,28 +12,31 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
+from mergescope.analysis.tensor_detail import TensorDetail, tensor_detail
 from mergescope.tui.display import fmt_pct, short, sparkline
 
 
-def render_detail(detail) -> Group:
+def render_detail(detail: TensorDetail) -> Group:
     """Histograms as block sparklines (√count, so the tails show), energy-kept table, sign breakdown."""
     parts: list = []
     sample = f" (a sample of {detail.sampled:,} entries)" if detail.sampled else ""
-    parts.append(Text(f"{detail.name}  {'×'.join(map(str, detail.shape))}  {detail.entries:,} entries{sample}", style="bold"))
+    shape = "×".join(map(str, detail.shape))
+    parts.append(Text(f"{detail.name}  {shape}  {detail.entries:,} entries{sample}", style="bold"))
     histogram = Table(box=None, show_header=False, padding=(0, 1))
     histogram.add_column("model")
     histogram.add_column("histogram", style="cyan", no_wrap=True)
     for name, counts in zip(detail.names, detail.histograms):
         histogram.add_row(short(name, 10), sparkline([c ** 0.5 for c in counts]))
-    parts += [Text(""), Text(f"Δ distribution over [−{detail.limit:.2e}, +{detail.limit:.2e}] (height √count)", style="bold"),
-              histogram]
+    limits = f"[−{detail.limit:.2e}, +{detail.limit:.2e}]"
+    parts += [Text(""), Text(f"Δ distribution over {limits} (height √count)", style="bold"), histogram]
     energy = Table(box=None, padding=(0, 1))
     energy.add_column("model")
     for density in detail.energy_kept:
         energy.add_column(f"d={density:g}", justify="right")
     for i, name in enumerate(detail.names):
         energy.add_row(short(name, 10), *[fmt_pct(values[i]) for values in detail.energy_kept.values()])
-    parts += [Text(""), Text("‖τ‖² kept by the largest entries (what a TIES trim at density d keeps)", style="bold"), energy]
+    energy_title = Text("‖τ‖² kept by the largest entries (what a TIES trim at density d keeps)", style="bold")
+    parts += [Text(""), energy_title, energy]
     total = sum(detail.signs.values()) or 1
     signs = Text("sign agreement over entries: ", style="bold")
     for key, label, style in (("agree", "all agree", "green"), ("conflict", "conflict", "red"),
@@ -62,8 +65,6 @@ class TensorScreen(Screen):
 
     @work(thread=True, exclusive=True)
     def load_detail(self) -> None:
-        from mergescope.analysis.tensor_detail import tensor_detail
-
         state = self.app.state
         try:
             detail = tensor_detail(state.session.base, state.session.models, state.names, self.tensor)

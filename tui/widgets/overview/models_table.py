@@ -37,8 +37,9 @@ class ModelsTable(DataTable):
 
     def on_mount(self) -> None:
         self.add_columns("model", "source", "params", "dtype", "checks")
-        self.add_row(Text("base", style="bold"), short_source(self.base.source, 24), human_count(self.base.num_parameters),
-                     _dtype(self.base), Text("reference", style="dim"), key=BASE_KEY)
+        self.add_row(Text("base", style="bold"), short_source(self.base.source, 24),
+                     human_count(self.base.num_parameters), _dtype(self.base), Text("reference", style="dim"),
+                     key=BASE_KEY)
         for name, model in zip(self.names, self.models):
             self.add_row(Text(name, style="bold"), short_source(model.source, 24), human_count(model.num_parameters),
                          _dtype(model), badge_text(None), key=name)
@@ -52,7 +53,10 @@ class ModelsTable(DataTable):
         for key in [BASE_KEY, *self.names]:
             for task in tasks:
                 value = scores.get(key, {}).get(task)
-                cell = Text("…", style="dim") if value is None else Text(f"{value:.0%}", style="bold" if value >= 0.5 else "")
+                if value is None:
+                    cell = Text("…", style="dim")
+                else:
+                    cell = Text(f"{value:.0%}", style="bold" if value >= 0.5 else "")
                 self.update_cell(key, task, cell, update_width=True)
 
     def update_report(self, report: dict, done: bool) -> None:

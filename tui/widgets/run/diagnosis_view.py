@@ -12,11 +12,14 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, ProgressBar, Static
 
-from mergescope.checkpoints import Checkpoint
+from mergescope.analysis import Progress
+from mergescope.analysis.diagnosis import Diagnosis, GroupDiagnosis, stream_diagnosis
+from mergescope.analysis.diagnosis_context import plan_context_for_folder
+from mergescope.checkpoints import Checkpoint, MergescopeError, open_checkpoint
 from mergescope.tui.widgets.run.diagnosis_table import DiagnosisTable
 
 
-def summary_text(diagnosis) -> Text:
+def summary_text(diagnosis: Diagnosis) -> Text:
     """The summary sentences (findings first), then warnings."""
     text = Text()
     for sentence in diagnosis.summary:
@@ -31,7 +34,9 @@ def summary_text(diagnosis) -> Text:
 class DiagnosisView(Vertical):
     DEFAULT_CSS = """
     DiagnosisView { height: 1fr; }
-    DiagnosisView #diagnosis-summary { height: auto; max-height: 9; padding: 0 1; border-bottom: solid $primary-background; }
+    DiagnosisView #diagnosis-summary {
+        height: auto; max-height: 9; padding: 0 1; border-bottom: solid $primary-background;
+    }
     DiagnosisView #diagnosis-table { height: 1fr; }
     DiagnosisView #diagnosis-status { height: 1; }
     DiagnosisView #diagnosis-bar { width: auto; margin-right: 1; }
@@ -63,11 +68,6 @@ class DiagnosisView(Vertical):
 
     @work(thread=True, exclusive=True, group="diagnosis")
     def run_diagnosis(self) -> None:
-        from mergescope.analysis import Progress
-        from mergescope.analysis.diagnosis import Diagnosis, GroupDiagnosis, stream_diagnosis
-        from mergescope.analysis.diagnosis_context import plan_context_for_folder
-        from mergescope.checkpoints import MergescopeError, open_checkpoint
-
         app = self.app
         try:
             context = plan_context_for_folder(self.merged_dir, self.base)
@@ -94,14 +94,15 @@ class DiagnosisView(Vertical):
         slot.remove()
         table.focus()
 
-    def _add_group(self, group) -> None:
+    def _add_group(self, group: GroupDiagnosis) -> None:
         self.query_one(DiagnosisTable).add_group(group)
 
-    def _progress(self, progress) -> None:
-        self.query_one("#diagnosis-bar", ProgressBar).update(total=progress.bytes_total or 1, progress=progress.bytes_done)
+    def _progress(self, progress: Progress) -> None:
+        bar = self.query_one("#diagnosis-bar", ProgressBar)
+        bar.update(total=progress.bytes_total or 1, progress=progress.bytes_done)
         self.query_one("#diagnosis-label", Label).update(Text(progress.current, style="dim"))
 
-    def _finished(self, diagnosis) -> None:
+    def _finished(self, diagnosis: Diagnosis) -> None:
         self.diagnosis = diagnosis
         self.query_one(DiagnosisTable).add_group(diagnosis.total, label="all")
         self.query_one("#diagnosis-text", Static).update(summary_text(diagnosis))
@@ -110,5 +111,6 @@ class DiagnosisView(Vertical):
 
     def _failed(self, message: str) -> None:
         self.error = message
-        self.query_one("#diagnosis-text", Static).update(Text(f"cannot diagnose {self.merged_dir}: {message}", style="bold red"))
+        failure = Text(f"cannot diagnose {self.merged_dir}: {message}", style="bold red")
+        self.query_one("#diagnosis-text", Static).update(failure)
         self.query_one("#diagnosis-label", Label).update(Text("failed", style="red"))
