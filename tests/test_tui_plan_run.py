@@ -15,7 +15,7 @@ from mergescope.merge.executor import run_merge
 from mergescope.merge.job import build_job
 from mergescope.merge.plan import load_plan, parse_plan
 from mergescope.tui.app import MergescopeApp
-from mergescope.tui.screens.plan_screen import PlanValidated
+from mergescope.tui.screens.plan_screen import PlanRejected, PlanValidated, PreviewUpdated
 from mergescope.tui.screens.run_screen import MergeCancelled, MergeFailed, MergeFinished, MergeStarted
 from mergescope.tui.session import open_session
 from mergescope.tui.widgets.plan.model_fields import ModelFieldsChanged
@@ -115,7 +115,8 @@ def test_plan_preview_save_and_run(workspace, tmp_path):
 
 
 def test_model_fields_post_their_changes(workspace):
-    """Unticking a model and typing a parameter each post ModelFieldsChanged; the plan follows."""
+    """Unticking a model and typing a parameter each post ModelFieldsChanged; the plan and its preview follow,
+    and a parameter that is not YAML is rejected."""
     posted = Posted()
 
     async def body():
@@ -136,6 +137,17 @@ def test_model_fields_post_their_changes(workspace):
             await wait_until(pilot, lambda: "0.3" in (app.state.plan_text or ""))
             plan = parse_plan(app.state.plan_text)
             assert [(m.model, m.parameters["density"]) for m in plan.models] == [("ft_a", 0.3)]
+            # each edit supersedes the preview under way; the screen shows only the latest's messages
+            def latest(kind: type) -> list:
+                return [m for m in posted.of(kind) if not m.cancel.is_set()]
+
+            await wait_until(pilot, lambda: [m.status for m in latest(PreviewUpdated)][-1:] == ["exact preview"])
+            assert latest(PreviewUpdated)[-1].names == ["ft_a"] and screen.query_one("#preview").names == ["ft_a"]
+            await set_input(pilot, app, "#param-0-density", "[0.3")
+            await wait_until(pilot, lambda: latest(PlanRejected))
+            assert "not YAML" in latest(PlanRejected)[-1].problem
+            await pilot.pause(0.1)
+            assert static_text(screen.query_one("#preview-status")).strip() == "the plan has problems:"
 
     run(body)
 

@@ -74,7 +74,8 @@ def test_plan_in_builder_round_trips(workspace):
 
 
 def test_demo_manifest_models(workspace):
-    (workspace / MANIFEST).write_text(json.dumps({"base": "base", "fine_tunes": [{"path": "ft_a"}, {"path": "ft_b"}], "traps": ["ft_c"]}))
+    manifest = {"base": "base", "fine_tunes": [{"path": "ft_a"}, {"path": "ft_b"}], "traps": ["ft_c"]}
+    (workspace / MANIFEST).write_text(json.dumps(manifest))
     session = open_session([str(workspace)])
     assert session.workspace == workspace and [m.name for m in session.models] == ["ft_a", "ft_b", "ft_c"]
     assert manifest_models({"models": ["x"], "lora": {"path": "y"}}) == ["x", "y"]

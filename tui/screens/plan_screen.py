@@ -53,6 +53,25 @@ class PlanValidated(Message):
     plan_text: str  # the plan as mergekit YAML
 
 
+@dataclass
+class PreviewUpdated(Message):
+    """The preview worker has more: after the sampled pass, then as exact groups land."""
+
+    status: str  # what the rows are: sampled, exact so far, exact
+    names: list[str]  # the plan's sources, one retention column each
+    rows: list[Row]  # every layer group previewed so far, then the whole model ("all")
+    warnings: list[str]  # what the plan warns of (base mismatch, missing tensors, ...)
+    cancel: threading.Event  # the preview's own; set once a later edit superseded it
+
+
+@dataclass
+class PlanRejected(Message):
+    """The form does not make a valid plan."""
+
+    problem: str  # what is wrong, as the plan loader says it
+    cancel: threading.Event  # the check's own; set once a later edit superseded it
+
+
 class PlanScreen(Screen):
     BINDINGS = [
         Binding("escape", "back", "Back"),
@@ -210,31 +229,32 @@ class PlanScreen(Screen):
     def preview(self, cancel: threading.Event) -> None:
         try:
             plan, text = self.current_plan()
-            self.app.call_from_thread(self._plan_ok, text)
+            self.post_message(PlanValidated(text))
             for status, names, rows, warnings in preview_rows(self.app.state, plan, cancel):
                 if cancel.is_set():
                     return
-                self.app.call_from_thread(self._show_preview, status, names, rows, warnings)
+                self.post_message(PreviewUpdated(status, names, rows, warnings, cancel))
         except (MergescopeError, ValueError) as exc:
             if not cancel.is_set():
-                self.app.call_from_thread(self._plan_problem, str(exc))
+                self.post_message(PlanRejected(str(exc), cancel))
 
-    def _plan_ok(self, text: str) -> None:
-        self.post_message(PlanValidated(text))
-
-    def _show_preview(self, status: str, names: list[str], rows: list[Row], warnings: list[str]) -> None:
-        style = "green" if status.startswith("exact") else "yellow"
-        self.query_one("#preview-status", Static).update(Text(status, style=style))
-        self.query_one(PreviewTable).show(names, rows)
+    def on_preview_updated(self, message: PreviewUpdated) -> None:
+        if message.cancel.is_set():  # a later edit's preview is on its way
+            return
+        style = "green" if message.status.startswith("exact") else "yellow"
+        self.query_one("#preview-status", Static).update(Text(message.status, style=style))
+        self.query_one(PreviewTable).show(message.names, message.rows)
         text = Text()
-        for warning in warnings:
+        for warning in message.warnings:
             text.append("⚠ ", style="yellow")
             text.append(warning + "\n")
         self.query_one("#plan-warnings", Static).update(text)
 
-    def _plan_problem(self, message: str) -> None:
+    def on_plan_rejected(self, message: PlanRejected) -> None:
+        if message.cancel.is_set():
+            return
         self.query_one("#preview-status", Static).update(Text("the plan has problems:", style="bold red"))
-        self.query_one("#plan-warnings", Static).update(Text(message, style="red"))
+        self.query_one("#plan-warnings", Static).update(Text(message.problem, style="red"))
 
     # --- actions -----------------------------------------------------------------------------------
     def action_save(self) -> None:
