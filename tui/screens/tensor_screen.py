@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -9,6 +11,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
@@ -46,6 +49,21 @@ def render_detail(detail: TensorDetail) -> Group:
     return Group(*parts)
 
 
+@dataclass
+class TensorDetailRead(Message):
+    """The tensor's detail, read from every model."""
+
+    detail: TensorDetail
+
+
+@dataclass
+class TensorUnreadable(Message):
+    """The tensor could not be read (a missing shard, a shape the detail cannot compare)."""
+
+    tensor: str
+    error: str
+
+
 class TensorScreen(Screen):
     BINDINGS = [Binding("escape", "back", "Back")]
 
@@ -68,10 +86,17 @@ class TensorScreen(Screen):
         state = self.app.state
         try:
             detail = tensor_detail(state.session.base, state.session.models, state.names, self.tensor)
-            renderable = render_detail(detail)
         except Exception as exc:  # a read error must not kill the app
-            renderable = Text(f"cannot read {self.tensor}: {exc}", style="bold red")
-        self.app.call_from_thread(self.query_one("#detail", Static).update, renderable)
+            self.post_message(TensorUnreadable(self.tensor, str(exc)))
+            return
+        self.post_message(TensorDetailRead(detail))
+
+    def on_tensor_detail_read(self, message: TensorDetailRead) -> None:
+        self.query_one("#detail", Static).update(render_detail(message.detail))
+
+    def on_tensor_unreadable(self, message: TensorUnreadable) -> None:
+        failure = Text(f"cannot read {message.tensor}: {message.error}", style="bold red")
+        self.query_one("#detail", Static).update(failure)
 
     def action_back(self) -> None:
         self.app.pop_screen()
