@@ -2,8 +2,8 @@
 the moment, and the demo's scores.
 
 :class:`~mergescope.tui.app.MergescopeApp` owns the state: only the app writes it, in its message handlers
-(screens and workers post messages, which bubble up to the app). Screens and widgets read it as
-``self.app.state`` and redraw when the app publishes ``analysis_changed`` or ``scores_changed``.
+(screens and workers post messages, which bubble up to the app). Screens read it as ``self.app.state``, hand
+their widgets what they show, and redraw when the app publishes ``analysis_changed`` or ``scores_changed``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ BASE_KEY = "<base>"
 
 @dataclass
 class AppState:
+    """Everything the screens share, written only by the app (see the module docstring)."""
+
     #: the checkpoints opened from the command line (headers only) and the screen to start on
     session: Session
     #: where the analysis, the plan previews and the diagnosis run, and a merge's default: auto, cpu, cuda:N
