@@ -41,7 +41,7 @@ def main() -> None:
         async with app.run_test(size=(120, 40)):
             begin = time.perf_counter()
             loop = asyncio.get_running_loop()
-            while not app.analysis_done:
+            while not app.state.analysis_done:
                 # event-loop lag: how late a 20 ms sleep wakes up while the worker streams
                 asked = loop.time()
                 await asyncio.sleep(0.02)

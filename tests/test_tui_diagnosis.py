@@ -15,7 +15,9 @@ from mergescope.merge.plan import parse_plan
 from mergescope.tui.app import MergescopeApp
 from mergescope.tui.display import retention_text
 from mergescope.tui.session import open_session
-from tui_fixtures import run, static_text, wait_for_analysis
+from mergescope.tui.widgets.run import diagnosis_view
+from mergescope.tui.widgets.run.diagnosis_view import DiagnosisFinished, DiagnosisStarted, GroupDiagnosed
+from tui_fixtures import Posted, run, static_text, wait_for_analysis
 
 PLAN = """merge_method: ties
 base_model: base
@@ -51,10 +53,11 @@ def retention(states, merged_state, source: str, prefix: str) -> float:
 
 def test_open_merged_folder(merged):
     states, merged_state = merged
+    posted = Posted()
 
     async def body():
         app = MergescopeApp(open_session(["merged"]), use_cache=False)
-        async with app.run_test(size=(80, 24)) as pilot:
+        async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
             await pilot.pause(0.2)
             assert type(app.screen).__name__ == "DiagnosisScreen"
             await wait_for(pilot, lambda: app.screen.diagnosis is not None or app.screen.error)
@@ -68,6 +71,12 @@ def test_open_merged_folder(merged):
             summary = static_text(app.screen.query_one("#diagnosis-text"))
             # ft_a and ft_c = base − τ_a cancel: the summary blames their sign conflict
             assert "ft_a" in summary and "ft_c" in summary and "sign conflict" in summary
+            # the worker reported by messages: the sources, a message per layer group, then the whole diagnosis
+            assert [m.names for m in posted.of(DiagnosisStarted)] == [["ft_a", "ft_b", "ft_c"]]
+            groups = [m.group.group for m in posted.of(GroupDiagnosed)]
+            assert "model.layers.2" in groups and len(groups) == len(set(groups))
+            [finished] = posted.of(DiagnosisFinished)
+            assert finished.diagnosis is app.screen.diagnosis
             await pilot.press("escape")
             assert type(app.screen).__name__ == "OverviewScreen"
 
@@ -83,12 +92,41 @@ def test_diagnose_after_a_run(merged, tmp_path):
             app.screen.query_one("#output").value = "run_out"
             app.screen.query_one("#method").focus()
             await pilot.press("r", "ctrl+g")
-            await wait_for(pilot, lambda: app.screen.state == "done")
+            await wait_for(pilot, lambda: app.screen.phase == "done")
             await pilot.press("d")
             await pilot.pause(0.1)
             assert type(app.screen).__name__ == "DiagnosisScreen"
             await wait_for(pilot, lambda: app.screen.diagnosis is not None or app.screen.error)
             assert app.screen.error is None
             assert app.screen.diagnosis.names == ["ft_a", "ft_b"]
+
+    run(body)
+
+
+def test_leaving_a_diagnosis_under_way(merged, monkeypatch):
+    """Escape while the diagnosis runs: it stops, and what its worker still reports is dropped, not a crash."""
+    stream = diagnosis_view.stream_diagnosis
+
+    def slow_stream(*args, **kwargs):
+        for event in stream(*args, **kwargs):
+            time.sleep(0.05)
+            yield event
+
+    monkeypatch.setattr(diagnosis_view, "stream_diagnosis", slow_stream)
+    posted = Posted()
+
+    async def body():
+        app = MergescopeApp(open_session(["merged"]), use_cache=False)
+        async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
+            await wait_for(pilot, lambda: posted.of(GroupDiagnosed))
+            view = app.screen.query_one("#diagnosis")
+            await pilot.press("escape")
+            assert type(app.screen).__name__ == "OverviewScreen"
+            await wait_for(pilot, lambda: view.cancel.is_set())
+            await app.workers.wait_for_complete()
+            await pilot.pause(0.2)
+            assert not posted.of(DiagnosisFinished)
+            await pilot.press("question_mark")
+            assert type(app.screen).__name__ == "HelpScreen"
 
     run(body)

@@ -8,10 +8,11 @@ import math
 
 import numpy as np
 
-from mergescope.tui.app import MergescopeApp
+from mergescope.tui.app import AnalysisUpdated, MergescopeApp
 from mergescope.tui.display import fmt_rel
 from mergescope.tui.session import open_session
-from tui_fixtures import run, static_text, wait_for_analysis
+from mergescope.tui.widgets.overview.layer_heatmap import LayerHighlighted
+from tui_fixtures import Posted, run, static_text, wait_for_analysis
 
 
 def group_rel(states, model: str, group: str) -> float:
@@ -78,11 +79,19 @@ def test_different_base_badge(workspace, tmp_path):
 
 
 def test_drill_down_filter_and_tensor(workspace):
+    posted = Posted()
+
     async def body():
         app = MergescopeApp(open_session(["base", "ft_a", "ft_b", "ft_c"]), use_cache=False)
-        async with app.run_test(size=(80, 24)) as pilot:
+        async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
             await wait_for_analysis(app, pilot)
-            await pilot.press("down", "down", "enter")  # embed_tokens → layers.0 → layers.1
+            # the analysis reported through AnalysisUpdated: snapshots, the last one complete
+            updates = posted.of(AnalysisUpdated)
+            assert updates[-1].done and updates[-1].error is None and app.state.report is updates[-1].report
+            assert [m["name"] for m in updates[-1].report["models"]] == ["ft_a", "ft_b", "ft_c"]
+            await pilot.press("down", "down")  # embed_tokens → layers.0 → layers.1
+            assert [m.group for m in posted.of(LayerHighlighted)][-2:] == ["model.layers.0", "model.layers.1"]
+            await pilot.press("enter")
             screen = app.screen
             assert type(screen).__name__ == "LayerScreen" and screen.group == "model.layers.1"
             table = screen.query_one("#tensors")

@@ -1,19 +1,24 @@
 """Plan builder and run panel at 80x24: edit a weight and watch the preview move, save the plan, run it
-(output compared with a direct merge of the saved plan), cancel a run."""
+(output compared with a direct merge of the saved plan), cancel a run, a run that fails; and the messages
+the screens post on the way."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
 from mergescope.merge.executor import run_merge
 from mergescope.merge.job import build_job
-from mergescope.merge.plan import load_plan
+from mergescope.merge.plan import load_plan, parse_plan
 from mergescope.tui.app import MergescopeApp
+from mergescope.tui.screens.plan_screen import PlanRejected, PlanValidated, PreviewUpdated
+from mergescope.tui.screens.run_screen import MergeCancelled, MergeFailed, MergeFinished, MergeStarted
 from mergescope.tui.session import open_session
-from tui_fixtures import run, static_text, wait_for_analysis
+from mergescope.tui.widgets.plan.model_fields import ModelFieldsChanged
+from tui_fixtures import Posted, run, static_text, wait_for_analysis
 
 
 async def wait_until(pilot, condition, timeout: float = 20.0) -> None:
@@ -34,10 +39,17 @@ def exact_row(app, label: str) -> list[str]:
     return [str(cell) for cell in table.get_row(label)]
 
 
+def log_lines(app) -> list[str]:
+    """The run screen's log, line by line."""
+    return [line.text for line in app.screen.query_one("#run-log").lines]
+
+
 def test_plan_preview_save_and_run(workspace, tmp_path):
+    posted = Posted()
+
     async def body():
         app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
-        async with app.run_test(size=(80, 24)) as pilot:
+        async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
             await wait_for_analysis(app, pilot)
             await pilot.press("p")
             screen = app.screen
@@ -74,8 +86,17 @@ def test_plan_preview_save_and_run(workspace, tmp_path):
             await pilot.pause(0.1)
             assert type(app.screen).__name__ == "RunScreen"
             await pilot.press("ctrl+g")
-            await wait_until(pilot, lambda: app.screen.state in ("done", "failed"))
-            assert app.screen.state == "done"
+            await wait_until(pilot, lambda: app.screen.phase in ("done", "failed"))
+            assert app.screen.phase == "done"
+            await wait_until(pilot, lambda: app.state.last_merge is not None)
+            assert [m.output for m in posted.of(MergeStarted)] == [Path("out_tui")]
+            assert [m.output for m in posted.of(MergeFinished)] == [Path("out_tui")]
+            assert not posted.of(MergeFailed) and not posted.of(MergeCancelled)
+            # the app keeps what the screens reported: the plan that ran, the merge's folder, no merge running
+            assert app.state.last_merge == Path("out_tui") and not app.state.merging
+            assert parse_plan(app.state.plan_text) == parse_plan(posted.of(PlanValidated)[-1].plan_text)
+            assert parse_plan(app.state.plan_text).models[1].parameters["weight"] == 0.25
+            assert "done: out_tui — its diagnosis below (d: full screen · Escape: back)" in log_lines(app)
         return True
 
     run(body)
@@ -84,6 +105,44 @@ def test_plan_preview_save_and_run(workspace, tmp_path):
     assert ours.keys() == reference.keys()
     for name in ours:
         np.testing.assert_array_equal(ours[name], reference[name])
+
+
+def test_model_fields_post_their_changes(workspace):
+    """Unticking a model and typing a parameter each post ModelFieldsChanged; the plan and its preview follow,
+    and a parameter that is not YAML is rejected."""
+    posted = Posted()
+
+    async def body():
+        app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
+        async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
+            await wait_for_analysis(app, pilot)
+            await pilot.press("p")
+            await pilot.pause(0.2)
+            screen = app.screen
+            screen.query_one("#use-1").focus()
+            await pilot.press("space")
+            await set_input(pilot, app, "#param-0-density", "0.3")
+            changes = [(m.index, m.model, m.included, m.parameter, m.text) for m in posted.of(ModelFieldsChanged)]
+            unticked = changes.index((1, "ft_b", False, None, ""))
+            assert changes[-1] == (0, "ft_a", True, "density", "0.3") and unticked < len(changes) - 1
+            assert [(row.reference, row.included, row.fields["density"]) for row in screen.form.models] == [
+                ("ft_a", True, "0.3"), ("ft_b", False, screen.form.models[1].fields["density"])]
+            await wait_until(pilot, lambda: "0.3" in (app.state.plan_text or ""))
+            plan = parse_plan(app.state.plan_text)
+            assert [(m.model, m.parameters["density"]) for m in plan.models] == [("ft_a", 0.3)]
+            # each edit supersedes the preview under way; the screen shows only the latest's messages
+            def latest(kind: type) -> list:
+                return [m for m in posted.of(kind) if not m.cancel.is_set()]
+
+            await wait_until(pilot, lambda: [m.status for m in latest(PreviewUpdated)][-1:] == ["exact preview"])
+            assert latest(PreviewUpdated)[-1].names == ["ft_a"] and screen.query_one("#preview").names == ["ft_a"]
+            await set_input(pilot, app, "#param-0-density", "[0.3")
+            await wait_until(pilot, lambda: latest(PlanRejected))
+            assert "not YAML" in latest(PlanRejected)[-1].problem
+            await pilot.pause(0.1)
+            assert static_text(screen.query_one("#preview-status")).strip() == "the plan has problems:"
+
+    run(body)
 
 
 def test_cancel_a_run(workspace, tmp_path, monkeypatch):
@@ -96,10 +155,11 @@ def test_cancel_a_run(workspace, tmp_path, monkeypatch):
         return slow(*args, **kwargs)
 
     monkeypatch.setattr(executor, "merge_tensor", slow_merge)
+    posted = Posted()
 
     async def body():
         app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
-        async with app.run_test(size=(80, 24)) as pilot:
+        async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
             await wait_for_analysis(app, pilot)
             await pilot.press("p")
             await set_input(pilot, app, "#output", "out_cancelled")
@@ -108,9 +168,13 @@ def test_cancel_a_run(workspace, tmp_path, monkeypatch):
             await pilot.press("ctrl+g")
             await wait_until(pilot, lambda: app.screen.query_one("#merge-bar").progress > 0)
             await pilot.press("c")
-            await wait_until(pilot, lambda: app.screen.state != "running")
-            assert app.screen.state == "cancelled"
-            assert app.merge_cancel is None
+            await wait_until(pilot, lambda: app.screen.phase != "running")
+            assert app.screen.phase == "cancelled"
+            await wait_until(pilot, lambda: not app.state.merging)
+            assert [m.output for m in posted.of(MergeCancelled)] == [Path("out_cancelled")]
+            assert not posted.of(MergeFinished) and not posted.of(MergeFailed)
+            assert app.state.last_merge is None
+            assert log_lines(app)[-1] == "cancelled; nothing was written to out_cancelled"
             await pilot.press("escape")
             assert type(app.screen).__name__ == "PlanScreen"
 
@@ -132,7 +196,7 @@ def test_quit_asks_while_a_merge_runs(workspace, monkeypatch):
             await pilot.press("p")
             app.screen.query_one("#method").focus()
             await pilot.press("r", "ctrl+g")
-            await wait_until(pilot, lambda: app.merge_cancel is not None)
+            await wait_until(pilot, lambda: app.state.merge_cancel is not None)
             await pilot.press("q")
             await pilot.pause(0.1)
             assert type(app.screen).__name__ == "ConfirmScreen"
@@ -142,3 +206,28 @@ def test_quit_asks_while_a_merge_runs(workspace, monkeypatch):
             await pilot.pause(0.3)
 
     run(body)
+
+
+def test_a_failed_run_posts_merge_failed(workspace, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("not a merge")
+    posted = Posted()
+
+    async def body():
+        app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
+        async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
+            await wait_for_analysis(app, pilot)
+            await pilot.press("p")
+            await set_input(pilot, app, "#output", "taken")
+            app.screen.query_one("#method").focus()
+            await pilot.press("r", "ctrl+g")
+            await wait_until(pilot, lambda: app.screen.phase != "running")
+            assert app.screen.phase == "failed"
+            await wait_until(pilot, lambda: not app.state.merging)
+            [failed] = posted.of(MergeFailed)
+            assert failed.output == Path("taken") and "folder exists and is not empty" in failed.error
+            assert not posted.of(MergeFinished) and app.state.last_merge is None
+            assert log_lines(app)[-1] == f"failed: {failed.error}"
+
+    run(body)
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]

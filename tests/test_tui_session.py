@@ -5,14 +5,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
+import mergescope.demo.session as demo_session
+import mergescope.tui.screens.run_screen as run_screen
 from mergescope.checkpoints import MergescopeError
+from mergescope.demo.manifest import MANIFEST
+from mergescope.demo.session import manifest_models
 from mergescope.merge.plan import load_plan
-from mergescope.tui.app import MergescopeApp
-from mergescope.tui.session import demo_models, open_session
-from tui_fixtures import run, wait_for_analysis
+from mergescope.tui.app import MergescopeApp, ModelScored
+from mergescope.tui.screens.run_screen import MergeScored, MergeScoringFailed
+from mergescope.tui.session import open_session
+from mergescope.tui.state import BASE_KEY
+from tui_fixtures import Posted, run, wait_for_analysis
 
 PLAN = """merge_method: dare_ties
 base_model: base
@@ -64,12 +72,11 @@ def test_plan_in_builder_round_trips(workspace):
 
 
 def test_demo_manifest_models(workspace):
-    (workspace / "mergescope-demo.json").write_text(
-        json.dumps({"base": "base", "fine_tunes": [{"path": "ft_a"}, {"path": "ft_b"}], "traps": ["ft_c"]})
-    )
+    manifest = {"base": "base", "fine_tunes": [{"path": "ft_a"}, {"path": "ft_b"}], "traps": ["ft_c"]}
+    (workspace / MANIFEST).write_text(json.dumps(manifest))
     session = open_session([str(workspace)])
     assert session.workspace == workspace and [m.name for m in session.models] == ["ft_a", "ft_b", "ft_c"]
-    assert demo_models({"models": ["x"], "lora": {"path": "y"}}) == ["x", "y"]
+    assert manifest_models({"models": ["x"], "lora": {"path": "y"}}) == ["x", "y"]
     assert session.set_aside == {str(workspace / "ft_c")}  # the trap, before any analysis has flagged it
 
     async def body():
@@ -80,6 +87,65 @@ def test_demo_manifest_models(workspace):
             return [(row.name, row.included) for row in app.screen.form.models]
 
     assert run(body) == [("ft_a", True), ("ft_b", True), ("ft_c", False)]
+
+
+def test_demo_workspace_scores_its_models_and_each_merge(workspace, monkeypatch):
+    """The demo's scores of the workspace's models reach the models table, and a merge made in the app is
+    scored into the run log; models the demo cannot score are left out, a merge it cannot score is said so."""
+    (workspace / MANIFEST).write_text(json.dumps({"base": "base", "fine_tunes": [{"path": "ft_a"}, {"path": "ft_b"}]}))
+    accuracy = {"base": 0.2, "ft_a": 0.9, "ties": 0.7}
+
+    def evaluate(folder) -> dict[str, float]:  # the demo's evaluator, without demo models to run
+        name = Path(folder).name
+        if name not in accuracy:
+            raise MergescopeError(f"{folder}: not a demo model")
+        return {"add": accuracy[name], "sort": 0.1}
+
+    monkeypatch.setattr(demo_session, "evaluate", evaluate)
+    monkeypatch.setattr(run_screen, "evaluate", evaluate)
+    posted = Posted()
+
+    async def until(pilot, condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            await pilot.pause(0.05)
+
+    async def run_plan(pilot, app) -> None:
+        app.screen.query_one("#method").focus()
+        await pilot.press("r", "ctrl+g")
+        await until(pilot, lambda: app.screen.phase == "done")
+
+    def run_log(app) -> list[str]:
+        return [line.text for line in app.screen.query_one("#run-log").lines]
+
+    async def body():
+        app = MergescopeApp(open_session(["."]), use_cache=False)
+        async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
+            await wait_for_analysis(app, pilot)
+            await until(pilot, lambda: "ft_a" in app.state.demo_scores)
+            assert [(m.key, m.scores["add"]) for m in posted.of(ModelScored)] == [(BASE_KEY, 0.2), ("ft_a", 0.9)]
+            models = app.screen.query_one("#models")
+            assert [str(models.get_cell(key, "add")) for key in (BASE_KEY, "ft_a", "ft_b")] == ["20%", "90%", "…"]
+            # a first plan merges into the workspace's merges/ folder
+            await pilot.press("p")
+            assert app.screen.query_one("#output").value == "merges/ties"
+            await run_plan(pilot, app)
+            await until(pilot, lambda: posted.of(MergeScored))
+            [scored] = posted.of(MergeScored)
+            assert scored.output == Path("merges/ties") and scored.scores == {"add": 0.7, "sort": 0.1}
+            assert app.state.demo_scores["merges/ties"] == {"add": 0.7, "sort": 0.1}
+            assert "demo scores of merges/ties: add 70%  sort 10%" in run_log(app)
+            await pilot.press("escape")
+            app.screen.query_one("#output").value = "merges/other"
+            await run_plan(pilot, app)
+            await until(pilot, lambda: posted.of(MergeScoringFailed))
+            [failed] = posted.of(MergeScoringFailed)
+            assert failed.output == Path("merges/other") and failed.error == "merges/other: not a demo model"
+            assert "demo evaluation failed: merges/other: not a demo model" in run_log(app)
+            assert "merges/other" not in app.state.demo_scores
+
+    run(body)
 
 
 @pytest.mark.parametrize("targets, message", [

@@ -22,7 +22,7 @@ def app(workspace):
 async def analysed(pilot) -> None:
     app = pilot.app
     deadline = time.monotonic() + 30
-    while not app.analysis_done and time.monotonic() < deadline:
+    while not app.state.analysis_done and time.monotonic() < deadline:
         await pilot.pause(0.05)
     await pilot.pause(0.2)
 
@@ -83,7 +83,7 @@ def test_diagnosis(snap_compare, workspace, tmp_path, size):
         while time.monotonic() < deadline:
             await pilot.pause(0.05)
             screen = pilot.app.screen
-            if getattr(screen, "diagnosis", None) is not None and pilot.app.analysis_done:
+            if getattr(screen, "diagnosis", None) is not None and pilot.app.state.analysis_done:
                 break
         await pilot.pause(0.2)
 

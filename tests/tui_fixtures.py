@@ -38,10 +38,26 @@ def run(coroutine_function, *args):
 async def wait_for_analysis(app, pilot) -> None:
     for _ in range(200):
         await pilot.pause(0.05)
-        if app.analysis_done or app.analysis_error:
+        if app.state.analysis_done or app.state.analysis_error:
             break
     await pilot.pause(0.1)
-    assert app.analysis_done, app.analysis_error
+    assert app.state.analysis_done, app.state.analysis_error
+
+
+class Posted:
+    """The app's own messages as its nodes handle them (``run_test(message_hook=posted)``), each once though a
+    bubbling message passes several nodes."""
+
+    def __init__(self) -> None:
+        self.messages: dict[int, object] = {}
+
+    def __call__(self, message) -> None:
+        if type(message).__module__.startswith("mergescope."):
+            self.messages.setdefault(id(message), message)
+
+    def of(self, kind: type) -> list:
+        """The messages of ``kind``, in the order the app first handled them."""
+        return [m for m in self.messages.values() if isinstance(m, kind)]
 
 
 def static_text(widget, width: int = 200) -> str:

@@ -1,28 +1,65 @@
 """The Textual app behind ``mergescope inspect``.
 
-State shared by the screens lives here: the session (base and models, opened from headers), the latest
-analysis snapshot (``report``, a ``mergescope.analysis/1`` document as it fills in) and the running merge.
-The analysis runs in a thread worker and reports through :class:`AnalysisUpdated` messages; screens
-subscribe to :attr:`analysis_changed` and redraw from :attr:`report`. Nothing heavy runs on the event loop.
+What the screens share lives in one :class:`~mergescope.tui.state.AppState` (``app.state``), which only the
+app writes, in its message handlers. The analysis and the demo's scoring run in thread workers that report
+through messages (:class:`AnalysisUpdated`, :class:`ModelScored`); the screens' own workers (plan checks,
+merges) post messages that bubble up here. Screens subscribe to :attr:`MergescopeApp.analysis_changed` and
+:attr:`MergescopeApp.scores_changed` and redraw from the state. Nothing heavy runs on the event loop.
 """
 
 from __future__ import annotations
 
-import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from textual import work
 from textual.app import App
 from textual.binding import Binding
+from textual.message import Message
 from textual.signal import Signal
 
-from mergescope.analysis import unique_names
+from mergescope.analysis import Progress, ReportBuilder, stream_analysis
+from mergescope.analysis.cache import AnalysisCache, cache_key
+from mergescope.demo.session import score_models
 from mergescope.tui.commands import MergescopeCommands
-from mergescope.tui.messages import AnalysisUpdated
+from mergescope.tui.screens.confirm_screen import ConfirmScreen
+from mergescope.tui.screens.diagnosis_screen import DiagnosisScreen
+from mergescope.tui.screens.help_screen import HelpScreen
+from mergescope.tui.screens.layer_screen import LayerScreen
+from mergescope.tui.screens.overview_screen import OverviewScreen
+from mergescope.tui.screens.plan_screen import PlanScreen, PlanValidated
+from mergescope.tui.screens.run_screen import (
+    MergeCancelled,
+    MergeFailed,
+    MergeFinished,
+    MergeScored,
+    MergeStarted,
+    RunScreen,
+)
 from mergescope.tui.session import Session
+from mergescope.tui.state import BASE_KEY, AppState
 
 #: the analysis sends a snapshot at most this often (seconds)
 SNAPSHOT_EVERY = 0.25
+
+
+@dataclass
+class AnalysisUpdated(Message):
+    """A new snapshot of the streaming analysis: the report so far and the pass's progress."""
+
+    report: dict  # the ``mergescope.analysis/1`` document so far
+    progress: Progress | None  # None before the first tensor, and for a report from the cache
+    done: bool  # the report is complete
+    error: str | None = None  # why the analysis stopped, when it failed
+
+
+@dataclass
+class ModelScored(Message):
+    """Demo workspace: one model of the session scored on the demo tasks."""
+
+    key: str  # the model's name; BASE_KEY for the base
+    scores: dict[str, float]  # task → held-out accuracy
 
 
 class MergescopeApp(App):
@@ -38,173 +75,147 @@ class MergescopeApp(App):
 
     def __init__(self, session: Session, *, device: str = "auto", use_cache: bool = True) -> None:
         super().__init__()
-        self.session = session
-        self.device = device
-        self.use_cache = use_cache
-        self.names = unique_names(session.models)
-        self.report: dict = {}
-        self.analysis_progress = None
-        self.analysis_done = False
-        self.analysis_error: str | None = None
-        self.analysis_changed: Signal = Signal(self, "analysis_changed")
-        self.scores_changed: Signal = Signal(self, "scores_changed")
-        self.analysis_cancel = threading.Event()
-        self.merge_cancel: threading.Event | None = None  # set while a merge runs
-        self.plan_text: str | None = None  # the plan builder's current plan (YAML), for `r`
-        self.last_merge = None  # the folder of the last merge run in the app
-        self.sample_cache = None  # the plan preview's samples, kept between previews (set on first use)
-        self.demo_scores: dict[str, dict[str, float]] = {}  # demo workspace: model name → task → accuracy
+        self.state = AppState(session, device=device, use_cache=use_cache)
+        #: published with the report after each analysis snapshot
+        self.analysis_changed: Signal[dict] = Signal(self, "analysis_changed")
+        #: published with ``state.demo_scores`` when a model's demo scores arrive
+        self.scores_changed: Signal[dict] = Signal(self, "scores_changed")
 
     # --- start-up ----------------------------------------------------------------------------------
     def on_mount(self) -> None:
-        from mergescope.tui.screens.overview_screen import OverviewScreen
-
+        session = self.state.session
         self.push_screen(OverviewScreen())
         self.run_analysis()
-        if self.session.workspace is not None:
+        if session.workspace is not None:
             self.score_workspace()
-        if self.session.start == "plan":
+        if session.start == "plan":
             self.action_plan()
-        elif self.session.start == "diagnosis":
-            self.action_diagnose(self.session.merged_dir)
+        elif session.start == "diagnosis":
+            self.action_diagnose(session.merged_dir)
 
     @work(thread=True, exclusive=True, group="analysis")
     def run_analysis(self) -> None:
         """Stream the analysis (or take it from the cache), posting a snapshot every SNAPSHOT_EVERY seconds."""
-        from mergescope.analysis import Progress, ReportBuilder, stream_analysis
-        from mergescope.analysis.cache import AnalysisCache, cache_key
-
-        base, models = self.session.base, self.session.models
+        state = self.state
+        base, models, names, cancel = state.session.base, state.session.models, state.names, state.analysis_cancel
         try:
-            cache = AnalysisCache() if self.use_cache else None
-            key = cache_key(base, models, self.names, 1.0)
+            cache = AnalysisCache() if state.use_cache else None
+            key = cache_key(base, models, names, 1.0)
             if cache is not None and (hit := cache.get(key)) is not None:
                 self.post_message(AnalysisUpdated(hit, None, done=True))
                 return
-            builder = ReportBuilder(base, models, self.names, 1.0)
+            builder = ReportBuilder(base, models, names, 1.0)
             last = 0.0
             progress = None
-            for event in stream_analysis(base, models, self.names, device=self.device, cancel=self.analysis_cancel):
+            for event in stream_analysis(base, models, names, device=state.device, cancel=cancel):
                 builder.add(event)
                 if isinstance(event, Progress):
                     progress = event
                     if time.monotonic() - last >= SNAPSHOT_EVERY:
                         self.post_message(AnalysisUpdated(builder.report(), progress, done=False))
                         last = time.monotonic()
-            if self.analysis_cancel.is_set():
+            if cancel.is_set():
                 return
             report = builder.report()
             if cache is not None:
                 cache.put(key, report)
             self.post_message(AnalysisUpdated(report, progress, done=True))
         except Exception as exc:  # shown in the status line; the app stays usable
-            self.post_message(AnalysisUpdated(self.report, None, done=False, error=str(exc)))
-
-    def on_analysis_updated(self, message: AnalysisUpdated) -> None:
-        self.report = message.report
-        self.analysis_progress = message.progress
-        self.analysis_done = message.done
-        self.analysis_error = message.error
-        self.analysis_changed.publish(self.report)
+            self.post_message(AnalysisUpdated(state.report, None, done=False, error=str(exc)))
 
     @work(thread=True, group="demo-eval")
     def score_workspace(self) -> None:
         """Demo workspace: each model's held-out accuracy per task, shown in the models table as it comes."""
-        from mergescope.demo.evaluate import evaluate
+        session = self.state.session
+        for key, scores in score_models([(BASE_KEY, session.base), *zip(self.state.names, session.models)]):
+            self.post_message(ModelScored(key, scores))
 
-        session = self.session
-        for key, checkpoint in [("<base>", session.base), *zip(self.names, session.models)]:
-            try:
-                scores = evaluate(checkpoint.root or checkpoint.source)
-            except Exception:  # not a demo-architecture model (e.g. an adapter it cannot load): no score
-                continue
-            self.call_from_thread(self._set_scores, key, scores)
+    # --- the state, from messages ------------------------------------------------------------------
+    def on_analysis_updated(self, message: AnalysisUpdated) -> None:
+        state = self.state
+        state.report, state.analysis_progress = message.report, message.progress
+        state.analysis_done, state.analysis_error = message.done, message.error
+        self.analysis_changed.publish(state.report)
 
-    def _set_scores(self, key: str, scores: dict[str, float]) -> None:
-        self.demo_scores[key] = scores
-        self.scores_changed.publish(self.demo_scores)
+    def on_model_scored(self, message: ModelScored) -> None:
+        self._record_scores(message.key, message.scores)
 
-    def after_merge(self, out_dir, log) -> None:
-        """In a demo workspace, score the new merge on the demo tasks (in a worker) and log the scores."""
-        if self.session.workspace is not None:
-            self.score_demo_model(out_dir, log)
+    def on_merge_scored(self, message: MergeScored) -> None:
+        self._record_scores(str(message.output), message.scores)
 
-    @work(thread=True, group="demo-eval")
-    def score_demo_model(self, out_dir, log) -> None:
-        from mergescope.demo.evaluate import evaluate
+    def _record_scores(self, key: str, scores: dict[str, float]) -> None:
+        self.state.demo_scores[key] = scores
+        self.scores_changed.publish(self.state.demo_scores)
 
-        try:
-            scores = evaluate(out_dir)
-        except Exception as exc:  # a model the demo cannot score: say so, keep going
-            self.call_from_thread(log.write, f"demo evaluation failed: {exc}")
-            return
-        self.call_from_thread(self._set_scores, str(out_dir), scores)
-        line = "  ".join(f"{task} {accuracy:.0%}" for task, accuracy in scores.items())
-        self.call_from_thread(log.write, f"demo scores of {out_dir}: {line}")
+    def on_plan_validated(self, message: PlanValidated) -> None:
+        self.state.plan_text = message.plan_text
+
+    def on_merge_started(self, message: MergeStarted) -> None:
+        self.state.merge_cancel = message.cancel
+
+    def on_merge_finished(self, message: MergeFinished) -> None:
+        self.state.merge_cancel = None
+        self.state.last_merge = message.output
+
+    def on_merge_failed(self, message: MergeFailed) -> None:
+        self.state.merge_cancel = None
+
+    def on_merge_cancelled(self, message: MergeCancelled) -> None:
+        self.state.merge_cancel = None
 
     # --- actions -----------------------------------------------------------------------------------
     def action_help(self) -> None:
-        from mergescope.tui.screens.help_screen import HelpScreen
-
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
 
     def action_plan(self) -> None:
-        from mergescope.tui.screens.plan_screen import PlanScreen
-
         if not isinstance(self.screen, PlanScreen):
-            self.push_screen(PlanScreen(self.session.plan_path))
+            self.push_screen(PlanScreen(self.state.session.plan_path))
 
     def action_run(self) -> None:
-        from mergescope.tui.screens.plan_screen import PlanScreen
-        from mergescope.tui.screens.run_screen import RunScreen
-
-        if self.merge_cancel is not None:
+        if self.state.merging:
             self.notify("a merge is already running", severity="warning")
             return
         if isinstance(self.screen, PlanScreen):
             self.screen.action_run()
             return
-        if self.plan_text is None:
+        if self.state.plan_text is None:
             self.notify("build a plan first: p opens the plan builder", severity="warning")
             self.action_plan()
             return
-        self.push_screen(RunScreen(self.plan_text))
+        self.push_screen(RunScreen(self.state.plan_text))
 
     def action_filter_tensors(self) -> None:
         """Every tensor of the model, filtered by name as you type."""
-        from mergescope.tui.screens.layer_screen import LayerScreen
-
         self.push_screen(LayerScreen(None, filter_first=True))
 
     def action_cancel_merge(self) -> None:
-        if self.merge_cancel is None:
+        if self.state.merge_cancel is None:
             self.notify("no merge is running", severity="warning")
             return
-        self.merge_cancel.set()
+        self.state.merge_cancel.set()
         self.notify("cancelling the merge after the current tensor")
 
-    def action_diagnose(self, merged_dir=None) -> None:
-        from mergescope.tui.screens.diagnosis_screen import DiagnosisScreen
-
-        target = merged_dir or getattr(self, "last_merge", None)
+    def action_diagnose(self, merged_dir: Path | str | None = None) -> None:
+        target = merged_dir or self.state.last_merge
         if target is None:
             self.notify("no merge to diagnose yet: run one (r) or open a merged folder", severity="warning")
             return
         self.push_screen(DiagnosisScreen(target))
 
     async def action_quit(self) -> None:
-        if self.merge_cancel is None:
-            self.analysis_cancel.set()
-            self.exit()
+        if not self.state.merging:
+            self._stop_and_exit()
             return
-        from mergescope.tui.screens.confirm_screen import ConfirmScreen
 
         def answered(quit_now: bool | None) -> None:
             if quit_now:
-                if self.merge_cancel is not None:
-                    self.merge_cancel.set()
-                self.analysis_cancel.set()
-                self.exit()
+                self._stop_and_exit()
 
         self.push_screen(ConfirmScreen("A merge is running. Cancel it and quit?"), answered)
+
+    def _stop_and_exit(self) -> None:
+        if self.state.merge_cancel is not None:
+            self.state.merge_cancel.set()
+        self.state.analysis_cancel.set()
+        self.exit()

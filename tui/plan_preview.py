@@ -10,38 +10,40 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+from mergescope.analysis.plan_warnings import plan_warnings
+from mergescope.analysis.preview import GroupPreview, PlanPreview, PreviewProgress, stream_preview
+from mergescope.checkpoints import Checkpoint
+from mergescope.merge.job import build_job
+from mergescope.merge.plan import MergePlan
 from mergescope.tui.display import fmt_rel
+from mergescope.tui.session import Session
+from mergescope.tui.state import AppState
 
+#: (layer label, the merged task vector's norm as text, retention per source)
 Row = tuple[str, str, list]
+#: (status line, source names, rows so far, the plan's warnings)
+PreviewUpdate = tuple[str, list[str], list[Row], list[str]]
 
 
-def session_checkpoints(session) -> dict:
+def session_checkpoints(session: Session) -> dict[str, Checkpoint]:
     """The session's open checkpoints keyed by how plans name them (so building a job re-opens nothing)."""
     checkpoints = [session.base, *session.models]
     references = session.references or [c.source for c in checkpoints]
     return dict(zip(references, checkpoints))
 
 
-def preview_rows(app, plan, cancel: threading.Event) -> Iterator[tuple[str, list[str], list[Row], list[str]]]:
+def preview_rows(state: AppState, plan: MergePlan, cancel: threading.Event) -> Iterator[PreviewUpdate]:
     """Yield (status, source names, rows, warnings): once after the sampled pass, then as exact groups land."""
-    from mergescope.analysis.plan_warnings import plan_warnings
-    from mergescope.analysis.preview import GroupPreview, PlanPreview, PreviewProgress, SampleCache, stream_preview
-    from mergescope.merge.job import build_job
-
-    if app.sample_cache is None:
-        app.sample_cache = SampleCache()
-    job = build_job(plan, checkpoints=session_checkpoints(app.session))
-    warnings = plan_warnings(job, app.report if app.analysis_done else None)
-    base_norms = {g["name"]: g.get("base_norm") for g in app.report.get("groups", [])}
-    total_base = (app.report.get("total") or {}).get("base_norm")
+    job = build_job(plan, checkpoints=session_checkpoints(state.session))
+    warnings = plan_warnings(job, state.report if state.analysis_done else None)
+    base_norms = {g["name"]: g.get("base_norm") for g in state.report.get("groups", [])}
+    total_base = (state.report.get("total") or {}).get("base_norm")
     rows: dict[str, Row] = {}
     names: list[str] = []
     for mode in ("sampled", "exact"):
         done = 0
-        events = stream_preview(
-            job, app.session.base, mode=mode, cancel=cancel, cache=app.sample_cache, device=app.device
-        )
-        for event in events:
+        for event in stream_preview(job, state.session.base, mode=mode, cancel=cancel, cache=state.sample_cache,
+                                    device=state.device):
             if cancel.is_set():
                 return
             if isinstance(event, GroupPreview) and mode == "exact":
@@ -59,7 +61,7 @@ def preview_rows(app, plan, cancel: threading.Event) -> Iterator[tuple[str, list
                 yield status, names, list(rows.values()), warnings
 
 
-def _row(group, base_norm: float | None, label: str | None = None) -> Row:
+def _row(group: GroupPreview, base_norm: float | None, label: str | None = None) -> Row:
     """(label, ‖τ_m‖ — relative to ‖θ₀‖ when the analysis knows it —, retention per source)."""
     if base_norm:
         norm = fmt_rel(group.merged_norm / base_norm)

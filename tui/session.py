@@ -4,7 +4,7 @@
 - ``PLAN.yml``: base and models from the plan, opened in the plan builder.
 - ``MERGED_DIR`` (a folder holding ``mergekit_config.yml``): the diagnosis of that merge, over the overview
   of its sources.
-- a demo workspace (a folder holding ``mergescope-demo.json``): its base and models.
+- a demo workspace (a folder holding the demo's manifest): its base and models.
 
 Checkpoints are opened here (headers only, milliseconds), so a bad path is a one-line error at the shell
 rather than inside the app.
@@ -12,14 +12,14 @@ rather than inside the app.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from mergescope.analysis.diagnosis_context import plan_context_for_folder
 from mergescope.checkpoints import Checkpoint, MergescopeError, open_checkpoint
-from mergescope.demo.manifest import MANIFEST
-from mergescope.merge.plan import load_plan, plan_file_in
+from mergescope.demo.session import is_workspace, workspace_models
+from mergescope.merge.plan import MergePlan, load_plan, plan_file_in
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Session:
 
     base: Checkpoint
     models: list[Checkpoint]
-    start: str = "overview"  # overview | plan | diagnosis
+    start: Literal["overview", "plan", "diagnosis"] = "overview"
     plan_path: Path | None = None  # the plan opened in the builder
     merged_dir: Path | None = None  # the merge to diagnose
     workspace: Path | None = None  # a demo workspace: merges land here, the demo scores them
@@ -44,7 +44,7 @@ def open_session(targets: list[str], base: str | None = None) -> Session:
     ``base`` is the base of a merged folder whose plan names none (a linear soup)."""
     if len(targets) == 1:
         target = Path(targets[0])
-        if target.is_dir() and _demo_manifest(target).is_file():
+        if is_workspace(target):
             return _demo_session(target)
         if target.is_dir() and plan_file_in(target) is not None:
             return _merged_session(target, base)
@@ -59,12 +59,7 @@ def open_session(targets: list[str], base: str | None = None) -> Session:
     return Session(base, models, references=list(targets))
 
 
-def _demo_manifest(folder: Path) -> Path:
-    """Where a demo workspace in ``folder`` keeps its manifest."""
-    return folder / MANIFEST
-
-
-def _plan_models(plan) -> tuple[str, list[str]]:
+def _plan_models(plan: MergePlan) -> tuple[str, list[str]]:
     """The plan's base reference (its base_model, else its first model) and its other model references."""
     entries = plan.models or [s for sl in plan.slices or [] for s in sl.sources]
     refs = list(dict.fromkeys(e.model for e in entries))
@@ -92,33 +87,9 @@ def _merged_session(folder: Path, base: str | None) -> Session:
 
 
 def _demo_session(folder: Path) -> Session:
-    """A demo workspace: its manifest names the base and the models, paths relative to the workspace."""
-    manifest_path = _demo_manifest(folder)
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        base_ref = folder / manifest["base"]
-        refs = [folder / m for m in demo_models(manifest)]
-        set_aside = frozenset(str(folder / m) for m in demo_models(manifest, keys=("lora", "traps")))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MergescopeError(
-            f"{manifest_path}: unreadable demo manifest ({exc}); rebuild with mergescope demo"
-        ) from None
-    base = open_checkpoint(str(base_ref))
-    models = [open_checkpoint(str(r), base=base) for r in refs]
-    return Session(base, models, workspace=folder, references=[str(base_ref), *map(str, refs)], set_aside=set_aside)
-
-
-def demo_models(
-    manifest: dict, keys: tuple[str, ...] = ("fine_tunes", "finetunes", "models", "lora", "traps")
-) -> list[str]:
-    """The model folders a demo manifest lists under ``keys``; by default all besides its base: fine-tunes,
-    the LoRA adapter, the traps."""
-    found: list[str] = []
-    for key in keys:
-        value = manifest.get(key)
-        items = value if isinstance(value, list) else [value] if value else []
-        for item in items:
-            path = item.get("path") or item.get("dir") or item.get("name") if isinstance(item, dict) else item
-            if isinstance(path, str) and path not in found:
-                found.append(path)
-    return found
+    """A demo workspace: the base and models its manifest names."""
+    found = workspace_models(folder)
+    base = open_checkpoint(str(found.base))
+    models = [open_checkpoint(str(path), base=base) for path in found.models]
+    return Session(base, models, workspace=folder, references=[str(found.base), *map(str, found.models)],
+                   set_aside=frozenset(map(str, found.set_aside)))

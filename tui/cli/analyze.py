@@ -10,8 +10,8 @@ from rich.table import Table
 
 from mergescope.analysis import run_analysis
 from mergescope.checkpoints import open_checkpoint
+from mergescope.tui.formatting import human_bytes
 
-from .formatting import human_bytes
 from .output import AnalysisProgressBar, write_json
 
 #: colours from "barely changed" to "changed the most" for the per-layer table

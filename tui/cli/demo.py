@@ -58,8 +58,8 @@ class _BuildProgress:
         if not self.started:
             self.started = True
             if not self.console.is_terminal:
-                print("mergescope demo: training the demo models (about 4 minutes on an idle 2-core machine)...", file=sys.stderr,
-                      flush=True)
+                print("mergescope demo: training the demo models (about 4 minutes on an idle 2-core machine)...",
+                      file=sys.stderr, flush=True)
         self.bar.update(self.task, description=stage, completed=done, total=total)
 
     def __exit__(self, *exc) -> None:

@@ -9,8 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mergescope.checkpoints import Checkpoint, LoraCheckpoint, layer_index, open_checkpoint
-
-from .formatting import human_bytes, human_count
+from mergescope.tui.formatting import human_bytes, human_count
 
 
 def describe(checkpoint: Checkpoint) -> dict:

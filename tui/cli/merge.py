@@ -14,8 +14,8 @@ from mergescope.checkpoints import check_output_folder, layer_group
 from mergescope.merge.executor import MergeProgress, run_merge
 from mergescope.merge.job import MergeJob, build_job
 from mergescope.merge.plan import load_plan
+from mergescope.tui.formatting import human_bytes
 
-from .formatting import human_bytes
 from .signals import Terminated, sigterm_raises, stopped
 from .soup import run_plan_soup
 

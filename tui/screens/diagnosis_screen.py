@@ -22,7 +22,8 @@ class DiagnosisScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield DiagnosisView(self.merged_dir, id="diagnosis")
+        state = self.app.state
+        yield DiagnosisView(self.merged_dir, base=state.session.base, device=state.device, id="diagnosis")
         yield Footer()
 
     def on_mount(self) -> None:

@@ -8,6 +8,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input
 
+from mergescope.tui.screens.tensor_screen import TensorScreen
 from mergescope.tui.widgets.layer.tensor_table import TensorTable
 
 
@@ -26,7 +27,7 @@ class LayerScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Input(placeholder="filter tensors by name (Enter to apply, Escape to close)", id="filter")
-        yield TensorTable(self.app.names, self.group, id="tensors")
+        yield TensorTable(self.app.state.names, self.group, id="tensors")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -39,7 +40,7 @@ class LayerScreen(Screen):
             self.action_filter()
 
     def refresh_table(self, _=None) -> None:
-        self.query_one(TensorTable).show(self.app.report)
+        self.query_one(TensorTable).show(self.app.state.report)
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
@@ -64,8 +65,6 @@ class LayerScreen(Screen):
         self.action_open_tensor()
 
     def action_open_tensor(self) -> None:
-        from .tensor_screen import TensorScreen
-
         tensor = self.query_one(TensorTable).current_tensor
         if tensor is not None:
             self.app.push_screen(TensorScreen(tensor))

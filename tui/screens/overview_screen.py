@@ -10,9 +10,9 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Static
 
 from mergescope.tui.display import short
-from mergescope.tui.messages import LayerHighlighted
+from mergescope.tui.screens.layer_screen import LayerScreen
 from mergescope.tui.widgets.overview.depth_sparklines import DepthSparklines
-from mergescope.tui.widgets.overview.layer_heatmap import LayerHeatmap
+from mergescope.tui.widgets.overview.layer_heatmap import LayerHeatmap, LayerHighlighted
 from mergescope.tui.widgets.overview.models_table import ModelsTable
 from mergescope.tui.widgets.overview.pair_matrices import PairMatrices
 
@@ -24,7 +24,8 @@ def warnings_text(report: dict, limit: int = 12) -> Text:
     """The analysis' warnings, one line each, grouped by code (the most severe first)."""
     order = ["different_base", "architecture_mismatch", "vocab_mismatch", "shape_mismatch", "tokenizer_mismatch",
              "non_finite", "missing_tensor", "extra_tensor"]
-    found = sorted(report.get("warnings", []), key=lambda w: order.index(w["code"]) if w["code"] in order else len(order))
+    rank = {code: i for i, code in enumerate(order)}
+    found = sorted(report.get("warnings", []), key=lambda w: rank.get(w["code"], len(order)))
     text = Text("warnings\n", style="bold")
     if not found:
         text.append("none so far\n" if report.get("groups") is not None else "…\n", style="dim")
@@ -47,14 +48,14 @@ class OverviewScreen(Screen):
     PANES = ("#heatmap", "#side", "#models")
 
     def compose(self) -> ComposeResult:
-        app = self.app
+        session, names = self.app.state.session, self.app.state.names
         yield Header()
-        yield ModelsTable(app.session.base, app.session.models, app.names, id="models")
+        yield ModelsTable(session.base, session.models, names, id="models")
         with Horizontal(id="main"):
-            yield LayerHeatmap(app.names, list(app.session.base.groups()), id="heatmap")
+            yield LayerHeatmap(names, list(session.base.groups()), id="heatmap")
             with VerticalScroll(id="side"):
-                yield PairMatrices(app.names, id="pairs")
-                yield DepthSparklines(app.names, id="depth")
+                yield PairMatrices(names, id="pairs")
+                yield DepthSparklines(names, id="depth")
                 yield Static(id="warnings")
         with Horizontal(id="status"):
             yield ProgressBar(id="analysis-bar", show_eta=True)
@@ -62,7 +63,7 @@ class OverviewScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"base: {self.app.session.base.name}"
+        self.sub_title = f"base: {self.app.state.session.base.name}"
         self.app.analysis_changed.subscribe(self, self.show_analysis)
         self.app.scores_changed.subscribe(self, lambda scores: self.query_one(ModelsTable).show_scores(scores))
         self.query_one("#heatmap").focus()
@@ -74,8 +75,8 @@ class OverviewScreen(Screen):
 
     def show_analysis(self, _=None) -> None:
         """Redraw from the app's latest analysis snapshot."""
-        app = self.app
-        report, done = app.report, app.analysis_done
+        state = self.app.state
+        report, done = state.report, state.analysis_done
         self.query_one(ModelsTable).update_report(report, done)
         heatmap = self.query_one(LayerHeatmap)
         heatmap.update_report(report)
@@ -83,9 +84,9 @@ class OverviewScreen(Screen):
         self.query_one(DepthSparklines).show(report)
         self.query_one("#warnings", Static).update(warnings_text(report))
         bar, label = self.query_one("#analysis-bar", ProgressBar), self.query_one("#analysis-label", Label)
-        progress = app.analysis_progress
-        if app.analysis_error:
-            label.update(Text(f"analysis failed: {app.analysis_error}", style="bold red"))
+        progress = state.analysis_progress
+        if state.analysis_error:
+            label.update(Text(f"analysis failed: {state.analysis_error}", style="bold red"))
         elif done:
             bar.update(total=1, progress=1)
             hint = " · Tab: pairwise matrices, depth, warnings" if self.has_class("narrow") else ""
@@ -120,14 +121,13 @@ class OverviewScreen(Screen):
         """Tab: heatmap → pairs/depth/warnings → models → heatmap (the side pane shows when it gets the focus)."""
         panes = [self.query_one(selector) for selector in self.PANES]
         focused = self.focused
-        current = next((i for i, pane in enumerate(panes) if focused is pane or (focused and pane in focused.ancestors)), 0)
+        current = next((i for i, pane in enumerate(panes)
+                        if focused is pane or (focused is not None and pane in focused.ancestors)), 0)
         target = panes[(current + step) % len(panes)]
         target.display = True
         target.focus()
 
     def action_drill(self) -> None:
-        from .layer_screen import LayerScreen
-
         group = self.query_one(LayerHeatmap).current_group
         if group is not None:
             self.app.push_screen(LayerScreen(group))

@@ -9,28 +9,67 @@ functions, so it cannot disagree with the merge.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Checkbox, Footer, Header, Input, Label, Select, Static
+from textual.widgets import Footer, Header, Input, Label, Select, Static
 
 from mergescope.checkpoints import MergescopeError
+from mergescope.demo.session import merge_folder
 from mergescope.merge.methods import METHODS
+from mergescope.merge.plan import MergePlan, load_plan, parse_plan
 from mergescope.tui.plan_document import (
-    DTYPES, ModelRow, PlanForm, default_form, from_plan, set_method, to_document, to_yaml,
+    DTYPES,
+    ModelRow,
+    PlanForm,
+    default_form,
+    from_plan,
+    set_method,
+    to_document,
+    to_yaml,
 )
+from mergescope.tui.plan_preview import Row, preview_rows
 from mergescope.tui.report_view import badges
-from mergescope.tui.widgets.plan.model_fields import ModelFields
+from mergescope.tui.screens.run_screen import RunScreen
+from mergescope.tui.widgets.plan.model_fields import ModelFields, ModelFieldsChanged
 from mergescope.tui.widgets.plan.preview_table import PreviewTable
 
 #: seconds of quiet after an edit before the preview recomputes
 DEBOUNCE = 0.3
 DEFAULT_METHOD = "ties"
+
+
+@dataclass
+class PlanValidated(Message):
+    """The form makes a valid plan (every edit is checked; ``r`` checks once more before it runs)."""
+
+    plan_text: str  # the plan as mergekit YAML
+
+
+@dataclass
+class PreviewUpdated(Message):
+    """The preview worker has more: after the sampled pass, then as exact groups land."""
+
+    status: str  # what the rows are: sampled, exact so far, exact
+    names: list[str]  # the plan's sources, one retention column each
+    rows: list[Row]  # every layer group previewed so far, then the whole model ("all")
+    warnings: list[str]  # what the plan warns of (base mismatch, missing tensors, ...)
+    cancel: threading.Event  # the preview's own; set once a later edit superseded it
+
+
+@dataclass
+class PlanRejected(Message):
+    """The form does not make a valid plan."""
+
+    problem: str  # what is wrong, as the plan loader says it
+    cancel: threading.Event  # the check's own; set once a later edit superseded it
 
 
 class PlanScreen(Screen):
@@ -44,7 +83,6 @@ class PlanScreen(Screen):
         super().__init__()
         self.plan_path = plan_path
         self.form: PlanForm | None = None
-        self.plan_text: str | None = None  # the last plan that validated
         self._timer = None
         self._cancel = threading.Event()
 
@@ -55,17 +93,20 @@ class PlanScreen(Screen):
         with Horizontal():
             with VerticalScroll(id="plan-form"):
                 yield Label("method", classes="field-label")
-                yield Select([(f"{name}", name) for name in METHODS], value=self.form.method, allow_blank=False, compact=True, id="method")
+                yield Select([(f"{name}", name) for name in METHODS], value=self.form.method, allow_blank=False,
+                             compact=True, id="method")
                 yield Static(METHODS[self.form.method].description, id="method-doc", classes="dim")
                 yield Label("base model", classes="field-label")
-                yield Select(self._base_options(), value=self.form.base or "", allow_blank=False, compact=True, id="base")
+                yield Select(self._base_options(), value=self.form.base or "", allow_blank=False, compact=True,
+                             id="base")
                 yield Static("values are YAML: 0.5 · a gradient over the layers [0.2, 0.8] · filters "
                              "[{filter: mlp, value: 0.3}, {value: 0.5}] · empty = the default", classes="dim hint")
                 yield Vertical(id="model-fields")
                 yield Label("method parameters", classes="field-label")
                 yield Vertical(id="option-fields")
                 yield Label("dtype", classes="field-label")
-                yield Select([("as the base", "")] + [(d, d) for d in DTYPES], value=self.form.dtype or "", allow_blank=False, compact=True, id="dtype")
+                yield Select([("as the base", "")] + [(d, d) for d in DTYPES], value=self.form.dtype or "",
+                             allow_blank=False, compact=True, id="dtype")
                 yield Label("output folder", classes="field-label")
                 yield Input(self.form.output, compact=True, id="output")
                 yield Label("plan file (s saves)", classes="field-label")
@@ -86,35 +127,34 @@ class PlanScreen(Screen):
         self.set_class(self.size.width < 100, "narrow-plan")
 
     def _initial_form(self) -> PlanForm:
-        session = self.app.session
-        rows = [ModelRow(ref, name) for ref, name in zip(self._references()[1:], self.app.names)]
+        state = self.app.state
+        session = state.session
+        rows = [ModelRow(ref, name) for ref, name in zip(self._references()[1:], state.names)]
         if self.plan_path is not None:
-            from mergescope.merge.plan import load_plan
-
             form = from_plan(load_plan(self.plan_path), rows)
             form.output = f"{Path(self.plan_path).stem}-merged"
             return form
         # models that failed a compatibility check (another base, vocabulary, tokenizer, architecture), and those
         # the session sets aside, start unticked and listed last: a first plan never merges what is flagged
         left_out = {row.reference for row in rows
-                    if row.reference in session.set_aside or not all(badges(self.app.report, row.name).values())}
+                    if row.reference in session.set_aside or not all(badges(state.report, row.name).values())}
         if len(left_out) < len(rows):
             rows = [r for r in rows if r.reference not in left_out] + [r for r in rows if r.reference in left_out]
             for row in rows:
                 row.included = row.reference not in left_out
         form = default_form(DEFAULT_METHOD, self._references()[0], rows)
         if session.workspace is not None:
-            form.output = str(session.workspace / "merges" / "ties")
+            form.output = str(merge_folder(session.workspace, DEFAULT_METHOD))
         return form
 
     def _references(self) -> list[str]:
-        session = self.app.session
+        session = self.app.state.session
         return session.references or [session.base.source, *[m.source for m in session.models]]
 
     def _base_options(self) -> list[tuple[str, str]]:
         refs = self._references()
-        options = [(f"{self.app.session.base.name} (analysis base)", refs[0])]
-        options += [(name, ref) for name, ref in zip(self.app.names, refs[1:])]
+        options = [(f"{self.app.state.session.base.name} (analysis base)", refs[0])]
+        options += [(name, ref) for name, ref in zip(self.app.state.names, refs[1:])]
         options.append(("none", ""))
         if self.form and self.form.base and self.form.base not in refs:
             options.insert(0, (self.form.base, self.form.base))
@@ -131,7 +171,8 @@ class PlanScreen(Screen):
         for name, text in self.form.options.items():
             spec = method.parameter(name)
             widgets += [Static(f"{name}: {spec.description}", classes="dim"),
-                        Input(text, placeholder=f"default {spec.default}", compact=True, id=f"option-{name}", classes="param-input")]
+                        Input(text, placeholder=f"default {spec.default}", compact=True, name=name, id=f"option-{name}",
+                              classes="param-input")]
         if not widgets:
             widgets.append(Static("none", classes="dim"))
         await options.mount_all(widgets)
@@ -152,24 +193,21 @@ class PlanScreen(Screen):
             self.form.dtype = value or None
         self.schedule_preview()
 
-    def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
-        index = int(event.checkbox.id.split("-")[1])
-        self.form.models[index].included = event.value
+    def on_model_fields_changed(self, message: ModelFieldsChanged) -> None:
+        row = self.form.models[message.index]
+        row.included = message.included
+        if message.parameter is not None:
+            row.fields[message.parameter] = message.text
         self.schedule_preview()
 
-    def on_input_changed(self, event: Input.Changed) -> None:
-        ident = event.input.id or ""
-        if ident.startswith("param-"):
-            _, index, name = ident.split("-", 2)
-            self.form.models[int(index)].fields[name] = event.value
-        elif ident.startswith("option-"):
-            self.form.options[ident.removeprefix("option-")] = event.value
-        elif ident == "output":
-            self.form.output = event.value
-            return
-        else:
-            return
+    @on(Input.Changed, "#option-fields Input")
+    def option_changed(self, event: Input.Changed) -> None:
+        self.form.options[event.input.name] = event.value
         self.schedule_preview()
+
+    @on(Input.Changed, "#output")
+    def output_changed(self, event: Input.Changed) -> None:
+        self.form.output = event.value
 
     def schedule_preview(self, delay: float = DEBOUNCE) -> None:
         if self._timer is not None:
@@ -182,45 +220,41 @@ class PlanScreen(Screen):
         self.preview(self._cancel)
 
     # --- the plan and its preview ------------------------------------------------------------------
-    def current_plan(self):
+    def current_plan(self) -> tuple[MergePlan, str]:
         """(plan, YAML text) of the form, or raise MergescopeError / ValueError with what is wrong."""
-        from mergescope.merge.plan import parse_plan
-
         text = to_yaml(to_document(self.form))
         return parse_plan(text, source=self.query_one("#plan-file", Input).value or "plan"), text
 
     @work(thread=True, exclusive=True, group="preview")
     def preview(self, cancel: threading.Event) -> None:
-        from mergescope.tui.plan_preview import preview_rows
-
         try:
             plan, text = self.current_plan()
-            self.app.call_from_thread(self._plan_ok, text)
-            for status, names, rows, warnings in preview_rows(self.app, plan, cancel):
+            self.post_message(PlanValidated(text))
+            for status, names, rows, warnings in preview_rows(self.app.state, plan, cancel):
                 if cancel.is_set():
                     return
-                self.app.call_from_thread(self._show_preview, status, names, rows, warnings)
+                self.post_message(PreviewUpdated(status, names, rows, warnings, cancel))
         except (MergescopeError, ValueError) as exc:
             if not cancel.is_set():
-                self.app.call_from_thread(self._plan_problem, str(exc))
+                self.post_message(PlanRejected(str(exc), cancel))
 
-    def _plan_ok(self, text: str) -> None:
-        self.plan_text = text
-        self.app.plan_text = text
-
-    def _show_preview(self, status: str, names, rows, warnings: list[str]) -> None:
-        self.query_one("#preview-status", Static).update(Text(status, style="green" if status.startswith("exact") else "yellow"))
-        self.query_one(PreviewTable).show(names, rows)
+    def on_preview_updated(self, message: PreviewUpdated) -> None:
+        if message.cancel.is_set():  # a later edit's preview is on its way
+            return
+        style = "green" if message.status.startswith("exact") else "yellow"
+        self.query_one("#preview-status", Static).update(Text(message.status, style=style))
+        self.query_one(PreviewTable).show(message.names, message.rows)
         text = Text()
-        for warning in warnings:
+        for warning in message.warnings:
             text.append("⚠ ", style="yellow")
             text.append(warning + "\n")
         self.query_one("#plan-warnings", Static).update(text)
 
-    def _plan_problem(self, message: str) -> None:
-        self.plan_text = None
+    def on_plan_rejected(self, message: PlanRejected) -> None:
+        if message.cancel.is_set():
+            return
         self.query_one("#preview-status", Static).update(Text("the plan has problems:", style="bold red"))
-        self.query_one("#plan-warnings", Static).update(Text(message, style="red"))
+        self.query_one("#plan-warnings", Static).update(Text(message.problem, style="red"))
 
     # --- actions -----------------------------------------------------------------------------------
     def action_save(self) -> None:
@@ -239,14 +273,12 @@ class PlanScreen(Screen):
         self.notify(f"saved {path}")
 
     def action_run(self) -> None:
-        from .run_screen import RunScreen
-
         try:
             _, text = self.current_plan()
         except (MergescopeError, ValueError) as exc:
             self.notify(f"cannot run: {exc}", severity="error")
             return
-        self.app.plan_text = text
+        self.post_message(PlanValidated(text))
         self.app.push_screen(RunScreen(text, self.form.output))
 
     def action_back(self) -> None:

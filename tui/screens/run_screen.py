@@ -1,35 +1,99 @@
 """Run (`r`): confirm the output folder and device, then merge with a progress panel; `c` cancels.
 
-The merge runs in a thread worker through the same executor as ``mergescope merge``; its progress events
-arrive as :class:`MergeEvent` messages. Cancelling stops between tensors and leaves nothing behind.
+The merge runs in a thread worker through the same executor as ``mergescope merge`` and reports through the
+messages below; the screen redraws from them and they bubble up to the app, which keeps the merge's state.
+Cancelling stops between tensors and leaves nothing behind. In a demo workspace a finished merge is then
+scored on the demo tasks, in another worker.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import torch
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Checkbox, Footer, Header, Input, Label, RichLog, Select, Static
 
 from mergescope.checkpoints import MergescopeError, check_output_folder
-from mergescope.tui.messages import MergeEvent
+from mergescope.demo.evaluate import evaluate
+from mergescope.merge import executor
+from mergescope.merge.job import build_job
+from mergescope.merge.plan import parse_plan
 from mergescope.tui.widgets.run.diagnosis_view import DiagnosisView
 from mergescope.tui.widgets.run.merge_progress import MergeProgressPanel
+
+#: where the run screen is: asking for the output, merging, or after the merge ended one of three ways
+Phase = Literal["confirm", "running", "done", "failed", "cancelled"]
+
+
+@dataclass
+class MergeStarted(Message):
+    """A merge into ``output`` started; setting ``cancel`` stops it between tensors."""
+
+    output: Path
+    cancel: threading.Event
+
+
+@dataclass
+class MergeProgressed(Message):
+    """The running merge wrote another tensor."""
+
+    progress: executor.MergeProgress
+
+
+@dataclass
+class MergeFinished(Message):
+    """The merge is written, complete, in ``output``."""
+
+    output: Path
+
+
+@dataclass
+class MergeFailed(Message):
+    """The merge stopped on an error; nothing was written to ``output``."""
+
+    output: Path
+    error: str
+
+
+@dataclass
+class MergeCancelled(Message):
+    """The merge was cancelled; nothing was written to ``output``."""
+
+    output: Path
+
+
+@dataclass
+class MergeScored(Message):
+    """Demo workspace: the finished merge in ``output``, scored on the demo tasks."""
+
+    output: Path
+    scores: dict[str, float]  # task → held-out accuracy
+
+
+@dataclass
+class MergeScoringFailed(Message):
+    """Demo workspace: the demo could not score the merge in ``output``."""
+
+    output: Path
+    error: str
 
 
 def device_options() -> list[tuple[str, str]]:
     """auto, cpu and every visible CUDA device."""
     options = [("auto (the GPU when there is one)", "auto"), ("cpu", "cpu")]
     try:
-        import torch
-
-        options += [(f"cuda:{i} {torch.cuda.get_device_name(i)}", f"cuda:{i}") for i in range(torch.cuda.device_count())]
+        count = torch.cuda.device_count()
+        options += [(f"cuda:{i} {torch.cuda.get_device_name(i)}", f"cuda:{i}") for i in range(count)]
     except Exception:  # no CUDA build, no driver: the CPU it is
         pass
     return options
@@ -46,16 +110,18 @@ class RunScreen(Screen):
     def __init__(self, plan_text: str, output: str = "merged") -> None:
         super().__init__()
         self.plan_text, self.output = plan_text, output
-        self.state = "confirm"  # confirm | running | done | failed | cancelled
-        self.out_dir: Path | None = None
+        self.phase: Phase = "confirm"
+        self.cancel = threading.Event()  # stops this screen's merge between tensors
+        self.merged: Path | None = None  # the merge's output folder once it finished
 
     def compose(self) -> ComposeResult:
+        device = self.app.state.device or "auto"
         yield Header()
         with Vertical(id="run-form"):
             yield Label("output folder", classes="field-label")
             yield Input(self.output, compact=True, id="run-output")
             yield Label("device", classes="field-label")
-            yield Select(device_options(), value=self.app.device if self.app.device != "" else "auto", allow_blank=False, compact=True, id="run-device")
+            yield Select(device_options(), value=device, allow_blank=False, compact=True, id="run-device")
             yield Checkbox("replace the output folder if it exists", False, compact=True, id="run-force")
             yield Static(Text("Ctrl+G starts the merge · Escape goes back", style="bold"), id="run-hint")
         with Vertical(id="run-panel"):
@@ -72,76 +138,92 @@ class RunScreen(Screen):
         self.action_start()
 
     def action_start(self) -> None:
-        if self.state != "confirm":
+        if self.phase != "confirm":
             return
-        if self.app.merge_cancel is not None:
+        if self.app.state.merging:
             self.notify("a merge is already running", severity="warning")
             return
-        self.out_dir = Path(self.query_one("#run-output", Input).value or "merged")
-        device = self.query_one("#run-device", Select).value
+        output = Path(self.query_one("#run-output", Input).value or "merged")
+        device = str(self.query_one("#run-device", Select).value)
         force = self.query_one("#run-force", Checkbox).value
-        self.state = "running"
+        self.phase = "running"
         self.query_one("#run-form").display = False
         self.query_one("#run-panel").display = True
-        self.app.merge_cancel = threading.Event()
-        log = self.query_one(RichLog)
-        log.write(f"merging into {self.out_dir} on {device}")
-        self.run_merge(self.out_dir, str(device), force, self.app.merge_cancel)
+        self.query_one(RichLog).write(f"merging into {output} on {device}")
+        self.post_message(MergeStarted(output, self.cancel))
+        self.run_merge(output, device, force)
 
     @work(thread=True, exclusive=True, group="merge")
-    def run_merge(self, out_dir: Path, device: str, force: bool, cancel: threading.Event) -> None:
-        from mergescope.merge.executor import MergeCancelled, run_merge
-        from mergescope.merge.job import build_job
-        from mergescope.merge.plan import parse_plan
-
+    def run_merge(self, output: Path, device: str, force: bool) -> None:
         try:
             job = build_job(parse_plan(self.plan_text, source="plan builder"))
-            check_output_folder(out_dir, job.checkpoints.values(), overwrite=force)
-            out = run_merge(job, out_dir, device=device, overwrite=force, cancel=cancel,
-                            on_event=lambda p: self.post_message(MergeEvent(p)))
-            self.post_message(MergeEvent(finished=str(out)))
-        except MergeCancelled:
-            self.post_message(MergeEvent(cancelled=True))
+            check_output_folder(output, job.checkpoints.values(), overwrite=force)
+            written = executor.run_merge(job, output, device=device, overwrite=force, cancel=self.cancel,
+                                         on_event=lambda progress: self.post_message(MergeProgressed(progress)))
+            self.post_message(MergeFinished(Path(written)))
+        except executor.MergeCancelled:
+            self.post_message(MergeCancelled(output))
         except MergescopeError as exc:
-            self.post_message(MergeEvent(failed=str(exc)))
+            self.post_message(MergeFailed(output, str(exc)))
         except Exception as exc:  # report, never crash the app
-            self.post_message(MergeEvent(failed=f"{type(exc).__name__}: {exc}"))
+            self.post_message(MergeFailed(output, f"{type(exc).__name__}: {exc}"))
 
-    def on_merge_event(self, event: MergeEvent) -> None:
-        log = self.query_one(RichLog)
-        if event.progress is not None:
-            self.query_one(MergeProgressPanel).show(event.progress)
-            if event.progress.tensors_done == event.progress.tensors_total or event.progress.tensors_done % 25 == 0:
-                log.write(f"{event.progress.tensors_done}/{event.progress.tensors_total} {event.progress.tensor}")
+    @work(thread=True, group="demo-eval")
+    def score_merge(self, output: Path) -> None:
+        """Demo workspace: the new merge's held-out accuracy on the demo tasks."""
+        try:
+            scores = evaluate(output)
+        except Exception as exc:  # a model the demo cannot score: say so, keep going
+            self.post_message(MergeScoringFailed(output, str(exc)))
             return
-        self.app.merge_cancel = None
-        if event.finished:
-            self.state = "done"
-            self.app.last_merge = Path(event.finished)
-            log.write(f"done: {event.finished} — its diagnosis below (d: full screen · Escape: back)")
-            self.notify(f"merged into {event.finished}")
-            self.add_class("finished")
-            self.mount(DiagnosisView(event.finished, id="run-diagnosis"), before=self.query_one(Footer))
-            self.app.after_merge(Path(event.finished), log)
-        elif event.cancelled:
-            self.state = "cancelled"
-            log.write(f"cancelled; nothing was written to {self.out_dir}")
-        else:
-            self.state = "failed"
-            log.write(f"failed: {event.failed}")
-            self.notify(event.failed or "merge failed", severity="error")
+        self.post_message(MergeScored(output, scores))
 
+    # --- what the workers report ---------------------------------------------------------------------
+    def on_merge_progressed(self, message: MergeProgressed) -> None:
+        progress = message.progress
+        self.query_one(MergeProgressPanel).show(progress)
+        if progress.tensors_done == progress.tensors_total or progress.tensors_done % 25 == 0:
+            self.query_one(RichLog).write(f"{progress.tensors_done}/{progress.tensors_total} {progress.tensor}")
+
+    def on_merge_finished(self, message: MergeFinished) -> None:
+        state = self.app.state
+        self.phase, self.merged = "done", message.output
+        self.query_one(RichLog).write(f"done: {message.output} — its diagnosis below (d: full screen · Escape: back)")
+        self.notify(f"merged into {message.output}")
+        self.add_class("finished")
+        diagnosis = DiagnosisView(message.output, base=state.session.base, device=state.device, id="run-diagnosis")
+        self.mount(diagnosis, before=self.query_one(Footer))
+        if state.session.workspace is not None:
+            self.score_merge(message.output)
+
+    def on_merge_cancelled(self, message: MergeCancelled) -> None:
+        self.phase = "cancelled"
+        self.query_one(RichLog).write(f"cancelled; nothing was written to {message.output}")
+
+    def on_merge_failed(self, message: MergeFailed) -> None:
+        self.phase = "failed"
+        self.query_one(RichLog).write(f"failed: {message.error}")
+        self.notify(message.error or "merge failed", severity="error")
+
+    def on_merge_scored(self, message: MergeScored) -> None:
+        line = "  ".join(f"{task} {accuracy:.0%}" for task, accuracy in message.scores.items())
+        self.query_one(RichLog).write(f"demo scores of {message.output}: {line}")
+
+    def on_merge_scoring_failed(self, message: MergeScoringFailed) -> None:
+        self.query_one(RichLog).write(f"demo evaluation failed: {message.error}")
+
+    # --- actions -------------------------------------------------------------------------------------
     def action_cancel(self) -> None:
-        if self.state == "running" and self.app.merge_cancel is not None:
-            self.app.merge_cancel.set()
+        if self.phase == "running":
+            self.cancel.set()
             self.query_one(RichLog).write("cancelling after the current tensor…")
 
     def action_diagnose(self) -> None:
-        if self.state == "done":
-            self.app.action_diagnose(self.app.last_merge)
+        if self.merged is not None:
+            self.app.action_diagnose(self.merged)
 
     def action_back(self) -> None:
-        if self.state == "running":
+        if self.phase == "running":
             self.notify("the merge is running: c cancels it", severity="warning")
             return
         self.app.pop_screen()

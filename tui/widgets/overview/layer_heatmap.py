@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rich.text import Text
 from textual.binding import Binding
+from textual.message import Message
 from textual.widgets import DataTable
 
 from mergescope.tui.display import heat, short
-from mergescope.tui.messages import LayerHighlighted
 from mergescope.tui.report_view import group_rel
+
+
+@dataclass
+class LayerHighlighted(Message):
+    """The heatmap's cursor moved to a layer group."""
+
+    group: str  # the group's name in the report, e.g. ``model.layers.3``
 
 
 class LayerHeatmap(DataTable):

@@ -6,8 +6,9 @@ from rich.text import Text
 from textual.widgets import DataTable
 
 from mergescope.checkpoints import Checkpoint
-from mergescope.tui.cli.formatting import human_count
+from mergescope.tui.formatting import human_count
 from mergescope.tui.report_view import badges
+from mergescope.tui.state import BASE_KEY
 
 _BADGE_LABELS = {"base": "base", "tokenizer": "tok", "vocab": "vocab", "arch": "arch"}
 
@@ -36,22 +37,26 @@ class ModelsTable(DataTable):
 
     def on_mount(self) -> None:
         self.add_columns("model", "source", "params", "dtype", "checks")
-        self.add_row(Text("base", style="bold"), short_source(self.base.source, 24), human_count(self.base.num_parameters),
-                     _dtype(self.base), Text("reference", style="dim"), key="<base>")
+        self.add_row(Text("base", style="bold"), short_source(self.base.source, 24),
+                     human_count(self.base.num_parameters), _dtype(self.base), Text("reference", style="dim"),
+                     key=BASE_KEY)
         for name, model in zip(self.names, self.models):
             self.add_row(Text(name, style="bold"), short_source(model.source, 24), human_count(model.num_parameters),
                          _dtype(model), badge_text(None), key=name)
 
     def show_scores(self, scores: dict[str, dict[str, float]]) -> None:
-        """Demo workspace: a column per demo task with each model's held-out accuracy (``<base>`` for the base)."""
+        """Demo workspace: a column per demo task with each model's held-out accuracy (BASE_KEY for the base)."""
         tasks = list(dict.fromkeys(task for per_model in scores.values() for task in per_model))
         for task in tasks:
             if task not in self.columns:
                 self.add_column(task[:4], key=task)
-        for key in ["<base>", *self.names]:
+        for key in [BASE_KEY, *self.names]:
             for task in tasks:
                 value = scores.get(key, {}).get(task)
-                cell = Text("…", style="dim") if value is None else Text(f"{value:.0%}", style="bold" if value >= 0.5 else "")
+                if value is None:
+                    cell = Text("…", style="dim")
+                else:
+                    cell = Text(f"{value:.0%}", style="bold" if value >= 0.5 else "")
                 self.update_cell(key, task, cell, update_width=True)
 
     def update_report(self, report: dict, done: bool) -> None:

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.widgets import Checkbox, Input, Label
 
 from mergescope.tui.display import short
 from mergescope.tui.plan_document import ModelRow
 
 
+@dataclass
+class ModelFieldsChanged(Message):
+    """The user ticked or unticked a model, or edited one of its parameters."""
+
+    index: int  # the model's row in the plan form
+    model: str  # its reference, as the plan names it
+    included: bool  # whether the plan merges it
+    parameter: str | None  # the parameter edited; None when the checkbox changed
+    text: str  # the parameter's text as typed (YAML); "" for the checkbox
+
+
 class ModelFields(Vertical):
-    """Fields are named ``<row index>:<parameter>`` so the screen can route an edit to its value."""
+    """A model's checkbox and parameter fields; every edit is posted as a :class:`ModelFieldsChanged`."""
 
     DEFAULT_CSS = """
     ModelFields { height: auto; margin-top: 1; }
@@ -30,4 +44,14 @@ class ModelFields(Vertical):
         for name, text in self.row.fields.items():
             with Horizontal():
                 yield Label(name, classes="param-label")
-                yield Input(text, placeholder="default", compact=True, id=f"param-{self.index}-{name}", classes="param-input")
+                yield Input(text, placeholder="default", compact=True, name=name, id=f"param-{self.index}-{name}",
+                            classes="param-input")
+
+    def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
+        event.stop()
+        self.post_message(ModelFieldsChanged(self.index, self.row.reference, event.value, None, ""))
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        included = self.query_one(Checkbox).value
+        self.post_message(ModelFieldsChanged(self.index, self.row.reference, included, event.input.name, event.value))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, ProgressBar
 
-from mergescope.tui.cli.formatting import human_bytes
+from mergescope.merge.executor import MergeProgress
 from mergescope.tui.display import short
+from mergescope.tui.formatting import human_bytes
 
 
 def host_memory() -> int | None:
@@ -16,14 +19,12 @@ def host_memory() -> int | None:
     try:
         with open("/proc/self/statm") as f:
             pages = int(f.read().split()[1])
-        import os
-
         return pages * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
 
 
-def progress_line(progress) -> Text:
+def progress_line(progress: MergeProgress) -> Text:
     """``1.2 GB/s · ETA 0:12 · host 812 MB · GPU 3.1 GB`` from a MergeProgress."""
     eta = progress.eta_s
     parts = [f"{human_bytes(progress.throughput)}/s", f"ETA {_clock(eta)}" if eta is not None else "ETA —"]
@@ -37,7 +38,9 @@ def progress_line(progress) -> Text:
 
 def _clock(seconds: float) -> str:
     seconds = int(seconds + 0.5)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    if seconds >= 3600:
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 class MergeProgressPanel(Vertical):
@@ -48,7 +51,7 @@ class MergeProgressPanel(Vertical):
         yield Label("starting…", id="merge-tensor")
         yield Label("", id="merge-rates")
 
-    def show(self, progress) -> None:
+    def show(self, progress: MergeProgress) -> None:
         self.query_one("#merge-bar", ProgressBar).update(total=progress.bytes_total or 1, progress=progress.bytes_done)
         self.query_one("#merge-tensor", Label).update(
             Text(f"{progress.tensors_done}/{progress.tensors_total}  {short(progress.tensor, 60)}")

@@ -1,4 +1,4 @@
-"""Human-readable numbers for tables."""
+"""Human-readable counts and sizes, shared by the command line and the app (pure, no Textual)."""
 
 from __future__ import annotations
 
