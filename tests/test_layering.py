@@ -164,7 +164,7 @@ def test_a_cycle_planted_under_type_checking_is_found(tmp_path):
     ("checkpoints", "naming.py", "from mergescope.merge.plan import load_plan", "mergescope.merge.plan"),
     ("merge", "sparsify.py", "import mergescope.analysis.sums", "mergescope.analysis.sums"),
     ("analysis", "sums.py", "from mergescope.tui.display import fmt_rel", "mergescope.tui.display"),
-    ("demo", "tasks.py", "from mergescope.tui.cli.formatting import human_bytes", "mergescope.tui.cli.formatting"),
+    ("demo", "tasks.py", "from mergescope.tui.formatting import human_bytes", "mergescope.tui.formatting"),
 ])
 def test_an_import_against_the_layers_is_found(tmp_path, folder, file, statement, culprit):
     root = copy_of_the_package(tmp_path)
