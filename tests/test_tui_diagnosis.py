@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from mergescope.analysis.diagnosis_groups import GroupDiagnosis
 from mergescope.merge.executor import run_merge
 from mergescope.merge.job import build_job
 from mergescope.merge.plan import parse_plan
@@ -69,8 +70,8 @@ def test_open_merged_folder(merged):
                     expected = retention(states, merged_state, source, prefix)
                     assert str(table.get_cell(group, f"{source}:keep")) == str(retention_text(expected))
             summary = static_text(app.screen.query_one("#diagnosis-text"))
-            # ft_a and ft_c = base − τ_a cancel: the summary blames their sign conflict
-            assert "ft_a" in summary and "ft_c" in summary and "sign conflict" in summary
+            # ft_a and ft_c = base − τ_a cancel: the summary blames the sign election between them
+            assert "ft_a" in summary and "ft_c" in summary and "to the sign election where ft_c disagrees" in summary
             # the worker reported by messages: the sources, a message per layer group, then the whole diagnosis
             assert [m.names for m in posted.of(DiagnosisStarted)] == [["ft_a", "ft_b", "ft_c"]]
             groups = [m.group.group for m in posted.of(GroupDiagnosed)]
@@ -108,9 +109,11 @@ def test_leaving_a_diagnosis_under_way(merged, monkeypatch):
     stream = diagnosis_view.stream_diagnosis
 
     def slow_stream(*args, **kwargs):
+        """The real stream, held after its first group until the view cancels (so the test does not race it)."""
         for event in stream(*args, **kwargs):
-            time.sleep(0.05)
             yield event
+            if isinstance(event, GroupDiagnosis):
+                kwargs["cancel"].wait(timeout=30)
 
     monkeypatch.setattr(diagnosis_view, "stream_diagnosis", slow_stream)
     posted = Posted()
