@@ -58,8 +58,14 @@ def test_plan_preview_save_and_run(workspace, tmp_path):
             # task arithmetic with weights 1 and 0.25: retention of a source = its weight plus the other's
             # projection, computed here from the tensors
             method = screen.query_one("#method")
+            before = screen.query_one("#param-1-weight")
             method.value = "task_arithmetic"
-            await wait_until(pilot, lambda: bool(screen.query("#param-1-weight")))  # the form rebuilds its fields
+
+            def rebuilt() -> bool:  # the form replaces its fields: wait for the new weight box
+                found = screen.query("#param-1-weight")
+                return bool(found) and found.first() is not before
+
+            await wait_until(pilot, rebuilt)
             await set_input(pilot, app, "#param-1-weight", "0.25")
             await wait_until(
                 pilot, lambda: status().startswith("exact") and screen.form.models[1].fields["weight"] == "0.25"
