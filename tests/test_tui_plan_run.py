@@ -34,6 +34,15 @@ async def set_input(pilot, app, selector: str, text: str) -> None:
     await pilot.press("end", *["backspace"] * (len(box.value) + 1), *text)
 
 
+async def start_run(pilot, app, output: str) -> None:
+    """From the overview once the analysis is done: open the builder, set the output, run (r, then Ctrl+G)."""
+    await wait_for_analysis(app, pilot)
+    await pilot.press("p")
+    await set_input(pilot, app, "#output", output)
+    app.screen.query_one("#method").focus()
+    await pilot.press("r", "ctrl+g")
+
+
 def exact_row(app, label: str) -> list[str]:
     table = app.screen.query_one("#preview")
     return [str(cell) for cell in table.get_row(label)]
@@ -166,12 +175,7 @@ def test_cancel_a_run(workspace, tmp_path, monkeypatch):
     async def body():
         app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
         async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
-            await wait_for_analysis(app, pilot)
-            await pilot.press("p")
-            await set_input(pilot, app, "#output", "out_cancelled")
-            app.screen.query_one("#method").focus()
-            await pilot.press("r")
-            await pilot.press("ctrl+g")
+            await start_run(pilot, app, "out_cancelled")
             await wait_until(pilot, lambda: app.screen.query_one("#merge-bar").progress > 0)
             await pilot.press("c")
             await wait_until(pilot, lambda: app.screen.phase != "running")
@@ -222,11 +226,7 @@ def test_a_failed_run_posts_merge_failed(workspace, tmp_path):
     async def body():
         app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
         async with app.run_test(size=(80, 24), message_hook=posted) as pilot:
-            await wait_for_analysis(app, pilot)
-            await pilot.press("p")
-            await set_input(pilot, app, "#output", "taken")
-            app.screen.query_one("#method").focus()
-            await pilot.press("r", "ctrl+g")
+            await start_run(pilot, app, "taken")
             await wait_until(pilot, lambda: app.screen.phase != "running")
             assert app.screen.phase == "failed"
             await wait_until(pilot, lambda: not app.state.merging)
