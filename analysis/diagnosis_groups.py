@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .diagnosis_context import PlanContext
+from .ground_truth import span_statistics
 from .loss_parts import LossParts, loss_parts
 from .retention import merge_gram_from_task_sums
 from .sign_patterns import pattern_table
@@ -31,6 +32,12 @@ class SourceEffect:
     weight: float | None = None
     density: float | None = None
     parts: LossParts | None = None  # 1 − retention, split exactly (see .loss_parts)
+    #: τ_m = Σⱼ cⱼτⱼ + r fitted over the sources (least squares, :func:`.ground_truth.span_statistics`): this
+    #: source's effective weight cᵢ, what no source has ‖r‖/‖τᵢ‖, and √((1 − cᵢ)² + (‖r‖/‖τᵢ‖)²) — the
+    #: statistic the ground-truth study found to predict a lost skill best
+    effective_weight: float | None = None
+    off_span: float | None = None
+    own_distance: float | None = None
 
 
 @dataclass
@@ -81,8 +88,12 @@ def group_diagnosis(group: str, sums: TaskVectorSums, names: list[str], context:
     losses = sign_losses(sums.signs.pattern_mass, n) if sums.signs.pattern_mass is not None else [None] * n
     parameters = context.parameters.get(group) if context is not None else None
     effects = []
+    spans = span_statistics(gram.gram)
     for i, (loss, parts) in enumerate(zip(losses, loss_parts(sums.signs, n))):
         effect = SourceEffect(gram.norm(i), gram.retention(i), gram.cosine(i), parts=parts)
+        if spans[i] is not None:
+            effect.effective_weight = spans[i]["weight_estimate"]
+            effect.off_span, effect.own_distance = spans[i]["off_span"], spans[i]["own_distance"]
         if loss is not None:
             effect.lost, effect.reversed, effect.conflict, effect.trimmed = (
                 loss["lost"],

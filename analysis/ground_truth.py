@@ -291,7 +291,9 @@ def loss_parts(tau: np.ndarray, tau_merged: np.ndarray) -> dict[str, float] | No
     term = t * (t - m)
     same = product > 0
     amplified = same & (np.abs(m) > np.abs(t))
-    masks = {"zeroed": (t != 0) & (m == 0), "reversed": product < 0, "shrunk": same & ~amplified, "amplified": amplified}
+    masks = {
+        "zeroed": (t != 0) & (m == 0), "reversed": product < 0, "shrunk": same & ~amplified, "amplified": amplified
+    }
     return {part: float(term[mask].sum()) / square for part, mask in masks.items()}
 
 

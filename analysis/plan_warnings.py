@@ -120,7 +120,10 @@ def plan_findings(job: MergeJob, analysis_report: dict | None = None) -> list[Pl
     lines = []
     for (rule, model), worst in found.items():
         # a rule that fires on some tensors only (a gradient, a filter): say where it is worst
-        where = f" (at {worst.tensor}; {worst.tensors} of {len(job.tasks)} tensors)" if worst.tensors < len(job.tasks) else ""
+        where = (
+            f" (at {worst.tensor}; {worst.tensors} of {len(job.tasks)} tensors)"
+            if worst.tensors < len(job.tasks) else ""
+        )
         lines.append(PlanWarning(rule, model, worst.message + where))
     if overlap is not None:
         lines += _overshoot_warnings(job, names, overlap)
@@ -143,7 +146,8 @@ def _overshoot_warnings(job: MergeJob, names: dict[str, str], overlap: Overlap) 
             continue
         where = "" if len(counted) == 1 or min(counted.values()) > OVERSHOOT else f" (at {group})"
         found.append(PlanWarning("overshoot", reference, (
-            f"{names[reference]}: the merge moves {worst:.2g}× as far along its task vector as the fine-tune itself{where} — "
+            f"{names[reference]}: the merge moves {worst:.2g}× as far along its task vector as the fine-tune "
+            f"itself{where} — "
             f"λ·w plus the other task vectors' overlap with it, from the analysis: past the fine-tune; "
             f"multiply lambda by {1 / scale:.2g} (the largest then 1×), or set normalize: true"
         )))
@@ -173,20 +177,25 @@ def _weight_findings(method: str, task, references: list[str], names: dict[str, 
                 f"soup scaled by {total:g}; set normalize: true or make them sum to 1"
             )
         if method == "linear" and normalize and abs(total) < 1e-6:
-            yield ("linear_zero_sum", None), 1.0, f"linear: weights {listed} sum to 0 and normalize divides by it: every weight becomes inf/NaN"
+            yield ("linear_zero_sum", None), 1.0, (
+                f"linear: weights {listed} sum to 0 and normalize divides by it: every weight becomes inf/NaN"
+            )
         if method in _ADDITIVE and not normalize and not overlap_known:
             for ref, model, weight in zip(references, models, weights):
                 if scale * weight > OVERSHOOT:
                     yield ("overshoot", ref), scale * weight, (
-                        f"{model}: weight {weight:g} × λ {scale:g} moves the merge {scale * weight:.2g}× as far along its task "
-                        f"vector as the fine-tune itself (more where other task vectors overlap it; analyse the models to "
-                        f"see): past the fine-tune; multiply its weight by {1 / (scale * weight):.2g}, or set normalize: true"
+                        f"{model}: weight {weight:g} × λ {scale:g} moves the merge {scale * weight:.2g}× as far "
+                        f"along its task vector as the fine-tune itself (more where other task vectors overlap it; "
+                        f"analyse the models to see): past the fine-tune; multiply its weight by "
+                        f"{1 / (scale * weight):.2g}, or set normalize: true"
                     )
         for ref, model, weight in zip(references, models, weights):
             if weight == 0:
                 yield ("zero_weight", ref), 1.0, f"{model}: weight 0, so it contributes nothing to the merge"
             elif weight < 0:
-                yield ("negative_weight", ref), -weight, f"{model}: negative weight {weight:g} subtracts its task vector (moves away from it)"
+                yield ("negative_weight", ref), -weight, (
+                    f"{model}: negative weight {weight:g} subtracts its task vector (moves away from it)"
+                )
 
 
 @dataclass(frozen=True)
@@ -242,7 +251,9 @@ def plan_overlap(job: MergeJob, report: dict | None) -> Overlap | None:
         norms = [float(((entry.get("delta") or {}).get(n) or {}).get("norm") or 0.0) for n in names]
         cosines = {(p["a"], p["b"]): p.get("cosine") for p in entry.get("pairs", [])}
 
-        def inner(i: int, j: int) -> float:
+        def inner(
+            i: int, j: int, norms: list[float] = norms, cosines: dict = cosines, names: list[str] = names
+        ) -> float:
             if i == j:
                 return norms[i] ** 2
             cosine = cosines.get((names[i], names[j]), cosines.get((names[j], names[i])))
@@ -252,13 +263,17 @@ def plan_overlap(job: MergeJob, report: dict | None) -> Overlap | None:
         weights = [scale * float(p.get("weight") or 0.0) for p in task.params]
         group = layer_group(task.output)
         for i, ref in enumerate(references):
-            along.setdefault(ref, {})[group] = along.get(ref, {}).get(group, 0.0) + sum(w * inner(i, j) for j, w in enumerate(weights))
+            along.setdefault(ref, {})[group] = along.get(ref, {}).get(group, 0.0) + sum(
+                w * inner(i, j) for j, w in enumerate(weights)
+            )
             own.setdefault(ref, {})[group] = own.get(ref, {}).get(group, 0.0) + inner(i, i)
         moved += sum(weights[i] * weights[j] * inner(i, j) for i in range(len(names)) for j in range(len(names)))
     if not own:
         return None
     by_group = {ref: {g: along[ref][g] / m for g, m in groups.items() if m > 0} for ref, groups in own.items()}
-    retention = {ref: sum(along[ref].values()) / sum(groups.values()) for ref, groups in own.items() if sum(groups.values()) > 0}
+    retention = {
+        ref: sum(along[ref].values()) / sum(groups.values()) for ref, groups in own.items() if sum(groups.values()) > 0
+    }
     largest = 0.0
     for ref, groups in by_group.items():
         total = sum(own[ref].values())
@@ -278,8 +293,8 @@ def _density_findings(job: MergeJob, task, references: list[str], names: dict[st
             density = float(p.get("density", 1.0))
             if method.random and task.options.get("rescale", False) and density < LOW_RANDOM_DENSITY:
                 yield ("low_random_density", ref), 1 / max(density, 1e-9), (
-                    f"{model}: density {density:g} with rescale keeps {density:.0%} of its entries at random and multiplies "
-                    f"them by about {1 / max(density, 1e-9):.0f}: expect noise; raise the density"
+                    f"{model}: density {density:g} with rescale keeps {density:.0%} of its entries at random and "
+                    f"multiplies them by about {1 / max(density, 1e-9):.0f}: expect noise; raise the density"
                 )
             elif density < LOW_DENSITY:
                 yield ("low_density", ref), 1 / max(density, 1e-9), (

@@ -135,7 +135,9 @@ def by_task(pairs) -> dict[str, dict[str, float]]:
         for task in TASKS:
             chosen = [(p.statistics.get(candidate.name), p.kept) for p in pairs if p.task == task]
             chosen = [(v, k) for v, k in chosen if v is not None and math.isfinite(v)]
-            found[candidate.name][task] = spearman([v for v, _ in chosen], [k for _, k in chosen]) if len(chosen) > 2 else float("nan")
+            found[candidate.name][task] = (
+                spearman([v for v, _ in chosen], [k for _, k in chosen]) if len(chosen) > 2 else float("nan")
+            )
     return found
 
 
@@ -143,7 +145,8 @@ def print_table(assessments, pairs) -> None:
     n_kept = sum(p.kept >= KEPT for p in pairs)
     print(f"\n{len(pairs)} (plan, source) pairs; {n_kept} kept (kept share ≥ {KEPT}), {len(pairs) - n_kept} lost\n")
     tasks = by_task(pairs)
-    print(f"{'statistic':<22} {'n':>4} {'Spearman ρ':>10} {'95% bootstrap':>16} {'p':>7}   {'best rule':<20} {'bal. acc.':>9}  "
+    print(f"{'statistic':<22} {'n':>4} {'Spearman ρ':>10} {'95% bootstrap':>16} {'p':>7}   "
+          f"{'best rule':<20} {'bal. acc.':>9}  "
           + " ".join(f"{'ρ ' + t:>9}" for t in TASKS) + "  cuts reaching it")
     for a in sorted(assessments, key=lambda a: -abs(a.rho) if not math.isnan(a.rho) else 0):
         if a.n < 3:
@@ -154,17 +157,19 @@ def print_table(assessments, pairs) -> None:
         accuracy = "—" if t is None else f"{t.balanced_accuracy:.3f}"
         span = "" if t is None else f"[{t.low:.3g}, {t.high:.3g}]"
         per_task = " ".join(f"{tasks[a.name][t]:>+9.2f}" for t in TASKS)
-        print(f"{a.name:<22} {a.n:>4} {a.rho:>+10.3f} {f'[{a.interval[0]:+.2f}, {a.interval[1]:+.2f}]':>16} {a.p_value:>7.4f}   "
+        print(f"{a.name:<22} {a.n:>4} {a.rho:>+10.3f} "
+              f"{f'[{a.interval[0]:+.2f}, {a.interval[1]:+.2f}]':>16} {a.p_value:>7.4f}   "
               f"{rule:<20} {accuracy:>9}  {per_task}  {span}")
 
 
 def print_pairs(pairs) -> None:
-    print(f"\n{'plan':<28} {'source':<11} {'acc':>5} {'kept':>6} {'retention':>9} {'cosine':>7} {'interf.':>7} {'lost':>6}")
+    print(f"\n{'plan':<28} {'source':<11} {'acc':>5} {'kept':>6} {'retention':>9} {'cosine':>7} "
+          f"{'interf.':>7} {'lost':>6}")
     for p in sorted(pairs, key=lambda p: p.kept):
         s = p.statistics
         fmt = lambda v: "—" if v is None else f"{v:+.2f}"  # noqa: E731
-        print(f"{p.plan:<28} {p.source:<11} {p.accuracy:>5.3f} {p.kept:>+6.2f} {fmt(s['retention']):>9} {fmt(s['cosine']):>7} "
-              f"{fmt(s['interference']):>7} {fmt(s['lost']):>6}")
+        print(f"{p.plan:<28} {p.source:<11} {p.accuracy:>5.3f} {p.kept:>+6.2f} {fmt(s['retention']):>9} "
+              f"{fmt(s['cosine']):>7} {fmt(s['interference']):>7} {fmt(s['lost']):>6}")
 
 
 # --- the advice check -------------------------------------------------------------------------------------------
@@ -205,7 +210,9 @@ def largest_retention(overlap, min_mass: float) -> float:
     found = 0.0
     for reference, groups in overlap.by_group.items():
         total = sum(overlap.mass[reference].values())
-        found = max([found, *(v for g, v in groups.items() if total > 0 and overlap.mass[reference][g] / total >= min_mass)])
+        found = max([
+            found, *(v for g, v in groups.items() if total > 0 and overlap.mass[reference][g] / total >= min_mass)
+        ])
     return found
 
 
@@ -214,7 +221,9 @@ def fixes_for(plan: StudyPlan, job, report: dict) -> list[tuple[str, str, StudyP
     the analysis report, and its overshoot rule once more without it) with their suggestion, and overshoot
     variants measured beside them (None: a notice without a fix)."""
     found: list[tuple[str, str, StudyPlan | None]] = []
-    normalized = lambda tag: plan.with_changes(f"{plan.name}~{tag}~normalize", parameters={"normalize": True})  # noqa: E731
+    normalized = lambda tag: plan.with_changes(  # noqa: E731
+        f"{plan.name}~{tag}~normalize", parameters={"normalize": True}
+    )
     overlap = plan_overlap(job, report)
     for warning in plan_findings(job, report):
         model = _folder(warning.model) if warning.model else None
@@ -223,10 +232,12 @@ def fixes_for(plan: StudyPlan, job, report: dict) -> list[tuple[str, str, StudyP
             found.append((warning.rule, "normalize: true", normalized(tag)))
         elif warning.rule == "overshoot" and overlap is not None:
             rule = "overshoot (with the analysis: ρ̂ > 1.1)"
-            found.append((rule, "λ × 1/max ρ̂", _scaled(plan, f"{plan.name}~overshoot~lambda{overlap.largest:.3f}", 1 / overlap.largest)))
+            found.append((rule, "λ × 1/max ρ̂",
+                          _scaled(plan, f"{plan.name}~overshoot~lambda{overlap.largest:.3f}", 1 / overlap.largest)))
             found.append((rule, "normalize: true", normalized("overshoot")))
         elif warning.rule in ("low_density", "low_random_density") and model:
-            found.append((warning.rule, "density 0.5", plan.with_changes(f"{plan.name}~{tag}~density", model_parameters={model: {"density": 0.5}})))
+            found.append((warning.rule, "density 0.5",
+                          plan.with_changes(f"{plan.name}~{tag}~density", model_parameters={model: {"density": 0.5}})))
         elif warning.rule in ("zero_weight", "negative_weight"):
             found.append((warning.rule, "(a notice: no fix suggested)", None))
         else:
@@ -245,7 +256,10 @@ def fixes_for(plan: StudyPlan, job, report: dict) -> list[tuple[str, str, StudyP
     # the old rule and other thresholds, measured beside the code's
     parameters = plan.document.get("parameters") or {}
     method = plan.method
-    additive = method in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+    additive = method in (
+        "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+        "della_linear",
+    )
     if additive and not parameters.get("normalize", method in ("ties", "della")):
         lam = float(parameters.get("lambda", 1.0))
         total = max(lam * sum(float(p.get("weight") or 0.0) for p in task.params) for task in job.tasks)
@@ -275,7 +289,9 @@ def advice_check(study: Study, plans: list[StudyPlan], outcomes: dict[str, float
                 entry["cases"].append({"plan": plan.name, "before": outcomes.get(plan.name), "after": None})
                 continue
             after = outcome(fixed, pairs_of(fixed, study.measure(fixed), study.reference))
-            entry["cases"].append({"plan": plan.name, "fixed": fixed.name, "before": outcomes[plan.name], "after": after})
+            entry["cases"].append(
+                {"plan": plan.name, "fixed": fixed.name, "before": outcomes[plan.name], "after": after}
+            )
     for entry in results.values():
         tested = [c for c in entry["cases"] if c["after"] is not None]
         entry["fired"] = len(entry["cases"])
@@ -303,20 +319,24 @@ def markdown(assessments, pairs, advice: list[dict], seconds: float) -> str:
     """The study's tables as Markdown (docs/diagnosis_study.md quotes them)."""
     tasks = by_task(pairs)
     n_kept = sum(p.kept >= KEPT for p in pairs)
-    lines = [f"{len(pairs)} (plan, source) pairs from {len({p.plan for p in pairs})} plans; {n_kept} kept (kept share ≥ {KEPT}), "
-             f"{len(pairs) - n_kept} lost.", "",
-             "| statistic | n | Spearman ρ | 95% bootstrap | p | best rule | balanced accuracy | " + " | ".join(f"ρ {t}" for t in TASKS) + " |",
+    lines = [f"{len(pairs)} (plan, source) pairs from {len({p.plan for p in pairs})} plans; "
+             f"{n_kept} kept (kept share ≥ {KEPT}), {len(pairs) - n_kept} lost.", "",
+             "| statistic | n | Spearman ρ | 95% bootstrap | p | best rule | balanced accuracy | "
+             + " | ".join(f"ρ {t}" for t in TASKS) + " |",
              "| --- | ---: | ---: | :---: | ---: | --- | ---: | " + " | ".join("---:" for _ in TASKS) + " |"]
     for a in sorted(assessments, key=lambda a: -abs(a.rho) if not math.isnan(a.rho) else 0):
         t = a.threshold
         p_value = "< 0.001" if a.p_value < 0.001 else f"{a.p_value:.3f}"
-        lines.append(f"| `{a.name}` | {a.n} | {a.rho:+.2f} | [{a.interval[0]:+.2f}, {a.interval[1]:+.2f}] | {p_value} | "
+        lines.append(f"| `{a.name}` | {a.n} | {a.rho:+.2f} | [{a.interval[0]:+.2f}, {a.interval[1]:+.2f}] | "
+                     f"{p_value} | "
                      f"{'—' if t is None else t.rule} | {'—' if t is None else f'{t.balanced_accuracy:.2f}'} | "
                      + " | ".join(f"{tasks[a.name][task]:+.2f}" for task in TASKS) + " |")
-    lines += ["", "| rule | fix | cases | fix raised the kept share | mean change | worse by > 0.1 |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| rule | fix | cases | fix raised the kept share | mean change | worse by > 0.1 |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in advice:
         if r["tested"]:
-            lines.append(f"| {r['rule']} | {r['fix']} | {r['fired']} | {r['improved']} of {r['tested']} | {r['mean_change']:+.2f} | {r['worse_by_0.1']} |")
+            lines.append(f"| {r['rule']} | {r['fix']} | {r['fired']} | {r['improved']} of {r['tested']} | "
+                         f"{r['mean_change']:+.2f} | {r['worse_by_0.1']} |")
         else:
             lines.append(f"| {r['rule']} | {r['fix']} | {r['fired']} | — | — | — |")
     lines += ["", f"Run time {seconds:.0f} s."]
@@ -354,12 +374,15 @@ def main(argv: list[str] | None = None) -> int:
     advice = []
     if not args.no_advice:
         base = open_checkpoint(str(workspace / BASE))
-        report = run_analysis(base, [open_checkpoint(str(workspace / f)) for f in FINE_TUNES], device="cpu", use_cache=False)
+        report = run_analysis(
+            base, [open_checkpoint(str(workspace / f)) for f in FINE_TUNES], device="cpu", use_cache=False
+        )
         advice = advice_check(study, plans, outcomes, report)
         print_advice(advice)
     elapsed = time.perf_counter() - start
     print(f"\nrun time {elapsed:.1f} s; {study.measured} merges measured now (merge {study.seconds['merge']:.1f} s, "
-          f"evaluate {study.seconds['evaluate']:.1f} s, diagnose {study.seconds['diagnose']:.1f} s), the rest from the cache")
+          f"evaluate {study.seconds['evaluate']:.1f} s, diagnose {study.seconds['diagnose']:.1f} s), "
+          f"the rest from the cache")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(assessments, pairs, advice, elapsed))
@@ -368,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "workspace": str(workspace),
             "reference": study.reference,
-            "plans": [{"name": p.name, "family": p.family, "document": p.document, "outcome": outcomes[p.name]} for p in plans],
+            "plans": [
+                {"name": p.name, "family": p.family, "document": p.document, "outcome": outcomes[p.name]}
+                for p in plans
+            ],
             "pairs": [asdict(p) for p in pairs],
             "statistics": [a.to_json() for a in assessments],
             "statistics_by_task": by_task(pairs),

@@ -125,8 +125,10 @@ def study_plans() -> list[StudyPlan]:
     for a, b in pairs:
         plans.append(_plan(f"linear-soup-{LETTER[a]}{LETTER[b]}", "linear", _models({a: 1.0, b: 1.0}), base=None))
     plans.append(_plan("linear-A0.7-S0.3", "linear", _models({A: 0.7, S: 0.3}), base=None))
-    plans.append(_plan("linear-A0.6-S0.6-nonorm", "linear", _models({A: 0.6, S: 0.6}), base=None, parameters={"normalize": False}))
-    plans.append(_plan("linear-A0.5-S0.5-nonorm", "linear", _models({A: 0.5, S: 0.5}), base=None, parameters={"normalize": False}))
+    plans.append(_plan("linear-A0.6-S0.6-nonorm", "linear", _models({A: 0.6, S: 0.6}), base=None,
+                       parameters={"normalize": False}))
+    plans.append(_plan("linear-A0.5-S0.5-nonorm", "linear", _models({A: 0.5, S: 0.5}), base=None,
+                       parameters={"normalize": False}))
     plans.append(_plan("linear-base-A-S", "linear", _models({BASE: 1.0, A: 1.0, S: 1.0}), base=None))
     # task arithmetic: weights 0.3–1.5, subsets of two and three, λ, normalize
     for w in (0.3, 0.5, 0.7, 1.0, 1.2, 1.5):
@@ -140,10 +142,12 @@ def study_plans() -> list[StudyPlan]:
     plans.append(_plan("ta-ARS-1-0.5-1", "task_arithmetic", _models({A: 1.0, R: 0.5, S: 1.0})))
     plans.append(_plan("ta-ARS-1-0.3-1", "task_arithmetic", _models({A: 1.0, R: 0.3, S: 1.0})))
     plans.append(_plan("ta-AS-1-norm", "task_arithmetic", _models({A: 1.0, S: 1.0}), parameters={"normalize": True}))
-    plans.append(_plan("ta-ARS-1-norm", "task_arithmetic", _models(dict.fromkeys(all3, 1.0)), parameters={"normalize": True}))
+    plans.append(_plan("ta-ARS-1-norm", "task_arithmetic", _models(dict.fromkeys(all3, 1.0)),
+                       parameters={"normalize": True}))
     plans.append(_plan("ta-AS-1-lambda0.6", "task_arithmetic", _models({A: 1.0, S: 1.0}), parameters={"lambda": 0.6}))
     plans.append(_plan("ta-AS-1-lambda1.3", "task_arithmetic", _models({A: 1.0, S: 1.0}), parameters={"lambda": 1.3}))
-    plans.append(_plan("ta-ARS-1-lambda0.6", "task_arithmetic", _models(dict.fromkeys(all3, 1.0)), parameters={"lambda": 0.6}))
+    plans.append(_plan("ta-ARS-1-lambda0.6", "task_arithmetic", _models(dict.fromkeys(all3, 1.0)),
+                       parameters={"lambda": 0.6}))
     # negations: one task vector subtracted
     plans.append(_plan("neg-R1-A-1", "task_arithmetic", _models({R: 1.0, A: -1.0}), family="negation"))
     plans.append(_plan("neg-S1-A-0.5", "task_arithmetic", _models({S: 1.0, A: -0.5}), family="negation"))
@@ -152,38 +156,50 @@ def study_plans() -> list[StudyPlan]:
     for d in (0.2, 0.5, 0.9):
         plans.append(_plan(f"ties-ARS-d{d:g}", "ties", _models(dict.fromkeys(all3, 1.0), density=d)))
     plans.append(_plan("ties-AS-d0.5", "ties", _models({A: 1.0, S: 1.0}, density=0.5)))
-    plans.append(_plan("ties-ARS-d0.5-nonorm", "ties", _models(dict.fromkeys(all3, 1.0), density=0.5), parameters={"normalize": False}))
-    plans.append(_plan("ties-AS-d0.7-nonorm", "ties", _models({A: 1.0, S: 1.0}, density=0.7), parameters={"normalize": False}))
+    plans.append(_plan("ties-ARS-d0.5-nonorm", "ties", _models(dict.fromkeys(all3, 1.0), density=0.5),
+                       parameters={"normalize": False}))
+    plans.append(_plan("ties-AS-d0.7-nonorm", "ties", _models({A: 1.0, S: 1.0}, density=0.7),
+                       parameters={"normalize": False}))
     plans.append(_plan("ties-AS-d0.05", "ties", _models({A: 1.0, S: 1.0}, density=0.05)))
     # DARE-TIES (random, seed 0): densities, subsets, normalize, a too-low density with rescale
     for d in (0.3, 0.5, 0.8):
         plans.append(_plan(f"dare_ties-ARS-d{d:g}", "dare_ties", _models(dict.fromkeys(all3, 1.0), density=d), seed=0))
     plans.append(_plan("dare_ties-AS-d0.5", "dare_ties", _models({A: 1.0, S: 1.0}, density=0.5), seed=0))
-    plans.append(_plan("dare_ties-AS-d0.9-norm", "dare_ties", _models({A: 1.0, S: 1.0}, density=0.9), parameters={"normalize": True}, seed=0))
+    plans.append(_plan("dare_ties-AS-d0.9-norm", "dare_ties", _models({A: 1.0, S: 1.0}, density=0.9),
+                       parameters={"normalize": True}, seed=0))
     plans.append(_plan("dare_ties-AS-d0.1", "dare_ties", _models({A: 1.0, S: 1.0}, density=0.1), seed=0))
     # breadcrumbs (γ 0.01 by default), della (ε 0.15), their linear variants
     plans.append(_plan("breadcrumbs-ARS-d0.5", "breadcrumbs", _models(dict.fromkeys(all3, 1.0), density=0.5)))
     plans.append(_plan("breadcrumbs-AS-d0.8", "breadcrumbs", _models({A: 1.0, S: 1.0}, density=0.8)))
-    plans.append(_plan("breadcrumbs-AS-d0.8-norm", "breadcrumbs", _models({A: 1.0, S: 1.0}, density=0.8), parameters={"normalize": True}))
+    plans.append(_plan("breadcrumbs-AS-d0.8-norm", "breadcrumbs", _models({A: 1.0, S: 1.0}, density=0.8),
+                       parameters={"normalize": True}))
     plans.append(_plan("della-ARS-d0.5", "della", _models(dict.fromkeys(all3, 1.0), density=0.5), seed=0))
     plans.append(_plan("della-AS-d0.7", "della", _models({A: 1.0, S: 1.0}, density=0.7), seed=0))
-    plans.append(_plan("della-AS-d0.8-nonorm", "della", _models({A: 1.0, S: 1.0}, density=0.8), parameters={"normalize": False}, seed=0))
-    plans.append(_plan("dare_linear-AS-d0.5", "dare_linear", _models({A: 1.0, S: 1.0}, density=0.5), seed=0, family="dare_linear"))
-    plans.append(_plan("della_linear-AS-d0.6", "della_linear", _models({A: 1.0, S: 1.0}, density=0.6), seed=0, family="della_linear"))
+    plans.append(_plan("della-AS-d0.8-nonorm", "della", _models({A: 1.0, S: 1.0}, density=0.8),
+                       parameters={"normalize": False}, seed=0))
+    plans.append(_plan("dare_linear-AS-d0.5", "dare_linear", _models({A: 1.0, S: 1.0}, density=0.5), seed=0,
+                       family="dare_linear"))
+    plans.append(_plan("della_linear-AS-d0.6", "della_linear", _models({A: 1.0, S: 1.0}, density=0.6), seed=0,
+                       family="della_linear"))
     # slerp between two fine-tunes (t = 0 is the first)
     for t in (0.25, 0.5, 0.75):
         plans.append(_plan(f"slerp-AS-t{t:g}", "slerp", _models({A: None, S: None}), base=A, parameters={"t": t}))
     plans.append(_plan("slerp-AR-t0.5", "slerp", _models({A: None, R: None}), base=A, parameters={"t": 0.5}))
     plans.append(_plan("slerp-RS-t0.5", "slerp", _models({R: None, S: None}), base=R, parameters={"t": 0.5}))
     # layer gradients (mergekit lists over the layers, and filtered values)
-    plans.append(_plan("grad-ta-A[1,0.3]-S[0.3,1]", "task_arithmetic", _models({A: [1.0, 0.3], S: [0.3, 1.0]}), family="gradient"))
-    plans.append(_plan("grad-ta-ARS-R[0,1]", "task_arithmetic", _models({A: 1.0, R: [0.0, 1.0], S: 1.0}), family="gradient"))
+    plans.append(_plan("grad-ta-A[1,0.3]-S[0.3,1]", "task_arithmetic", _models({A: [1.0, 0.3], S: [0.3, 1.0]}),
+                       family="gradient"))
+    plans.append(_plan("grad-ta-ARS-R[0,1]", "task_arithmetic", _models({A: 1.0, R: [0.0, 1.0], S: 1.0}),
+                       family="gradient"))
     plans.append(_plan("grad-ta-A[1.5,0.5]-S1", "task_arithmetic", _models({A: [1.5, 0.5], S: 1.0}), family="gradient"))
-    plans.append(_plan("grad-ties-ARS-d[0.2,0.9]", "ties", _models(dict.fromkeys(all3, 1.0), density=[0.2, 0.9]), family="gradient"))
+    plans.append(_plan("grad-ties-ARS-d[0.2,0.9]", "ties", _models(dict.fromkeys(all3, 1.0), density=[0.2, 0.9]),
+                       family="gradient"))
     plans.append(_plan("grad-ta-AS-mlp0.3", "task_arithmetic", _models(
-        {A: [{"filter": "mlp", "value": 0.3}, {"value": 1.0}], S: [{"filter": "self_attn", "value": [0.5, 1.0]}, {"value": 1.0}]}),
+        {A: [{"filter": "mlp", "value": 0.3}, {"value": 1.0}],
+         S: [{"filter": "self_attn", "value": [0.5, 1.0]}, {"value": 1.0}]}),
         family="gradient"))
-    plans.append(_plan("grad-linear-A[1,0]-S[0,1]", "linear", _models({A: [1.0, 0.0], S: [0.0, 1.0]}), base=None, family="gradient"))
+    plans.append(_plan("grad-linear-A[1,0]-S[0,1]", "linear", _models({A: [1.0, 0.0], S: [0.0, 1.0]}), base=None,
+                       family="gradient"))
     return plans
 
 
@@ -215,7 +231,10 @@ def tensor_statistics(root: Path, sources: list[str], merged: Path) -> dict:
     tau_merged = _flat(merged, names) - base
     taus = [_flat(root / s, names) - base for s in sources]
     stacked = np.stack([*taus, tau_merged])
-    return {"parts": {s: loss_parts(t, tau_merged) for s, t in zip(sources, taus)}, "gram": (stacked @ stacked.T).tolist()}
+    return {
+        "parts": {s: loss_parts(t, tau_merged) for s, t in zip(sources, taus)},
+        "gram": (stacked @ stacked.T).tolist(),
+    }
 
 
 @dataclass
@@ -260,7 +279,9 @@ def measure_plan(plan: StudyPlan, root: Path, out: Path, tasks: list[str] | None
     diagnosis = diagnosis_document(plan, root, out)
     tensors = tensor_statistics(root, plan.sources, out)
     done = time.perf_counter()
-    return Measurement(plan.name, plan.key(), accuracy, diagnosis, tensors, merged - start, evaluated - merged, done - evaluated)
+    return Measurement(
+        plan.name, plan.key(), accuracy, diagnosis, tensors, merged - start, evaluated - merged, done - evaluated
+    )
 
 
 def pairs_of(plan: StudyPlan, measurement: Measurement, reference: dict[str, dict[str, float]]) -> list[Pair]:

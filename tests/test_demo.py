@@ -20,13 +20,14 @@ from safetensors.torch import load_file
 
 from builders import llama_config, llama_state, write_model
 from mergescope.analysis import run_analysis
+from mergescope.analysis.diagnosis import diagnose_merged_folder
 from mergescope.checkpoints import MergescopeError, open_checkpoint
 from mergescope.demo.evaluate import evaluate, load_demo_model
 from mergescope.demo.kernels import NATIVE, PORTABLE, PORTABLE_ENVIRONMENT, build_environment
 from mergescope.demo.manifest import MANIFEST, read_manifest
 from mergescope.demo.model import DemoConfig, new_model
 from mergescope.demo.recipe import Recipe
-from mergescope.demo.story import CLAIMS, MERGES
+from mergescope.demo.story import CLAIMS, FINE_TUNES, MERGES, kept
 from mergescope.demo.tasks import TASK_NAMES, eval_examples, train_stream
 from mergescope.demo.tokenizer import CharTokenizer
 from mergescope.demo.train import TrainSpec, train
@@ -246,6 +247,20 @@ def test_a_folder_that_is_not_a_workspace_is_refused(tmp_path):
 @pytest.mark.parametrize("claim", CLAIMS, ids=[c.name for c in CLAIMS])
 def test_the_story_claim_holds(claim, story_scores):
     assert claim.holds(story_scores), (claim.name, claim.value(story_scores), claim.condition, story_scores)
+
+
+def test_the_ties_merge_diagnosis_gives_every_lost_skill_a_finding_and_names_the_election(story_scores, merged):
+    """Issue 11's question on the demo: the TIES merge loses skills (measured here), and the diagnosis — which
+    never sees an accuracy — has a finding for each source whose skill was lost, naming the sign election
+    and the larger task vector that won it where that is the largest part."""
+    diagnosis = diagnose_merged_folder(merged("ties"), device="cpu")
+    lost = [m for m, t in FINE_TUNES.items() if kept(story_scores, "ties", m, t) < 0.5]
+    assert lost  # the story: TIES of the three loses a skill
+    with_findings = {f.source for f in diagnosis.findings}
+    assert set(lost) <= with_findings, (lost, diagnosis.summary)
+    elections = [f for f in diagnosis.findings
+                 if "to the sign election where" in f.cause and "× larger there" in f.cause]
+    assert elections and all(f.advice.startswith("lower ") for f in elections)
 
 
 def test_task_arithmetic_merge_is_base_plus_both_task_vectors(workspace, merged):

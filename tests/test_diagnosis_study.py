@@ -48,7 +48,10 @@ def brute_best_balanced_accuracy(values, kept, higher_means_kept=True) -> float:
     best = 0.0
     for cut in sorted(set(values)):
         for strict in (False, True):  # kept ⇔ v ≥ cut, or v > cut (the split just above the value)
-            predicted = [(v > cut if strict else v >= cut) if higher_means_kept else (v < cut if strict else v <= cut) for v in values]
+            predicted = [
+                (v > cut if strict else v >= cut) if higher_means_kept else (v < cut if strict else v <= cut)
+                for v in values
+            ]
             if all(predicted) or not any(predicted):
                 continue
             tp = sum(p and t for p, t in zip(predicted, truth))
@@ -153,7 +156,8 @@ def test_best_threshold_matches_an_exhaustive_count(seed):
 
 def test_assess_skips_undefined_values():
     candidate = CANDIDATES[0]
-    result = assess(candidate, [0.1, None, 0.5, float("nan"), 0.9, 0.3], [0.0, 1.0, 0.6, 1.0, 1.0, 0.2], permutations=100, resamples=50)
+    result = assess(candidate, [0.1, None, 0.5, float("nan"), 0.9, 0.3], [0.0, 1.0, 0.6, 1.0, 1.0, 0.2],
+                    permutations=100, resamples=50)
     assert result.n == 4 and result.rho == pytest.approx(1.0)
     assert result.threshold.balanced_accuracy == 1.0
 
@@ -164,7 +168,9 @@ def test_loss_parts_sum_to_one_minus_retention():
     merged = np.array([0.0, 3.0, 1.0, 0.25, 7.0])
     parts = loss_parts(tau, merged)
     # zeroed 1·1, amplified 2·(2−3), reversed −1·(−1−1), shrunk 0.5·0.25; ‖τ‖² = 6.25
-    assert parts == pytest.approx({"zeroed": 1 / 6.25, "amplified": -2 / 6.25, "reversed": 2 / 6.25, "shrunk": 0.125 / 6.25})
+    assert parts == pytest.approx(
+        {"zeroed": 1 / 6.25, "amplified": -2 / 6.25, "reversed": 2 / 6.25, "shrunk": 0.125 / 6.25}
+    )
     retention = float(merged @ tau) / float(tau @ tau)
     assert sum(parts.values()) == pytest.approx(1 - retention)
     assert loss_parts(np.zeros(3), merged[:3]) is None
@@ -202,8 +208,9 @@ def test_source_statistics_from_a_diagnosis_document():
     # τᵢ = (1, 0) in group g0 and (0, 2) in g1; τ_m = (0.5, 1) and (0, 0): ρ(g0) = 0.5, ρ(g1) = 0
     # whole model: ‖τᵢ‖² = 5, ⟨τ_m, τᵢ⟩ = 0.5, ρ = 0.1, ‖τ_m‖² = 1.25
     document = {
-        "total": {"merged_norm": math.sqrt(1.25), "sources": {"a": _effect(math.sqrt(5), 0.1, 0.5 / math.sqrt(5 * 1.25), lost=0.8,
-                                                                           loss_parts={"zeroed": 0.8, "reversed": 0.0, "shrunk": 0.1, "amplified": 0.0})}},
+        "total": {"merged_norm": math.sqrt(1.25), "sources": {"a": _effect(
+            math.sqrt(5), 0.1, 0.5 / math.sqrt(5 * 1.25), lost=0.8,
+            loss_parts={"zeroed": 0.8, "reversed": 0.0, "shrunk": 0.1, "amplified": 0.0})}},
         "groups": [
             {"name": "g0", "merged_norm": math.sqrt(1.25), "sources": {"a": _effect(1.0, 0.5)}},
             {"name": "g1", "merged_norm": 0.0, "sources": {"a": _effect(2.0, 0.0)}},
@@ -213,7 +220,9 @@ def test_source_statistics_from_a_diagnosis_document():
     found = source_statistics(document, "a")
     assert found["retention"] == 0.1 and found["closeness"] == pytest.approx(0.1)
     assert found["interference"] == pytest.approx(math.sqrt(1.25 / 5 - 0.01))  # ‖τ_m − 0.1τᵢ‖ / ‖τᵢ‖
-    assert np.linalg.norm(np.array([0.5, 1, 0, 0]) - 0.1 * np.array([1, 0, 0, 2])) / math.sqrt(5) == pytest.approx(found["interference"])
+    assert np.linalg.norm(np.array([0.5, 1, 0, 0]) - 0.1 * np.array([1, 0, 0, 2])) / math.sqrt(5) == pytest.approx(
+        found["interference"]
+    )
     assert found["min_layer_retention"] == 0.0 and found["mean_layer_retention"] == pytest.approx(0.25)
     assert found["low_retention_mass"] == pytest.approx(4 / 5)  # g1 holds 4 of ‖τᵢ‖² = 5
     assert found["lost"] == 0.8 and found["part_zeroed"] == 0.8 and found["part_shrunk"] == 0.1
@@ -241,10 +250,12 @@ def overlapping(tmp_path_factory):
         return {k: 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()}
 
     tau_a, tau_b, small = noise(1), noise(2), noise(3)
-    states = {"base": base, "ft_a": {k: base[k] + tau_a[k] for k in base}, "ft_b": {k: base[k] + tau_b[k] for k in base},
+    states = {"base": base, "ft_a": {k: base[k] + tau_a[k] for k in base},
+              "ft_b": {k: base[k] + tau_b[k] for k in base},
               "ft_a2": {k: base[k] + 0.9 * tau_a[k] + 0.2 * small[k] for k in base}}
     paths = {n: str(write_model(root / n, s, config)) for n, s in states.items()}
-    report = run_analysis(open_checkpoint(paths["base"]), [open_checkpoint(paths[n]) for n in ("ft_a", "ft_b", "ft_a2")],
+    report = run_analysis(open_checkpoint(paths["base"]),
+                          [open_checkpoint(paths[n]) for n in ("ft_a", "ft_b", "ft_a2")],
                           use_cache=False, device="cpu")
     return paths, report
 
@@ -297,7 +308,10 @@ def test_predicted_retention_is_the_merges_retention_for_task_arithmetic(overlap
         merged.update(load_file(file))
     for name in ("ft_a", "ft_b", "ft_a2"):
         source = load_file(f"{paths[name]}/model.safetensors")
-        dot = sum(float(((merged[k].double() - base[k].double()) * (source[k].double() - base[k].double())).sum()) for k in base)
+        dot = sum(
+            float(((merged[k].double() - base[k].double()) * (source[k].double() - base[k].double())).sum())
+            for k in base
+        )
         own = sum(float(((source[k].double() - base[k].double()) ** 2).sum()) for k in base)
         assert plan_overlap(job, report).retention[paths[name]] == pytest.approx(dot / own, rel=1e-4)
 
@@ -306,7 +320,8 @@ def test_a_layer_gradient_overshoots_where_its_weight_is_high(overlapping):
     from mergescope.analysis.plan_warnings import plan_findings, plan_overlap
 
     paths, report = overlapping
-    job = _job(paths, {"ft_a": [1.4, 0.2], "ft_b": 1.0})  # the first layer (and embeddings, head) at 1.4, the last at 0.2
+    # the first layer (and embeddings, head) at 1.4, the last at 0.2
+    job = _job(paths, {"ft_a": [1.4, 0.2], "ft_b": 1.0})
     overlap = plan_overlap(job, report)
     assert overlap.retention[paths["ft_a"]] < 1.1 < overlap.largest  # the whole model averages it away
     [line] = [w.message for w in plan_findings(job, report) if w.rule == "overshoot"]
@@ -319,7 +334,8 @@ def test_a_layer_gradient_overshoots_where_its_weight_is_high(overlapping):
 #: 8 plans of the study (benchmarks/diagnosis_study.py) whose pairs span kept skills and every way of losing one:
 #: the best plan, a small weight, overshoot (weights 1.5), averaging, a random drop at density 0.1, a negation,
 #: slerp towards one fine-tune, a trim to 5%
-SUBSET = ("ta-AS-1", "ta-AS-0.7", "ta-AS-1.5", "linear-soup-ARS", "dare_ties-AS-d0.1", "neg-S1-A-0.5", "slerp-AS-t0.75", "ties-AS-d0.05")
+SUBSET = ("ta-AS-1", "ta-AS-0.7", "ta-AS-1.5", "linear-soup-ARS", "dare_ties-AS-d0.1", "neg-S1-A-0.5",
+          "slerp-AS-t0.75", "ties-AS-d0.05")
 
 
 @pytest.fixture(scope="session")
