@@ -22,7 +22,7 @@ from mergescope.tui.state import AppState
 #: (layer label, the merged task vector's norm as text, retention per source)
 Row = tuple[str, str, list]
 #: (status line, source names, rows so far, the plan's warnings)
-PreviewUpdate = tuple[str, list[str], list[Row], list[str]]
+PreviewUpdate = tuple[str, list[str], list[Row], list[str], str]
 
 
 def session_checkpoints(session: Session) -> dict[str, Checkpoint]:
@@ -32,12 +32,22 @@ def session_checkpoints(session: Session) -> dict[str, Checkpoint]:
     return dict(zip(references, checkpoints))
 
 
+#: the merged-norm column's heading: relative to ‖θ₀‖ once the analysis knows every group's ‖θ₀‖, else absolute
+RELATIVE_NORM, ABSOLUTE_NORM = "‖τm‖/‖θ₀‖", "‖τm‖"
+
+
 def preview_rows(state: AppState, plan: MergePlan, cancel: threading.Event) -> Iterator[PreviewUpdate]:
-    """Yield (status, source names, rows, warnings): once after the sampled pass, then as exact groups land."""
+    """Yield (status, source names, rows, warnings, norm heading): once after the sampled pass, then as exact
+    groups land. The merged norm is relative to ‖θ₀‖ only when the analysis is complete (a streaming report's
+    ‖θ₀‖ covers the groups read so far, so its whole-model value is too small); every row has the same unit,
+    which the heading names."""
     job = build_job(plan, checkpoints=session_checkpoints(state.session))
     warnings = plan_warnings(job, state.report if state.analysis_done else None)
-    base_norms = {g["name"]: g.get("base_norm") for g in state.report.get("groups", [])}
-    total_base = (state.report.get("total") or {}).get("base_norm")
+    relative = state.analysis_done and bool((state.report.get("total") or {}).get("base_norm"))
+    report = state.report if relative else {}
+    base_norms = {g["name"]: g.get("base_norm") for g in report.get("groups", [])}
+    total_base = (report.get("total") or {}).get("base_norm")
+    heading = RELATIVE_NORM if relative else ABSOLUTE_NORM
     rows: dict[str, Row] = {}
     names: list[str] = []
     for mode in ("sampled", "exact"):
@@ -51,18 +61,19 @@ def preview_rows(state: AppState, plan: MergePlan, cancel: threading.Event) -> I
             elif isinstance(event, PreviewProgress) and mode == "exact":
                 done = event.tensors_done
                 if done % 16 == 0:
-                    yield f"exact preview: {done}/{event.tensors_total} tensors…", names, list(rows.values()), warnings
+                    status = f"exact preview: {done}/{event.tensors_total} tensors…"
+                    yield status, names, list(rows.values()), warnings, heading
             elif isinstance(event, PlanPreview):
                 names = event.names
                 for group in event.groups:
                     rows[group.group.removeprefix("model.")] = _row(group, base_norms.get(group.group))
                 rows["all"] = _row(event.total, total_base, label="all")
                 status = "exact preview" if mode == "exact" else "sampled preview; the exact one is running…"
-                yield status, names, list(rows.values()), warnings
+                yield status, names, list(rows.values()), warnings, heading
 
 
 def _row(group: GroupPreview, base_norm: float | None, label: str | None = None) -> Row:
-    """(label, ‖τ_m‖ — relative to ‖θ₀‖ when the analysis knows it —, retention per source)."""
+    """(label, ‖τ_m‖ — relative to ``base_norm`` when given —, retention per source)."""
     if base_norm:
         norm = fmt_rel(group.merged_norm / base_norm)
     else:

@@ -62,6 +62,7 @@ class PreviewUpdated(Message):
     rows: list[Row]  # every layer group previewed so far, then the whole model ("all")
     warnings: list[str]  # what the plan warns of (base mismatch, missing tensors, ...)
     cancel: threading.Event  # the preview's own; set once a later edit superseded it
+    norm_heading: str = "‖τm‖"  # the merged-norm column's unit: absolute, or relative to ‖θ₀‖
 
 
 @dataclass
@@ -122,6 +123,13 @@ class PlanScreen(Screen):
         await self._rebuild_fields()
         self.query_one("#method").focus()
         self.schedule_preview(0)
+        self.app.analysis_changed.subscribe(self, self._analysis_changed)
+
+    def _analysis_changed(self, report: dict) -> None:
+        """The analysis finished while the builder is open: preview again, now in units of ‖θ₀‖ and with the
+        warnings that need the analysis."""
+        if self.app.state.analysis_done:
+            self.schedule_preview()  # debounced: a zero-delay timer left at shutdown trips textual's Timer
 
     def on_resize(self) -> None:
         self.set_class(self.size.width < 100, "narrow-plan")
@@ -230,10 +238,10 @@ class PlanScreen(Screen):
         try:
             plan, text = self.current_plan()
             self.post_message(PlanValidated(text))
-            for status, names, rows, warnings in preview_rows(self.app.state, plan, cancel):
+            for status, names, rows, warnings, heading in preview_rows(self.app.state, plan, cancel):
                 if cancel.is_set():
                     return
-                self.post_message(PreviewUpdated(status, names, rows, warnings, cancel))
+                self.post_message(PreviewUpdated(status, names, rows, warnings, cancel, heading))
         except (MergescopeError, ValueError) as exc:
             if not cancel.is_set():
                 self.post_message(PlanRejected(str(exc), cancel))
@@ -243,7 +251,7 @@ class PlanScreen(Screen):
             return
         style = "green" if message.status.startswith("exact") else "yellow"
         self.query_one("#preview-status", Static).update(Text(message.status, style=style))
-        self.query_one(PreviewTable).show(message.names, message.rows)
+        self.query_one(PreviewTable).show(message.names, message.rows, message.norm_heading)
         text = Text()
         for warning in message.warnings:
             text.append("⚠ ", style="yellow")

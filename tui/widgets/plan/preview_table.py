@@ -9,20 +9,25 @@ from mergescope.tui.display import retention_text, short
 
 
 class PreviewTable(DataTable):
-    """Rows: layer groups, then a whole-model row. Columns: ‖τ_m‖/‖θ₀‖ and, per model, its retention
+    """Rows: layer groups, then a whole-model row. Columns: ‖τ_m‖ (relative to ‖θ₀‖ once the analysis is
+    complete; the heading says which) and, per model, its retention
     ⟨τ_m, τᵢ⟩/‖τᵢ‖² (red below 1/3: the merge keeps less than a third of that fine-tune there)."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.names: list[str] = []
+        self.norm_heading = ""
 
-    def show(self, names: list[str], rows: list[tuple[str, str, list[float | None]]]) -> None:
-        """``rows``: (layer label, merged norm as text, retention per model)."""
-        if names != self.names:
+    def show(
+        self, names: list[str], rows: list[tuple[str, str, list[float | None]]], norm_heading: str = "‖τm‖"
+    ) -> None:
+        """``rows``: (layer label, merged norm as text, retention per model); ``norm_heading`` the norm's unit."""
+        if names != self.names or norm_heading != self.norm_heading:
             self.clear(columns=True)
             self.names = list(names)
+            self.norm_heading = norm_heading
             self.add_column("layer", key="layer")
-            self.add_column("‖τm‖", key="norm")
+            self.add_column(norm_heading, key="norm")
             for name in names:
                 self.add_column(short(name, 7), key=name)
         cursor = self.cursor_row
