@@ -46,6 +46,21 @@ def test_switching_method_keeps_shared_values():
     assert form.options == {"t": "0.5"} and form.models[0].fields == {}
 
 
+def test_switching_method_drops_unused_values_resets_options_and_says_so():
+    """ties with normalize: true and densities → task_arithmetic: the density goes, normalize returns to task
+    arithmetic's own default (off) instead of silently dividing by Σw, and the notes say both."""
+    form = default_form("ties", "base", rows())
+    form.options["normalize"] = "true"
+    notes = set_method(form, "task_arithmetic", "base")
+    assert notes == [
+        "dropped density: task_arithmetic does not use it", "reset normalize to task_arithmetic's defaults"]
+    document = to_document(form)
+    assert "parameters" not in document or "normalize" not in document["parameters"]
+    assert all(set(m["parameters"]) == {"weight"} for m in document["models"])
+    assert parse_plan(to_yaml(document)).models[0].parameters == {"weight": 1.0}
+    assert set_method(form, "task_arithmetic", "base") == []  # nothing to say when nothing changed
+
+
 def test_gradients_and_filters_typed_as_yaml():
     form = default_form("task_arithmetic", "base", rows())
     form.models[1].fields["weight"] = "[{filter: mlp, value: 0.3}, {value: 0.7}]"

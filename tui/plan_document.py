@@ -39,11 +39,13 @@ class PlanForm:
 
 
 def per_model_parameters(method: MergeMethod) -> list[str]:
-    return [p.name for p in method.parameters if p.per_model]
+    """The per-model parameters the builder offers: those that can change the result."""
+    return [p.name for p in method.parameters if p.per_model and not p.ignored]
 
 
 def method_parameters(method: MergeMethod) -> list[str]:
-    return [p.name for p in method.parameters if not p.per_model and p.name != "int8_mask"]
+    """The method-level parameters the builder offers: those that can change the result."""
+    return [p.name for p in method.parameters if not p.per_model and not p.ignored]
 
 
 def parse_field(text: str):
@@ -74,25 +76,38 @@ def default_form(method: str, base_reference: str, rows: list[ModelRow]) -> Plan
     return form
 
 
-def set_method(form: PlanForm, name: str, session_base: str) -> None:
-    """Switch the method, keeping values of parameters the new method also has and filling required ones."""
+def set_method(form: PlanForm, name: str, session_base: str) -> list[str]:
+    """Switch the method and say what that changed: per-model values the new method also takes are kept,
+    the ones it does not use are dropped, required ones are filled, and every method-level option starts from
+    the new method's default — ``normalize`` means something else in TIES (divide by the agreeing weights,
+    on by default) than in task arithmetic (divide by Σw, off by default), so a value is never carried over."""
     method = METHODS[name]
+    previous = form.method
     form.method = name
+    notes: list[str] = []
     included = [row for row in form.models if row.included] or form.models
+    dropped: set[str] = set()
     for row in form.models:
+        dropped |= {p for p, v in row.fields.items() if v and p not in per_model_parameters(method)}
         kept = {p: row.fields.get(p, "") for p in per_model_parameters(method)}
         if "weight" in kept and not kept["weight"]:
             kept["weight"] = "1.0" if method.base_role == "required" else format_field(round(1 / len(included), 4))
         if "density" in kept and not kept["density"] and name not in ("task_arithmetic",):
             kept["density"] = "0.5"
         row.fields = kept
-    form.options = {p: form.options.get(p, "") for p in method_parameters(method)}
-    if "t" in form.options and not form.options["t"]:
+    reset = sorted(p for p, v in form.options.items() if v)
+    form.options = dict.fromkeys(method_parameters(method), "")
+    if "t" in form.options:
         form.options["t"] = "0.5"
+    if dropped and previous != name:
+        notes.append(f"dropped {', '.join(sorted(dropped))}: {name} does not use it")
+    if reset and previous != name:
+        notes.append(f"reset {', '.join(reset)} to {name}'s defaults")
     if method.base_role == "required" and form.base is None:
         form.base = session_base
     elif method.base_role == "input":
         form.base = None  # mergekit would merge the base as one more model
+    return notes
 
 
 def to_document(form: PlanForm) -> dict:

@@ -25,7 +25,7 @@ inputs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
@@ -56,6 +56,9 @@ class ParameterSpec:
     high: float | None = None
     value_type: type = float
     description: str = ""
+    #: accepted because mergekit accepts it, but it never changes this method's result (``density`` in plain
+    #: task arithmetic, ``int8_mask``): the plan builder neither offers nor writes it
+    ignored: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,16 @@ class MergeMethod:
         raise KeyError(name)
 
 
-def _p(name, default=None, *, per_model=False, required=None, low=None, high=None, kind=float, doc="") -> ParameterSpec:
+def _p(name, default=None, *, per_model=False, required=None, low=None, high=None, kind=float, doc="",
+       ignored=False) -> ParameterSpec:
     required = default is None if required is None else required
-    return ParameterSpec(name, default, per_model, required, low, high, kind, doc)
+    return ParameterSpec(name, default, per_model, required, low, high, kind, doc, ignored)
 
 
 _WEIGHT = _p("weight", per_model=True, doc="the model's coefficient; required")
 _DENSITY = _p("density", 1.0, per_model=True, low=0.0, high=1.0, doc="fraction of the task vector kept; 1 keeps all")
-_INT8 = _p("int8_mask", False, kind=bool, doc="memory option of mergekit's sign mask; never changes the result")
+_INT8 = _p("int8_mask", False, kind=bool, doc="memory option of mergekit's sign mask; never changes the result",
+          ignored=True)
 _LAMBDA = _p("lambda", 1.0, doc="scale of the merged task vector, after normalisation")
 _GAMMA = _p("gamma", 0.01, per_model=True, low=0.0, high=1.0, doc="fraction of largest-magnitude entries dropped")
 _EPSILON = _p(
@@ -130,13 +135,14 @@ def _task_arithmetic_family(
     extra: tuple[ParameterSpec, ...] = (), random: bool = False, elementwise: bool = False,
 ) -> MergeMethod:
     """A member of :mod:`.task_arithmetic`'s family, with ``normalize`` and ``rescale`` defaulting as given."""
+    untrimmed = variant.trim is None  # then density and rescale are accepted and unused, as in mergekit
     parameters = (
         _INT8,
         _p("normalize", normalize, kind=bool, doc="divide the merged task vector by the (agreeing) weights' sum"),
-        _p("rescale", rescale, kind=bool, doc="scale each trimmed task vector back to its L1 norm"),
+        _p("rescale", rescale, kind=bool, doc="scale each trimmed task vector back to its L1 norm", ignored=untrimmed),
         _LAMBDA,
         _WEIGHT,
-        _DENSITY,
+        replace(_DENSITY, ignored=untrimmed),
     ) + extra
     return MergeMethod(
         variant.name, description, variant.merge, parameters, random=random, elementwise=elementwise,

@@ -191,7 +191,9 @@ class PlanScreen(Screen):
             return
         value = event.value if isinstance(event.value, str) else ""
         if event.select.id == "method" and value != self.form.method:
-            set_method(self.form, value, self._references()[0])
+            notes = set_method(self.form, value, self._references()[0])
+            if notes:
+                self.notify("; ".join(notes), title=f"method: {value}")
             self.query_one("#method-doc", Static).update(METHODS[value].description)
             self.query_one("#base", Select).value = self.form.base or ""
             await self._rebuild_fields()
