@@ -99,9 +99,11 @@ def plan_context_for_folder(folder: Path, base: str | Checkpoint | None) -> Plan
         opened[plan.base_model] = open_reference(plan.base_model)
     references = []
     for entry in plan.models:
-        if entry.model in opened or entry.model in references:
+        if entry.model in references:
             continue
-        checkpoint = open_reference(entry.model, base_checkpoint)
+        # a plan's base_model that is also one of its models (slerp's t = 0 end) is a source whenever it is
+        # not the base the task vectors are taken from (the --base the caller gave)
+        checkpoint = opened.get(entry.model) or open_reference(entry.model, base_checkpoint)
         opened[entry.model] = checkpoint
         if checkpoint.fingerprint != base_checkpoint.fingerprint:
             references.append(entry.model)

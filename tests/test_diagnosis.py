@@ -235,6 +235,22 @@ def test_plan_without_base_model_needs_base_and_relative_paths_resolve(diagnosis
         diagnose_merged_folder(root / "base")
 
 
+def test_slerp_between_two_fine_tunes_is_diagnosed_against_the_given_base(diagnosis_models, monkeypatch):
+    """slerp's base_model is its t = 0 fine-tune; with --base (the real base) both fine-tunes are sources, each
+    measured against the base, not one against the other."""
+    root, states = diagnosis_models
+    plan = {"merge_method": "slerp", "base_model": "ft_a", "dtype": "float32", "parameters": {"t": 0.5},
+            "models": [{"model": "ft_a"}, {"model": "ft_c"}]}
+    folder, merged = merge(root, "merged_slerp", plan, monkeypatch)
+    diagnosis = diagnose_merged_folder(folder, base=str(root / "base"), device="cpu")
+    assert diagnosis.names == ["ft_a", "ft_c"]
+    base = np.concatenate([states["base"][k].numpy().ravel() for k in states["base"]]).astype(np.float64)
+    tau_m = np.concatenate([merged[k].float().numpy().ravel() for k in states["base"]]).astype(np.float64) - base
+    for effect, name in zip(diagnosis.total.sources, ("ft_a", "ft_c")):
+        tau = np.concatenate([states[name][k].numpy().ravel() for k in states["base"]]).astype(np.float64) - base
+        assert effect.retention == pytest.approx(tau_m @ tau / (tau @ tau), rel=1e-5)
+
+
 def test_cli_prints_tables_and_summary_and_writes_json(diagnosis_models, monkeypatch, capsys):
     root, states = diagnosis_models
     folder, _ = merge(root, "merged_cli", ties_plan(), monkeypatch)
