@@ -19,6 +19,7 @@ from pathlib import Path
 from mergescope.checkpoints.errors import MergescopeError
 
 from .kernels import build_environment
+from .recipe import Recipe, train_models
 
 MODULE = "mergescope.demo.build_process"
 
@@ -55,8 +56,6 @@ def run_build(out: Path, recipe_json: dict, kernels: str, progress=None) -> dict
 
 
 def main() -> None:
-    from .recipe import Recipe, train_models
-
     job = json.load(sys.stdin)
 
     def report(stage: str, done: int, total: int) -> None:
