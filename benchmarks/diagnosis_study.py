@@ -16,7 +16,9 @@ Then the advice check: for every plan on which a rule of :mod:`mergescope.analys
 (given the workspace's analysis report), its suggested fix is applied, merged and evaluated, and the rule's
 success is the number of plans where the fix raised the mean kept share of the plan's positively weighted
 fine-tunes. Overshoot variants (the old λ·Σw rule, the overlap-aware retention, the displacement) are
-measured side by side.
+measured side by side. The diagnosis' own next steps are held to the same test (:func:`diagnosis_fixes`):
+"lower X's weight to ~w" applied as suggested, "raise its density" as density × 2, and the averaging
+finding's "normalize: false".
 
 Merges, accuracies and diagnoses are cached under ``--out`` (one JSON per plan, keyed by the plan's
 document and the workspace's weights), so a second run only recomputes the statistics; ``--rediagnose``
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -279,11 +282,47 @@ def fixes_for(plan: StudyPlan, job, report: dict) -> list[tuple[str, str, StudyP
     return list(unique.values())
 
 
+LOWER_WEIGHT = re.compile(r"^lower (?P<who>\S+)'s weight to ~(?P<to>[0-9.eE+-]+) \(from (?P<from>[0-9.eE+-]+)\)")
+
+
+def diagnosis_fixes(plan: StudyPlan, diagnosis: dict | None) -> list[tuple[str, str, StudyPlan | None]]:
+    """(rule, fix, fixed plan) for each next step the plan's own diagnosis suggests: lowering the weight of the
+    source that wins where another loses (applied as suggested: its weight × to/from), raising a trimmed
+    source's density (× 2, at most 1), merging an averaged source with normalize: false."""
+    found: list[tuple[str, str, StudyPlan | None]] = []
+    names = {Path(s["reference"]).name: s["reference"] for s in (diagnosis or {}).get("sources", [])}
+    for finding in (diagnosis or {}).get("findings", []):
+        advice = finding.get("advice") or ""
+        if match := LOWER_WEIGHT.match(advice):
+            who = _folder(names.get(match["who"], match["who"]))
+            factor = float(match["to"]) / float(match["from"])
+            weight = next((e.get("parameters", {}).get("weight") for e in plan.document["models"] if e["model"] == who),
+                          None)
+            numeric = isinstance(weight, (int, float)) or (
+                isinstance(weight, list) and all(isinstance(v, (int, float)) for v in weight))
+            fixed = _weight_scaled(plan, f"{plan.name}~diagnosis-lower-{who}", who, factor) if numeric else None
+            found.append(("diagnosis: lower the winning source's weight", "its weight × ~1/ratio", fixed))
+        elif advice.startswith("raise its density"):
+            model = _folder(names.get(finding["source"], finding["source"]))
+            entry = next((e for e in plan.document["models"] if _folder(e["model"]) == model), None)
+            density = (entry or {}).get("parameters", {}).get("density")
+            if isinstance(density, (int, float)):
+                fixed = plan.with_changes(f"{plan.name}~diagnosis-density-{model}",
+                                          model_parameters={model: {"density": min(1.0, 2 * density)}})
+                found.append(("diagnosis: raise the trimmed source's density", "density × 2", fixed))
+        elif advice.startswith("raise its weight, or merge with normalize: false"):
+            fixed = plan.with_changes(f"{plan.name}~diagnosis-no-normalize", parameters={"normalize": False})
+            found.append(("diagnosis: averaging loses it", "normalize: false", fixed))
+    return found
+
+
 def advice_check(study: Study, plans: list[StudyPlan], outcomes: dict[str, float | None], report: dict) -> list[dict]:
     results: dict[tuple[str, str], dict] = {}
     for plan in plans:
         job = plan_job(plan, study.workspace)
-        for rule, fix, fixed in fixes_for(plan, job, report):
+        fixes = fixes_for(plan, job, report) + diagnosis_fixes(plan, study.measure(plan).diagnosis)
+        unique = {(rule, fix, fixed.name if fixed else None): (rule, fix, fixed) for rule, fix, fixed in fixes}
+        for rule, fix, fixed in unique.values():
             entry = results.setdefault((rule, fix), {"rule": rule, "fix": fix, "cases": []})
             if fixed is None or outcomes.get(plan.name) is None:
                 entry["cases"].append({"plan": plan.name, "before": outcomes.get(plan.name), "after": None})

@@ -182,12 +182,12 @@ def test_ties_diagnosis_matches_numpy_and_names_the_conflict_and_the_trim(diagno
         "ft_b keeps -100% of its change in layers 2–3: loses 200% of its change to the sign election where ft_a "
         "disagrees, whose weighted change is 2.0× larger there"
     )
-    assert conflict.advice == "lower ft_a's weight to ~0.5 (from 1), or merge without ft_a"
+    assert conflict.advice == "lower ft_a's weight to ~0.5 (from 1)"
     trim = found["ft_c", ("lm_head",)]
     zeroed = expected["lm_head"][1]["ft_c"]["parts"]["zeroed"]
     assert trim.sentence.startswith("ft_c keeps ") and trim.sentence.endswith(
         f"of its change in lm_head: loses {round(100 * zeroed)}% of its change to trimming (density 0.02)")
-    assert trim.advice == "raise its density"
+    assert trim.advice == "raise its density to ~0.04"
     assert trim.retention == pytest.approx(expected["lm_head"][1]["ft_c"]["retention"], rel=1e-6)
     overall = [line for line in diagnosis.summary if "over the whole model" in line]
     assert [line.split()[0] for line in overall] == list(NAMES)
