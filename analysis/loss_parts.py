@@ -52,10 +52,6 @@ class LossParts:
         """Σ parts = 1 − retention."""
         return self.zeroed + self.reversed + self.shrunk + self.amplified
 
-    def largest(self) -> str:
-        """The part that costs the most."""
-        return max(PARTS, key=lambda p: getattr(self, p))
-
     @classmethod
     def weighted_mean(cls, parts: list[tuple[float, LossParts]]) -> LossParts | None:
         """The parts of several groups together, each weighted by its ‖τᵢ‖² (``parts``: (mass, parts) pairs);

@@ -69,7 +69,6 @@ def test_a_reversed_entry_costs_more_than_its_share_and_an_amplified_one_is_a_ga
     [first, _] = loss_parts(accumulated(taus, torch.tensor([-1.0, 0.0, 0.5, 2.0])), 2)
     assert (first.reversed, first.zeroed, first.shrunk, first.amplified) == (0.5, 0.25, 0.125, -0.25)
     assert first.against == {1: 0.5} and first.ratio == {1: 3.0}  # |−3| against |1| where it reversed
-    assert first.largest() == "reversed"
 
 
 def test_a_source_that_changed_nothing_has_no_parts_and_groups_combine_by_mass():
