@@ -141,6 +141,39 @@ class Checkpoint(ABC):
             tensor = tensor.to(device)
         return tensor
 
+    def read_rows(
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        dtype: torch.dtype | str | None = None,
+        device: str | None = None,
+        *,
+        buffer: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rows ``start…stop−1`` of tensor ``name`` (along its first dimension), converted and moved as
+        :meth:`read` does: shape ``(stop − start, *shape[1:])``, the same values as ``read(name)[start:stop]``.
+
+        Safetensors checkpoints read only those rows (one positioned read of a contiguous byte range);
+        other formats read the tensor and keep the rows.
+        """
+        spec = self.spec(name)
+        if not spec.shape or not 0 <= start <= stop <= spec.shape[0]:
+            raise CheckpointError(f"{self.source}: tensor {name!r} of shape {list(spec.shape)} has no rows "
+                                  f"{start}:{stop}")
+        tensor = self._read_rows(spec, start, stop, buffer)
+        if dtype is not None:
+            tensor = tensor.to(torch_dtype(dtype_name(dtype)))
+        if device is not None:
+            tensor = tensor.to(device)
+        return tensor
+
+    def _read_rows(self, spec: TensorSpec, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` in the stored dtype, on the CPU; by default the whole tensor, cut (a copy, so
+        the rest is freed)."""
+        whole = self._read(spec)
+        return whole if (start, stop) == (0, spec.shape[0]) else whole[start:stop].clone()
+
     def stored_delta(self, name: str) -> torch.Tensor | None:
         """The float32 task vector against :attr:`base` when this checkpoint stores it (LoRA), else None."""
         return None
@@ -199,6 +232,10 @@ class SafetensorsCheckpoint(Checkpoint):
     def _read(self, spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.Tensor:
         assert isinstance(spec, TensorInfo)
         return read_tensor(spec, buffer)
+
+    def _read_rows(self, spec: TensorSpec, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        assert isinstance(spec, TensorInfo)
+        return read_tensor(spec, buffer, rows=(start, stop))
 
 
 class TorchBinCheckpoint(Checkpoint):

@@ -202,6 +202,15 @@ class LoraCheckpoint(Checkpoint):
             return merged.to(torch_dtype(spec.dtype))
         return self._base.read(spec.name, buffer=buffer)
 
+    def _read_rows(self, spec: TensorSpec, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Untouched and replaced tensors read only the rows; an adapted weight is formed whole and cut, so its
+        rows carry the bits of :meth:`_read`."""
+        if spec.name in self.adapter.replaced:
+            return read_tensor(self.adapter.replaced[spec.name], buffer, rows=(start, stop))
+        if spec.name in self.adapter.targets:
+            return super()._read_rows(spec, start, stop, buffer)
+        return self._base.read_rows(spec.name, start, stop, buffer=buffer)
+
     def stored_delta(self, name: str) -> torch.Tensor | None:
         """Exact ``Δ`` on adapted weights, exact zeros on untouched ones, None on replaced tensors."""
         import torch

@@ -147,37 +147,44 @@ def _check_no_overlap(path: Path, infos, data_start: int) -> None:
         previous = info
 
 
-def read_bytes(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+def read_bytes(info: TensorInfo, out: torch.Tensor | None = None, *,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
     """One tensor's bytes as a uint8 tensor, read with positioned reads that release the GIL.
 
+    ``rows = (a, b)`` reads only rows a…b−1 (along the first dimension): in safetensors' row-major layout
+    they are one contiguous byte range, so this is one positioned read of ``(b − a) · row bytes``.
     Into ``out[:nbytes]`` when a large enough flat uint8 ``out`` is given; otherwise into a buffer from
     torch's allocator, uninitialised (a ``bytearray`` would be zero-filled first), so each byte is
     written once, by the kernel.
     """
     import torch
 
-    if out is not None and out.dtype == torch.uint8 and out.dim() == 1 and out.numel() >= info.nbytes:
-        buf = out[: info.nbytes]
+    offset, nbytes = info.offset, info.nbytes
+    if rows is not None:
+        row_bytes = info.nbytes // max(1, info.shape[0]) if info.shape else info.nbytes
+        offset, nbytes = info.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+    if out is not None and out.dtype == torch.uint8 and out.dim() == 1 and out.numel() >= nbytes:
+        buf = out[:nbytes]
     else:
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-    if not info.nbytes:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+    if not nbytes:
         return buf
     try:
         with open(info.file, "rb", buffering=0) as f:
-            _read_into(f, memoryview(buf.numpy()), info)
+            _read_into(f, memoryview(buf.numpy()), info, offset, nbytes)
     except OSError as exc:
         raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r}: {exc.strerror or exc}") from None
     return buf
 
 
-def _read_into(f, view: memoryview, info: TensorInfo) -> None:
+def _read_into(f, view: memoryview, info: TensorInfo, offset: int, nbytes: int) -> None:
     done = 0
     fd = f.fileno()
-    while done < info.nbytes:
+    while done < nbytes:
         if hasattr(os, "preadv"):
-            n = os.preadv(fd, [view[done:]], info.offset + done)
+            n = os.preadv(fd, [view[done:]], offset + done)
         else:  # pragma: no cover - Windows
-            f.seek(info.offset + done)
+            f.seek(offset + done)
             n = f.readinto(view[done:])
         if not n:
             raise CheckpointError(
@@ -186,11 +193,14 @@ def _read_into(f, view: memoryview, info: TensorInfo) -> None:
         done += n
 
 
-def read_tensor(info: TensorInfo, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """Tensor ``info`` in its stored dtype, on the CPU: owning its memory, or a view of ``buffer``."""
+def read_tensor(info: TensorInfo, buffer: torch.Tensor | None = None, *, rows: tuple[int, int] | None = None
+                ) -> torch.Tensor:
+    """Tensor ``info`` in its stored dtype, on the CPU: owning its memory, or a view of ``buffer``; with
+    ``rows = (a, b)`` only rows a…b−1 (one positioned read, see :func:`read_bytes`)."""
     import torch
 
     dtype = torch_dtype(info.dtype)
-    if info.numel == 0:
-        return torch.empty(info.shape, dtype=dtype)
-    return read_bytes(info, buffer).view(dtype).reshape(info.shape)
+    shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return read_bytes(info, buffer, rows=rows).view(dtype).reshape(shape)

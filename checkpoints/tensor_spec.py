@@ -23,3 +23,13 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.numel * ITEMSIZE[self.dtype]
+
+    @property
+    def row_numel(self) -> int:
+        """Entries per row (along the first dimension); a 0-dim tensor is one row of one entry."""
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def rows(self) -> int:
+        """Rows along the first dimension (1 for a 0-dim tensor)."""
+        return self.shape[0] if self.shape else 1

@@ -138,6 +138,7 @@ class CheckpointWriter:
         except OSError as exc:
             raise CheckpointError(f"{self.out_dir}: cannot create the output folder: {exc.strerror or exc}") from None
         self._written: set[str] = set()
+        self._rows_written: dict[str, list[tuple[int, int]]] = {}  # row ranges of tensors written in parts
         self._fds: dict[str, int] = {}
         self._committed = False
         runs = plan_shards(list(self.specs.values()), max_shard_bytes)
@@ -165,21 +166,49 @@ class CheckpointWriter:
     # --- writing ----------------------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write tensor ``name`` (converted to its planned dtype) at its place in its shard."""
-        spec = self.specs.get(name)
-        if spec is None:
-            raise MergescopeError(f"writer: tensor {name!r} was not planned for {self.out_dir}")
-        if name in self._written:
+        spec = self._planned(name)
+        if name in self._written or name in self._rows_written:
             raise MergescopeError(f"writer: tensor {name!r} written twice")
         if tuple(tensor.shape) != spec.shape:
             raise MergescopeError(f"writer: tensor {name!r} has shape {list(tensor.shape)}, planned {list(spec.shape)}")
+        self._put(spec, tensor, 0)
+        self._written.add(name)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows ``start…start + len(rows) − 1`` of tensor ``name`` (along its first dimension) at their place:
+        one positioned write of a contiguous byte range. The tensor counts as written once every row is, each
+        exactly once, in any order."""
+        spec = self._planned(name)
+        fits = spec.shape and tuple(rows.shape[1:]) == spec.shape[1:] and 0 <= start <= start + len(rows) <= spec.rows
+        if not fits:
+            raise MergescopeError(f"writer: rows {start}:{start + len(rows)} of shape {list(rows.shape)} do not fit "
+                                  f"tensor {name!r} of shape {list(spec.shape)}")
+        ranges = self._rows_written.setdefault(name, [])
+        stop = start + len(rows)
+        if name in self._written or any(a < stop and start < b for a, b in ranges):
+            raise MergescopeError(f"writer: rows {start}:{stop} of tensor {name!r} written twice")
+        self._put(spec, rows, start * spec.row_numel * ITEMSIZE[spec.dtype])
+        ranges.append((start, stop))
+        if sum(b - a for a, b in ranges) == spec.rows:
+            del self._rows_written[name]
+            self._written.add(name)
+
+    def _planned(self, name: str) -> TensorSpec:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise MergescopeError(f"writer: tensor {name!r} was not planned for {self.out_dir}")
+        return spec
+
+    def _put(self, spec: TensorSpec, tensor: torch.Tensor, skip: int) -> None:
+        """The bytes of ``tensor`` (converted to the planned dtype) at ``skip`` bytes into ``spec``'s place."""
         import torch  # start-up cost (see the imports)
 
         data = tensor.detach().to(device="cpu", dtype=torch_dtype(spec.dtype)).contiguous()
-        if spec.numel:
+        if data.numel():
             raw = data.reshape(-1).view(torch.uint8).numpy()
-            shard = self._shard_of[name]
-            _pwrite_all(self._fds[shard.filename], memoryview(raw), shard.offsets[name], self.tmp_dir / shard.filename)
-        self._written.add(name)
+            shard = self._shard_of[spec.name]
+            _pwrite_all(self._fds[shard.filename], memoryview(raw), shard.offsets[spec.name] + skip,
+                        self.tmp_dir / shard.filename)
 
     def add_file(self, source: Path, name: str | None = None) -> None:
         """Copy a non-weight file (config, tokenizer) into the checkpoint."""

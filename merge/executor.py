@@ -27,13 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergescope.checkpoints import Cancelled, CheckpointWriter, MergescopeError, TensorSpec, resolve_device
+from mergescope.checkpoints.dtypes import ITEMSIZE
 from mergescope.checkpoints.read_ahead import read_ahead
+from mergescope.checkpoints.row_blocks import (
+    DEFAULT_MEMORY_BUDGET,
+    block_entries,
+    parse_size,
+    row_ranges,
+    rows_per_block,
+)
 from mergescope.checkpoints.writer import DEFAULT_MAX_SHARD_BYTES
 
 from .job import MergeJob, TensorTask
 from .model_card import model_card
 from .plan import PLAN_FILE_NAME
-from .tensor_merge import DEFAULT_SEED, merge_tensor
+from .row_source import RowBlocks
+from .tensor_merge import DEFAULT_SEED, merge_rows, merge_tensor, tensor_seed
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 
@@ -65,6 +74,43 @@ class MergeProgress:
         return None if rate == 0 else (self.bytes_total - self.bytes_done) / rate
 
 
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``start:stop`` of one output tensor: the executor's unit of reading, merging and writing.
+    ``whole``: the tensor is one unit (it fits the block size, or its method needs it whole)."""
+
+    task: TensorTask
+    start: int
+    stop: int
+    whole: bool
+
+
+def bytes_per_entry(job: MergeJob, prefetch: int) -> float:
+    """Host bytes the executor holds per entry of a block: the inputs in their stored dtype for every block in
+    flight (``prefetch + 1`` queued, the one merging, and two more in a first pass), float32 working copies
+    of every input and the method's temporaries, and the output twice (one block merging, one writing)."""
+    inputs = max((len(task.reads) for task in job.tasks), default=1)
+    stored = max((sum(ITEMSIZE[job.checkpoints[ref].spec(name).dtype] for ref, name in task.reads)
+                  for task in job.tasks), default=4)
+    return stored * (prefetch + 4) + 4 * (inputs + 4) + 2 * max(ITEMSIZE[job.out_dtype], 4)
+
+
+def plan_blocks(job: MergeJob, entries: int) -> list[RowBlock]:
+    """Every output tensor as row blocks of at most ``entries`` entries, in order. A method that is neither
+    elementwise nor two-phase (slerp's norms, model_stock's cosines, …) gets its large tensors whole."""
+    method = job.method
+    blockwise = method.elementwise or method.two_phase
+    units = []
+    for task in job.tasks:
+        per_block = rows_per_block(task.shape, entries)
+        ranges = row_ranges(task.shape[0], per_block) if task.shape else [(0, 1)]
+        if len(ranges) == 1 or not blockwise:
+            units.append(RowBlock(task, 0, task.shape[0] if task.shape else 1, True))
+        else:
+            units.extend(RowBlock(task, a, b, False) for a, b in ranges)
+    return units
+
+
 def run_merge(
     job: MergeJob,
     out_dir: str | Path,
@@ -77,54 +123,103 @@ def run_merge(
     on_event: Callable[[MergeProgress], None] | None = None,
     cancel: threading.Event | None = None,
     prefetch: int = 1,
+    memory_budget: int | str | None = None,
 ) -> Path:
     """Merge ``job`` into ``out_dir`` and return it. Settings left None come from the plan's
-    ``mergescope:`` block, then the defaults."""
+    ``mergescope:`` block, then the defaults. ``memory_budget`` (bytes or ``"1.5GB"``) sets the row blocks'
+    size (:mod:`mergescope.checkpoints.row_blocks`)."""
     import torch
 
     options = job.plan.options
     device = resolve_device(device or options.get("device", "auto"))
     seed = seed if seed is not None else options.get("seed", DEFAULT_SEED)
     allow_non_finite = allow_non_finite if allow_non_finite is not None else options.get("allow_non_finite", False)
-    shard = max_shard_bytes or _shard_bytes(options.get("shard_size", DEFAULT_MAX_SHARD_BYTES))
+    shard = max_shard_bytes or parse_size(options.get("shard_size", DEFAULT_MAX_SHARD_BYTES), "shard_size")
+    budget = parse_size(memory_budget or options.get("memory_budget", DEFAULT_MEMORY_BUDGET), "memory_budget")
+    entries = block_entries(budget, bytes_per_entry(job, prefetch))
+    units = plan_blocks(job, entries)
     specs = [TensorSpec(task.output, job.out_dtype, task.shape) for task in job.tasks]
     total = job.bytes_to_read
-    done = 0
+    done = tensors_done = 0
+    trims: list | None = None  # the current tensor's whole-tensor trims, for a two-phase method's blocks
     start = time.perf_counter()
 
-    def read(task: TensorTask):
-        # stored dtype (bf16 is half of float32) while waiting; float32 only for the tensor being merged
-        return [job.checkpoints[ref].read(name, device=device) for ref, name in task.reads]
+    def read(unit: RowBlock):
+        # stored dtype (bf16 is half of float32) while waiting; float32 only for the block being merged
+        if unit.whole:
+            return [job.checkpoints[ref].read(name, device=device) for ref, name in unit.task.reads]
+        return [job.checkpoints[ref].read_rows(name, unit.start, unit.stop, device=device)
+                for ref, name in unit.task.reads]
 
     with CheckpointWriter(out_dir, specs, max_shard_bytes=shard, overwrite=overwrite) as writer, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-write") as writing:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-read") as reader:
-            written = None  # the write in flight: one output tensor at most, written while the next merges
-            for index, (task, future) in enumerate(read_ahead(job.tasks, read, reader, prefetch)):
+            written = None  # the write in flight: one output block at most, written while the next merges
+            for unit, future in read_ahead(units, read, reader, prefetch):
                 if cancel is not None and cancel.is_set():
                     raise MergeCancelled(f"merge cancelled; nothing was written to {out_dir}")
+                task = unit.task
                 tensors = future.result()
                 if not allow_non_finite:
                     _check_finite(task, tensors)
-                large = task.numel >= _TRIM_AFTER
+                large = unit.whole and task.numel >= _TRIM_AFTER
                 if large:
                     _give_back_free_memory()
-                merged = merge_tensor(job.method, task, tensors, seed=seed, device=device, out_dtype=job.out_dtype)
+                if unit.whole:
+                    merged = merge_tensor(job.method, task, tensors, seed=seed, device=device,
+                                          out_dtype=job.out_dtype)
+                else:
+                    if unit.start == 0:
+                        trims = _whole_tensor_trims(job, task, entries, device, seed)
+                    row_numel = task.numel // task.shape[0]
+                    merged = merge_rows(job.method, task, tensors, first_entry=unit.start * row_numel, trims=trims,
+                                        seed=seed, device=device, out_dtype=job.out_dtype)
                 if written is not None:
                     written.result()
-                written = writing.submit(writer.write, task.output, merged)
+                if unit.whole:
+                    written = writing.submit(writer.write, task.output, merged)
+                else:
+                    written = writing.submit(writer.write_rows, task.output, unit.start, merged)
                 del tensors, merged
                 if large:
                     _give_back_free_memory()
-                done += sum(job.checkpoints[ref].spec(name).nbytes for ref, name in task.reads)
+                fraction = (unit.stop - unit.start) / (task.shape[0] if task.shape else 1)
+                done += int(fraction * sum(job.checkpoints[ref].spec(name).nbytes for ref, name in task.reads))
+                if unit.stop == (task.shape[0] if task.shape else 1):
+                    tensors_done += 1
+                    trims = None
                 if on_event is not None:
                     memory = torch.cuda.memory_allocated(device) if device.startswith("cuda") else None
                     elapsed = time.perf_counter() - start
-                    on_event(MergeProgress(task.output, index + 1, len(job.tasks), done, total, elapsed, memory))
+                    on_event(MergeProgress(task.output, tensors_done, len(job.tasks), done, total, elapsed, memory))
             if written is not None:
                 written.result()
         _write_model_files(job, writer)
         return writer.commit()
+
+
+def _whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: str, seed: int) -> list | None:
+    """A block-merged tensor's whole-tensor trims: None for an elementwise method; else from the method's
+    streamed first pass over row blocks (TIES' thresholds and tie cuts), or, where the method cannot stream
+    these parameters, from ``prepare`` on the whole inputs (DARE's draws, DELLA's ranks, L1 rescale factors:
+    memory as large as the tensor)."""
+    import torch
+
+    method = job.method
+    if method.elementwise:
+        return None
+    options = {**task.options, "tensor_name": task.output}
+    if method.stream_prepare is not None:
+        source = RowBlocks(job.checkpoints, task.reads, task.shape, rows_per_block(task.shape, entries), device)
+        trims = method.stream_prepare(source, task.params, options)
+        if trims is not None:
+            return trims
+    generator = None
+    if method.random:
+        generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, task.output))
+    with torch.no_grad():
+        whole = [job.checkpoints[ref].read(name, device=device) for ref, name in task.reads]
+        return method.prepare(whole[0], whole[1:], task.params, options, generator)
 
 
 def _give_back_free_memory() -> None:
@@ -152,18 +247,6 @@ def _check_finite(task: TensorTask, tensors: list) -> None:
             f"{ref}: tensor {name} has {bad} NaN/Inf values; a merge would spread them. "
             "Fix the model or pass --allow-non-finite"
         )
-
-
-def _shard_bytes(value: int | str) -> int:
-    if isinstance(value, int):
-        return value
-    text = value.strip().upper().replace(" ", "")
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit) and text[: -len(unit)].replace(".", "", 1).isdigit():
-            return int(float(text[: -len(unit)]) * scale)
-    if text.isdigit():
-        return int(text)
-    raise MergescopeError(f"shard_size {value!r}: use bytes or a size like 5GB")
 
 
 def _write_model_files(job: MergeJob, writer: CheckpointWriter) -> None:

@@ -11,8 +11,9 @@ tensor and its count. No difference overflows: both operands lie in [0, 2³¹). 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,6 +61,39 @@ def bits_of(value: torch.Tensor) -> int:
     return int(value.reshape(1).view(torch.int32))
 
 
+class FlatBlocks(Protocol):
+    """A base and models of one tensor seen as flat float tensors, block by block: in memory
+    (:class:`TensorBlocks`) or read from checkpoints a row range at a time (the executor's streamed pass).
+
+    Blocks cover the tensor in order; each starts at a whole number of :data:`CHUNK` entries.
+    """
+
+    numel: int
+    device: torch.device
+
+    def blocks(self, models: list[int]) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
+        """(flat start, base block, blocks of ``models`` (indices)) in order, any float dtype."""
+
+    def span(self, model: int | None, start: int, stop: int) -> torch.Tensor:
+        """Flat entries ``start:stop`` of the base (``model`` None) or of model ``model``."""
+
+
+class TensorBlocks:
+    """:class:`FlatBlocks` over tensors in memory, ``block`` entries at a time."""
+
+    def __init__(self, base: torch.Tensor, models: list[torch.Tensor], block: int) -> None:
+        self.base, self.models = base.reshape(-1), [model.reshape(-1) for model in models]
+        self.numel, self.device, self.block = self.base.numel(), base.device, block
+
+    def blocks(self, models: list[int]) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
+        for start in range(0, self.numel, self.block):
+            stop = min(start + self.block, self.numel)
+            yield start, self.base[start:stop], [self.models[i][start:stop] for i in models]
+
+    def span(self, model: int | None, start: int, stop: int) -> torch.Tensor:
+        return (self.base if model is None else self.models[model])[start:stop]
+
+
 @dataclass
 class Tally:
     """What one pass found: per chunk, #{|τ| < low}, #{|τ| ≤ low}, #{|τ| < high}, #{|τ| ≤ high} (rows of
@@ -91,24 +125,22 @@ class Bracket:
 class _Counter:
     """One model's counts, filled block by block (:func:`tally`)."""
 
-    def __init__(self, bracket: Bracket, numel: int, blocks: int, device: torch.device) -> None:
+    def __init__(self, bracket: Bracket, numel: int, device: torch.device) -> None:
         import torch
 
         self.lo, self.hi = bits_of(bracket.low), bits_of(bracket.high)
         self.bounds = (self.lo, self.lo + 1) if self.lo == self.hi else (self.lo, self.lo + 1, self.hi, self.hi + 1)
         self.gather = bracket.gather
         self.counts = torch.empty((len(self.bounds), -(-numel // CHUNK)), dtype=torch.int32, device=device)
-        self.sums = torch.empty(blocks, dtype=torch.float32, device=device)
+        self.sums: list = []  # Σ|τ| per block: NaN if any entry is
         self.values: list = []
         self.positions: list = []
 
-    def count(
-        self, number: int, start: int, magnitude: torch.Tensor, scratch: torch.Tensor, kept: torch.Tensor
-    ) -> None:
+    def count(self, start: int, magnitude: torch.Tensor, scratch: torch.Tensor, kept: torch.Tensor) -> None:
         """Count one block of |τ| (flat entries from ``start``), using two int32 scratch blocks."""
         import torch
 
-        torch.sum(magnitude, 0, out=self.sums[number])  # NaN if any entry is
+        self.sums.append(magnitude.sum())
         bits, chunks = magnitude.view(torch.int32), slice(start // CHUNK, -(-(start + magnitude.numel()) // CHUNK))
         between = self.gather and self.lo != self.hi
         for row, bound in enumerate(self.bounds):  # −[bits < bound], counted per chunk
@@ -132,30 +164,31 @@ class _Counter:
             values = self.values or [torch.empty(0, dtype=torch.float32, device=device)]
             positions = self.positions or [torch.empty(0, dtype=torch.int64, device=device)]
             gathered = (torch.cat(values), torch.cat(positions))
-        return Tally(counts, gathered, not bool(self.sums.isnan().any()))
+        nan_free = not self.sums or not bool(torch.stack(self.sums).isnan().any())
+        return Tally(counts, gathered, nan_free)
 
 
-def tally(base: torch.Tensor, models: list[torch.Tensor], brackets: list[Bracket], block: int) -> list[Tally]:
-    """One pass over flat ``base`` and ``models`` in blocks: each model's :class:`Tally` of |τ| against its
-    bracket. Each block of the base is converted to float32 once for all models.
+def tally(source: FlatBlocks, models: list[int], brackets: list[Bracket], block: int) -> list[Tally]:
+    """One pass over ``source`` in blocks of at most ``block`` entries: the :class:`Tally` of |τ| of each of
+    ``models`` (indices into the source) against its bracket. Each block of the base is converted to float32
+    once for all models.
 
     ``block`` must be a whole number of :data:`CHUNK` entries.
     """
     import torch
 
-    numel, device = base.numel(), base.device
+    numel, device = source.numel, source.device
     assert block % CHUNK == 0, "a block is a whole number of chunks"
-    blocks = -(-numel // block)
-    counters = [_Counter(bracket, numel, blocks, device) for bracket in brackets]
+    counters = [_Counter(bracket, numel, device) for bracket in brackets]
     buffers = scratch_buffers(min(block, numel), device)
-    for number in range(blocks):
-        start = number * block
-        stop = min(start + block, numel)
-        base_block, magnitude, scratch, kept = (buffer[: stop - start] for buffer in buffers)
-        base_block.copy_(base[start:stop])
-        for model, counter in zip(models, counters):
-            torch.sub(magnitude.copy_(model[start:stop]), base_block, out=magnitude).abs_()
-            counter.count(number, start, magnitude, scratch, kept)
+    for first, base, blocks in source.blocks(models):
+        for offset in range(0, base.numel(), block):
+            stop = min(offset + block, base.numel())
+            base_block, magnitude, scratch, kept = (buffer[: stop - offset] for buffer in buffers)
+            base_block.copy_(base[offset:stop])
+            for model, counter in zip(blocks, counters):
+                torch.sub(magnitude.copy_(model[offset:stop]), base_block, out=magnitude).abs_()
+                counter.count(first + offset, magnitude, scratch, kept)
     return [counter.finish() for counter in counters]
 
 
@@ -170,14 +203,15 @@ def chunk_sums(values: torch.Tensor, out: torch.Tensor) -> None:
         torch.sum(values[full:], 0, dtype=torch.int32, out=out[-1])
 
 
-def nth_tie(base: torch.Tensor, model: torch.Tensor, threshold: torch.Tensor, ties: torch.Tensor, nth: int) -> int:
-    """Flat index of the ``nth`` (1-based) entry with |τ| = t, given the number of such entries per chunk:
-    the chunk holding it is formed again and searched."""
+def nth_tie(source: FlatBlocks, model: int, threshold: torch.Tensor, ties: torch.Tensor, nth: int) -> int:
+    """Flat index of the ``nth`` (1-based) entry with |τ| = t of model ``model``, given the number of such
+    entries per chunk: the chunk holding it is formed again and searched."""
     import torch
 
     reached = torch.cumsum(ties, dim=0)
     chunk = int(torch.searchsorted(reached, torch.tensor([nth], dtype=reached.dtype, device=reached.device)))
     nth -= int(reached[chunk] - ties[chunk])
     start = chunk * CHUNK
-    magnitude = abs_task_vector(model[start : start + CHUNK], base[start : start + CHUNK])
+    stop = min(start + CHUNK, source.numel)
+    magnitude = abs_task_vector(source.span(model, start, stop), source.span(None, start, stop))
     return start + int((magnitude == threshold).nonzero()[nth - 1])

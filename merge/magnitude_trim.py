@@ -134,12 +134,28 @@ def sample_size(numel: int) -> int:
     return min(1 << 16, max(1 << 12, int((2 * numel) ** (2 / 3))))
 
 
-def _bracket(base: torch.Tensor, model: torch.Tensor, rank: int) -> counting.Bracket | None:
+def sample_step(numel: int) -> int:
+    """The stride of the bracket's sample: flat entries 0, step, 2·step, … of |τ|."""
+    return numel // sample_size(numel)
+
+
+def strided_samples(source: counting.FlatBlocks, models: list[int], step: int) -> list[torch.Tensor]:
+    """|τ| at flat entries 0, step, 2·step, … of each of ``models``, from one pass over the source's blocks:
+    the bits of ``abs_task_vector(model[::step], base[::step])``."""
+    import torch
+
+    parts: list[list] = [[] for _ in models]
+    for start, base, blocks in source.blocks(models):
+        first = -start % step
+        picked = base[first::step]
+        for part, block in zip(parts, blocks):
+            part.append(abs_task_vector(block[first::step], picked))
+    return [torch.cat(part) for part in parts]
+
+
+def _bracket(sample: torch.Tensor, numel: int, rank: int) -> counting.Bracket | None:
     """[low, high] from the strided sample, gathering when t is expected strictly between them (the sample's
     own estimate of t, its entry at the expected rank, is); None when the sample brackets a NaN."""
-    numel = model.numel()
-    step = numel // sample_size(numel)
-    sample = abs_task_vector(model[::step], base[::step])
     size = sample.numel()
     lo_rank, hi_rank = bracket_ranks(rank, numel, size)
     low, high = sample.kthvalue(lo_rank).values, sample.kthvalue(hi_rank).values
@@ -156,40 +172,58 @@ def top_magnitude_cuts(
 ) -> list[tuple[torch.Tensor, int]]:
     """(t, c) of TIES' trim of each τ = model − base keeping ``counts[i]`` entries (module docstring), all
     from one pass over the tensors in blocks; the same answers as :func:`exact_cut` on each whole |τ|."""
+    block = block or counting.block_size(base.device)
+    return streamed_magnitude_cuts(counting.TensorBlocks(base, models, block), counts, block=block)
+
+
+def streamed_magnitude_cuts(
+    source: counting.FlatBlocks, counts: list[int], *, block: int | None = None
+) -> list[tuple[torch.Tensor, int]]:
+    """:func:`top_magnitude_cuts` over a :class:`~.magnitude_counts.FlatBlocks` source (model i is source
+    model i): a pass for the strided samples, a counting pass, and a look at one chunk per model for the tie
+    cut; a whole model is formed only on the rare exact fallback (a NaN, t outside its bracket) or for a
+    tensor of at most :data:`EXACT_UP_TO` entries. The bits of :func:`top_magnitude_cuts` on the whole
+    tensors."""
     import torch
 
-    base = base.reshape(-1)
-    models = [model.reshape(-1) for model in models]
-    numel = base.numel()
-    block = block or counting.block_size(base.device)
-    cuts: list[tuple[torch.Tensor, int] | None] = [None] * len(models)
+    numel, device = source.numel, source.device
+    block = block or counting.block_size(device)
+    cuts: list[tuple[torch.Tensor, int] | None] = [None] * len(counts)
+    sampled = [i for i, count in enumerate(counts) if 0 < count and numel > EXACT_UP_TO]
+    samples = dict(zip(sampled, strided_samples(source, sampled, sample_step(numel)))) if sampled else {}
     pending: list[tuple[int, int, counting.Bracket]] = []  # (model, rank of t, bracket)
-    for index, (model, count) in enumerate(zip(models, counts)):
+    for index, count in enumerate(counts):
         rank = numel - count + 1  # t is the rank-th smallest |τ|
-        bracket = _bracket(base, model, rank) if 0 < count and numel > EXACT_UP_TO else None
+        bracket = _bracket(samples[index], numel, rank) if index in samples else None
         if count <= 0:
-            cuts[index] = (torch.tensor(float("inf"), device=base.device), -1)  # nothing kept
+            cuts[index] = (torch.tensor(float("inf"), device=device), -1)  # nothing kept
         elif bracket is None:
-            cuts[index] = exact_cut(abs_task_vector(model, base), count)
+            cuts[index] = exact_cut(_whole_magnitude(source, index), count)
         else:
             pending.append((index, rank, bracket))
-    tallies = counting.tally(base, [models[index] for index, _, _ in pending], [b for _, _, b in pending], block)
+    samples.clear()
+    tallies = counting.tally(source, [index for index, _, _ in pending], [b for _, _, b in pending], block)
     for (index, _, bracket), tally in zip(pending, tallies):
-        cuts[index] = _cut(base, models[index], counts[index], bracket, tally, block)
+        cuts[index] = _cut(source, index, counts[index], bracket, tally, block)
     return cuts  # type: ignore[return-value]
 
 
+def _whole_magnitude(source: counting.FlatBlocks, model: int) -> torch.Tensor:
+    """|τ| of a whole model, float32: only for the exact fallback."""
+    return abs_task_vector(source.span(model, 0, source.numel), source.span(None, 0, source.numel))
+
+
 def _cut(
-    base: torch.Tensor, model: torch.Tensor, count: int, bracket: counting.Bracket, tally: counting.Tally, block: int
+    source: counting.FlatBlocks, model: int, count: int, bracket: counting.Bracket, tally: counting.Tally, block: int
 ) -> tuple[torch.Tensor, int]:
     """(t, c) from a model's tally: t at low, at high, or selected among the entries strictly between (a
     second pass gathers them when the first did not); the exact selection when t is outside the bracket."""
     import torch
 
-    rank = model.numel() - count + 1
+    rank = source.numel - count + 1
     below_low, at_most_low, below_high, at_most_high = tally.totals
     if not tally.nan_free or not below_low < rank <= at_most_high:
-        return exact_cut(abs_task_vector(model, base), count)  # a NaN, or t outside the bracket
+        return exact_cut(_whole_magnitude(source, model), count)  # a NaN, or t outside the bracket
     if rank <= at_most_low:
         threshold, at_most, ties = bracket.low, at_most_low, tally.ties(0)
     elif rank > below_high:
@@ -197,11 +231,10 @@ def _cut(
     else:  # strictly between: select among the entries there
         if tally.between is None:
             gathering = counting.Bracket(bracket.low, bracket.high, True)
-            tally = counting.tally(base, [model], [gathering], block)[0]
+            tally = counting.tally(source, [model], [gathering], block)[0]
         values, positions = tally.between
         threshold = values.kthvalue(rank - at_most_low).values
         at_most = at_most_low + int(torch.count_nonzero(values <= threshold))
         return threshold, int(positions[values == threshold][at_most - rank])
     # the kept ties are the m = #{|τ| ≤ t} − (r − 1) lowest-indexed entries equal to t
-    return threshold, counting.nth_tie(base, model, threshold, ties, at_most - rank + 1)
-
+    return threshold, counting.nth_tie(source, model, threshold, ties, at_most - rank + 1)

@@ -26,7 +26,8 @@ TOP_LEVEL_KEYS = {
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "tokenizer", "chat_template", "modules", "mergescope",
 }
-MERGESCOPE_KEYS = {"seed": int, "device": str, "shard_size": (int, str), "allow_non_finite": bool, "greedy_soup": dict}
+MERGESCOPE_KEYS = {"seed": int, "device": str, "shard_size": (int, str), "memory_budget": (int, str),
+                  "allow_non_finite": bool, "greedy_soup": dict}
 #: the plan's file in a merged folder, as mergekit writes it (and mergescope, beside the weights)
 PLAN_FILE_NAME = "mergekit_config.yml"
 #: the names a merged folder's plan may have (mergekit reads either)

@@ -10,6 +10,7 @@ order tensors are processed.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.dtypes import torch_dtype
@@ -79,3 +80,28 @@ def merge_tensor(method: MergeMethod, task: TensorTask, tensors: list, *, seed: 
             trimmed = [trim.block(start, stop) for trim in trims]
             out[start:stop] = method.combine(blocks[0], blocks[1:], trimmed, task.params, options)
         return out.reshape(task.shape)
+
+
+def merge_rows(method: MergeMethod, task: TensorTask, tensors: list, *, first_entry: int, trims: list | None,
+               seed: int, device: str, out_dtype: str) -> torch.Tensor:
+    """A row block of the output tensor from the same rows of its inputs ``tensors`` (``task.reads`` order),
+    starting at flat entry ``first_entry`` of the tensor: an elementwise method applied to the block; a
+    two-phase method's ``combine`` given ``trims``, its whole-tensor trims (from ``stream_prepare``, or
+    ``prepare`` on the whole inputs), each cut to the block. The bits of the same rows of
+    :func:`merge_tensor`."""
+    import torch
+
+    shape = tuple(tensors[0].shape)
+    if trims is None:
+        return merge_tensor(method, replace(task, shape=shape), tensors, seed=seed, device=device, out_dtype=out_dtype)
+    options = {**task.options, "tensor_name": task.output}
+    flat = [t.reshape(-1) for t in tensors]
+    numel = flat[0].numel()
+    out = torch.empty(numel, dtype=torch_dtype(out_dtype), device=tensors[0].device)
+    with torch.no_grad():
+        for start in range(0, numel, ELEMENTWISE_BLOCK):
+            stop = min(start + ELEMENTWISE_BLOCK, numel)
+            blocks = [t[start:stop] for t in flat]
+            trimmed = [trim.block(first_entry + start, first_entry + stop) for trim in trims]
+            out[start:stop] = method.combine(blocks[0], blocks[1:], trimmed, task.params, options)
+    return out.reshape(shape)

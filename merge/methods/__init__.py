@@ -77,6 +77,9 @@ class MergeMethod:
       tensor; ``combine(base, models, trims, params, options)`` is elementwise given those trims (each
       restricted to the block with ``trim.block(start, stop)``), so a large tensor is combined block by block
       with the bits of ``function``.
+    - ``stream_prepare``: ``prepare`` from passes over a block source
+      (:class:`~mergescope.merge.magnitude_counts.FlatBlocks`: the inputs read a row range at a time) instead
+      of whole tensors, returning the same trims, or None when these parameters need the whole tensor.
     """
 
     name: str
@@ -88,6 +91,7 @@ class MergeMethod:
     elementwise: bool = False
     prepare: Callable[..., list] | None = None
     combine: Callable[..., torch.Tensor] | None = None
+    stream_prepare: Callable[..., list | None] | None = None
 
     def __post_init__(self) -> None:
         if self.base_role not in BASE_ROLES:
@@ -146,7 +150,7 @@ def _task_arithmetic_family(
     ) + extra
     return MergeMethod(
         variant.name, description, variant.merge, parameters, random=random, elementwise=elementwise,
-        prepare=variant.prepare, combine=variant.combine,
+        prepare=variant.prepare, combine=variant.combine, stream_prepare=variant.stream_prepare,
     )
 
 

@@ -159,6 +159,39 @@ def magnitude_trims(base: torch.Tensor, models: list[torch.Tensor], params: list
     return trims
 
 
+def streamed_trims(kind: str | None, source, params: list[dict], options: dict) -> list[Trim] | None:
+    """Step 2's whole-tensor part from passes over a :class:`~mergescope.merge.magnitude_counts.FlatBlocks`
+    source instead of whole tensors, where that gives the bits of :func:`prepare_trims`: no trim (or every
+    density ≥ 1), and TIES' magnitude trim without rescale (thresholds and tie cuts). None for the others
+    (masks drawn or ranked over the whole tensor, L1 rescale factors): merge those whole."""
+    densities = [float(p.get("density", 1.0)) for p in params]
+    if kind is None or all(d >= 1 for d in densities):
+        return [Trim() for _ in params]
+    if kind != "magnitude" or options.get("rescale", False):
+        return None
+    trims = [Trim() for _ in params]
+    trimmed = [i for i, d in enumerate(densities) if d < 1]
+    counts = [sparsify.trim_count(source.numel, densities[i]) for i in trimmed]
+    cuts = magnitude_trim.streamed_magnitude_cuts(_Subset(source, trimmed), counts)
+    for i, (threshold, last_tie) in zip(trimmed, cuts):
+        trims[i] = Trim(threshold=float(threshold), last_tie=last_tie)
+    return trims
+
+
+class _Subset:
+    """The models ``keep`` of a block source, renumbered 0…"""
+
+    def __init__(self, source, keep: list[int]) -> None:
+        self.source, self.keep = source, keep
+        self.numel, self.device = source.numel, source.device
+
+    def blocks(self, models: list[int]):
+        return self.source.blocks([self.keep[i] for i in models])
+
+    def span(self, model: int | None, start: int, stop: int):
+        return self.source.span(None if model is None else self.keep[model], start, stop)
+
+
 def combine_trimmed(
     base: torch.Tensor, models: list[torch.Tensor], trims: list[Trim], params: list[dict], options: dict, *, elect: bool
 ) -> torch.Tensor:
@@ -240,6 +273,9 @@ class Variant:
 
     def combine(self, base, models, trims, params, options) -> torch.Tensor:
         return combine_trimmed(base, models, trims, params, options, elect=self.elect)
+
+    def stream_prepare(self, source, params, options, generator=None) -> list[Trim] | None:
+        return streamed_trims(self.trim, source, params, options)
 
 
 task_arithmetic = Variant("task_arithmetic", None, elect=False,

@@ -1,0 +1,125 @@
+"""Row-block streaming: a row range of a tensor read with one positioned read and written with one, and every
+merge method run block by block on tensors forced into many blocks (the smallest memory budget) gives the
+bits of the same plan merged whole (a budget that holds every tensor at once)."""
+
+from __future__ import annotations
+
+import os
+import string
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from builders import llama_config
+from mergekit_cases import ALL_CASES
+from mergekit_reference import write_fixture
+from mergescope.checkpoints import CheckpointWriter, MergescopeError, TensorSpec, open_checkpoint, safetensors_format
+from mergescope.checkpoints.row_blocks import ALIGN_ENTRIES, block_entries, parse_size, row_ranges, rows_per_block
+from mergescope.merge.executor import plan_blocks, run_merge
+from mergescope.merge.job import build_job
+from mergescope.merge.plan import load_plan
+
+WIDE = llama_config(vocab=4096, hidden=128, layers=4, intermediate=96, heads=4, kv_heads=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int32, torch.uint8])
+def test_read_rows_is_one_positioned_read_of_the_rows(tmp_path, dtype, monkeypatch):
+    values = torch.arange(7 * 5 * 3).reshape(7, 5, 3)
+    tensors = {"pad": torch.arange(3, dtype=torch.float64), "x": values.to(dtype)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    checkpoint = open_checkpoint(str(tmp_path / "m.safetensors"))
+    calls = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset):
+        calls.append((offset, sum(len(b) for b in buffers)))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(safetensors_format.os, "preadv", counting)
+    for start, stop in [(0, 7), (2, 5), (6, 7), (3, 3)]:
+        calls.clear()
+        rows = checkpoint.read_rows("x", start, stop)
+        assert torch.equal(rows, values[start:stop].to(dtype))
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        assert calls == ([] if start == stop else [(checkpoint.spec("x").offset + start * 15 * itemsize,
+                                                    (stop - start) * 15 * itemsize)])
+    with pytest.raises(MergescopeError, match="has no rows 5:8"):
+        checkpoint.read_rows("x", 5, 8)
+
+
+def test_writer_writes_row_ranges_in_any_order_once_each(tmp_path):
+    x = torch.randn(10, 4)
+    y = torch.randn(3)
+    specs = [TensorSpec("x", "BF16", (10, 4)), TensorSpec("y", "F32", (3,))]
+    with CheckpointWriter(tmp_path / "out", specs) as writer:
+        writer.write("y", y)
+        for start, stop in [(6, 10), (0, 3), (3, 6)]:
+            writer.write_rows("x", start, x[start:stop])
+        with pytest.raises(MergescopeError, match="written twice"):
+            writer.write_rows("x", 2, x[2:4])
+        out = writer.commit()
+    loaded = load_file(out / "model.safetensors")
+    assert torch.equal(loaded["x"], x.to(torch.bfloat16)) and torch.equal(loaded["y"], y)
+    with CheckpointWriter(tmp_path / "part", specs) as writer:
+        writer.write("y", y)
+        writer.write_rows("x", 0, x[:9])
+        with pytest.raises(MergescopeError, match="never written"):
+            writer.commit()
+
+
+def test_block_sizes_follow_the_budget():
+    assert parse_size("1.5GB", "memory_budget") == 1_500_000_000 and parse_size("2GiB", "m") == 2 << 30
+    with pytest.raises(MergescopeError, match="memory_budget 'lots'"):
+        parse_size("lots", "memory_budget")
+    assert block_entries(1, 100) == ALIGN_ENTRIES
+    per_block = rows_per_block((4096, 96), 10_000)  # 96 entries a row: whole chunks every 128 rows
+    assert per_block == 128 and per_block * 96 % ALIGN_ENTRIES == 0
+    assert rows_per_block((4096, 96), 10**9) == 4096 and rows_per_block((), 1) == 1
+    assert row_ranges(300, 128) == [(0, 128), (128, 256), (256, 300)]
+
+
+@pytest.fixture(scope="module")
+def wide_paths(tmp_path_factory) -> dict[str, str]:
+    """The compatibility suite's fixture (base, three fine-tunes; float32 and bf16) with a 4096-token
+    vocabulary: embeddings and head of 512K entries, above TIES' exact-selection size."""
+    root = tmp_path_factory.mktemp("wide")
+    paths = {name: str(p) for name, p in write_fixture(root / "f32", torch.float32, WIDE).items()}
+    paths.update({f"b{name}": str(p) for name, p in write_fixture(root / "bf16", torch.bfloat16, WIDE).items()})
+    return paths
+
+
+def _merge(config: dict, out, budget) -> dict[str, torch.Tensor]:
+    plan_path = out.with_suffix(".yml")
+    plan_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    folder = run_merge(build_job(load_plan(str(plan_path))), out, device="cpu", memory_budget=budget)
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+CASES = [case for case in ALL_CASES.values() if case.mergescope]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_every_method_merged_in_row_blocks_has_the_bits_of_the_whole_merge(tmp_path, wide_paths, case):
+    config = yaml.safe_load(string.Template(case.config).substitute(wide_paths))
+    config.pop("mergescope", None)
+    job = build_job(load_plan(str(_write(tmp_path / "plan.yml", config))))
+    units = plan_blocks(job, ALIGN_ENTRIES)
+    streamed = job.method.elementwise or job.method.two_phase
+    embed = [u for u in units if u.task.output == "model.embed_tokens.weight"]
+    assert len(embed) == (128 if streamed and embed and embed[0].task.reads else len(embed))
+    whole = _merge(config, tmp_path / "whole", 10**12)
+    blocks = _merge(config, tmp_path / "blocks", 1)
+    assert whole.keys() == blocks.keys()
+    for name in whole:
+        assert whole[name].dtype == blocks[name].dtype
+        assert torch.equal(whole[name].view(torch.uint8), blocks[name].view(torch.uint8)), name
+
+
+def _write(path, config):
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
