@@ -27,7 +27,15 @@ from dataclasses import dataclass
 
 from mergescope.checkpoints import Checkpoint, layer_group, resolve_device
 from mergescope.checkpoints.device import one_torch_thread
+from mergescope.checkpoints.dtypes import ITEMSIZE
 from mergescope.checkpoints.read_ahead import read_ahead
+from mergescope.checkpoints.row_blocks import (
+    DEFAULT_MEMORY_BUDGET,
+    block_entries,
+    parse_size,
+    row_ranges,
+    rows_per_block,
+)
 from mergescope.merge.magnitude_trim import abs_task_vector
 from mergescope.merge.sparsify import top_magnitude_mask
 
@@ -70,10 +78,28 @@ class Progress:
 class _Loaded:
     base: object  # flat torch tensor
     inputs: list[TaskInput]
-    present: list[bool]
-    rows: int | None
-    warnings: list[AnalysisWarning]
     buffers: list  # the read buffers the tensors above may view; given back when done
+
+
+@dataclass
+class _Layout:
+    """What the headers say of one tensor: which models take part, the rows compared (all of the base's, or
+    the rows shared with a grown vocabulary) and the warnings that go with it."""
+
+    present: list[bool]
+    rows: int  # rows compared
+    limited: int | None  # set when a vocabulary mismatch limited the comparison
+    warnings: list[AnalysisWarning]
+
+
+@dataclass(frozen=True)
+class RowUnit:
+    """Rows ``start:stop`` of tensor ``name``: one unit of the pass; ``last`` ends the tensor."""
+
+    name: str
+    start: int
+    stop: int
+    last: bool
 
 
 def usable_cores() -> int:
@@ -89,11 +115,11 @@ _KEEP_BUFFER_BYTES = 64 << 20
 
 
 class _Loader:
-    """Reads one tensor of the base and of every model (the reader threads' job).
+    """Reads one row block of the base and of every model (the reader threads' job).
 
-    Reads go into a fixed number of reusable buffer sets, one set per tensor in flight: fresh memory for
-    every tensor would cost a page fault per 4 KiB, as much time as the copy itself. A load takes a free
-    set; the consumer gives it back (:meth:`release`) once the tensor's statistics are computed.
+    Reads go into a fixed number of reusable buffer sets, one set per block in flight: fresh memory for
+    every block would cost a page fault per 4 KiB, as much time as the copy itself. A load takes a free
+    set; the consumer gives it back (:meth:`release`) once the block's statistics are computed.
     """
 
     def __init__(self, base: Checkpoint, models: list[Checkpoint], names: list[str], device: str, sets: int):
@@ -107,47 +133,66 @@ class _Loader:
     def release(self, loaded: _Loaded) -> None:
         self.free.put(loaded.buffers)
 
-    def _read(self, checkpoint: Checkpoint, name: str, buffers: list, slot: int):
+    def layout(self, name: str) -> _Layout:
+        """Which models take part in tensor ``name`` and over how many rows, from the headers."""
+        spec = self.base.spec(name)
+        present, warnings, limited = [], [], None
+        for model, model_name in zip(self.models, self.names):
+            if name not in model:
+                present.append(False)
+                continue
+            model_spec = model.spec(name)
+            if model_spec.shape == spec.shape:
+                present.append(True)
+                continue
+            rows = shared_rows(name, spec, model_spec, self.base.config.vocab_size, model.config.vocab_size)
+            warnings.append(alignment_warning(name, model_name, spec, model_spec, rows))
+            if rows is not None:
+                limited = rows if limited is None else min(limited, rows)
+            present.append(rows is not None)
+        return _Layout(present, spec.rows if limited is None else limited, limited, warnings)
+
+    def _read(self, checkpoint: Checkpoint, name: str, start: int, stop: int, buffers: list, slot: int):
         import torch
 
-        nbytes = checkpoint.spec(name).nbytes
+        spec = checkpoint.spec(name)
+        nbytes = (stop - start) * spec.row_numel * ITEMSIZE[spec.dtype]
         current = buffers[slot]
         # grow to fit; give back a huge buffer (an embedding's) once only small tensors pass through it
         if current is None or current.numel() < nbytes or current.numel() > max(4 * nbytes, _KEEP_BUFFER_BYTES):
             buffers[slot] = None
             buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
-        return checkpoint.read(name, device=self.device, buffer=buffers[slot])
+        if not spec.shape:
+            return checkpoint.read(name, device=self.device, buffer=buffers[slot])
+        return checkpoint.read_rows(name, start, stop, device=self.device, buffer=buffers[slot])
 
-    def __call__(self, name: str) -> _Loaded:
+    def __call__(self, unit: RowUnit, layout: _Layout) -> _Loaded:
         buffers = self.free.get()
-        spec = self.base.spec(name)
-        base_values = self._read(self.base, name, buffers, 0).reshape(-1)
-        inputs, present, warnings, rows = [], [], [], None
-        for slot, (model, model_name, stored) in enumerate(zip(self.models, self.names, self.stored), 1):
-            if name not in model:
-                inputs.append(TaskInput(None))
-                present.append(False)
-                continue
-            model_spec = model.spec(name)
-            model_rows = None
-            if model_spec.shape != spec.shape:
-                model_rows = shared_rows(name, spec, model_spec, self.base.config.vocab_size, model.config.vocab_size)
-                warnings.append(alignment_warning(name, model_name, spec, model_spec, model_rows))
-                if model_rows is not None:
-                    rows = model_rows if rows is None else min(rows, model_rows)
+        name, start, stop = unit.name, unit.start, unit.stop
+        base_values = self._read(self.base, name, start, stop, buffers, 0).reshape(-1)
+        inputs = []
+        for slot, (model, stored, present) in enumerate(zip(self.models, self.stored, layout.present), 1):
             values, is_delta = None, False
-            if stored and model_spec.shape == spec.shape:
-                values, is_delta = model.stored_delta(name), True
-            if values is None and (model_spec.shape == spec.shape or model_rows is not None):
-                values = self._read(model, name, buffers, slot)
+            if present and stored and model.spec(name).shape == self.base.spec(name).shape:
+                values, is_delta = model.stored_delta_rows(name, start, stop), True
+            if present and values is None:
+                values = self._read(model, name, start, stop, buffers, slot)
             inputs.append(TaskInput(None if values is None else values.to(self.device).reshape(-1), is_delta))
-            present.append(values is not None)
-        if rows is not None:
-            # compare the shared rows only: cut the base and every other model to them as well
-            width = spec.numel // spec.shape[0]
-            base_values = base_values[: rows * width]
-            inputs = [TaskInput(None if i.values is None else i.values[: rows * width], i.is_delta) for i in inputs]
-        return _Loaded(base_values, inputs, present, rows, warnings, buffers)
+        return _Loaded(base_values, inputs, buffers)
+
+
+def plan_units(base: Checkpoint, names: list[str], layouts: dict[str, _Layout], entries: int,
+               whole: bool) -> list[RowUnit]:
+    """Every tensor as row blocks of at most ``entries`` entries over its compared rows (``whole``: one unit
+    per tensor, for the trimmed statistics of ``density < 1``)."""
+    units = []
+    for name in names:
+        spec = base.spec(name)
+        rows = layouts[name].rows
+        per_block = rows if whole or not spec.shape else rows_per_block((rows, *spec.shape[1:]), entries)
+        ranges = row_ranges(rows, max(per_block, 1))
+        units.extend(RowUnit(name, a, b, k == len(ranges) - 1) for k, (a, b) in enumerate(ranges))
+    return units
 
 
 def stream_analysis(
@@ -161,10 +206,14 @@ def stream_analysis(
     prefetch: int = 2,
     cancel: threading.Event | None = None,
     patterns: bool = False,
+    memory_budget: int | str | None = None,
 ) -> Iterator[TensorResult | AnalysisWarning | Progress]:
     """Yield warnings from headers first, then per tensor its warnings, its result and a progress event.
 
     ``patterns`` keeps each tensor's sign-pattern histogram and pattern mass in ``sums.signs`` (n ≤ 8).
+    Large tensors are read and summed a row block at a time, blocks sized from ``memory_budget``
+    (:mod:`mergescope.checkpoints.row_blocks`); with ``density < 1`` tensors are read whole (the trim is
+    over the whole tensor).
     """
     import torch
 
@@ -177,32 +226,48 @@ def stream_analysis(
     # On the CPU a tensor is split across `workers` threads running one-threaded kernels: torch's own
     # OpenMP pool would fight the reader thread for the cores (5x slower on a 2-core machine).
     workers = usable_cores() if device == "cpu" else 1
+    load = _Loader(base, models, names, device, sets=prefetch + 2)
+    layouts = {name: load.layout(name) for name in tensor_names}
+    budget = parse_size(memory_budget or DEFAULT_MEMORY_BUDGET, "memory_budget")
+    stored = max((sum(ITEMSIZE[c.spec(n).dtype] for c in (base, *models) if n in c) for n in tensor_names), default=4)
+    entries = block_entries(budget, stored * (prefetch + 2))
+    units = plan_units(base, tensor_names, layouts, entries, whole=density < 1.0)
     if device == "cpu":
         one_torch_thread.enter()
     reader = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="mergescope-read")
     compute = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergescope-compute")
-    load = _Loader(base, models, names, device, sets=prefetch + 2)
     start = time.perf_counter()
     done_tensors = done_bytes = 0
+    total = None
     try:
-        for name, future in read_ahead(tensor_names, load, reader, prefetch):
+        for unit, future in read_ahead(units, lambda u: load(u, layouts[u.name]), reader, prefetch):
             if cancel is not None and cancel.is_set():
                 return
+            name, layout = unit.name, layouts[unit.name]
             loaded = future.result()
-            yield from loaded.warnings
+            if unit.start == 0:
+                yield from layout.warnings
             with torch.no_grad():
                 masks = _trim_masks(loaded, density, compute) if density < 1.0 else None
                 result = tensor_sums(
                     loaded.base, loaded.inputs, trim_masks=masks, chunk=chunk, pool=compute, workers=workers,
                     patterns=patterns,
                 )
-            for count, who in zip(result.non_finite, [None, *names]):
-                if count:
-                    yield non_finite_warning(name, who, count)
-            present, rows = loaded.present, loaded.rows
             load.release(loaded)
             del loaded, masks
-            yield TensorResult(name, layer_group(name), base.spec(name).shape, result.sums, present, rows)
+            if total is None:
+                total = result
+            else:
+                total.sums.add(result.sums)
+                total.non_finite = [x + y for x, y in zip(total.non_finite, result.non_finite)]
+            if not unit.last:
+                continue
+            for count, who in zip(total.non_finite, [None, *names]):
+                if count:
+                    yield non_finite_warning(name, who, count)
+            yield TensorResult(name, layer_group(name), base.spec(name).shape, total.sums, layout.present,
+                               layout.limited)
+            total = None
             done_tensors += 1
             done_bytes += _tensor_bytes(base, models, name)
             elapsed = time.perf_counter() - start

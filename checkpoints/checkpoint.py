@@ -178,6 +178,11 @@ class Checkpoint(ABC):
         """The float32 task vector against :attr:`base` when this checkpoint stores it (LoRA), else None."""
         return None
 
+    def stored_delta_rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Rows ``start:stop`` of :meth:`stored_delta` (None where that is None)."""
+        delta = self.stored_delta(name)
+        return None if delta is None else delta[start:stop]
+
     @property
     def base(self) -> Checkpoint | None:
         """The checkpoint this one is a delta on, for adapters; None for full checkpoints."""

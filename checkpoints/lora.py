@@ -211,6 +211,14 @@ class LoraCheckpoint(Checkpoint):
             return super()._read_rows(spec, start, stop, buffer)
         return self._base.read_rows(spec.name, start, stop, buffer=buffer)
 
+    def stored_delta_rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Rows of :meth:`stored_delta`; an untouched weight's zeros are made for those rows only."""
+        import torch
+
+        if name in self.adapter.targets or name in self.adapter.replaced:
+            return super().stored_delta_rows(name, start, stop)
+        return torch.zeros((stop - start, *self.spec(name).shape[1:]), dtype=torch.float32)
+
     def stored_delta(self, name: str) -> torch.Tensor | None:
         """Exact ``Δ`` on adapted weights, exact zeros on untouched ones, None on replaced tensors."""
         import torch

@@ -159,7 +159,7 @@ def test_cache_hit_reads_nothing_and_a_rewrite_invalidates(tmp_path, monkeypatch
     first = run_analysis(open_checkpoint(base_dir), [open_checkpoint(ft_dir)])
     assert (cache_dir / "analysis.sqlite").is_file()
 
-    def no_reads(info, out=None):
+    def no_reads(info, out=None, **rows):
         raise AssertionError(f"read {info.name} on a cache hit")
 
     with monkeypatch.context() as m:
@@ -194,7 +194,7 @@ def test_cancel_after_first_tensor(tmp_path, monkeypatch, base_state, tuned):
         run_analysis(base, models, on_event=on_event, cancel=cancel)
     assert sum(isinstance(e, TensorResult) for e in seen) == 1
     # nothing was cached: a second run must read tensors
-    monkeypatch.setattr("mergescope.checkpoints.safetensors_format.read_bytes", lambda info, out=None: 1 / 0)
+    monkeypatch.setattr("mergescope.checkpoints.safetensors_format.read_bytes", lambda info, out=None, **rows: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         run_analysis(base, models)
 

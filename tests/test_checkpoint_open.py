@@ -112,7 +112,7 @@ def test_opening_reads_no_tensor_data(tmp_path, monkeypatch):
             f.truncate(8 + len(raw) + offset)  # sparse: no data blocks on disk
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
-    def no_reads(info, out=None):
+    def no_reads(info, out=None, **rows):
         raise AssertionError(f"tensor data of {info.name} was read while opening")
 
     monkeypatch.setattr(safetensors_format, "read_bytes", no_reads)

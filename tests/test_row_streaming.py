@@ -4,9 +4,11 @@ bits of the same plan merged whole (a budget that holds every tensor at once).""
 
 from __future__ import annotations
 
+import json
 import os
 import string
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from builders import llama_config
 from mergekit_cases import ALL_CASES
 from mergekit_reference import write_fixture
+from mergescope.analysis.stream import TensorResult, _Layout, plan_units, stream_analysis
 from mergescope.checkpoints import CheckpointWriter, MergescopeError, TensorSpec, open_checkpoint, safetensors_format
 from mergescope.checkpoints.row_blocks import ALIGN_ENTRIES, block_entries, parse_size, row_ranges, rows_per_block
 from mergescope.merge.executor import plan_blocks, run_merge
@@ -123,3 +126,38 @@ def test_every_method_merged_in_row_blocks_has_the_bits_of_the_whole_merge(tmp_p
 def _write(path, config):
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def _analysis(base, models, budget) -> dict:
+    events = stream_analysis(base, models, [m.name for m in models], device="cpu", patterns=True,
+                             memory_budget=budget)
+    return {e.name: e for e in events if isinstance(e, TensorResult)}
+
+
+def test_the_analysis_in_row_blocks_sums_to_the_whole_tensor_statistics(tmp_path, wide_paths):
+    """Counts (sign patterns, nonzeros) are exact; the float64 Gram sums differ only in their order."""
+    grown = load_file(f"{wide_paths['bft_a']}/model.safetensors")
+    extra = torch.ones(64, grown["lm_head.weight"].shape[1], dtype=torch.bfloat16)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown[name] = torch.cat([grown[name], extra])
+    (tmp_path / "grown").mkdir()
+    save_file(grown, str(tmp_path / "grown" / "model.safetensors"), metadata={"format": "pt"})
+    config = {**WIDE, "vocab_size": WIDE["vocab_size"] + 64, "torch_dtype": "bfloat16"}
+    (tmp_path / "grown" / "config.json").write_text(json.dumps(config))
+    base = open_checkpoint(wide_paths["bbase"])
+    models = [open_checkpoint(wide_paths[n]) for n in ("bft_b", "bft_c")] + [open_checkpoint(str(tmp_path / "grown"))]
+    whole, blocks = _analysis(base, models, 10**12), _analysis(base, models, 1)
+    assert whole.keys() == blocks.keys() and whole["lm_head.weight"].compared_rows == WIDE["vocab_size"]
+    for name, expected in whole.items():
+        got = blocks[name]
+        assert (got.present, got.compared_rows, got.sums.numel) == (expected.present, expected.compared_rows,
+                                                                    expected.sums.numel)
+        np.testing.assert_allclose(got.sums.gram, expected.sums.gram, rtol=1e-12, atol=1e-300)
+        np.testing.assert_array_equal(got.sums.max_abs, expected.sums.max_abs)
+        np.testing.assert_array_equal(got.sums.signs.histogram, expected.sums.signs.histogram)
+        np.testing.assert_array_equal(got.sums.signs.sign_dot, expected.sums.signs.sign_dot)
+        np.testing.assert_allclose(got.sums.signs.pattern_mass, expected.sums.signs.pattern_mass, rtol=1e-12)
+    rows = WIDE["vocab_size"] * WIDE["hidden_size"] // ALIGN_ENTRIES  # blocks of one aligned unit
+    units = plan_units(base, ["lm_head.weight"], {"lm_head.weight": _Layout([True], WIDE["vocab_size"], None, [])},
+                       ALIGN_ENTRIES, whole=False)
+    assert len(units) == rows and units[-1].last and not units[0].last
