@@ -116,6 +116,7 @@ def stream_diagnosis(
     context: PlanContext | None = None,
     device: str = "auto",
     cancel: threading.Event | None = None,
+    memory_budget: int | str | None = None,
 ) -> Iterator[AnalysisWarning | Progress | GroupDiagnosis | Diagnosis]:
     """Yield the pass' warnings and progress, a :class:`GroupDiagnosis` as each layer group completes and,
     unless ``cancel`` stopped the pass (between tensors), the :class:`Diagnosis` last."""
@@ -129,7 +130,8 @@ def stream_diagnosis(
     warnings: list[AnalysisWarning] = []
     total, current, current_group = TaskVectorSums(n + 1), TaskVectorSums(n + 1), None
     events = stream_analysis(
-        base, [*sources, merged], [*names, merged_name], device=device, cancel=cancel, patterns=True
+        base, [*sources, merged], [*names, merged_name], device=device, cancel=cancel, patterns=True,
+        memory_budget=memory_budget,
     )
     for event in events:
         if isinstance(event, TensorResult):
@@ -185,6 +187,7 @@ def diagnose_merged_folder(
     device: str = "auto",
     cancel: threading.Event | None = None,
     on_event: Callable[[object], None] | None = None,
+    memory_budget: int | str | None = None,
 ) -> Diagnosis:
     """Diagnose the merge in ``path`` (a folder holding ``mergekit_config.yml``) against the sources its plan
     names; ``base`` is needed when the plan has no base_model (linear, karcher…)."""
@@ -192,5 +195,5 @@ def diagnose_merged_folder(
     merged = open_checkpoint(str(path))
     return diagnose(
         context.base, context.sources, merged, names=context.names, references=context.references, context=context,
-        device=device, cancel=cancel, on_event=on_event,
+        device=device, cancel=cancel, on_event=on_event, memory_budget=memory_budget,
     )

@@ -110,6 +110,7 @@ def run_analysis(
     cancel: threading.Event | None = None,
     chunk: int | None = None,
     prefetch: int = 2,
+    memory_budget: int | str | None = None,
 ) -> dict:
     """Analyse ``models`` against ``base`` and return the JSON report (from the cache when possible)."""
     if not 0.0 < density <= 1.0:
@@ -123,7 +124,8 @@ def run_analysis(
         return hit
     builder = ReportBuilder(base, models, names, density)
     for event in stream_analysis(
-        base, models, names, density=density, device=device, chunk=chunk, prefetch=prefetch, cancel=cancel
+        base, models, names, density=density, device=device, chunk=chunk, prefetch=prefetch, cancel=cancel,
+        memory_budget=memory_budget,
     ):
         builder.add(event)
         if on_event is not None:

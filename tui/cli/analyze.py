@@ -24,7 +24,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     with AnalysisProgressBar(err) as on_event:
         report = run_analysis(
-            base, models, density=args.density, device=args.device, use_cache=not args.no_cache, on_event=on_event
+            base, models, density=args.density, device=args.device, use_cache=not args.no_cache, on_event=on_event,
+            memory_budget=args.memory_budget,
         )
     if args.json:
         write_json(report, args.json, err)

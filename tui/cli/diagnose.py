@@ -19,7 +19,8 @@ LOW = 1 / 3
 def run_diagnose(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     with AnalysisProgressBar(err) as on_event:
-        diagnosis = diagnose_merged_folder(args.merged, base=args.base, device=args.device, on_event=on_event)
+        diagnosis = diagnose_merged_folder(args.merged, base=args.base, device=args.device, on_event=on_event,
+                                           memory_budget=args.memory_budget)
     if args.json:
         write_json(diagnosis.to_json(), args.json, err)
         return 0

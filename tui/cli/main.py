@@ -21,6 +21,8 @@ DESCRIPTION = (
 )
 EVAL_CMD_HELP = "e.g. 'python eval.py {model}'; prints the score last"
 
+MEMORY_BUDGET_HELP = ("host memory to stay within, e.g. 1.5GB (the default); large tensors stream in row blocks "
+                      "sized from it")
 
 def _version() -> str:
     # imported here, not at the top: importlib.metadata takes longer to import than --help takes to answer
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--density", type=float, default=1.0, help="also count sign conflicts after a top-d trim")
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     analyze.add_argument("--no-cache", action="store_true", help="recompute instead of using cached results")
+    analyze.add_argument("--memory-budget", metavar="SIZE",
+                         help=MEMORY_BUDGET_HELP)
     analyze.set_defaults(handler=_command("analyze", "run_analyze"))
 
     merge = commands.add_parser(
@@ -88,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="replace an existing output folder")
     merge.add_argument("--dry-run", action="store_true", help="resolve the plan and print what would happen")
     merge.add_argument("--allow-non-finite", action="store_true", help="merge even when inputs hold NaN/Inf")
+    merge.add_argument("--memory-budget", metavar="SIZE",
+                         help=MEMORY_BUDGET_HELP)
     merge.set_defaults(handler=_command("merge", "run_merge_command"))
 
     soup = commands.add_parser(
@@ -140,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the base the sources were fine-tuned from (needed when the plan has no base_model)")
     diagnose.add_argument("--json", metavar="PATH", help="write the diagnosis as JSON to PATH ('-' for stdout)")
     diagnose.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    diagnose.add_argument("--memory-budget", metavar="SIZE",
+                         help=MEMORY_BUDGET_HELP)
     diagnose.set_defaults(handler=_command("diagnose", "run_diagnose"))
 
     inspect = commands.add_parser(

@@ -50,7 +50,7 @@ def _execute(job: MergeJob, out: Path, args: argparse.Namespace, console: Consol
     try:
         with sigterm_raises(), bar:
             path = run_merge(job, out, device=args.device, seed=args.seed, overwrite=args.force, on_event=on_event,
-                             allow_non_finite=args.allow_non_finite or None)
+                             allow_non_finite=args.allow_non_finite or None, memory_budget=args.memory_budget)
     except (KeyboardInterrupt, Terminated) as exc:
         word, status = stopped(exc)
         console.print(f"[yellow]{word}: nothing was written to {out}[/]")
