@@ -70,6 +70,7 @@ class FlatBlocks(Protocol):
 
     numel: int
     device: torch.device
+    gather_bytes: int | None  # what a pass may gather besides its blocks (None: no limit)
 
     def blocks(self, models: list[int]) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
         """(flat start, base block, blocks of ``models`` (indices)) in order, any float dtype."""
@@ -84,6 +85,7 @@ class TensorBlocks:
     def __init__(self, base: torch.Tensor, models: list[torch.Tensor], block: int) -> None:
         self.base, self.models = base.reshape(-1), [model.reshape(-1) for model in models]
         self.numel, self.device, self.block = self.base.numel(), base.device, block
+        self.gather_bytes = None
 
     def blocks(self, models: list[int]) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
         for start in range(0, self.numel, self.block):

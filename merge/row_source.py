@@ -23,14 +23,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class RowBlocks:
     """Flat blocks of ``reads[0]`` (the base) and ``reads[1:]`` (the models, numbered from 0), each
-    ``rows`` rows of tensors of ``shape``, read from ``checkpoints`` onto ``device``."""
+    ``rows`` rows of tensors of ``shape``, read from ``checkpoints`` onto ``device``; a pass may gather
+    ``gather_bytes`` besides its blocks."""
 
     def __init__(self, checkpoints: dict[str, Checkpoint], reads: list[tuple[str, str]], shape: tuple[int, ...],
-                 rows: int, device: str) -> None:
+                 rows: int, device: str, gather_bytes: int | None = None) -> None:
         import torch
 
         self.inputs = [(checkpoints[ref], name) for ref, name in reads]
         self.shape, self.rows, self.device = shape, rows, torch.device(device)
+        self.gather_bytes = gather_bytes
         self.row_numel = 1
         for size in shape[1:]:
             self.row_numel *= size

@@ -172,7 +172,7 @@ def streamed_trims(kind: str | None, source, params: list[dict], options: dict) 
     trims = [Trim() for _ in params]
     trimmed = [i for i, d in enumerate(densities) if d < 1]
     counts = [sparsify.trim_count(source.numel, densities[i]) for i in trimmed]
-    cuts = magnitude_trim.streamed_magnitude_cuts(_Subset(source, trimmed), counts)
+    cuts = magnitude_trim.streamed_magnitude_cuts(_Subset(source, trimmed), counts, gather_bytes=source.gather_bytes)
     for i, (threshold, last_tie) in zip(trimmed, cuts):
         trims[i] = Trim(threshold=float(threshold), last_tie=last_tie)
     return trims
@@ -183,7 +183,7 @@ class _Subset:
 
     def __init__(self, source, keep: list[int]) -> None:
         self.source, self.keep = source, keep
-        self.numel, self.device = source.numel, source.device
+        self.numel, self.device, self.gather_bytes = source.numel, source.device, source.gather_bytes
 
     def blocks(self, models: list[int]):
         return self.source.blocks([self.keep[i] for i in models])
