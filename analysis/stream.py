@@ -18,7 +18,6 @@ the number of tensors.
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from mergescope.checkpoints import Checkpoint, layer_group, resolve_device
 from mergescope.checkpoints.device import one_torch_thread
 from mergescope.checkpoints.dtypes import ITEMSIZE
 from mergescope.checkpoints.read_ahead import read_ahead
+from mergescope.checkpoints.read_buffers import ReadBuffers
 from mergescope.checkpoints.row_blocks import (
     DEFAULT_MEMORY_BUDGET,
     block_entries,
@@ -110,28 +110,22 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-#: read buffers up to this size are kept for reuse whatever passes through them
-_KEEP_BUFFER_BYTES = 64 << 20
-
-
 class _Loader:
     """Reads one row block of the base and of every model (the reader threads' job).
 
-    Reads go into a fixed number of reusable buffer sets, one set per block in flight: fresh memory for
-    every block would cost a page fault per 4 KiB, as much time as the copy itself. A load takes a free
-    set; the consumer gives it back (:meth:`release`) once the block's statistics are computed.
+    Reads go into a fixed number of reusable buffer sets (:class:`~mergescope.checkpoints.read_buffers.ReadBuffers`),
+    one set per block in flight; the consumer gives a set back (:meth:`release`) once the block's statistics
+    are computed.
     """
 
     def __init__(self, base: Checkpoint, models: list[Checkpoint], names: list[str], device: str, sets: int):
         self.base, self.models, self.names, self.device = base, models, names, device
         # a LoRA model on this very base hands over its exact task vector instead of θ
         self.stored = [m.base is not None and m.base.fingerprint == base.fingerprint for m in models]
-        self.free: queue.Queue = queue.Queue()
-        for _ in range(sets):
-            self.free.put([None] * (len(models) + 1))
+        self.buffers = ReadBuffers(sets, len(models) + 1)
 
     def release(self, loaded: _Loaded) -> None:
-        self.free.put(loaded.buffers)
+        self.buffers.give_back(loaded.buffers)
 
     def layout(self, name: str) -> _Layout:
         """Which models take part in tensor ``name`` and over how many rows, from the headers."""
@@ -153,21 +147,14 @@ class _Loader:
         return _Layout(present, spec.rows if limited is None else limited, limited, warnings)
 
     def _read(self, checkpoint: Checkpoint, name: str, start: int, stop: int, buffers: list, slot: int):
-        import torch
-
         spec = checkpoint.spec(name)
-        nbytes = (stop - start) * spec.row_numel * ITEMSIZE[spec.dtype]
-        current = buffers[slot]
-        # grow to fit; give back a huge buffer (an embedding's) once only small tensors pass through it
-        if current is None or current.numel() < nbytes or current.numel() > max(4 * nbytes, _KEEP_BUFFER_BYTES):
-            buffers[slot] = None
-            buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = ReadBuffers.slot(buffers, slot, (stop - start) * spec.row_numel * ITEMSIZE[spec.dtype])
         if not spec.shape:
-            return checkpoint.read(name, device=self.device, buffer=buffers[slot])
-        return checkpoint.read_rows(name, start, stop, device=self.device, buffer=buffers[slot])
+            return checkpoint.read(name, device=self.device, buffer=buffer)
+        return checkpoint.read_rows(name, start, stop, device=self.device, buffer=buffer)
 
     def __call__(self, unit: RowUnit, layout: _Layout) -> _Loaded:
-        buffers = self.free.get()
+        buffers = self.buffers.take()
         name, start, stop = unit.name, unit.start, unit.stop
         base_values = self._read(self.base, name, start, stop, buffers, 0).reshape(-1)
         inputs = []

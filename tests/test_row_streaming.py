@@ -161,3 +161,29 @@ def test_the_analysis_in_row_blocks_sums_to_the_whole_tensor_statistics(tmp_path
     units = plan_units(base, ["lm_head.weight"], {"lm_head.weight": _Layout([True], WIDE["vocab_size"], None, [])},
                        ALIGN_ENTRIES, whole=False)
     assert len(units) == rows and units[-1].last and not units[0].last
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "linear", "dare_linear", "breadcrumbs_ties"])
+def test_many_models_and_odd_widths_merge_in_blocks_with_the_bits_of_the_whole_merge(tmp_path, method):
+    """Eight fine-tunes (sums over models in torch's reductions take other paths from five on) and rows of 37
+    and 4099 entries (no block ends on a vector boundary but the tensor's own)."""
+    g = torch.Generator().manual_seed(5)
+    shapes = {"model.embed_tokens.weight": (7919, 37), "lm_head.weight": (67, 4099), "model.norm.weight": (37,)}
+    base = {name: torch.randn(shape, generator=g).to(torch.bfloat16) for name, shape in shapes.items()}
+    for k in range(9):
+        tensors = base if k == 0 else {n: (t.float() + 0.02 * torch.randn(t.shape, generator=g)).to(torch.bfloat16)
+                                       for n, t in base.items()}
+        (tmp_path / f"m{k}").mkdir()
+        save_file(tensors, str(tmp_path / f"m{k}" / "model.safetensors"))
+    models = [{"model": str(tmp_path / f"m{k}"), "parameters": {"weight": 0.3 + 0.1 * k, "density": 0.4}}
+              for k in range(1, 9)]
+    config = {"merge_method": method, "models": models, "dtype": "float32", "out_dtype": "bfloat16"}
+    if method == "linear":
+        for model in models:
+            del model["parameters"]["density"]
+    else:
+        config["base_model"] = str(tmp_path / "m0")
+    whole = _merge(config, tmp_path / "whole", 10**12)
+    blocks = _merge(config, tmp_path / "blocks", 1)
+    for name in whole:
+        assert torch.equal(whole[name].view(torch.uint8), blocks[name].view(torch.uint8)), name
