@@ -17,7 +17,6 @@ the number of tensors.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from mergescope.checkpoints import Checkpoint, layer_group, resolve_device
-from mergescope.checkpoints.device import one_torch_thread
+from mergescope.checkpoints.device import one_torch_thread, usable_cores
 from mergescope.checkpoints.dtypes import ITEMSIZE
 from mergescope.checkpoints.read_ahead import read_ahead
 from mergescope.checkpoints.read_buffers import ReadBuffers
@@ -100,14 +99,6 @@ class RowUnit:
     start: int
     stop: int
     last: bool
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class _Loader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 from .errors import MergescopeError
@@ -59,3 +60,11 @@ class _OneTorchThread:
 
 #: call ``enter()`` / ``exit()`` (in a ``finally``) around a section of one-threaded torch kernels
 one_torch_thread = _OneTorchThread()
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)

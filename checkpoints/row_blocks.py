@@ -16,6 +16,9 @@ import math
 DEFAULT_MEMORY_BUDGET = 1_500_000_000
 #: what the process holds besides block data: python, torch, mergescope, the page tables of its threads
 RUNTIME_BYTES = 600_000_000
+#: entries per block at most, whatever the budget: larger blocks are no faster (each input's read of 32 MiB of
+#: bf16 already costs far more than a call), they only hold more memory
+MAX_BLOCK_ENTRIES = 1 << 24
 #: block starts fall on multiples of this many entries (TIES' counting pass counts per chunk of 4096)
 ALIGN_ENTRIES = 1 << 12
 
@@ -40,8 +43,9 @@ def parse_size(value: int | str, what: str) -> int:
 
 
 def block_entries(budget: int, bytes_per_entry: float) -> int:
-    """Entries per block: (budget − :data:`RUNTIME_BYTES`) / bytes_per_entry, at least one aligned unit."""
-    return max(ALIGN_ENTRIES, int((budget - RUNTIME_BYTES) / max(bytes_per_entry, 1)))
+    """Entries per block: (budget − :data:`RUNTIME_BYTES`) / bytes_per_entry, at least one aligned unit and at
+    most :data:`MAX_BLOCK_ENTRIES`."""
+    return max(ALIGN_ENTRIES, min(MAX_BLOCK_ENTRIES, int((budget - RUNTIME_BYTES) / max(bytes_per_entry, 1))))
 
 
 def rows_per_block(shape: tuple[int, ...], entries: int) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergescope.checkpoints import Cancelled, CheckpointWriter, MergescopeError, TensorSpec, resolve_device
+from mergescope.checkpoints.device import one_torch_thread, usable_cores
 from mergescope.checkpoints.dtypes import ITEMSIZE
 from mergescope.checkpoints.read_ahead import read_ahead
 from mergescope.checkpoints.read_buffers import ReadBuffers
@@ -89,8 +90,8 @@ class RowBlock:
 
 def bytes_per_entry(job: MergeJob, prefetch: int) -> float:
     """Host bytes the executor holds per entry of a block: the inputs in their stored dtype for every block in
-    flight (``prefetch + 1`` queued, the one merging, the one writing, and two more in a first pass), float32 working copies
-    of every input and the method's temporaries, and the output twice (one block merging, one writing)."""
+    flight (``prefetch + 1`` queued, the one merging, the one writing, and two more in a first pass), float32
+    working copies of every input and the method's temporaries, and the output twice (merging, writing)."""
     inputs = max((len(task.reads) for task in job.tasks), default=1)
     stored = max((sum(ITEMSIZE[job.checkpoints[ref].spec(name).dtype] for ref, name in task.reads)
                   for task in job.tasks), default=4)
@@ -165,8 +166,14 @@ def run_merge(
                 tensors.append(checkpoint.read_rows(name, unit.start, unit.stop, device=device, buffer=buffer))
         return tensors, taken
 
+    # On the CPU each block is split across `workers` threads running one-threaded kernels: torch's own OpenMP
+    # pool spins against the reader and writer threads for the cores (2 to 3x the CPU time on 2 busy cores).
+    workers = usable_cores() if device == "cpu" else 1
     with CheckpointWriter(out_dir, specs, max_shard_bytes=shard, overwrite=overwrite) as writer, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-write") as writing:
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-write") as writing, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergescope-merge") as compute, \
+            _one_torch_thread(device == "cpu"):
+        pool = compute if workers > 1 else None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-read") as reader, \
                 _unblocked(buffers, prefetch + 3):
             written = None  # the write in flight: one output block at most, written while the next merges
@@ -183,13 +190,13 @@ def run_merge(
                     _give_back_free_memory()
                 if unit.whole:
                     merged = merge_tensor(job.method, task, tensors, seed=seed, device=device,
-                                          out_dtype=job.out_dtype)
+                                          out_dtype=job.out_dtype, pool=pool)
                 else:
                     if unit.start == 0:
                         trims = _whole_tensor_trims(job, task, entries, device, seed)
                     row_numel = task.numel // task.shape[0]
                     merged = merge_rows(job.method, task, tensors, first_entry=unit.start * row_numel, trims=trims,
-                                        seed=seed, device=device, out_dtype=job.out_dtype)
+                                        seed=seed, device=device, out_dtype=job.out_dtype, pool=pool)
                 if written is not None:
                     written.result()
                     buffers.give_back(held)
@@ -214,6 +221,18 @@ def run_merge(
                 written.result()
         _write_model_files(job, writer)
         return writer.commit()
+
+
+@contextlib.contextmanager
+def _one_torch_thread(cpu: bool) -> Iterator[None]:
+    if not cpu:
+        yield
+        return
+    one_torch_thread.enter()
+    try:
+        yield
+    finally:
+        one_torch_thread.exit()
 
 
 @contextlib.contextmanager
@@ -265,11 +284,11 @@ def _give_back_free_memory() -> None:
 def keep_freed_memory() -> None:
     """Have glibc keep freed blocks up to 32 MiB in its heap and trim the heap only past 512 MiB free: the
     float32 temporaries of each block (a few MiB) then reuse the same pages instead of faulting in fresh ones
-    (half of task arithmetic's time). Memory stays bounded by the blocks; a no-op without glibc."""
+    (half of task arithmetic's time); at most 64 MiB freed memory stays. A no-op without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 

@@ -13,7 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints import Checkpoint
+from mergescope.checkpoints.dtypes import ITEMSIZE
 from mergescope.checkpoints.read_ahead import read_ahead
+from mergescope.checkpoints.read_buffers import ReadBuffers
 from mergescope.checkpoints.row_blocks import row_ranges
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
@@ -38,17 +40,34 @@ class RowBlocks:
             self.row_numel *= size
         self.numel = shape[0] * self.row_numel
 
-    def _read(self, which: list[int], start: int, stop: int) -> list[torch.Tensor]:
-        return [self.inputs[i][0].read_rows(self.inputs[i][1], start, stop, device=str(self.device)).reshape(-1)
-                for i in which]
+    def _read(self, which: list[int], start: int, stop: int, buffers: list | None = None) -> list[torch.Tensor]:
+        tensors = []
+        for slot, i in enumerate(which):
+            checkpoint, name = self.inputs[i]
+            spec = checkpoint.spec(name)
+            buffer = None
+            if buffers is not None:
+                buffer = ReadBuffers.slot(buffers, slot, (stop - start) * spec.row_numel * ITEMSIZE[spec.dtype])
+            tensors.append(checkpoint.read_rows(name, start, stop, device=str(self.device), buffer=buffer).reshape(-1))
+        return tensors
 
     def blocks(self, models: list[int]) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
         which = [0, *(m + 1 for m in models)]
+        buffers = ReadBuffers(2, len(which))  # the block in use and the one being read
+
+        def read(rows: tuple[int, int]) -> tuple[list, list]:
+            taken = buffers.take()
+            return self._read(which, *rows, taken), taken
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-pass") as pool:
-            ranges = row_ranges(self.shape[0], self.rows)
-            for (start, _), future in read_ahead(ranges, lambda r: self._read(which, *r), pool, 0):
-                base, *blocks = future.result()
-                yield start * self.row_numel, base, blocks
+            try:
+                ranges = row_ranges(self.shape[0], self.rows)
+                for (start, _), future in read_ahead(ranges, read, pool, 0):
+                    (base, *blocks), taken = future.result()
+                    yield start * self.row_numel, base, blocks
+                    buffers.give_back(taken)
+            finally:  # left early (an error): a read still queued must not wait for a set
+                buffers.give_back([None] * len(which))
 
     def span(self, model: int | None, start: int, stop: int) -> torch.Tensor:
         first, last = start // self.row_numel, -(-stop // self.row_numel)

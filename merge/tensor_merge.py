@@ -10,6 +10,8 @@ order tensors are processed.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -36,8 +38,20 @@ def tensor_seed(seed: int, tensor: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def in_blocks(numel: int, merge_block: Callable[[int, int], None], pool: Executor | None = None) -> None:
+    """``merge_block(start, stop)`` over consecutive :data:`ELEMENTWISE_BLOCK`-entry blocks of ``numel``; on a
+    thread ``pool`` (one-threaded torch kernels, which release the GIL) the blocks run in parallel."""
+    starts = range(0, numel, ELEMENTWISE_BLOCK)
+    if pool is None or len(starts) == 1:
+        for start in starts:
+            merge_block(start, min(start + ELEMENTWISE_BLOCK, numel))
+        return
+    for future in [pool.submit(merge_block, start, min(start + ELEMENTWISE_BLOCK, numel)) for start in starts]:
+        future.result()
+
+
 def merge_tensor(method: MergeMethod, task: TensorTask, tensors: list, *, seed: int, device: str,
-                 out_dtype: str) -> torch.Tensor:
+                 out_dtype: str, pool: Executor | None = None) -> torch.Tensor:
     """``method`` applied to one output tensor's inputs ``tensors`` (``task.reads`` order, any float dtype), in
     float32.
 
@@ -46,7 +60,7 @@ def merge_tensor(method: MergeMethod, task: TensorTask, tensors: list, *, seed: 
     breadcrumbs, DELLA) first decide their trims over the whole tensor with ``method.prepare`` (masks, random
     draws, rescale factors: one model's float32 task vector at a time; TIES' thresholds and tie cuts in one
     blockwise pass over all models), then ``method.combine`` them block by block. The bits equal a
-    whole-tensor merge.
+    whole-tensor merge. A thread ``pool`` runs the blocks in parallel (:func:`in_blocks`).
     """
     import torch
 
@@ -67,23 +81,34 @@ def merge_tensor(method: MergeMethod, task: TensorTask, tensors: list, *, seed: 
         flat = [t.reshape(-1) for t in tensors]
         if not method.two_phase:
             out = torch.empty(numel, dtype=torch_dtype(out_dtype), device=tensors[0].device)
-            for start in range(0, numel, ELEMENTWISE_BLOCK):
-                stop = min(start + ELEMENTWISE_BLOCK, numel)
+
+            def merge_block(start: int, stop: int) -> None:
                 out[start:stop] = apply([t[start:stop] for t in flat])
+
+            in_blocks(numel, merge_block, pool)
             return out.reshape(task.shape)
         # two phases: masks, draws and rescale factors over the whole tensor, then the elementwise rest
         trims = method.prepare(tensors[0], tensors[1:], task.params, options, generator)
         out = torch.empty(numel, dtype=torch_dtype(out_dtype), device=tensors[0].device)  # after the peak
-        for start in range(0, numel, ELEMENTWISE_BLOCK):
-            stop = min(start + ELEMENTWISE_BLOCK, numel)
-            blocks = [t[start:stop] for t in flat]
-            trimmed = [trim.block(start, stop) for trim in trims]
-            out[start:stop] = method.combine(blocks[0], blocks[1:], trimmed, task.params, options)
+        combine_blocks(method, task, flat, trims, 0, out, options, pool)
         return out.reshape(task.shape)
 
 
+def combine_blocks(method: MergeMethod, task: TensorTask, flat: list, trims: list, first_entry: int,
+                   out: torch.Tensor, options: dict, pool: Executor | None) -> None:
+    """A two-phase method's ``combine`` into ``out`` over blocks of the flat inputs, the inputs' entry 0 being
+    the tensor's entry ``first_entry`` (each trim is cut to its block)."""
+
+    def merge_block(start: int, stop: int) -> None:
+        blocks = [t[start:stop] for t in flat]
+        trimmed = [trim.block(first_entry + start, first_entry + stop) for trim in trims]
+        out[start:stop] = method.combine(blocks[0], blocks[1:], trimmed, task.params, options)
+
+    in_blocks(out.numel(), merge_block, pool)
+
+
 def merge_rows(method: MergeMethod, task: TensorTask, tensors: list, *, first_entry: int, trims: list | None,
-               seed: int, device: str, out_dtype: str) -> torch.Tensor:
+               seed: int, device: str, out_dtype: str, pool: Executor | None = None) -> torch.Tensor:
     """A row block of the output tensor from the same rows of its inputs ``tensors`` (``task.reads`` order),
     starting at flat entry ``first_entry`` of the tensor: an elementwise method applied to the block; a
     two-phase method's ``combine`` given ``trims``, its whole-tensor trims (from ``stream_prepare``, or
@@ -93,15 +118,11 @@ def merge_rows(method: MergeMethod, task: TensorTask, tensors: list, *, first_en
 
     shape = tuple(tensors[0].shape)
     if trims is None:
-        return merge_tensor(method, replace(task, shape=shape), tensors, seed=seed, device=device, out_dtype=out_dtype)
+        return merge_tensor(method, replace(task, shape=shape), tensors, seed=seed, device=device,
+                            out_dtype=out_dtype, pool=pool)
     options = {**task.options, "tensor_name": task.output}
     flat = [t.reshape(-1) for t in tensors]
-    numel = flat[0].numel()
-    out = torch.empty(numel, dtype=torch_dtype(out_dtype), device=tensors[0].device)
+    out = torch.empty(flat[0].numel(), dtype=torch_dtype(out_dtype), device=tensors[0].device)
     with torch.no_grad():
-        for start in range(0, numel, ELEMENTWISE_BLOCK):
-            stop = min(start + ELEMENTWISE_BLOCK, numel)
-            blocks = [t[start:stop] for t in flat]
-            trimmed = [trim.block(first_entry + start, first_entry + stop) for trim in trims]
-            out[start:stop] = method.combine(blocks[0], blocks[1:], trimmed, task.params, options)
+        combine_blocks(method, task, flat, trims, first_entry, out, options, pool)
     return out.reshape(shape)

@@ -205,9 +205,9 @@ def combine_trimmed(
         if trim.zero:
             deltas[i] = 0
             continue
-        if model.dtype == torch.float64:
-            model = model.float()  # τ = f32(model) − f32(base), as in the trim phase
-        delta = torch.sub(model, base, out=deltas[i])  # promoted to float32: exact for bf16 models
+        # τ = f32(model) − f32(base), as in the trim phase: the float32 copy is exact for bf16 models, and a
+        # subtraction of two float32 tensors is twice as fast as one of mixed dtypes
+        delta = deltas[i].copy_(model).sub_(base)
         trim.apply_(delta)
     weight_values = [float(p["weight"]) for p in params]
     weights = torch.tensor(weight_values, dtype=deltas.dtype, device=deltas.device)
