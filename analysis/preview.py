@@ -56,8 +56,10 @@ from mergescope.checkpoints import Cancelled, Checkpoint, MergescopeError, layer
 from mergescope.checkpoints.device import one_torch_thread
 from mergescope.checkpoints.dtypes import torch_dtype
 from mergescope.checkpoints.read_ahead import read_ahead
+from mergescope.checkpoints.row_blocks import DEFAULT_MEMORY_BUDGET, block_entries, parse_size
+from mergescope.merge.executor import RowBlock, bytes_per_entry, plan_blocks, whole_tensor_trims
 from mergescope.merge.job import MergeJob, TensorTask
-from mergescope.merge.tensor_merge import DEFAULT_SEED, merge_tensor
+from mergescope.merge.tensor_merge import DEFAULT_SEED, merge_rows, merge_tensor
 
 from . import preview_sampling
 from .plan_warnings import plan_warnings, source_names, source_references  # noqa: F401 (plan_warnings: API)
@@ -168,10 +170,12 @@ def stream_preview(
     cancel: threading.Event | None = None,
     cache: SampleCache | None = None,
     prefetch: int = 1,
+    memory_budget: int | str | None = None,
 ) -> Iterator[GroupPreview | PreviewProgress | PlanPreview]:
     """Yield a :class:`GroupPreview` as each layer group completes, a :class:`PreviewProgress` per tensor and,
     unless ``cancel`` was set (checked between tensors), the :class:`PlanPreview` last. ``seed`` is the merge's
-    (default: the plan's ``mergescope.seed``, else 0)."""
+    (default: the plan's ``mergescope.seed``, else 0). The exact mode merges large tensors in the executor's row
+    blocks (:func:`~mergescope.merge.executor.plan_blocks`, sized from ``memory_budget``) and adds their sums."""
     import torch
 
     if mode not in ("sampled", "exact"):
@@ -186,6 +190,10 @@ def stream_preview(
     skipped = [t.output for t in job.tasks if t.output not in kept]
     n = len(layout.references)
     loader = _Loader(job, layout, mode, sample_size, sample_seed, device, cache)
+    budget = parse_size(memory_budget or DEFAULT_MEMORY_BUDGET, "memory_budget")
+    entries = block_entries(budget, bytes_per_entry(job, prefetch))
+    items = comparable if mode == "sampled" else plan_blocks(job, entries, comparable)
+    trims = None
     start = time.perf_counter()
     groups: list[GroupPreview] = []
     total, current, current_group = MergeGram(n), MergeGram(n), None
@@ -197,9 +205,11 @@ def stream_preview(
     if device == "cpu":
         one_torch_thread.enter()
     try:
-        for done, (task, future) in enumerate(read_ahead(comparable, loader, reader, prefetch), 1):
+        done = 0
+        for item, future in read_ahead(items, loader, reader, prefetch):
             if cancel is not None and cancel.is_set():
                 return
+            task = item if isinstance(item, TensorTask) else item.task
             group = layer_group(task.output)
             if current_group is not None and group != current_group:
                 groups.append(group_preview(current_group, current))
@@ -207,9 +217,17 @@ def stream_preview(
                 current = MergeGram(n)
             current_group = group
             with torch.no_grad():
-                sums = _task_sums(job, task, future.result(), seed, device, compute, workers)
+                if isinstance(item, RowBlock) and not item.whole:
+                    if item.start == 0:
+                        trims = whole_tensor_trims(job, task, entries, device, seed)
+                    sums = _block_sums(job, item, future.result(), trims, seed, device, compute, workers)
+                else:
+                    sums = _task_sums(job, task, future.result(), seed, device, compute, workers)
             current.add(sums)
             total.add(sums)
+            if isinstance(item, RowBlock) and item.stop < task.shape[0]:
+                continue
+            done += 1
             yield PreviewProgress(done, len(comparable), time.perf_counter() - start, task.output)
         if current_group is not None:
             groups.append(group_preview(current_group, current))
@@ -257,11 +275,14 @@ class _Loader:
         self.job, self.layout, self.device = job, layout, device
         self.mode, self.sample_size, self.sample_seed, self.cache = mode, sample_size, sample_seed, cache
 
-    def __call__(self, task: TensorTask) -> _Loaded:
+    def __call__(self, item: TensorTask | RowBlock) -> _Loaded:
+        task = item if isinstance(item, TensorTask) else item.task
         sample = None
         if self.mode == "sampled":
             sample = sample_rows(tuple(task.shape), self.sample_size, self.sample_seed, task.output)
         rows, lengths = sample if sample is not None else (None, None)
+        if isinstance(item, RowBlock) and not item.whole:
+            rows = range(item.start, item.stop)  # a row block of the exact mode
         loaded: dict[tuple[int, str], object] = {}
 
         def tensor(checkpoint: Checkpoint, name: str):
@@ -285,6 +306,8 @@ class _Loader:
     def _read(self, checkpoint: Checkpoint, name: str, rows):
         if rows is None:
             return checkpoint.read(name, device=self.device)
+        if isinstance(rows, range):
+            return checkpoint.read_rows(name, rows.start, rows.stop, device=self.device)
         key = (checkpoint.fingerprint, checkpoint.source, name, self.sample_size, self.sample_seed)
         cached = self.cache.get(key) if self.cache is not None else None
         if cached is not None:
@@ -293,6 +316,19 @@ class _Loader:
         if self.cache is not None:
             self.cache.put(key, sampled.clone())
         return sampled
+
+
+def _block_sums(job: MergeJob, block: RowBlock, loaded: _Loaded, trims: list | None, seed: int, device: str, pool,
+                workers: int) -> MergeGram:
+    """Merge one row block with the executor's function and sum its Gram matrix."""
+    task = block.task
+    first_entry = block.start * (task.numel // task.shape[0])
+    merged = merge_rows(job.method, task, loaded.reads, first_entry=first_entry, trims=trims, seed=seed,
+                        device=device, out_dtype=job.out_dtype)
+    merged = merged.to(torch_dtype(job.out_dtype))  # what the merge writes
+    sums = whole_gram(loaded.base, [*loaded.sources, merged], pool, workers)
+    sums.numel = sums.evaluated = loaded.base.numel()
+    return sums
 
 
 def _task_sums(

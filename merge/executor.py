@@ -98,13 +98,14 @@ def bytes_per_entry(job: MergeJob, prefetch: int) -> float:
     return stored * (prefetch + 5) + 4 * (inputs + 4) + 2 * max(ITEMSIZE[job.out_dtype], 4)
 
 
-def plan_blocks(job: MergeJob, entries: int) -> list[RowBlock]:
-    """Every output tensor as row blocks of at most ``entries`` entries, in order. A method that is neither
-    elementwise nor two-phase (slerp's norms, model_stock's cosines, …) gets its large tensors whole."""
+def plan_blocks(job: MergeJob, entries: int, tasks: list[TensorTask] | None = None) -> list[RowBlock]:
+    """Every output tensor (of ``tasks``, default the job's) as row blocks of at most ``entries`` entries, in
+    order. A method that is neither elementwise nor two-phase (slerp's norms, model_stock's cosines, …) gets its
+    large tensors whole."""
     method = job.method
     blockwise = method.elementwise or method.two_phase
     units = []
-    for task in job.tasks:
+    for task in job.tasks if tasks is None else tasks:
         per_block = rows_per_block(task.shape, entries)
         ranges = row_ranges(task.shape[0], per_block) if task.shape else [(0, 1)]
         if len(ranges) == 1 or not blockwise:
@@ -193,7 +194,7 @@ def run_merge(
                                           out_dtype=job.out_dtype, pool=pool)
                 else:
                     if unit.start == 0:
-                        trims = _whole_tensor_trims(job, task, entries, device, seed)
+                        trims = whole_tensor_trims(job, task, entries, device, seed)
                     row_numel = task.numel // task.shape[0]
                     merged = merge_rows(job.method, task, tensors, first_entry=unit.start * row_numel, trims=trims,
                                         seed=seed, device=device, out_dtype=job.out_dtype, pool=pool)
@@ -246,7 +247,7 @@ def _unblocked(buffers: ReadBuffers, sets: int) -> Iterator[None]:
             buffers.give_back([None] * buffers.slots)
 
 
-def _whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: str, seed: int) -> list | None:
+def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: str, seed: int) -> list | None:
     """A block-merged tensor's whole-tensor trims: None for an elementwise method; else from the method's
     streamed first pass over row blocks (TIES' thresholds and tie cuts), or, where the method cannot stream
     these parameters, from ``prepare`` on the whole inputs (DARE's draws, DELLA's ranks, L1 rescale factors:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from builders import llama_config
 from mergekit_cases import ALL_CASES
 from mergekit_reference import write_fixture
+from mergescope.analysis.preview import run_preview
 from mergescope.analysis.stream import TensorResult, _Layout, plan_units, stream_analysis
 from mergescope.checkpoints import CheckpointWriter, MergescopeError, TensorSpec, open_checkpoint, safetensors_format
 from mergescope.checkpoints.row_blocks import ALIGN_ENTRIES, block_entries, parse_size, row_ranges, rows_per_block
@@ -187,3 +188,17 @@ def test_many_models_and_odd_widths_merge_in_blocks_with_the_bits_of_the_whole_m
     blocks = _merge(config, tmp_path / "blocks", 1)
     for name in whole:
         assert torch.equal(whole[name].view(torch.uint8), blocks[name].view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_ties"])
+def test_the_exact_preview_in_row_blocks_sums_to_the_whole_tensor_preview(tmp_path, wide_paths, method):
+    models = [{"model": wide_paths[n], "parameters": {"weight": 0.5, "density": 0.5}} for n in ("bft_a", "bft_b")]
+    config = {"merge_method": method, "base_model": wide_paths["bbase"], "models": models, "dtype": "float32"}
+    job = build_job(load_plan(str(_write(tmp_path / "plan.yml", config))))
+    whole = run_preview(job, mode="exact", memory_budget=10**12)
+    blocks = run_preview(job, mode="exact", memory_budget=1)
+    for expected, got in zip([*whole.groups, whole.total], [*blocks.groups, blocks.total]):
+        assert (got.group, got.numel, got.evaluated) == (expected.group, expected.numel, expected.evaluated)
+        np.testing.assert_allclose(got.merged_norm, expected.merged_norm, rtol=1e-12)
+        np.testing.assert_allclose(got.retention, expected.retention, rtol=1e-12)
+        np.testing.assert_allclose(got.cosine, expected.cosine, rtol=1e-12)
