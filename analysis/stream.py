@@ -1,18 +1,18 @@
 """One streaming pass over a base and its fine-tunes.
 
-For each of the base's tensors, in model order, a reader thread fetches the base tensor and every model's
-tensor (or a LoRA adapter's exact task vector) while the previous tensor's statistics are computed, then
-everything is dropped. :func:`stream_analysis` yields :class:`TensorResult`, :class:`AnalysisWarning` and
-:class:`Progress` events as it goes, so a UI can fill its tables during the pass; setting ``cancel``
-stops it between tensors.
+For each of the base's tensors, in model order, a row block at a time, a reader thread fetches the base's rows
+and every model's (or a LoRA adapter's exact task vector) while the previous block's statistics are computed,
+then everything is dropped; a tensor's sums are its blocks' sums. :func:`stream_analysis` yields
+:class:`TensorResult`, :class:`AnalysisWarning` and :class:`Progress` events as it goes, so a UI can fill its
+tables during the pass; setting ``cancel`` stops it between tensors.
 
-Memory bound: at most ``prefetch + 2`` tensor sets are alive (``prefetch + 1`` queued reads and the one
-being computed) — each the base tensor and every model's
-tensor in their stored dtypes (a LoRA delta in float32) — plus float32 chunk buffers of
-``(n + 1) × chunk`` elements (and a float64 one of at most ``(n + 1) × 2¹⁶``), and, with
-``density < 1``, one float32 copy of a task vector and n boolean trim masks. So peak memory is about
-``(prefetch + 1) · (n + 1) · B_max`` where ``B_max`` is the largest tensor's size: it does not grow with
-the number of tensors.
+Memory bound: at most ``prefetch + 2`` block sets are alive (``prefetch + 1`` queued reads and the one
+being computed) — each the base's rows and every model's in their stored dtypes (a LoRA delta in float32),
+blocks sized from the memory budget (:mod:`mergescope.checkpoints.row_blocks`) — plus float32 chunk buffers
+of ``(n + 1) × chunk`` elements (and a float64 one of at most ``(n + 1) × 2¹⁶``). With ``density < 1``
+tensors are whole blocks (the trim is over the whole tensor), plus one float32 copy of a task vector and n
+boolean trim masks: then peak memory is about ``(prefetch + 1) · (n + 1) · B_max``, ``B_max`` the largest
+tensor's size.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from mergescope.analysis import unique_names
 from mergescope.checkpoints import check_output_folder, layer_group
+from mergescope.checkpoints.row_blocks import DEFAULT_MEMORY_BUDGET, parse_size
 from mergescope.merge.executor import MergeProgress, run_merge
 from mergescope.merge.job import MergeJob, build_job
 from mergescope.merge.plan import load_plan
@@ -29,7 +30,7 @@ def run_merge_command(args: argparse.Namespace) -> int:
     # a dry run writes nothing, so an existing output folder is no reason to refuse it
     check_output_folder(out, job.checkpoints.values(), overwrite=args.force or args.dry_run)
     if args.dry_run:
-        print_dry_run(job, out, Console())
+        print_dry_run(job, out, Console(), args.memory_budget)
         if plan.options.get("greedy_soup"):
             Console().print("greedy_soup: the eval command picks which of these models join the soup")
         return 0
@@ -61,12 +62,15 @@ def _execute(job: MergeJob, out: Path, args: argparse.Namespace, console: Consol
     return 0
 
 
-def print_dry_run(job: MergeJob, out: Path, console: Console) -> None:
+def print_dry_run(job: MergeJob, out: Path, console: Console, memory_budget: str | None = None) -> None:
     plan = job.plan
+    budget = parse_size(memory_budget or plan.options.get("memory_budget", DEFAULT_MEMORY_BUDGET), "memory_budget")
+    streamed = job.method.elementwise or job.method.two_phase
     console.print(f"[bold]{plan.source}[/]: {job.method.name} — {job.method.description}", soft_wrap=True)
     console.print(f"output {out} · {len(job.tasks)} tensors · dtype {job.out_dtype} · "
                   f"reads {human_bytes(job.bytes_to_read)} · writes {human_bytes(job.bytes_to_write)} · "
-                  f"peak memory ≈ {human_bytes(2 * job.largest_task_bytes)} (two output tensors' float32 inputs)",
+                  f"memory budget {human_bytes(budget)} (" + ("row blocks" if streamed else
+                  f"{job.method.name} reads large tensors whole: ≈ {human_bytes(2 * job.largest_task_bytes)}") + ")",
                   soft_wrap=True)
     inputs = Table(title="Inputs", header_style="bold", title_justify="left")
     for column in ("model", "format", "tensors", "size"):
