@@ -179,7 +179,7 @@ _ALL = [
                 (_p("t", low=0.0, doc="interpolation factor; 0 is the base, 1 the other model (above 1 "
                     "extrapolates); required"),)),
     MergeMethod("nearswap", "Take the other model's value where it is within t of the base", linear.nearswap,
-                (_p("t", low=0.0, doc="similarity threshold; required"),)),
+                (_p("t", low=0.0, doc="similarity threshold; required"),), elementwise=True),
     MergeMethod("model_stock", "Interpolate base and model average by the task vectors' mean cosine",
                 adaptive.model_stock,
                 (_p("filter_wise", False, kind=bool, doc="one ratio per row instead of per tensor"),)),
@@ -202,7 +202,8 @@ _ALL = [
                  _p("tol", 1e-5, low=0.0, doc="convergence and zero-norm tolerance")),
                 base_role="input"),
     MergeMethod("ram", "Keep changes only one model made; average those several made (Reinforced Agent Merging)",
-                selective.ram, (_p("epsilon", 1e-5, low=0.0, doc="a change counts when |τ| exceeds it"),)),
+                selective.ram, (_p("epsilon", 1e-5, low=0.0, doc="a change counts when |τ| exceeds it"),),
+                elementwise=True),
     MergeMethod("ramplus_tl", "RAM, with each model's unique changes boosted by its overlap ratio (tensor-local)",
                 selective.ramplus_tl,
                 (_p("r", 0.1, low=0.0, doc="boost strength"), _p("alpha", 0.2, low=0.0, doc="cap of the overlap ratio"),
