@@ -48,15 +48,15 @@ def block_entries(budget: int, bytes_per_entry: float) -> int:
     return max(ALIGN_ENTRIES, min(MAX_BLOCK_ENTRIES, int((budget - RUNTIME_BYTES) / max(bytes_per_entry, 1))))
 
 
-def rows_per_block(shape: tuple[int, ...], entries: int) -> int:
-    """Rows of a tensor of ``shape`` per block of at most ``entries`` entries, a multiple of the rows that make
-    a whole number of :data:`ALIGN_ENTRIES` entries (so every block starts aligned); all rows when the tensor
-    fits. A 0-dim tensor is one row."""
+def rows_per_block(shape: tuple[int, ...], entries: int, align: int = ALIGN_ENTRIES) -> int:
+    """Rows of a tensor of ``shape`` per block of at most ``entries`` entries (more when one aligned unit is
+    more), a multiple of the rows that make a whole number of ``align`` entries (so every block starts aligned);
+    all rows when the tensor fits. A 0-dim tensor is one row."""
     rows = shape[0] if shape else 1
     row_numel = math.prod(shape[1:]) if shape else 1
     if rows * row_numel <= entries or row_numel == 0:
         return max(rows, 1)
-    unit = ALIGN_ENTRIES // math.gcd(ALIGN_ENTRIES, row_numel)
+    unit = align // math.gcd(align, row_numel)
     return min(rows, max(unit, entries // row_numel // unit * unit))
 
 

@@ -260,8 +260,8 @@ def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: st
     options = {**task.options, "tensor_name": task.output}
     if method.stream_prepare is not None:
         # what the trim's counting pass gathers is held to 12 bytes per block entry (a float32 and an index)
-        source = RowBlocks(job.checkpoints, task.reads, task.shape, rows_per_block(task.shape, entries), device,
-                           gather_bytes=12 * entries)
+        rows = rows_per_block(task.shape, entries, method.stream_align)
+        source = RowBlocks(job.checkpoints, task.reads, task.shape, rows, device, gather_bytes=12 * entries)
         trims = method.stream_prepare(source, task.params, options)
         if trims is not None:
             return trims

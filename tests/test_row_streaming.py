@@ -202,3 +202,23 @@ def test_the_exact_preview_in_row_blocks_sums_to_the_whole_tensor_preview(tmp_pa
         np.testing.assert_allclose(got.merged_norm, expected.merged_norm, rtol=1e-12)
         np.testing.assert_allclose(got.retention, expected.retention, rtol=1e-12)
         np.testing.assert_allclose(got.cosine, expected.cosine, rtol=1e-12)
+
+
+def test_slerp_takes_its_norms_and_cosine_from_passes_over_row_blocks(tmp_path):
+    """A tensor of three of slerp's 2²⁰-entry norm blocks (the last partial), merged from row blocks: the bits
+    of the whole merge, and those of a float64-checked slerp within float32 rounding."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(3000, 1024, generator=g)
+    b = (a + 0.3 * torch.randn(3000, 1024, generator=g)).to(torch.bfloat16)
+    for name, tensor in (("a", a.to(torch.bfloat16)), ("b", b)):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / name / "model.safetensors"))
+    config = {"merge_method": "slerp", "base_model": str(tmp_path / "a"), "parameters": {"t": 0.3},
+              "models": [{"model": str(tmp_path / "b")}], "dtype": "float32"}
+    whole = _merge(config, tmp_path / "whole", 10**12)["model.embed_tokens.weight"]
+    blocks = _merge(config, tmp_path / "blocks", 1)["model.embed_tokens.weight"]
+    assert torch.equal(whole, blocks)
+    x, y = a.to(torch.bfloat16).double().reshape(-1), b.double().reshape(-1)
+    angle = torch.acos((x / x.norm()) @ (y / y.norm()))
+    expected = (torch.sin(0.7 * angle) * x + torch.sin(0.3 * angle) * y) / torch.sin(angle)
+    torch.testing.assert_close(blocks.double().reshape(-1), expected, rtol=1e-4, atol=1e-5)

@@ -79,7 +79,8 @@ class MergeMethod:
       with the bits of ``function``.
     - ``stream_prepare``: ``prepare`` from passes over a block source
       (:class:`~mergescope.merge.magnitude_counts.FlatBlocks`: the inputs read a row range at a time) instead
-      of whole tensors, returning the same trims, or None when these parameters need the whole tensor.
+      of whole tensors, returning the same trims, or None when these parameters need the whole tensor; its
+      source's blocks start on multiples of ``stream_align`` entries.
     """
 
     name: str
@@ -92,6 +93,7 @@ class MergeMethod:
     prepare: Callable[..., list] | None = None
     combine: Callable[..., torch.Tensor] | None = None
     stream_prepare: Callable[..., list | None] | None = None
+    stream_align: int = 1 << 12
 
     def __post_init__(self) -> None:
         if self.base_role not in BASE_ROLES:
@@ -177,7 +179,9 @@ _ALL = [
                             "weighted sum", normalize=False, rescale=True, extra=(_EPSILON,), random=True),
     MergeMethod("slerp", "Spherical interpolation between the base (t=0) and one other model (t=1)", spherical.slerp,
                 (_p("t", low=0.0, doc="interpolation factor; 0 is the base, 1 the other model (above 1 "
-                    "extrapolates); required"),)),
+                    "extrapolates); required"),),
+                prepare=spherical.slerp_prepare, combine=spherical.slerp_combine,
+                stream_prepare=spherical.slerp_stream_prepare, stream_align=spherical.SLERP_BLOCK),
     MergeMethod("nearswap", "Take the other model's value where it is within t of the base", linear.nearswap,
                 (_p("t", low=0.0, doc="similarity threshold; required"),), elementwise=True),
     MergeMethod("model_stock", "Interpolate base and model average by the task vectors' mean cosine",

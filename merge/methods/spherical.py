@@ -31,48 +31,126 @@ karcher (all inputs, equal weights; the base is an ordinary input)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from mergescope.checkpoints.errors import MergescopeError
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
-_BLOCK = 1 << 20
+#: entries per block of slerp's norms and cosine (as mergekit reduces them)
+SLERP_BLOCK = 1 << 20
 
 
 def _where(options: dict) -> str:
     return options.get("tensor_name") or "tensor"
 
 
-def slerp(base, models, params, options, generator=None):
-    """Spherical interpolation from θ_base (t = 0) to θ₁ (t = 1), lerp when |cos| > 0.9995."""
-    import torch
-
+def _check_slerp(base, models, options) -> None:
     if base is None:
         raise MergescopeError("slerp needs a base_model: set base_model in the plan")
     if len(models) != 1:
         raise MergescopeError(
             f"{_where(options)}: slerp merges the base with exactly one other model, got {len(models)}: fix the plan"
         )
-    a, b = base.reshape(-1), models[0].reshape(-1)
-    t = torch.tensor(float(options["t"]), dtype=torch.float32, device=a.device)
-    if a.numel() == 0:
-        return ((1 - t) * a + t * b).reshape(base.shape)
-    blocks = range(0, a.numel(), _BLOCK)
-    # Norms and the dot are reduced per block of 2²⁰ entries and then combined, as mergekit does: the same
-    # rounding, so results agree bit for bit on tensors of any size.
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[i : i + _BLOCK]) for i in blocks]))
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[i : i + _BLOCK]) for i in blocks]))
-    norm_a = torch.where(norm_a > 1e-8, norm_a, 1)
-    norm_b = torch.where(norm_b > 1e-8, norm_b, 1)
-    cosine = torch.stack([
-        ((a[i : i + _BLOCK] / norm_a) * (b[i : i + _BLOCK] / norm_b)).sum() for i in blocks
-    ]).sum().clamp(-1, 1)
+
+
+@dataclass
+class SlerpCoefficients:
+    """slerp's whole-tensor part: θ = coef_a·a + coef_b·b entry by entry (the same for every block)."""
+
+    coef_a: torch.Tensor
+    coef_b: torch.Tensor
+
+    def block(self, start: int, stop: int) -> SlerpCoefficients:
+        return self
+
+
+def slerp_coefficients(norm_a, norm_b, cosine_terms: list, t: float) -> SlerpCoefficients:
+    """The coefficients from the per-block norms of a and b and, given those, the per-block terms of the cosine
+    (:func:`slerp_cosine_terms`)."""
+    import torch
+
+    cosine = torch.stack(cosine_terms).sum().clamp(-1, 1)
+    t = torch.tensor(float(t), dtype=torch.float32, device=cosine.device)
     linear = cosine.abs() > 0.9995
     angle = torch.acos(torch.where(linear, 0, cosine))
     sine = torch.sin(angle)
     coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * angle) / sine)
     coef_b = torch.where(linear, t, torch.sin(t * angle) / sine)
-    return (coef_a * a + coef_b * b).reshape(base.shape)
+    return SlerpCoefficients(coef_a, coef_b)
+
+
+def slerp_norms(block_norms_a: list, block_norms_b: list):
+    """‖a‖ and ‖b‖ (a norm ≤ 1e-8 counts as 1) from the norms of their blocks of :data:`SLERP_BLOCK` entries."""
+    import torch
+
+    norm_a = torch.linalg.vector_norm(torch.stack(block_norms_a))
+    norm_b = torch.linalg.vector_norm(torch.stack(block_norms_b))
+    return torch.where(norm_a > 1e-8, norm_a, 1), torch.where(norm_b > 1e-8, norm_b, 1)
+
+
+def slerp_cosine_term(a_block, b_block, norm_a, norm_b):
+    """One block's term of the cosine: Σ (a/‖a‖)(b/‖b‖) over the block."""
+    return ((a_block / norm_a) * (b_block / norm_b)).sum()
+
+
+def slerp_prepare(base, models, params, options, generator=None) -> list[SlerpCoefficients]:
+    """slerp's coefficients over whole float tensors (any float dtype; blocks converted to float32)."""
+    import torch
+
+    _check_slerp(base, models, options)
+    a, b = base.reshape(-1), models[0].reshape(-1)
+    if a.numel() == 0:
+        t = torch.tensor(float(options["t"]), dtype=torch.float32, device=a.device)
+        return [SlerpCoefficients(1 - t, t)]
+    blocks = range(0, a.numel(), SLERP_BLOCK)
+    # Norms and the dot are reduced per block of 2²⁰ entries and then combined, as mergekit does: the same
+    # rounding, so results agree bit for bit on tensors of any size.
+    norm_a, norm_b = slerp_norms([torch.linalg.vector_norm(a[i : i + SLERP_BLOCK].float()) for i in blocks],
+                                 [torch.linalg.vector_norm(b[i : i + SLERP_BLOCK].float()) for i in blocks])
+    terms = [slerp_cosine_term(a[i : i + SLERP_BLOCK].float(), b[i : i + SLERP_BLOCK].float(), norm_a, norm_b)
+             for i in blocks]
+    return [slerp_coefficients(norm_a, norm_b, terms, options["t"])]
+
+
+def slerp_combine(base, models, coefficients, params, options):
+    """θ = coef_a·a + coef_b·b, entry by entry, in float32."""
+    c = coefficients[0]
+    return c.coef_a * base.float() + c.coef_b * models[0].float()
+
+
+def slerp_stream_prepare(source, params, options, generator=None) -> list[SlerpCoefficients] | None:
+    """:func:`slerp_prepare` from two passes over a block source (the norms, then the cosine's terms): the same
+    bits. Its blocks must start on multiples of :data:`SLERP_BLOCK` entries (the method's ``stream_align``); None
+    when they do not."""
+    import torch
+
+    if len(params) != 1 or source.numel == 0:
+        return None
+    norms_a, norms_b = [], []
+    for start, a, (b,) in source.blocks([0]):
+        if start % SLERP_BLOCK:  # blocks not aligned to the norms' blocks: merge whole
+            return None
+        for i in range(0, a.numel(), SLERP_BLOCK):
+            norms_a.append(torch.linalg.vector_norm(a[i : i + SLERP_BLOCK].float()))
+            norms_b.append(torch.linalg.vector_norm(b[i : i + SLERP_BLOCK].float()))
+    norm_a, norm_b = slerp_norms(norms_a, norms_b)
+    terms = []
+    for _, a, (b,) in source.blocks([0]):
+        for i in range(0, a.numel(), SLERP_BLOCK):
+            terms.append(slerp_cosine_term(a[i : i + SLERP_BLOCK].float(), b[i : i + SLERP_BLOCK].float(),
+                                           norm_a, norm_b))
+    return [slerp_coefficients(norm_a, norm_b, terms, options["t"])]
+
+
+def slerp(base, models, params, options, generator=None):
+    """Spherical interpolation from θ_base (t = 0) to θ₁ (t = 1), lerp when |cos| > 0.9995."""
+    coefficients = slerp_prepare(base, models, params, options)
+    return slerp_combine(base, models, coefficients, params, options).reshape(base.shape)
 
 
 def _great_arc(t: float, v0, v1, *, flatten: bool, row_wise: bool):
