@@ -34,6 +34,7 @@ from mergescope.checkpoints.read_ahead import read_ahead
 from mergescope.checkpoints.read_buffers import ReadBuffers
 from mergescope.checkpoints.row_blocks import (
     DEFAULT_MEMORY_BUDGET,
+    RUNTIME_BYTES,
     block_entries,
     parse_size,
     row_ranges,
@@ -140,7 +141,10 @@ def run_merge(
     allow_non_finite = allow_non_finite if allow_non_finite is not None else options.get("allow_non_finite", False)
     shard = max_shard_bytes or parse_size(options.get("shard_size", DEFAULT_MAX_SHARD_BYTES), "shard_size")
     budget = parse_size(memory_budget or options.get("memory_budget", DEFAULT_MEMORY_BUDGET), "memory_budget")
-    entries = block_entries(budget, bytes_per_entry(job, prefetch))
+    per_entry = bytes_per_entry(job, prefetch)
+    entries = block_entries(budget, per_entry)
+    # what a first pass may gather (TIES' entries between its brackets): what the blocks leave of the budget
+    gather = max(12 * entries, int(budget - RUNTIME_BYTES - entries * per_entry))
     units = plan_blocks(job, entries)
     keep_freed_memory()
     specs = [TensorSpec(task.output, job.out_dtype, task.shape) for task in job.tasks]
@@ -194,7 +198,7 @@ def run_merge(
                                           out_dtype=job.out_dtype, pool=pool)
                 else:
                     if unit.start == 0:
-                        trims = whole_tensor_trims(job, task, entries, device, seed)
+                        trims = whole_tensor_trims(job, task, entries, device, seed, gather)
                     row_numel = task.numel // task.shape[0]
                     merged = merge_rows(job.method, task, tensors, first_entry=unit.start * row_numel, trims=trims,
                                         seed=seed, device=device, out_dtype=job.out_dtype, pool=pool)
@@ -247,7 +251,8 @@ def _unblocked(buffers: ReadBuffers, sets: int) -> Iterator[None]:
             buffers.give_back([None] * buffers.slots)
 
 
-def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: str, seed: int) -> list | None:
+def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: str, seed: int,
+                       gather_bytes: int | None = None) -> list | None:
     """A block-merged tensor's whole-tensor trims: None for an elementwise method; else from the method's
     streamed first pass over row blocks (TIES' thresholds and tie cuts), or, where the method cannot stream
     these parameters, from ``prepare`` on the whole inputs (DARE's draws, DELLA's ranks, L1 rescale factors:
@@ -259,9 +264,10 @@ def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: st
         return None
     options = {**task.options, "tensor_name": task.output}
     if method.stream_prepare is not None:
-        # what the trim's counting pass gathers is held to 12 bytes per block entry (a float32 and an index)
+        # what the trim's counting pass gathers: by default 12 bytes per block entry (a float32 and an index)
         rows = rows_per_block(task.shape, entries, method.stream_align)
-        source = RowBlocks(job.checkpoints, task.reads, task.shape, rows, device, gather_bytes=12 * entries)
+        source = RowBlocks(job.checkpoints, task.reads, task.shape, rows, device,
+                           gather_bytes=gather_bytes or 12 * entries)
         trims = method.stream_prepare(source, task.params, options)
         if trims is not None:
             return trims
