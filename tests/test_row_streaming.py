@@ -222,3 +222,20 @@ def test_slerp_takes_its_norms_and_cosine_from_passes_over_row_blocks(tmp_path):
     angle = torch.acos((x / x.norm()) @ (y / y.norm()))
     expected = (torch.sin(0.7 * angle) * x + torch.sin(0.3 * angle) * y) / torch.sin(angle)
     torch.testing.assert_close(blocks.double().reshape(-1), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_a_nan_in_a_late_block_stops_the_merge_cleanly(tmp_path, method):
+    """The error names the model and tensor; the reader waiting for a buffer set is released, nothing is left."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4096, 64, generator=g)
+    tuned = base + 0.01 * torch.randn(4096, 64, generator=g)
+    tuned[4000, 3] = float("nan")
+    for name, tensor in (("base", base), ("ft", tuned)):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / name / "model.safetensors"))
+    config = {"merge_method": method, "base_model": str(tmp_path / "base"),
+              "models": [{"model": str(tmp_path / "ft"), "parameters": {"weight": 1.0, "density": 0.5}}]}
+    with pytest.raises(MergescopeError, match="ft: tensor model.embed_tokens.weight has 1 NaN/Inf"):
+        _merge(config, tmp_path / "out", 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "out.yml"]
