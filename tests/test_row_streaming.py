@@ -239,3 +239,19 @@ def test_a_nan_in_a_late_block_stops_the_merge_cleanly(tmp_path, method):
     with pytest.raises(MergescopeError, match="ft: tensor model.embed_tokens.weight has 1 NaN/Inf"):
         _merge(config, tmp_path / "out", 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "out.yml"]
+
+
+def test_cli_memory_budget_option(tmp_path, wide_paths, capsys):
+    from mergescope.tui.cli.main import main
+
+    config = {"merge_method": "task_arithmetic", "base_model": wide_paths["bbase"],
+              "models": [{"model": wide_paths["bft_a"], "parameters": {"weight": 0.5}}]}
+    plan = str(_write(tmp_path / "plan.yml", config))
+    assert main(["merge", plan, "-o", str(tmp_path / "bad"), "--device", "cpu", "--memory-budget", "lots"]) == 2
+    assert "memory_budget 'lots': use bytes or a size like 1.5GB" in capsys.readouterr().err
+    assert main(["merge", plan, "-o", str(tmp_path / "small"), "--device", "cpu", "--memory-budget", "1KB"]) == 0
+    assert main(["merge", plan, "-o", str(tmp_path / "large"), "--device", "cpu", "--memory-budget", "8GB"]) == 0
+    small, large = (load_file(tmp_path / name / "model.safetensors") for name in ("small", "large"))
+    assert small.keys() == large.keys() and all(torch.equal(small[name], large[name]) for name in large)
+    assert main(["analyze", wide_paths["bbase"], wide_paths["bft_a"], "--no-cache", "--device", "cpu",
+                 "--memory-budget", "1KB", "--json", str(tmp_path / "a.json")]) == 0
