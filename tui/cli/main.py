@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="replace an existing output folder")
     merge.add_argument("--dry-run", action="store_true", help="resolve the plan and print what would happen")
     merge.add_argument("--allow-non-finite", action="store_true", help="merge even when inputs hold NaN/Inf")
+    merge.add_argument("--allow-eval-cmd", action="store_true",
+                       help="run the program the plan names (mergescope.greedy_soup.eval_cmd); without it, a plan "
+                       "that names one is refused before anything runs")
     merge.set_defaults(handler=_command("merge", "run_merge_command"))
 
     soup = commands.add_parser(

@@ -14,6 +14,7 @@ from mergescope.checkpoints import check_output_folder, layer_group
 from mergescope.merge.executor import MergeProgress, run_merge
 from mergescope.merge.job import MergeJob, build_job
 from mergescope.merge.plan import load_plan
+from mergescope.merge.plan_commands import ALLOW_FLAG, check_commands_allowed, plan_commands
 from mergescope.tui.formatting import human_bytes
 
 from .signals import Terminated, sigterm_raises, stopped
@@ -22,6 +23,8 @@ from .soup import run_plan_soup
 
 def run_merge_command(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
+    if not args.dry_run:  # a plan is data: the programs it names run only when allowed (before anything else)
+        check_commands_allowed(plan, allowed=args.allow_eval_cmd)
     if plan.options.get("greedy_soup") and not args.dry_run:
         return run_plan_soup(plan, args)  # choose the soup's ingredients first (see merge/soup.py)
     job = build_job(plan)
@@ -30,8 +33,10 @@ def run_merge_command(args: argparse.Namespace) -> int:
     check_output_folder(out, job.checkpoints.values(), overwrite=args.force or args.dry_run)
     if args.dry_run:
         print_dry_run(job, out, Console())
-        if plan.options.get("greedy_soup"):
-            Console().print("greedy_soup: the eval command picks which of these models join the soup")
+        for command in plan_commands(plan):
+            Console(highlight=False).print(
+                f"{command.key}: the plan would run {command.command!r} to pick which of these models join the "
+                f"soup (only with {ALLOW_FLAG})", markup=False, soft_wrap=True)
         return 0
     return _execute(job, out, args, Console(stderr=True))
 
