@@ -127,6 +127,9 @@ def test_the_tui_runs_a_soup_plan_without_its_program(tmp_path, models, monkeypa
             await wait_for_analysis(app, pilot)
             await pilot.press("r")
             await pilot.pause(0.2)
+            shown = [line.text for line in app.screen.query_one("#run-log").lines]
+            expected = f"not run: mergescope.greedy_soup.eval_cmd {hostile_command(marker)!r}"
+            assert " ".join(" ".join(shown).split()).startswith(" ".join(expected.split()))
             await pilot.press("ctrl+g")
             for _ in range(400):
                 await pilot.pause(0.05)

@@ -28,6 +28,7 @@ from mergescope.demo.evaluate import evaluate
 from mergescope.merge import executor
 from mergescope.merge.job import build_job
 from mergescope.merge.plan import parse_plan
+from mergescope.merge.plan_commands import ALLOW_FLAG, plan_commands
 from mergescope.tui.widgets.run.diagnosis_view import DiagnosisView
 from mergescope.tui.widgets.run.merge_progress import MergeProgressPanel
 
@@ -133,6 +134,19 @@ class RunScreen(Screen):
         self.sub_title = "run the plan"
         self.query_one("#run-panel").display = False
         self.query_one("#run-output").focus()
+        self._say_what_is_not_run()
+
+    def _say_what_is_not_run(self) -> None:
+        """A plan is data: the app never runs a program the plan names; say so, with the exact command."""
+        try:
+            commands = plan_commands(parse_plan(self.plan_text, source="plan builder"))
+        except MergescopeError:
+            return  # the merge reports the plan's problems when it starts
+        for command in commands:
+            self.query_one(RichLog).write(
+                f"not run: {command.key} {command.command!r} — the app never runs a plan's programs and merges every "
+                f"model listed; `mergescope merge PLAN.yml {ALLOW_FLAG}` runs the selection"
+            )
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.action_start()
