@@ -10,6 +10,7 @@ fetches one tensor when asked. Subclasses differ only in where bytes come from: 
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -106,18 +107,14 @@ class Checkpoint(ABC):
 
     @cached_property
     def fingerprint(self) -> str:
-        """Identifies this checkpoint's contents for caches: every weight file's path, size and mtime."""
+        """Identifies this checkpoint's contents for caches: every weight file's :func:`file_identity`."""
         digest = hashlib.sha256(self.kind.encode())
         for part in self._fingerprint_parts():
             digest.update(part.encode() + b"\0")
         return digest.hexdigest()[:32]
 
     def _fingerprint_parts(self) -> list[str]:
-        parts = []
-        for path in self.files:
-            st = path.stat()
-            parts.append(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}")
-        return parts
+        return [file_identity(path) for path in self.files]
 
     # --- reading --------------------------------------------------------------------------------------
     def read(
@@ -253,3 +250,26 @@ def _load_weights_only(path: Path) -> dict:
     ):
         raise CheckpointError(f"{path}: expected a mapping of tensor names to tensors")
     return state
+
+
+#: how many bytes at each end of a weight file its identity hashes (the header, and the last tensor's tail)
+IDENTITY_SAMPLE_BYTES = 1 << 16
+
+
+def file_identity(path: Path) -> str:
+    """What tells one version of a weight file from another without reading it all: its resolved path, size,
+    modification time, inode and inode change time (``st_ctime``, which every write updates and which, unlike
+    the modification time, cannot be set back), and a SHA-256 of its first and last 64 KiB (the safetensors
+    header with every name, shape and offset, and the last tensor's tail), for file systems whose times are
+    coarse. A file rewritten in place with the same size and modification time gets another identity."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            digest = hashlib.sha256(f.read(IDENTITY_SAMPLE_BYTES))
+            if st.st_size > IDENTITY_SAMPLE_BYTES:
+                f.seek(max(IDENTITY_SAMPLE_BYTES, st.st_size - IDENTITY_SAMPLE_BYTES))
+                digest.update(f.read(IDENTITY_SAMPLE_BYTES))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    times = f"{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_dev}:{st.st_ino}"
+    return f"{Path(path).resolve()}|{st.st_size}|{times}|{digest.hexdigest()[:32]}"

@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, file_identity
 from .dtypes import torch_dtype
 from .errors import CheckpointError
 from .model_files import ModelConfig, model_files_in, read_json, tokenizer_fingerprint
@@ -189,8 +189,7 @@ class LoraCheckpoint(Checkpoint):
         return list(files.values())
 
     def _fingerprint_parts(self) -> list[str]:
-        st = self.adapter.weights_file.stat()
-        return [self._base.fingerprint, f"{self.adapter.weights_file.resolve()}|{st.st_size}|{st.st_mtime_ns}"]
+        return [self._base.fingerprint, file_identity(self.adapter.weights_file)]
 
     def _read(self, spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.Tensor:
         import torch
