@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint, SafetensorsCheckpoint, TorchBinCheckpoint
 from .errors import CheckpointError
 from .hub import parse_hub_id, resolve_hub_id
 from .lora import ADAPTER_CONFIG, LoraAdapter, LoraCheckpoint
-from .model_files import read_json
+from .model_files import checkpoint_roots, read_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -112,7 +112,7 @@ def _index_weight_map(index_path: Path) -> dict[str, Path]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: has no weight_map (tensor name → shard file)")
     folder = index_path.parent.resolve()
-    allowed = [folder, *_hub_blob_folder(index_path.parent)]
+    allowed = checkpoint_roots(index_path.parent)
     resolved: dict[str, Path] = {}
     shards: dict[str, Path] = {}
     for tensor, shard in weight_map.items():
@@ -122,13 +122,6 @@ def _index_weight_map(index_path: Path) -> dict[str, Path]:
             shards[shard] = _shard_inside(index_path, folder, allowed, shard)
         resolved[tensor] = shards[shard]
     return resolved
-
-
-def _hub_blob_folder(folder: Path) -> list[Path]:
-    """In a hub cache snapshot (``models--org--name/snapshots/REV``), files link into ``../../blobs``."""
-    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
-        return [(folder.parent.parent / "blobs").resolve()]
-    return []
 
 
 def _shard_inside(index_path: Path, folder: Path, allowed: list[Path], shard: str) -> Path:

@@ -27,6 +27,9 @@ TOP_LEVEL_KEYS = {
     "tokenizer_source", "tokenizer", "chat_template", "modules", "mergescope",
 }
 MERGESCOPE_KEYS = {"seed": int, "device": str, "shard_size": (int, str), "allow_non_finite": bool, "greedy_soup": dict}
+#: what a plan asking for a model's own code (mergekit's --trust-remote-code) is told
+NO_REMOTE_CODE = ("trust_remote_code is not supported: mergescope reads weights, config and tokenizer files as data "
+                  "and never fetches or runs a model's own code; remove it")
 #: the plan's file in a merged folder, as mergekit writes it (and mergescope, beside the weights)
 PLAN_FILE_NAME = "mergekit_config.yml"
 #: the names a merged folder's plan may have (mergekit reads either)
@@ -138,7 +141,9 @@ def _build(document: object, problems: PlanProblems) -> MergePlan | None:
         problems.add(0, "a plan is a YAML mapping with at least merge_method and models (or slices)")
         return None
     for key in document:
-        if key not in TOP_LEVEL_KEYS:
+        if key == "trust_remote_code":
+            problems.add(document.line_of(key), NO_REMOTE_CODE)
+        elif key not in TOP_LEVEL_KEYS:
             problems.add(document.line_of(key), f"unknown key {key!r} (known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
     method_name = document.get("merge_method")
     method = METHODS.get(method_name) if isinstance(method_name, str) else None
@@ -336,6 +341,8 @@ def _mergescope_options(document: LinedDict, problems: PlanProblems) -> dict:
             options[key], found = greedy_soup_options(value, document, block.line_of(key))
             for line, message in found:
                 problems.add(line, message)
+        elif key == "trust_remote_code":
+            problems.add(block.line_of(key), NO_REMOTE_CODE)
         elif expected is None:
             known = ", ".join(sorted(MERGESCOPE_KEYS))
             problems.add(block.line_of(key), f"unknown mergescope option {key!r} (known: {known})")
