@@ -54,8 +54,9 @@ def load_yaml(text: str, source: str) -> object:
     """Parse YAML; a syntax error is one :class:`MergescopeError` citing ``source:line:column``, and so is a
     document nested deeper than the parser goes or expanding (through aliases) to over
     :data:`MAX_PLAN_VALUES` values."""
-    loader = _LineLoader(text)
+    loader = None
     try:
+        loader = _LineLoader(text)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -70,7 +71,8 @@ def load_yaml(text: str, source: str) -> object:
     except RecursionError:
         raise MergescopeError(f"{source}: nested too deeply to be a plan") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _check_size(root: yaml.Node, source: str) -> None:
