@@ -13,13 +13,17 @@ removed.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
 from pathlib import Path
 
 from .errors import CheckpointError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock, and so no clean-up of leftovers either
+    fcntl = None
 
 #: how a writer names its temporary folder: ``prefix`` + 8 random characters (tempfile's) + ``suffix``
 PARTIAL_SUFFIX = ".partial"
@@ -57,11 +61,13 @@ class OutputLock:
 
     def _try_acquire(self) -> int | None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as exc:
             raise CheckpointError(
                 f"{self.out}: cannot create the lock {self.path.name}: {exc.strerror or exc}"
             ) from None
+        if fcntl is None:  # pragma: no cover - Windows
+            return fd
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -84,6 +90,8 @@ class OutputLock:
 
     def remove_leftovers(self) -> list[Path]:
         """Remove the temporary folders of dead writers of this output (see the module docstring)."""
+        if fcntl is None:  # pragma: no cover - Windows: without a lock, another writer may be alive
+            return []
         found = leftovers(self.out)
         for folder in found:
             shutil.rmtree(folder, ignore_errors=True)
