@@ -132,3 +132,18 @@ def open_for_reading(path: str | Path) -> tuple[dict, list[Trial]]:
             db.close()
     except (sqlite3.Error, json.JSONDecodeError, TypeError) as exc:
         raise MergescopeError(f"{path}: not a mergescope search file ({exc})") from None
+
+
+def best_so_far(trials: list[Trial]) -> list[float]:
+    """The best score after each scored trial, in the order they finished (the search's progress curve)."""
+    curve: list[float] = []
+    for trial in trials:
+        if trial.status == "ok" and trial.score is not None:
+            curve.append(trial.score if not curve else max(curve[-1], trial.score))
+    return curve
+
+
+def best_trial(trials: list[Trial]) -> Trial | None:
+    """The highest-scoring trial (ties: the lower number); None before any was scored."""
+    scored = [t for t in trials if t.status == "ok" and t.score is not None]
+    return min(scored, key=lambda t: (-t.score, t.number)) if scored else None

@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect",
         help="open the interactive terminal UI",
-        description="Open the TUI on BASE MODEL..., on a plan (PLAN.yml) or on a merged folder.",
+        description="Open the TUI on BASE MODEL..., on a plan (PLAN.yml), on a merged folder or on a search file "
+        "(SEARCH.db, written by mergescope tune; it follows a search that is still running).",
     )
     inspect.add_argument("targets", metavar="TARGET", nargs="+")
     inspect.add_argument("--base", metavar="BASE",
