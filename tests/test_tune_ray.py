@@ -8,9 +8,14 @@ runs it (SIGKILL to its parent), once: Ray must retry that candidate.
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import sqlite3
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +128,45 @@ def test_threads_ask_the_same_candidates_as_ray(ray_search):
     on_ray, on_threads = trials(folder / "ray.best.search.db"), trials(folder / "threads.best.search.db")
     assert [r[:4] for r in on_threads] == [r[:4] for r in on_ray]
     assert {r[4] for r in on_threads} == {"local"}
+
+
+def test_interrupt_cancels_running_trials_and_removes_scratch(cluster, tmp_path):
+    folder, _, _ = make_setup(tmp_path)
+    slow = folder / "slow.py"
+    slow.write_text("import os, sys, time\n"
+                    f"open({str(folder / 'started')!r}, 'a').write(str(os.getpid()) + '\\n')\n"
+                    "time.sleep(120)\nprint(1)\n")
+    eval_cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(slow))} {{model}}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mergescope.tui.cli.main", *tune_argv(folder, eval_cmd, "best.yml", "--ray",
+                                                                     cluster.address, "--scratch",
+                                                                     str(folder / "scratch"))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(started := _lines(folder / "started")) < 2:  # one candidate running on each node
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    assert len(list((folder / "scratch").glob("mergescope-search-*/*"))) == 2  # two merged candidates on disk
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted: 0 of 16 candidates finished" in stderr and "Traceback" not in stderr
+    assert not list((folder / "scratch").glob("mergescope-search-*"))  # every node's scratch removed
+    for pid in map(int, started):  # the running evaluations were killed, not left sleeping
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)
+    assert not (folder / "best.yml").exists() and trials(folder / "best.search.db") == []
+
+
+def _lines(path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"

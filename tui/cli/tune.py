@@ -128,7 +128,7 @@ def print_results(console: Console, results: list[TuneResult], variables: list[V
     """The results table (scored candidates best first, then invalid and failed ones), then one line per
     distinct reason a candidate was not scored, naming the candidates."""
     table = Table(title="Candidates by score", header_style="bold", title_justify="left")
-    table.add_column("#", justify="right")
+    table.add_column("#", justify="right", no_wrap=True, min_width=len(str(len(results))))
     for label in column_labels(variables):
         table.add_column(escape(label), justify="right", no_wrap=True, min_width=min(len(label), 24))
     ray = any(r.node != "local" for r in results)
