@@ -127,12 +127,14 @@ def test_search(snap_compare, workspace, tmp_path, size):
     app = MergescopeApp(open_session(["search.db"]), device="cpu", use_cache=False)
 
     async def previewed(pilot) -> None:
+        from mergescope.tui.plan_preview import RELATIVE_NORM
         from mergescope.tui.screens.search_screen import SearchScreen
 
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (
+        while time.monotonic() < deadline and not (  # the exact preview made after the analysis finished
             isinstance(pilot.app.screen, SearchScreen)
             and "exact" in static_text(pilot.app.screen.query_one("#best-preview-status"))
+            and pilot.app.screen.query_one("#best-preview").norm_heading == RELATIVE_NORM
         ):
             await pilot.pause(0.05)
         await pilot.pause(0.2)

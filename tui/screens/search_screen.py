@@ -57,6 +57,7 @@ class BestPreviewUpdated(Message):
     """The best plan's preview has more rows (sampled, then exact)."""
 
     number: int  # the candidate previewed
+    cancel: threading.Event  # the preview's own; set once a newer one superseded it
     status: str
     names: list[str]
     rows: list[Row]
@@ -92,6 +93,12 @@ class SearchScreen(Screen):
         self.sub_title = f"search {self.path.name}"
         self.poll()
         self.set_interval(POLL_S, self.poll)
+        self.app.analysis_changed.subscribe(self, self._analysis_changed)
+
+    def _analysis_changed(self, report: dict) -> None:
+        """The analysis finished: preview the best plan again, now in units of ‖θ₀‖."""
+        if self.app.state.analysis_done and self.read is not None:
+            self._preview(best_trial(self.read.trials))
 
     @work(thread=True, exclusive=True, group="search-poll")
     def poll(self) -> None:
@@ -118,10 +125,15 @@ class SearchScreen(Screen):
                            f"eval: {settings.get('eval_cmd', '')}", style="dim"))
         best = best_trial(trials)
         if best is not None and best.number != self.previewed:
-            self.previewed = best.number
-            self._cancel.set()
-            self._cancel = threading.Event()
-            self.preview_best(best, self._cancel)
+            self._preview(best)
+
+    def _preview(self, best: Trial | None) -> None:
+        if best is None:
+            return
+        self.previewed = best.number
+        self._cancel.set()
+        self._cancel = threading.Event()
+        self.preview_best(best, self._cancel)
 
     @work(thread=True, exclusive=True, group="best-preview")
     def preview_best(self, best: Trial, cancel: threading.Event) -> None:
@@ -130,13 +142,13 @@ class SearchScreen(Screen):
             for status, names, rows, _warnings, heading in preview_rows(self.app.state, plan, cancel):
                 if cancel.is_set():
                     return
-                self.post_message(BestPreviewUpdated(best.number, status, names, rows, heading))
+                self.post_message(BestPreviewUpdated(best.number, cancel, status, names, rows, heading))
         except (MergescopeError, ValueError) as exc:
             if not cancel.is_set():
-                self.post_message(BestPreviewUpdated(best.number, f"no preview: {exc}", [], [], ""))
+                self.post_message(BestPreviewUpdated(best.number, cancel, f"no preview: {exc}", [], [], ""))
 
     def on_best_preview_updated(self, message: BestPreviewUpdated) -> None:
-        if message.number != self.previewed:
+        if message.number != self.previewed or message.cancel.is_set():  # a newer preview is on its way
             return
         self.query_one("#best-preview-status", Static).update(
             Text(f"#{message.number} · {message.status}", style="green" if "exact" in message.status else "yellow"))
