@@ -129,7 +129,7 @@ class RayEngine:
         except ray.exceptions.RayError as exc:  # the worker died (after its retries) or the task was cancelled
             reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             return TuneResult(candidate, "failed", None, time.perf_counter() - submitted,
-                              f"Ray task failed: {type(exc).__name__}: {reason}"[:300])
+                              f"Ray task failed: {type(exc).__name__}: {reason}"[:300], node="?")  # node unknown
 
     def _cancel(self, ray, pending: list) -> None:
         for ref in pending:

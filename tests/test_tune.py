@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from builders import llama_config, llama_state, write_model
 from eval_scripts import distance_eval_command
@@ -111,6 +113,20 @@ def test_parse_vary_lists_and_paths():
 def test_parse_vary_errors(spec, message):
     with pytest.raises(MergescopeError, match=message):
         parse_vary(spec)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab.0123456789=:,-e ", max_size=24))
+def test_parse_vary_accepts_or_refuses_in_one_line(spec):
+    """Any --vary text is a variable or a one-line MergescopeError, never another exception."""
+    try:
+        variable = parse_vary(spec)
+    except MergescopeError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert variable.continuous == (not variable.values)
+    if variable.continuous:
+        assert variable.bounds[0] < variable.bounds[1]
 
 
 def test_set_path_creates_keys_and_refuses_bad_paths():
@@ -233,6 +249,13 @@ def test_two_jobs_give_the_results_of_one(setup):
     (["--vary", "w=1", "--vary", "w=2"], "given twice"),
     (["--vary", W_A, "--jobs", "0"], "--jobs 0"),
     (["--vary", W_A, "--random", "0"], "--random 0"),
+    (["--vary", "models.0.parameters.weight=0:1"], "--strategy random or --strategy cma"),
+    (["--vary", W_A, "--strategy", "cma"], "ranges only"),
+    (["--vary", "models.0.parameters.weight=0:1", "--strategy", "cma", "--layer-granularity", "0"],
+     "--layer-granularity 0"),
+    (["--vary", "models.0.parameters.weight=0:1", "--strategy", "cma", "--budget", "0"], "--budget 0"),
+    (["--vary", W_A, "--random", "3", "--strategy", "cma"], "--random belongs to --strategy random"),
+    (["--vary", W_A, "--resume"], "no search file to resume"),
 ])
 def test_cli_errors_are_one_line(setup, capsys, argv_tail, message):
     folder, _, eval_cmd = setup

@@ -170,3 +170,22 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def test_a_trial_whose_worker_dies_without_retries_is_recorded_and_the_search_goes_on(cluster, tmp_path):
+    folder, _, eval_cmd = make_setup(tmp_path)
+    counting = counting_eval_command(folder, eval_cmd)
+    argv = tune_argv(folder, counting, "best.yml", "--ray", cluster.address, "--retries", "0", "--budget", "8")
+    assert main(argv) == 0
+    with sqlite3.connect(folder / "best.search.db") as db:
+        rows = db.execute("SELECT status, message FROM trials ORDER BY number").fetchall()
+    assert len(rows) == 8 and calls(folder) == 8  # the killed candidate was not run again
+    failed = [message for status, message in rows if status == "failed"]
+    assert len(failed) == 1 and "Ray task failed" in failed[0] and [s for s, _ in rows].count("ok") == 7
+    assert [node for (status, _), node in zip(rows, nodes(folder)) if status == "failed"] == ["?"]
+    assert (folder / "best.yml").exists()
+
+
+def nodes(folder) -> list[str]:
+    with sqlite3.connect(folder / "best.search.db") as db:
+        return [row[0] for row in db.execute("SELECT node FROM trials ORDER BY number")]
