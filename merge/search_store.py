@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS trials (
 );
 """
 #: settings that may change between a search and its --resume (the rest must match)
-RESUMABLE = frozenset({"budget"})
+RESUMABLE = frozenset({"budget", "output", "plan_path"})
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""``mergescope tune PLAN.yml --eval-cmd CMD --vary KEY=VALUES ...``: search a plan's parameters."""
+"""``mergescope tune PLAN.yml --eval-cmd CMD --vary KEY=VALUES ...``: search a plan's parameters — a grid, a
+seeded random sample or CMA-ES (:mod:`mergescope.merge.search_strategy`), on threads of this process or as Ray
+tasks (:mod:`mergescope.merge.ray_trials`), every candidate recorded in a SQLite search file
+(:mod:`mergescope.merge.search_store`) that ``--resume`` continues."""
 
 from __future__ import annotations
 
