@@ -122,7 +122,7 @@ def _search(strategy, document: dict, variables: list[Variable], best_path: Path
     nodes = len({r.node for r in results if not r.resumed})
     console.print(f"best: {values} · score {best.score:.6g} · {len(results)} candidates"
                   f"{f' ({resumed} from the search file)' if resumed else ''} in {seconds:.1f} s"
-                  f"{f' on {nodes} Ray nodes' if args.ray is not None else ''}", soft_wrap=True)
+                  f"{f' on {nodes} Ray node(s)' if args.ray is not None and nodes else ''}", soft_wrap=True)
     console.print(f"[green]wrote {best_path}[/] (every candidate: {store.path})", soft_wrap=True)
     return 0
 
