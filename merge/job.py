@@ -135,7 +135,7 @@ def _line_of(plan: MergePlan, ref: str) -> int:
     return 0
 
 
-def _layer_count(checkpoint: Checkpoint) -> int:
+def layer_count(checkpoint: Checkpoint) -> int:
     if checkpoint.config.num_layers is not None:
         return checkpoint.config.num_layers
     indices = [layer_index(g) for g in checkpoint.groups() if layer_index(g) is not None]
@@ -201,7 +201,7 @@ def _model_tasks(plan: MergePlan, opened, reference: Checkpoint, problems: PlanP
     others = [e for e in entries if e.model != base_ref]
     if method.base_role == "input" and plan.base_model and plan.base_model not in {e.model for e in entries}:
         others.append(ModelEntry(plan.base_model, {}, 0))  # mergekit merges the base like any model
-    layers = _layer_count(reference)
+    layers = layer_count(reference)
     line_of = lambda ref: _line_of(plan, ref)  # noqa: E731
     tasks = []
     for group_tensors in reference.groups().values():
@@ -224,7 +224,7 @@ def _slice_tasks(plan: MergePlan, opened, reference: Checkpoint, problems: PlanP
     line_of = lambda ref: _line_of(plan, ref)  # noqa: E731
     for output_slice in slices:
         for source in output_slice.sources:
-            available = _layer_count(opened[source.model])
+            available = layer_count(opened[source.model])
             if source.layer_range[1] > available:
                 problems.add(
                     source.line, f"layer_range {list(source.layer_range)} goes past {source.model}'s {available} layers"

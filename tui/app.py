@@ -37,6 +37,7 @@ from mergescope.tui.screens.run_screen import (
     MergeStarted,
     RunScreen,
 )
+from mergescope.tui.screens.search_screen import SearchScreen
 from mergescope.tui.session import Session
 from mergescope.tui.state import BASE_KEY, AppState
 
@@ -92,6 +93,8 @@ class MergescopeApp(App):
             self.action_plan()
         elif session.start == "diagnosis":
             self.action_diagnose(session.merged_dir)
+        elif session.start == "search":
+            self.push_screen(SearchScreen(session.search_path))
 
     @work(thread=True, exclusive=True, group="analysis")
     def run_analysis(self) -> None:

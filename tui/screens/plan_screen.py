@@ -80,9 +80,12 @@ class PlanScreen(Screen):
         Binding("r", "run", "Run"),
     ]
 
-    def __init__(self, plan_path: Path | None = None) -> None:
+    def __init__(self, plan_path: Path | None = None, *, plan: MergePlan | None = None) -> None:
+        """``plan_path``: the plan to open (and where ``s`` saves); ``plan``: open this plan instead of reading
+        ``plan_path`` (a search's best candidate, saved only when asked)."""
         super().__init__()
         self.plan_path = plan_path
+        self.plan = plan
         self.form: PlanForm | None = None
         self._timer = None
         self._cancel = threading.Event()
@@ -138,8 +141,8 @@ class PlanScreen(Screen):
         state = self.app.state
         session = state.session
         rows = [ModelRow(ref, name) for ref, name in zip(self._references()[1:], state.names)]
-        if self.plan_path is not None:
-            form = from_plan(load_plan(self.plan_path), rows)
+        if self.plan is not None or self.plan_path is not None:
+            form = from_plan(self.plan or load_plan(self.plan_path), rows)
             form.output = f"{Path(self.plan_path).stem}-merged"
             return form
         # models that failed a compatibility check (another base, vocabulary, tokenizer, architecture), and those
