@@ -148,7 +148,7 @@ class MergescopeApp(App):
         self.scores_changed.publish(self.state.demo_scores)
 
     def on_plan_validated(self, message: PlanValidated) -> None:
-        self.state.plan_text = message.plan_text
+        self.state.plan_text, self.state.plan_output = message.plan_text, message.output
 
     def on_merge_started(self, message: MergeStarted) -> None:
         self.state.merge_cancel = message.cancel
@@ -183,7 +183,7 @@ class MergescopeApp(App):
             self.notify("build a plan first: p opens the plan builder", severity="warning")
             self.action_plan()
             return
-        self.push_screen(RunScreen(self.state.plan_text))
+        self.push_screen(RunScreen(self.state.plan_text, self.state.plan_output))
 
     def action_filter_tensors(self) -> None:
         """Every tensor of the model, filtered by name as you type."""

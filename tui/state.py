@@ -48,6 +48,8 @@ class AppState:
     # --- plans and merges ---------------------------------------------------------------------------------
     #: the plan builder's last valid plan (mergekit YAML), what ``r`` runs from another screen
     plan_text: str | None = None
+    #: the plan builder's output folder for that plan, where ``r`` merges it from any screen
+    plan_output: str = "merged"
     #: the running merge's cancel flag (setting it stops the merge between tensors); None while none runs
     merge_cancel: threading.Event | None = None
     #: the output folder of the last merge that finished in the app, what ``d`` diagnoses

@@ -88,6 +88,11 @@ class MergeScoringFailed(Message):
     error: str
 
 
+#: what to press after a failed run (the form is shown again)
+RETRY_HINT = ("change the output folder, or Tab to “replace the output folder” and Space to tick it, "
+              "then Ctrl+G · Escape: back to the plan")
+
+
 def device_options() -> list[tuple[str, str]]:
     """auto, cpu and every visible CUDA device."""
     options = [("auto (the GPU when there is one)", "auto"), ("cpu", "cpu")]
@@ -138,7 +143,7 @@ class RunScreen(Screen):
         self.action_start()
 
     def action_start(self) -> None:
-        if self.phase != "confirm":
+        if self.phase not in ("confirm", "failed"):
             return
         if self.app.state.merging:
             self.notify("a merge is already running", severity="warning")
@@ -149,6 +154,7 @@ class RunScreen(Screen):
         self.phase = "running"
         self.query_one("#run-form").display = False
         self.query_one("#run-panel").display = True
+        self.query_one(MergeProgressPanel).reset()
         self.query_one(RichLog).write(f"merging into {output} on {device}")
         self.post_message(MergeStarted(output, self.cancel))
         self.run_merge(output, device, force)
@@ -157,6 +163,8 @@ class RunScreen(Screen):
     def run_merge(self, output: Path, device: str, force: bool) -> None:
         try:
             job = build_job(parse_plan(self.plan_text, source="plan builder"))
+            if output.is_dir() and any(output.iterdir()) and not force:
+                raise MergescopeError(f"{output}: folder exists and is not empty")
             check_output_folder(output, job.checkpoints.values(), overwrite=force)
             written = executor.run_merge(job, output, device=device, overwrite=force, cancel=self.cancel,
                                          on_event=lambda progress: self.post_message(MergeProgressed(progress)))
@@ -201,9 +209,14 @@ class RunScreen(Screen):
         self.query_one(RichLog).write(f"cancelled; nothing was written to {message.output}")
 
     def on_merge_failed(self, message: MergeFailed) -> None:
+        """The bar stops, the form comes back, and the log says what to press next."""
         self.phase = "failed"
+        self.query_one(MergeProgressPanel).stop(message.error)
         self.query_one(RichLog).write(f"failed: {message.error}")
-        self.notify(message.error or "merge failed", severity="error")
+        self.query_one(RichLog).write(RETRY_HINT)
+        self.query_one("#run-form").display = True
+        self.query_one("#run-output").focus()
+        self.notify(f"{message.error or 'merge failed'} · {RETRY_HINT}", severity="error")
 
     def on_merge_scored(self, message: MergeScored) -> None:
         line = "  ".join(f"{task} {accuracy:.0%}" for task, accuracy in message.scores.items())
