@@ -370,3 +370,21 @@ def test_command_help_exits_0(command, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: mergescope {command}")
     assert len(out.splitlines()) > 3
+
+
+def test_demo_build_progress_has_an_estimate_off_a_terminal(capsys):
+    """Piped stderr: a line at every tenth of the steps, the time left at the pace so far (1 s a step here, so
+    the estimate is the steps left)."""
+    from rich.console import Console
+
+    from mergescope.tui.cli.demo import _BuildProgress
+
+    now = [0.0]
+    with _BuildProgress(Console(stderr=True, force_terminal=False), clock=lambda: now[0]) as progress:
+        for step in range(0, 201):
+            now[0] = float(step)
+            progress("training", step, 200)
+    lines = capsys.readouterr().err.splitlines()[1:]
+    assert len(lines) == 10
+    assert lines[3] == "mergescope demo: 40% (80/200 steps, training) · about 2:00 left"
+    assert lines[-1].endswith("100% (200/200 steps, training) · about 0:00 left")
