@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from textual import work
+from textual import events, work
 from textual.app import App
 from textual.binding import Binding
 from textual.message import Message
+from textual.scrollbar import ScrollBar
 from textual.signal import Signal
 
 from mergescope.analysis import Progress, ReportBuilder, stream_analysis
@@ -37,6 +38,8 @@ from mergescope.tui.screens.run_screen import (
     MergeStarted,
     RunScreen,
 )
+from mergescope.tui.screens.too_small_screen import TooSmallScreen, too_small
+from mergescope.tui.scrollbars import WholeCellScrollBarRender
 from mergescope.tui.session import Session
 from mergescope.tui.state import BASE_KEY, AppState
 
@@ -75,6 +78,8 @@ class MergescopeApp(App):
 
     def __init__(self, session: Session, *, device: str = "auto", use_cache: bool = True) -> None:
         super().__init__()
+        ScrollBar.renderer = WholeCellScrollBarRender  # Textual's documented way to restyle scrollbars
+        self._size_notice_dismissed = False
         self.state = AppState(session, device=device, use_cache=use_cache)
         #: published with the report after each analysis snapshot
         self.analysis_changed: Signal[dict] = Signal(self, "analysis_changed")
@@ -92,6 +97,8 @@ class MergescopeApp(App):
             self.action_plan()
         elif session.start == "diagnosis":
             self.action_diagnose(session.merged_dir)
+        self._started = True
+        self.call_after_refresh(self._check_size)
 
     @work(thread=True, exclusive=True, group="analysis")
     def run_analysis(self) -> None:
@@ -129,6 +136,22 @@ class MergescopeApp(App):
         session = self.state.session
         for key, scores in score_models([(BASE_KEY, session.base), *zip(self.state.names, session.models)]):
             self.post_message(ModelScored(key, scores))
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._check_size(event.size.width, event.size.height)
+
+    def _check_size(self, width: int | None = None, height: int | None = None) -> None:
+        """Below 80x24 a notice covers the screens until the terminal is large enough (or Escape)."""
+        if not getattr(self, "_started", False):
+            return
+        small = too_small(width or self.size.width, height or self.size.height)
+        showing = isinstance(self.screen, TooSmallScreen)
+        if small and not showing and not self._size_notice_dismissed:
+            self.push_screen(TooSmallScreen(), lambda _: setattr(self, "_size_notice_dismissed", True))
+        elif not small and showing:
+            self.pop_screen()
+        if not small:
+            self._size_notice_dismissed = False
 
     # --- the state, from messages ------------------------------------------------------------------
     def on_analysis_updated(self, message: AnalysisUpdated) -> None:

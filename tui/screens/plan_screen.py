@@ -283,7 +283,8 @@ class PlanScreen(Screen):
         if message.cancel.is_set():  # a later edit's preview is on its way
             return
         style = "green" if message.status.startswith("exact") else "yellow"
-        self.query_one("#preview-status", Static).update(Text(message.status, style=style))
+        unit = " · ‖τm‖ in % of ‖θ₀‖" if "θ₀" in message.norm_heading else ""
+        self.query_one("#preview-status", Static).update(Text(message.status + unit, style=style))
         self.query_one(PreviewTable).show(message.names, message.rows, message.norm_heading)
         text = Text()
         for warning in message.warnings:

@@ -30,6 +30,7 @@ from mergescope.merge.job import build_job
 from mergescope.merge.plan import parse_plan
 from mergescope.tui.widgets.run.diagnosis_view import DiagnosisView
 from mergescope.tui.widgets.run.merge_progress import MergeProgressPanel
+from mergescope.tui.widgets.tick_box import TickBox
 
 #: where the run screen is: asking for the output, merging, or after the merge ended one of three ways
 Phase = Literal["confirm", "running", "done", "failed", "cancelled"]
@@ -127,7 +128,7 @@ class RunScreen(Screen):
             yield Input(self.output, compact=True, id="run-output")
             yield Label("device", classes="field-label")
             yield Select(device_options(), value=device, allow_blank=False, compact=True, id="run-device")
-            yield Checkbox("replace the output folder if it exists", False, compact=True, id="run-force")
+            yield TickBox("replace the output folder if it exists", False, compact=True, id="run-force")
             yield Static(Text("Ctrl+G starts the merge · Escape goes back", style="bold"), id="run-hint")
         with Vertical(id="run-panel"):
             yield MergeProgressPanel(id="merge-progress")
