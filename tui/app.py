@@ -22,14 +22,19 @@ from textual.signal import Signal
 
 from mergescope.analysis import Progress, ReportBuilder, stream_analysis
 from mergescope.analysis.cache import AnalysisCache, cache_key
+from mergescope.checkpoints import MergescopeError
 from mergescope.demo.session import score_models
+from mergescope.merge.plan import load_plan, plan_file_in
 from mergescope.tui.commands import MergescopeCommands
+from mergescope.tui.history import MergeRecord
 from mergescope.tui.screens.confirm_screen import ConfirmScreen
 from mergescope.tui.screens.diagnosis_screen import DiagnosisScreen
 from mergescope.tui.screens.help_screen import HelpScreen
+from mergescope.tui.screens.history_screen import HistoryScreen
 from mergescope.tui.screens.layer_screen import LayerScreen
+from mergescope.tui.screens.open_path_screen import OpenPathScreen
 from mergescope.tui.screens.overview_screen import OverviewScreen
-from mergescope.tui.screens.plan_screen import PlanScreen, PlanValidated
+from mergescope.tui.screens.plan_screen import PlanScreen, PlanValidated, PreviewUpdated
 from mergescope.tui.screens.run_screen import (
     MergeCancelled,
     MergeFailed,
@@ -74,6 +79,7 @@ class MergescopeApp(App):
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("p", "plan", "Plan"),
         Binding("r", "run", "Run"),
+        Binding("h", "history", "History"),
     ]
 
     def __init__(self, session: Session, *, device: str = "auto", use_cache: bool = True) -> None:
@@ -164,6 +170,9 @@ class MergescopeApp(App):
         self._record_scores(message.key, message.scores)
 
     def on_merge_scored(self, message: MergeScored) -> None:
+        for record in self.state.history:
+            if record.output == message.output:
+                record.scores = message.scores
         self._record_scores(str(message.output), message.scores)
 
     def _record_scores(self, key: str, scores: dict[str, float]) -> None:
@@ -172,19 +181,37 @@ class MergescopeApp(App):
 
     def on_plan_validated(self, message: PlanValidated) -> None:
         self.state.plan_text, self.state.plan_output = message.plan_text, message.output
+        self.state.plan_started_from = message.started_from
+
+    def on_preview_updated(self, message: PreviewUpdated) -> None:
+        """The builder's final exact preview: what a run of its plan keeps of each source (for the history)."""
+        if message.cancel.is_set() or message.status != "exact preview":
+            return
+        whole = next((row for row in message.rows if row[0] == "all"), None)
+        if whole is not None:
+            self.state.plan_retention = {n: r for n, r in zip(message.names, whole[2]) if r is not None}
 
     def on_merge_started(self, message: MergeStarted) -> None:
         self.state.merge_cancel = message.cancel
+        self.state.history.append(MergeRecord(message.output, message.plan_text, message.started_from,
+                                              dict(self.state.plan_retention)))
 
     def on_merge_finished(self, message: MergeFinished) -> None:
         self.state.merge_cancel = None
         self.state.last_merge = message.output
+        self._record_status("done")
 
     def on_merge_failed(self, message: MergeFailed) -> None:
         self.state.merge_cancel = None
+        self._record_status("failed")
 
     def on_merge_cancelled(self, message: MergeCancelled) -> None:
         self.state.merge_cancel = None
+        self._record_status("cancelled")
+
+    def _record_status(self, status: str) -> None:
+        if self.state.history:
+            self.state.history[-1].status = status
 
     # --- actions -----------------------------------------------------------------------------------
     def action_help(self) -> None:
@@ -207,6 +234,45 @@ class MergescopeApp(App):
             self.action_plan()
             return
         self.push_screen(RunScreen(self.state.plan_text, self.state.plan_output))
+
+    def action_history(self) -> None:
+        if not isinstance(self.screen, HistoryScreen):
+            self.push_screen(HistoryScreen())
+
+    def action_open_merged(self) -> None:
+        """Ask for a merged folder (one holding mergekit_config.yml) and open its diagnosis."""
+        def answered(path: str | None) -> None:
+            if path is None:
+                return
+            folder = Path(path).expanduser()
+            if not folder.is_dir() or plan_file_in(folder) is None:
+                self.notify(f"{path}: not a merged folder (no mergekit_config.yml in it)", severity="error")
+                return
+            self.action_diagnose(folder)
+
+        self.push_screen(OpenPathScreen("merged folder to diagnose:", self._start_path("merges")), answered)
+
+    def action_open_plan(self) -> None:
+        """Ask for a plan file and open it in the plan builder."""
+        def answered(path: str | None) -> None:
+            if path is None:
+                return
+            plan = Path(path).expanduser()
+            try:
+                load_plan(plan)
+            except MergescopeError as exc:
+                self.notify(str(exc).splitlines()[0], severity="error")
+                return
+            if isinstance(self.screen, PlanScreen):
+                self.pop_screen()
+            self.push_screen(PlanScreen(plan))
+
+        self.push_screen(OpenPathScreen("plan file to open in the builder:", self._start_path("plans")), answered)
+
+    def _start_path(self, folder: str) -> str:
+        """Where a path prompt starts: the demo workspace's plans/ or merges/, else the current folder."""
+        workspace = self.state.session.workspace
+        return f"{workspace / folder}/" if workspace is not None else ""
 
     def action_filter_tensors(self) -> None:
         """Every tensor of the model, filtered by name as you type."""

@@ -34,6 +34,7 @@ from mergescope.tui.plan_document import (
     from_plan,
     set_method,
     to_document,
+    to_yaml,
 )
 from mergescope.tui.plan_preview import Row, preview_rows
 from mergescope.tui.report_view import badges
@@ -53,6 +54,7 @@ class PlanValidated(Message):
 
     plan_text: str  # the plan as mergekit YAML
     output: str = "merged"  # the builder's output folder, where ``r`` merges it from any screen
+    started_from: str = ""  # the plan the builder started from (the file as opened, or its first plan)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class PlanScreen(Screen):
         self._replace_ok: Path | None = None  # the existing plan file the user agreed to replace
         self._file_method: str | None = None  # the method of the plan file the builder opened
         self._auto_output = ""  # the output folder the builder chose; follows the method until the user types
+        self.started_from = ""  # the plan the builder started from, as text (see PlanValidated)
 
     # --- layout ------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -125,6 +128,11 @@ class PlanScreen(Screen):
 
     async def on_mount(self) -> None:
         self.sub_title = "plan builder"
+        try:
+            self.started_from = (Path(self.plan_path).read_text(encoding="utf-8") if self.plan_path is not None
+                                 else to_yaml(to_document(self.form)))
+        except (OSError, ValueError):
+            self.started_from = ""
         await self._rebuild_fields()
         self.query_one("#method").focus()
         self.schedule_preview(0)
@@ -230,7 +238,7 @@ class PlanScreen(Screen):
             _, text = self.current_plan()
         except (MergescopeError, ValueError):
             return  # the next valid edit carries the output along
-        self.post_message(PlanValidated(text, self.form.output))
+        self.post_message(PlanValidated(text, self.form.output, self.started_from))
 
     def default_output(self, method: str) -> str:
         """Where a plan of ``method`` merges unless the user typed a folder: in a demo workspace under its
@@ -270,7 +278,7 @@ class PlanScreen(Screen):
     def preview(self, cancel: threading.Event) -> None:
         try:
             plan, text = self.current_plan()
-            self.post_message(PlanValidated(text, self.form.output))
+            self.post_message(PlanValidated(text, self.form.output, self.started_from))
             for status, names, rows, warnings, heading in preview_rows(self.app.state, plan, cancel):
                 if cancel.is_set():
                     return
@@ -345,8 +353,8 @@ class PlanScreen(Screen):
         except (MergescopeError, ValueError) as exc:
             self.notify(f"cannot run: {exc}", severity="error")
             return
-        self.post_message(PlanValidated(text, self.form.output))
-        self.app.push_screen(RunScreen(text, self.form.output))
+        self.post_message(PlanValidated(text, self.form.output, self.started_from))
+        self.app.push_screen(RunScreen(text, self.form.output, self.started_from))
 
     def action_back(self) -> None:
         self._cancel.set()

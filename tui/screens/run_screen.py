@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from rich.table import Table
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
@@ -28,6 +29,7 @@ from mergescope.demo.evaluate import evaluate
 from mergescope.merge import executor
 from mergescope.merge.job import build_job
 from mergescope.merge.plan import parse_plan
+from mergescope.tui.state import BASE_KEY
 from mergescope.tui.widgets.run.diagnosis_view import DiagnosisView
 from mergescope.tui.widgets.run.merge_progress import MergeProgressPanel
 from mergescope.tui.widgets.tick_box import TickBox
@@ -42,6 +44,8 @@ class MergeStarted(Message):
 
     output: Path
     cancel: threading.Event
+    plan_text: str = ""  # the plan being merged
+    started_from: str = ""  # the plan the builder started from
 
 
 @dataclass
@@ -94,6 +98,19 @@ RETRY_HINT = ("change the output folder, or Tab to “replace the output folder�
               "then Ctrl+G · Escape: back to the plan")
 
 
+def scores_beside_sources(state, label: str, scores: dict[str, float]) -> Table:
+    """The merge's demo scores under the base's and each model's (those scored so far), a column per task."""
+    table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+    table.add_column("model or merge", no_wrap=True)
+    for task in scores:
+        table.add_column(task[:4], justify="right")
+    for key, name in [(BASE_KEY, "base"), *((n, n) for n in state.names)]:
+        if key in state.demo_scores:
+            table.add_row(name, *[f"{state.demo_scores[key].get(t, float('nan')):.0%}" for t in scores])
+    table.add_row(Text(label, style="bold"), *[Text(f"{v:.0%}", style="bold") for v in scores.values()])
+    return table
+
+
 def device_options() -> list[tuple[str, str]]:
     """auto, cpu and every visible CUDA device."""
     options = [("auto (the GPU when there is one)", "auto"), ("cpu", "cpu")]
@@ -113,9 +130,9 @@ class RunScreen(Screen):
         Binding("d", "diagnose", "Diagnose"),
     ]
 
-    def __init__(self, plan_text: str, output: str = "merged") -> None:
+    def __init__(self, plan_text: str, output: str = "merged", started_from: str = "") -> None:
         super().__init__()
-        self.plan_text, self.output = plan_text, output
+        self.plan_text, self.output, self.started_from = plan_text, output, started_from
         self.phase: Phase = "confirm"
         self.cancel = threading.Event()  # stops this screen's merge between tensors
         self.merged: Path | None = None  # the merge's output folder once it finished
@@ -157,7 +174,7 @@ class RunScreen(Screen):
         self.query_one("#run-panel").display = True
         self.query_one(MergeProgressPanel).reset()
         self.query_one(RichLog).write(f"merging into {output} on {device}")
-        self.post_message(MergeStarted(output, self.cancel))
+        self.post_message(MergeStarted(output, self.cancel, self.plan_text, self.started_from))
         self.run_merge(output, device, force)
 
     @work(thread=True, exclusive=True, group="merge")
@@ -221,7 +238,10 @@ class RunScreen(Screen):
 
     def on_merge_scored(self, message: MergeScored) -> None:
         line = "  ".join(f"{task} {accuracy:.0%}" for task, accuracy in message.scores.items())
-        self.query_one(RichLog).write(f"demo scores of {message.output}: {line}")
+        log = self.query_one(RichLog)
+        log.write(f"demo scores of {message.output}: {line}")
+        log.write(scores_beside_sources(self.app.state, message.output.name, message.scores))
+        log.write("h: every merge of this session side by side, with its plan's diff")
 
     def on_merge_scoring_failed(self, message: MergeScoringFailed) -> None:
         self.query_one(RichLog).write(f"demo evaluation failed: {message.error}")
