@@ -29,7 +29,7 @@ class HistoryScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield DataTable(id="history", cursor_type="row", zebra_stripes=True, fixed_columns=1)
+        yield DataTable(id="history", cursor_type="row", zebra_stripes=True, fixed_columns=1, header_height=2)
         yield Static("", id="history-diff")
         yield Footer()
 
@@ -47,11 +47,11 @@ class HistoryScreen(Screen):
         tasks = list(dict.fromkeys(t for scores in state.demo_scores.values() for t in scores))
         sources = list(dict.fromkeys(s for record in state.history for s in record.retention))
         labels = dict(zip(sources, abbreviations(sources, 5)))
-        table.add_column("model or merge", key="name")
+        table.add_column("model or merge\n", key="name")
         for task in tasks:
-            table.add_column(task[:4], key=task)
+            table.add_column(f"{task[:4]}\nacc", key=task)
         for source in sources:
-            table.add_column(f"{labels[source]}", key=f"keep:{source}")
+            table.add_column(f"{labels[source]}\nkept", key=f"keep:{source}")
         blank = [Text("") for _ in sources]
         for key, name in [(BASE_KEY, "base"), *((n, n) for n in state.names)]:
             if key in state.demo_scores or not tasks:

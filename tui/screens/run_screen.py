@@ -98,13 +98,20 @@ RETRY_HINT = ("change the output folder, or Tab to “replace the output folder�
               "then Ctrl+G · Escape: back to the plan")
 
 
-def scores_beside_sources(state, label: str, scores: dict[str, float]) -> Table:
-    """The merge's demo scores under the base's and each model's (those scored so far), a column per task."""
+def scores_beside_sources(state, label: str, scores: dict[str, float], plan_text: str) -> Table:
+    """The merge's demo scores under the base's and those of the models its plan merges (as far as scored), a
+    column per task."""
+    try:
+        merged_refs = {entry.model for entry in parse_plan(plan_text).models or []}
+    except MergescopeError:
+        merged_refs = set()
+    references = state.session.references[1:] or [m.source for m in state.session.models]
+    sources = [name for name, ref in zip(state.names, references) if ref in merged_refs] or state.names
     table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
     table.add_column("model or merge", no_wrap=True)
     for task in scores:
         table.add_column(task[:4], justify="right")
-    for key, name in [(BASE_KEY, "base"), *((n, n) for n in state.names)]:
+    for key, name in [(BASE_KEY, "base"), *((n, n) for n in sources)]:
         if key in state.demo_scores:
             table.add_row(name, *[f"{state.demo_scores[key].get(t, float('nan')):.0%}" for t in scores])
     table.add_row(Text(label, style="bold"), *[Text(f"{v:.0%}", style="bold") for v in scores.values()])
@@ -240,7 +247,7 @@ class RunScreen(Screen):
         line = "  ".join(f"{task} {accuracy:.0%}" for task, accuracy in message.scores.items())
         log = self.query_one(RichLog)
         log.write(f"demo scores of {message.output}: {line}")
-        log.write(scores_beside_sources(self.app.state, message.output.name, message.scores))
+        log.write(scores_beside_sources(self.app.state, message.output.name, message.scores, self.plan_text))
         log.write("h: every merge of this session side by side, with its plan's diff")
 
     def on_merge_scoring_failed(self, message: MergeScoringFailed) -> None:
