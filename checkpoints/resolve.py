@@ -8,6 +8,7 @@ applied. It reads headers only.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -39,9 +40,41 @@ def open_checkpoint(
         model = open_checkpoint(model_part)
         adapter = LoraAdapter(_as_folder(adapter_part, "LoRA adapter"))
         return LoraCheckpoint(text, model, adapter, name or f"{model.name}+{adapter.folder.name}")
-    if parse_hub_id(text):
+    if parse_hub_id(text) and not _first_component_exists(path):
         return _open_local(text, resolve_hub_id(text), base, name)
-    raise CheckpointError(f"{text}: no such file or folder, and not a hub id (org/name)")
+    raise CheckpointError(_missing_path_message(text, path))
+
+
+def _first_component_exists(path: Path) -> bool:
+    """``ws/ft_ad`` where ``ws`` is a local folder: a typo in a path, not a hub id (nothing is downloaded)."""
+    return len(path.parts) > 1 and Path(path.parts[0]).exists()
+
+
+def close_names(path: Path, limit: int = 3) -> list[str]:
+    """Paths beside the first missing component of ``path`` whose names are close to it (difflib's ratio ≥ 0.6),
+    written as the user wrote the part that exists."""
+    parts = path.parts
+    for depth in range(len(parts)):
+        parent = Path(*parts[:depth]) if depth else Path(".")
+        if not (parent / parts[depth]).exists():
+            try:
+                siblings = sorted(child.name for child in parent.iterdir())
+            except OSError:
+                return []
+            found = difflib.get_close_matches(parts[depth], siblings, n=limit, cutoff=0.6)
+            return [str(parent / name) if depth else name for name in found]
+    return []
+
+
+def _missing_path_message(text: str, path: Path) -> str:
+    """One line: no such folder (and why it was not tried as a hub id), with close names."""
+    if _first_component_exists(path):
+        why = f" ({path.parts[0]} is a local folder, so this is not tried as a hub id)"
+    else:
+        why = ", and not a hub id (org/name)"
+    close = close_names(path)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"{text}: no such folder or file{why}{hint}"
 
 
 def _as_folder(text: str, what: str) -> Path:

@@ -161,15 +161,15 @@ def _resolve_params(plan, method, entries, slice_params, tensor_name, t, problem
         if not spec.per_model:
             shared[spec.name] = resolved(spec, [slice_params, plan.parameters])
             if shared[spec.name] is None and spec.required:
-                problems.add(0, f"parameter {spec.name} is required by {method.name} (for {tensor_name})")
+                problems.add_for_tensor(0, f"parameter {spec.name} is required by {method.name}", tensor_name)
     for entry in entries:
         values = {}
         for spec in method.parameters:
             if spec.per_model:
                 value = resolved(spec, [entry.parameters, slice_params, plan.parameters])
                 if value is None and spec.required:
-                    problems.add(entry.line, f"{entry.model}: parameter {spec.name} is required by {method.name} "
-                                 f"(for {tensor_name})")
+                    problems.add_for_tensor(entry.line, f"{entry.model}: parameter {spec.name} is required by "
+                                            f"{method.name}", tensor_name)
                 values[spec.name] = value
         per_model.append(values)
     return per_model, shared

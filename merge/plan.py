@@ -118,14 +118,24 @@ class PlanProblems:
     def __init__(self, source: str):
         self.source = source
         self.items: list[tuple[int, str]] = []
+        self.per_tensor: dict[tuple[int, str], list[str]] = {}  # (line, message) → the tensors it shows for
 
     def add(self, line: int, message: str) -> None:
         self.items.append((line, message))
 
+    def add_for_tensor(self, line: int, message: str, tensor: str) -> None:
+        """A problem that shows for each tensor it touches, reported once: ``message (for T)`` or
+        ``message (for T and N more tensors)``."""
+        self.per_tensor.setdefault((line, message), []).append(tensor)
+
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.items) + len(self.per_tensor)
 
     def raise_if_any(self) -> None:
+        for (line, message), tensors in self.per_tensor.items():
+            more = f" and {len(tensors) - 1} more tensors" if len(tensors) > 1 else ""
+            self.items.append((line, f"{message} (for {tensors[0]}{more})"))
+        self.per_tensor = {}
         if not self.items:
             return
         lines = [

@@ -58,6 +58,28 @@ def test_plan_builder(snap_compare, app, size):
     assert snap_compare(app, terminal_size=size, run_before=plan)
 
 
+def test_demo_overview(snap_compare, tmp_path, monkeypatch):
+    """A demo-like workspace at 80x24: names, scores and badges of all seven models and the whole model's
+    pairwise matrix with its legend on one screen."""
+    import mergescope.demo.session as demo_session
+    from tui_fixtures import DEMO_NAMES, demo_like
+
+    names = ["base", *DEMO_NAMES]
+    monkeypatch.setattr(demo_session, "evaluate",
+                        lambda folder: dict.fromkeys(("add", "reverse", "sort"), 0.3 + 0.1 * names.index(folder.name)))
+    folder, _ = demo_like(tmp_path)
+    demo_app = MergescopeApp(open_session([str(folder)]), use_cache=False)
+
+    async def scored(pilot):
+        await analysed(pilot)
+        deadline = time.monotonic() + 30
+        while "trap_grown_vocab" not in pilot.app.state.demo_scores and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        await pilot.pause(0.2)
+
+    assert snap_compare(demo_app, terminal_size=(80, 24), run_before=scored)
+
+
 def test_help(snap_compare, app):
     async def help_screen(pilot):
         await analysed(pilot)

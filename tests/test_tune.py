@@ -365,3 +365,28 @@ def test_a_thread_search_does_not_import_ray(setup):
              "print(code, 'ray' in sys.modules, 'cma' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.stdout.split()[-3:] == ["0", "False", "False"], result.stderr
+
+
+def test_a_vary_key_that_cannot_act_is_refused_before_running_with_the_keys_that_do(setup, capsys):
+    """Every model sets its own density, which mergekit looks up first: parameters.density would give the same
+    merge for every value. Said before any candidate runs (no scratch folder), with the per-model keys."""
+    folder, _, eval_cmd = setup
+    document = yaml.safe_load((folder / "plan.yml").read_text())
+    document["merge_method"] = "ties"
+    for entry in document["models"]:
+        entry["parameters"]["density"] = 0.7
+    (folder / "ties.yml").write_text(yaml.safe_dump(document, sort_keys=False))
+    argv = ["tune", str(folder / "ties.yml"), "--eval-cmd", eval_cmd, "--device", "cpu"]
+    assert main([*argv, "--vary", "parameters.density=0.5,0.9"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "--vary parameters.density changes nothing: every model sets its own density" in line
+    assert line.endswith("vary models.0.parameters.density, models.1.parameters.density instead "
+                         "(every candidate would be the same merge)")
+    assert not (folder / "ties.best.yml").exists()
+    # with a key that acts beside it, the search runs and the inert one is a warning
+    assert main([*argv, "--vary", "parameters.density=0.5", "--vary", "models.0.parameters.density=0.5,0.9"]) == 0
+    assert "warning: --vary parameters.density changes nothing" in capsys.readouterr().err
+    # a parameter the method ignores
+    assert main(["tune", str(folder / "plan.yml"), "--eval-cmd", eval_cmd, "--device", "cpu",
+                 "--vary", "models.1.parameters.density=0.2,0.4"]) == 2
+    assert "task_arithmetic ignores density" in capsys.readouterr().err

@@ -113,6 +113,7 @@ def set_method(form: PlanForm, name: str, session_base: str) -> list[str]:
 def to_document(form: PlanForm) -> dict:
     """The mergekit plan document (raises ValueError naming the field whose YAML does not parse)."""
     document: dict = {"merge_method": form.method}
+    method = METHODS.get(form.method)
     if form.base is not None:
         document["base_model"] = form.base
     models = []
@@ -122,6 +123,8 @@ def to_document(form: PlanForm) -> dict:
         entry: dict = {"model": row.reference}
         params = {}
         for name, text in row.fields.items():
+            if _ignored(method, name):
+                continue
             value = _field(text, f"{row.name}.{name}")
             if value is not None:
                 params[name] = value
@@ -129,7 +132,8 @@ def to_document(form: PlanForm) -> dict:
             entry["parameters"] = params
         models.append(entry)
     document["models"] = models
-    options = {name: value for name, text in form.options.items() if (value := _field(text, name)) is not None}
+    options = {name: value for name, text in form.options.items()
+               if not _ignored(method, name) and (value := _field(text, name)) is not None}
     if options:
         document["parameters"] = options
     if form.dtype:
@@ -171,6 +175,16 @@ def from_plan(plan, rows: list[ModelRow]) -> PlanForm:
     for name in method_parameters(method):
         form.options.setdefault(name, "")
     return form
+
+
+def _ignored(method: MergeMethod | None, name: str) -> bool:
+    """Whether ``method`` accepts ``name`` but never uses it (``density`` in task arithmetic): never written."""
+    if method is None:
+        return False
+    try:
+        return method.parameter(name).ignored
+    except KeyError:
+        return False  # an unknown key stays, so the plan loader names it with its line
 
 
 def _plain(value):

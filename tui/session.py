@@ -77,11 +77,15 @@ def _plan_models(plan: MergePlan) -> tuple[str, list[str]]:
 
 
 def _plan_session(path: Path) -> Session:
+    """A plan: its base and models; a plan in a demo workspace's plans/ also gets the workspace (its scores,
+    its merges/ folder)."""
     plan = load_plan(path)
     base_ref, refs = _plan_models(plan)
     base = open_checkpoint(base_ref)
     models = [open_checkpoint(r, base=base) for r in refs]
-    return Session(base, models, start="plan", plan_path=path, references=[base_ref, *refs])
+    folder = path.resolve().parent
+    workspace = next((f for f in (folder, folder.parent) if is_workspace(f)), None)
+    return Session(base, models, start="plan", plan_path=path, references=[base_ref, *refs], workspace=workspace)
 
 
 def _search_session(path: Path) -> Session:

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from mergescope.checkpoints import MergescopeError
 from mergescope.merge.eval_command import check_template
+from mergescope.merge.inert_vary import inert_variables
 from mergescope.merge.job import build_job, layer_count
 from mergescope.merge.plan import load_plan
 from mergescope.merge.search_run import run_strategy
@@ -49,6 +50,11 @@ def run_tune_command(args: argparse.Namespace) -> int:
     best_path = Path(args.output) if args.output else default_best_path(args.plan)
     if best_path.resolve() == Path(args.plan).resolve():
         raise MergescopeError(f"{best_path}: is the plan being tuned; write the best plan elsewhere (-o)")
+    inert = inert_variables(document, variables)
+    if inert and len(inert) == len(variables):
+        raise MergescopeError(inert[0].message() + " (every candidate would be the same merge)")
+    for variable in inert:
+        Console(stderr=True, highlight=False).print(f"warning: {escape(variable.message())}", soft_wrap=True)
     strategy_name = args.strategy or ("random" if args.random is not None else "grid")
     if args.random is not None and strategy_name != "random":
         raise MergescopeError(f"--random belongs to --strategy random, not {strategy_name}; use --budget N")
