@@ -149,6 +149,9 @@ def test_a_terminal_smaller_than_80x24_says_so(workspace):
             await pilot.resize_terminal(80, 24)
             await pilot.pause(0.3)
             assert type(app.screen).__name__ == "OverviewScreen"
+            await pilot.resize_terminal(80, 23)  # an 80x24 terminal running tmux, whose status line takes a row
+            await pilot.pause(0.3)
+            assert type(app.screen).__name__ == "OverviewScreen"
 
     run(body)
 

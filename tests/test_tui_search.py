@@ -20,7 +20,7 @@ from mergescope.tui.session import open_session
 from mergescope.tui.widgets.search.best_panel import BestPanel
 from mergescope.tui.widgets.search.candidates_table import CandidatesTable
 from test_tune import W_A, W_B, make_setup
-from tui_fixtures import Posted, run
+from tui_fixtures import Posted, run, static_text
 
 
 async def wait_until(pilot, condition, timeout: float = 30.0) -> None:
@@ -84,6 +84,9 @@ def test_search_screen_shows_the_file_follows_it_and_opens_the_best_plan(search_
             whole = [row for row in exact_preview()[-1].rows if row[0] == "all"][0]
             expected = retention(folder, json.loads(best[1]))
             assert whole[2] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+            status = static_text(app.screen.query_one("#best-preview-status"))
+            relative = exact_preview()[-1].norm_heading == "‖τm‖/‖θ₀‖"
+            assert ("% of ‖θ₀‖" in status) == relative  # the norm column's unit is said (its heading is too narrow)
 
             await pilot.press("b")
             await wait_until(pilot, lambda: isinstance(app.screen, PlanScreen))

@@ -36,6 +36,11 @@ def session_checkpoints(session: Session) -> dict[str, Checkpoint]:
 RELATIVE_NORM, ABSOLUTE_NORM = "‖τm‖/‖θ₀‖", "‖τm‖"
 
 
+def norm_unit_note(heading: str) -> str:
+    """What the preview's status line adds about the norm column's unit (its own heading is too narrow)."""
+    return " · ‖τm‖ in % of ‖θ₀‖" if heading == RELATIVE_NORM else ""
+
+
 def preview_rows(state: AppState, plan: MergePlan, cancel: threading.Event) -> Iterator[PreviewUpdate]:
     """Yield (status, source names, rows, warnings, norm heading): once after the sampled pass, then as exact
     groups land. The merged norm is relative to ‖θ₀‖ only when the analysis is complete (a streaming report's

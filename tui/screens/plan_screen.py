@@ -36,7 +36,7 @@ from mergescope.tui.plan_document import (
     to_document,
     to_yaml,
 )
-from mergescope.tui.plan_preview import Row, preview_rows
+from mergescope.tui.plan_preview import Row, norm_unit_note, preview_rows
 from mergescope.tui.report_view import badges
 from mergescope.tui.screens.confirm_screen import ConfirmScreen
 from mergescope.tui.screens.run_screen import RunScreen
@@ -294,8 +294,8 @@ class PlanScreen(Screen):
         if message.cancel.is_set():  # a later edit's preview is on its way
             return
         style = "green" if message.status.startswith("exact") else "yellow"
-        unit = " · ‖τm‖ in % of ‖θ₀‖" if "θ₀" in message.norm_heading else ""
-        self.query_one("#preview-status", Static).update(Text(message.status + unit, style=style))
+        self.query_one("#preview-status", Static).update(
+            Text(message.status + norm_unit_note(message.norm_heading), style=style))
         self.query_one(PreviewTable).show(message.names, message.rows, message.norm_heading)
         text = Text()
         for warning in message.warnings:

@@ -26,7 +26,7 @@ from textual.widgets import Footer, Header, Static
 from mergescope.checkpoints import MergescopeError
 from mergescope.merge.plan import parse_plan
 from mergescope.merge.search_store import Trial, best_trial, open_for_reading
-from mergescope.tui.plan_preview import Row, preview_rows
+from mergescope.tui.plan_preview import Row, norm_unit_note, preview_rows
 from mergescope.tui.screens.plan_screen import PlanScreen
 from mergescope.tui.widgets.plan.preview_table import PreviewTable
 from mergescope.tui.widgets.search.best_panel import BestPanel
@@ -151,7 +151,8 @@ class SearchScreen(Screen):
         if message.number != self.previewed or message.cancel.is_set():  # a newer preview is on its way
             return
         self.query_one("#best-preview-status", Static).update(
-            Text(f"#{message.number} · {message.status}", style="green" if "exact" in message.status else "yellow"))
+            Text(f"#{message.number} · {message.status}{norm_unit_note(message.norm_heading)}",
+                 style="green" if "exact" in message.status else "yellow"))
         if message.names:
             self.query_one("#best-preview", PreviewTable).show(message.names, message.rows, message.norm_heading)
 

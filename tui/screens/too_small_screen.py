@@ -8,8 +8,9 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Label
 
-#: the smallest terminal every screen is laid out for
-MIN_WIDTH, MIN_HEIGHT = 80, 24
+#: the smallest terminal every screen is laid out for: 80x24, less the rows a tmux or screen status line
+#: (or two) takes, so an 80x24 terminal running tmux is not told it is too small
+MIN_WIDTH, MIN_HEIGHT = 80, 22
 
 
 def too_small(width: int, height: int) -> bool:
