@@ -1,0 +1,76 @@
+"""A job's vocabulary: with tokenizer settings in the plan, the output vocabulary and, on every embedding and
+head task, the row alignment of its inputs (:mod:`.vocabulary_merge`); computed from tokenizer files and
+headers before anything runs, every problem reported with the others.
+
+A model without a ``tokenizer.json`` is taken to share the reference's vocabulary (as mergekit 0.1.5 does), with
+a warning; the reference itself needs one.
+"""
+
+from __future__ import annotations
+
+from mergescope.checkpoints import Checkpoint, MergescopeError, open_checkpoint
+from mergescope.checkpoints.vocabulary import Vocabulary, is_vocabulary_tensor, read_vocabulary, tokenizer_json_of
+
+from .plan import MergePlan, PlanProblems
+from .vocabulary_merge import OutputVocabulary, VocabularyError, output_vocabulary, row_alignment
+
+
+def model_rows(checkpoint: Checkpoint) -> int | None:
+    """The rows a model has for tokens: its first vocabulary tensor's, else ``vocab_size`` from its config."""
+    for name in checkpoint.tensor_names:
+        if is_vocabulary_tensor(name) and checkpoint.spec(name).shape:
+            return checkpoint.spec(name).shape[0]
+    return checkpoint.config.vocab_size
+
+
+def checkpoint_vocabulary(checkpoint: Checkpoint) -> Vocabulary | None:
+    """The vocabulary of a checkpoint's ``tokenizer.json`` limited to its rows, None without one."""
+    path = tokenizer_json_of(checkpoint.model_files())
+    return read_vocabulary(path).limited(model_rows(checkpoint)) if path is not None else None
+
+
+def plan_vocabulary(plan: MergePlan, opened: dict[str, Checkpoint], reference: str, order: list[str],
+                    tasks: list, problems: PlanProblems, warnings: list[str]) -> OutputVocabulary | None:
+    """The output vocabulary of ``plan`` (None without tokenizer settings); sets ``vocabulary`` and the output
+    shape of every embedding and head task in ``tasks``. ``order`` is the models in plan order, reference first."""
+    settings = plan.tokenizer
+    if settings is None:
+        return None
+    named = [ref for ref in settings.models if ref not in opened]
+    for ref in named:
+        try:
+            opened[ref] = open_checkpoint(ref)
+        except MergescopeError as exc:
+            problems.add(0, f"tokenizer source {ref}: {exc}")
+    vocabularies: dict[str, Vocabulary] = {}
+    for ref in dict.fromkeys([reference, *order, *named]):
+        if ref not in opened:
+            continue
+        try:
+            vocabulary = checkpoint_vocabulary(opened[ref])
+        except MergescopeError as exc:
+            problems.add(0, str(exc))
+            continue
+        if vocabulary is None and ref == reference:
+            problems.add(0, f"{ref} has no tokenizer.json: merging by token needs the reference model's tokenizer")
+        elif vocabulary is None:
+            warnings.append(f"{ref} has no tokenizer.json; taken to share {reference}'s vocabulary")
+        if vocabulary is not None:
+            vocabularies[ref] = vocabulary
+    if reference not in vocabularies or problems:
+        return None
+    for ref in opened:
+        if ref not in vocabularies:
+            vocabularies[ref] = vocabularies[reference].limited(model_rows(opened[ref]))
+    out = output_vocabulary(settings, reference, list(dict.fromkeys([reference, *order])), vocabularies)
+    for task in tasks:
+        if not is_vocabulary_tensor(task.output):
+            continue
+        try:
+            task.vocabulary = row_alignment(out, [ref for ref, _ in task.reads], vocabularies, settings,
+                                            plan.base_model)
+        except VocabularyError as exc:
+            problems.add(0, f"tokenizer.tokens: {exc}")
+            return None
+        task.shape = (out.rows, *task.shape[1:])
+    return out
