@@ -17,6 +17,7 @@ from pathlib import Path
 from mergescope.checkpoints import MergescopeError
 from mergescope.checkpoints.dtypes import dtype_name
 
+from .chat_templates import chat_template_problem
 from .methods import METHODS, MergeMethod
 from .parameters import coerce, is_conditional, is_scalar
 from .soup_block import greedy_soup_options
@@ -177,6 +178,9 @@ def _build(document: object, problems: PlanProblems) -> MergePlan | None:
     plan.tokenizer_source = plan.tokenizer.source if plan.tokenizer is not None else None
     if document.get("chat_template") is not None:
         plan.chat_template = str(document["chat_template"])
+        problem = chat_template_problem(plan.chat_template)
+        if problem:
+            problems.add(document.line_of("chat_template"), problem)
     plan.options = _mergescope_options(document, problems)
     return plan
 

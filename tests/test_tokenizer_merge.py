@@ -1,0 +1,262 @@
+"""Tokenizer-aware merging on checkpoints written by transformers itself: a base, a plain fine-tune and two chat
+fine-tunes that added tokens and resized their embeddings (tests/hf_fixtures.py).
+
+Expected merged rows are computed here in float64 from the inputs' own files, matching rows by token string with
+an implementation written for the test (the documented rule of mergescope.merge.vocabulary_merge), never from
+mergescope's output. mergekit 0.1.5 itself is compared in tests/test_mergekit_tokenizer.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import hf_fixtures as hf
+from mergescope.merge.chat_templates import NAMED_TEMPLATES
+from mergescope.merge.job import build_job
+from mergescope.merge.plan import PlanError, parse_plan
+
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+CHAT_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf-chat")
+    base = hf.write_llama_base(root / "base")
+    return {
+        "base": base,
+        "ft": hf.write_fine_tune(base, root / "ft", seed=1),
+        "chat": hf.write_chat_fine_tune(base, root / "chat", seed=2),
+        "chat2": hf.write_chat_fine_tune(base, root / "chat2", seed=3, pad="[PAD]", chat_template=None),
+    }
+
+
+def merge(plan: dict, out: Path) -> Path:
+    from mergescope.tui.cli.main import main
+
+    plan_file = out.parent / f"{out.name}.yml"
+    plan_file.write_text(yaml.safe_dump(plan, sort_keys=False))
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        rc = main(["merge", str(plan_file), "-o", str(out), "--device", "cpu", "--force"])
+    assert rc == 0, stderr.getvalue()
+    return out
+
+
+def vocab_of(folder: Path) -> dict[str, int]:
+    """token → id from tokenizer.json, read with json (model vocabulary and added tokens)."""
+    document = json.loads((folder / "tokenizer.json").read_text())
+    vocab = dict(document["model"]["vocab"])
+    vocab.update({e["content"]: e["id"] for e in document["added_tokens"]})
+    return vocab
+
+
+def state64(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v.double() for k, v in load_file(str(folder / "model.safetensors")).items()}
+
+
+def aligned_rows(paths: list[Path], tensor: str, tokens: list[str], base: Path | None) -> list[torch.Tensor]:
+    """Each model's rows for ``tokens``: its own row, else the only holder's, else the base's, else the mean of the
+    holders' rows (float64)."""
+    vocabs = [vocab_of(p) for p in paths]
+    states = [state64(p)[tensor] for p in paths]
+    out = []
+    for vocab, state in zip(vocabs, states):
+        rows = []
+        for token in tokens:
+            if token in vocab:
+                rows.append(state[vocab[token]])
+                continue
+            holders = [i for i, v in enumerate(vocabs) if token in v]
+            if len(holders) == 1 or (base in paths and paths.index(base) in holders):
+                donor = holders[0] if len(holders) == 1 else paths.index(base)
+                rows.append(states[donor][vocabs[donor][token]])
+            else:
+                rows.append(torch.stack([states[i][vocabs[i][token]] for i in holders]).mean(0))
+        out.append(torch.stack(rows))
+    return out
+
+
+def test_union_linear_matches_rows_by_token(models, tmp_path):
+    paths = [models["ft"], models["chat"], models["chat2"]]
+    weights = [0.5, 0.3, 0.2]
+    plan = {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": w}}
+                                                 for p, w in zip(paths, weights)],
+            "tokenizer_source": "union", "dtype": "float32"}
+    out = merge(plan, tmp_path / "out")
+    vocab = vocab_of(out)
+    tokens = sorted(vocab, key=vocab.get)
+    # the ft's (= base's) 43 tokens keep their ids; the new ones follow in plan order
+    assert tokens[:43] == sorted(vocab_of(models["ft"]), key=vocab_of(models["ft"]).get)
+    assert tokens[43:] == [*CHAT_TOKENS, "[PAD]"]
+    merged = state64(out)
+    for tensor in VOCAB_TENSORS:
+        rows = aligned_rows(paths, tensor, tokens, base=None)
+        expected = sum(w * r for w, r in zip(weights, rows)) / sum(weights)
+        torch.testing.assert_close(merged[tensor], expected, rtol=0, atol=1e-6)
+    # a token only chat2 has comes from chat2's row: every model was given chat2's row
+    chat2 = state64(models["chat2"])["model.embed_tokens.weight"][vocab_of(models["chat2"])["[PAD]"]]
+    torch.testing.assert_close(merged["model.embed_tokens.weight"][vocab["[PAD]"]], chat2, rtol=0, atol=1e-6)
+
+
+def test_union_task_arithmetic_uses_base_rows_for_missing_tokens(models, tmp_path):
+    """<|im_start|> is in chat and chat2 but not the base: models lacking it get the mean of the holders' rows;
+    the base has every ordinary token, so a fine-tune without a chat token contributes no change for it."""
+    paths = [models["base"], models["ft"], models["chat"], models["chat2"]]
+    plan = {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
+            "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths[1:], [1.0, 0.6, 0.4])],
+            "tokenizer_source": "union", "dtype": "float32"}
+    out = merge(plan, tmp_path / "out")
+    vocab = vocab_of(out)
+    tokens = sorted(vocab, key=vocab.get)
+    merged = state64(out)
+    for tensor in VOCAB_TENSORS:
+        base, *rows = aligned_rows(paths, tensor, tokens, base=models["base"])
+        expected = base + sum(w * (r - base) for w, r in zip([1.0, 0.6, 0.4], rows))
+        torch.testing.assert_close(merged[tensor], expected, rtol=0, atol=1e-6)
+
+
+def test_union_prefers_the_base_row_over_the_holders_mean(models, tmp_path):
+    """With chat as the base, <|im_start|> is in the base and chat2 but not ft: ft is given the base's row (so it
+    adds no change there), not the mean of the two holders'."""
+    paths = [models["chat"], models["ft"], models["chat2"]]
+    plan = {"merge_method": "task_arithmetic", "base_model": str(models["chat"]),
+            "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths[1:], [1.0, 0.5])],
+            "tokenizer_source": "union", "dtype": "float32"}
+    out = merge(plan, tmp_path / "out")
+    vocab = vocab_of(out)
+    tokens = sorted(vocab, key=vocab.get)
+    merged = state64(out)["lm_head.weight"]
+    base, ft, chat2 = aligned_rows(paths, "lm_head.weight", tokens, base=models["chat"])
+    torch.testing.assert_close(merged, base + (ft - base) + 0.5 * (chat2 - base), rtol=0, atol=1e-6)
+    row = vocab["<|im_start|>"]
+    torch.testing.assert_close(ft[row], base[row], rtol=0, atol=0)
+
+
+def test_union_output_agrees_and_loads_in_transformers(models, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plan = {"merge_method": "ties", "base_model": str(models["base"]),
+            "models": [{"model": str(models[n]), "parameters": {"weight": 1.0, "density": 0.5}}
+                       for n in ("ft", "chat", "chat2")],
+            "tokenizer_source": "union"}
+    out = merge(plan, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    vocab = vocab_of(out)
+    weights = load_file(str(out / "model.safetensors"))
+    assert config["vocab_size"] == len(vocab) == 47
+    assert all(weights[t].shape[0] == 47 for t in VOCAB_TENSORS)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == 47
+    ids = tokenizer("<|im_start|> w3 <|im_end|> [PAD] <pad>")["input_ids"]
+    assert ids == [vocab["<|im_start|>"], vocab["w3"], vocab["<|im_end|>"], vocab["[PAD]"], vocab["<pad>"]]
+    special = json.loads((out / "special_tokens_map.json").read_text())
+    assert special["eos_token"] == "</s>" == tokenizer.eos_token
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    logits = model(torch.tensor([ids])).logits
+    assert logits.shape[-1] == 47 and torch.isfinite(logits).all()
+
+
+def test_tokenizer_source_model_and_base(models, tmp_path):
+    """``tokenizer_source: <chat>`` takes chat's 46 tokens (ft lacks 3: donated by chat); ``base`` keeps the base's
+    43, dropping the chat rows."""
+    paths = [models["ft"], models["chat"]]
+    plan = {"merge_method": "linear", "base_model": str(models["base"]),
+            "models": [{"model": str(p)} for p in paths], "parameters": {"weight": 1.0},
+            "tokenizer_source": str(models["chat"]), "dtype": "float32"}
+    out = merge(plan, tmp_path / "model")
+    assert vocab_of(out) == vocab_of(models["chat"])
+    tokens = sorted(vocab_of(out), key=vocab_of(out).get)
+    everyone = [models["base"], *paths]
+    rows = aligned_rows(everyone, "lm_head.weight", tokens, base=models["base"])
+    torch.testing.assert_close(state64(out)["lm_head.weight"], sum(rows) / 3, rtol=0, atol=1e-6)
+    plan["tokenizer_source"] = "base"
+    out = merge(plan, tmp_path / "base")
+    assert vocab_of(out) == vocab_of(models["base"])
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 43
+    rows = [state64(p)["lm_head.weight"][:43] for p in everyone]
+    torch.testing.assert_close(state64(out)["lm_head.weight"], sum(rows) / 3, rtol=0, atol=1e-6)
+
+
+def test_token_settings_and_padding(models, tmp_path):
+    """force, zero, model_token and pad_to_multiple_of, computed by hand for a linear merge of ft and chat."""
+    ft, chat = models["ft"], models["chat"]
+    plan = {"merge_method": "linear", "models": [{"model": str(ft), "parameters": {"weight": 1.0}},
+                                                 {"model": str(chat), "parameters": {"weight": 1.0}}],
+            "dtype": "float32",
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 16, "tokens": {
+                "<|im_start|>": {"source": {"kind": "zero"}},
+                "<|im_end|>": {"source": {"kind": "model_token", "model": str(chat), "token": "</s>"}, "force": True},
+                "<tool>": None,  # added to the vocabulary; nobody has it: zero rows
+            }}}
+    out = merge(plan, tmp_path / "out")
+    vocab = vocab_of(out)
+    assert len(vocab) == 47 and vocab["<tool>"] == 46
+    merged = state64(out)["model.embed_tokens.weight"]
+    assert merged.shape[0] == 48  # padded to a multiple of 16
+    e_ft, e_chat = state64(ft)["model.embed_tokens.weight"], state64(chat)["model.embed_tokens.weight"]
+    v_chat = vocab_of(chat)
+    assert torch.equal(merged[vocab["<tool>"]], torch.zeros(16, dtype=torch.float64))
+    torch.testing.assert_close(merged[vocab["<|im_start|>"]], e_chat[v_chat["<|im_start|>"]] / 2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged[vocab["<|im_end|>"]], e_chat[v_chat["</s>"]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged[vocab["<pad>"]], e_chat[v_chat["<pad>"]], rtol=0, atol=1e-6)
+    # padding: each model's mean real row (ft's rows for the chat tokens are the fills; chat keeps its own
+    # <|im_start|>, takes </s>'s row for the forced <|im_end|>, and zeros for <tool>)
+    rows_ft = torch.cat([e_ft, torch.stack([e_chat[v_chat["<pad>"]], torch.zeros(16, dtype=torch.float64),
+                                            e_chat[v_chat["</s>"]], torch.zeros(16, dtype=torch.float64)])])
+    rows_chat = torch.cat([e_chat[:45], e_chat[v_chat["</s>"]][None],
+                           torch.zeros(1, 16, dtype=torch.float64)])
+    torch.testing.assert_close(merged[47], (rows_ft.mean(0) + rows_chat.mean(0)) / 2, rtol=0, atol=1e-6)
+
+
+def test_vocabulary_mismatch_without_setting_names_it(models, tmp_path):
+    text = (f"merge_method: linear\nparameters: {{weight: 1.0}}\nmodels:\n  - model: {models['ft']}\n"
+            f"  - model: {models['chat']}\n")
+    with pytest.raises(PlanError, match="tokenizer_source: union"):
+        build_job(parse_plan(text, "plan.yml"))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("tokenizer_source: union\ntokenizer: {source: base}\n", "not both"),
+    ("tokenizer: {pad_to_multiple_of: 0}\n", "pad_to_multiple_of"),
+    ("tokenizer: {tokens: {a: {source: {kind: nope}}}}\n", "source must be"),
+    ("tokenizer: {tokens: {a: {force: 3}}}\n", "force must be"),
+    ("tokenizer: {colour: red}\n", "unknown key"),
+    ("chat_template: chatm\n", "chat_template"),
+])
+def test_tokenizer_plan_problems(text, message):
+    with pytest.raises(PlanError, match=message):
+        parse_plan("merge_method: linear\nmodels: [{model: a}, {model: b}]\n" + text, "plan.yml")
+
+
+def test_token_source_must_be_a_model_of_the_merge(models):
+    text = (f"merge_method: linear\nparameters: {{weight: 1.0}}\n"
+            f"models: [{{model: {models['ft']}}}, {{model: {models['chat']}}}]\n"
+            f"tokenizer: {{tokens: {{'<|im_end|>': {{source: {models['ft']}}}}}}}\n")
+    with pytest.raises(PlanError, match="has no such token"):
+        build_job(parse_plan(text, "plan.yml"))
+
+
+@pytest.mark.parametrize("setting", ["auto", "chatml", "literal"])
+def test_chat_template_written_into_tokenizer_config(models, tmp_path, setting):
+    from transformers import AutoTokenizer
+
+    literal = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    plan = {"merge_method": "linear", "models": [{"model": str(models[n])} for n in ("ft", "chat", "chat2")],
+            "parameters": {"weight": 1.0},
+            "tokenizer_source": "union", "chat_template": literal if setting == "literal" else setting}
+    out = merge(plan, tmp_path / "out")
+    expected = {"auto": hf.CHAT_TEMPLATE, "chatml": NAMED_TEMPLATES["chatml"], "literal": literal}[setting]
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == expected
+    assert not (out / "chat_template.jinja").exists()
+    assert AutoTokenizer.from_pretrained(out).chat_template == expected
