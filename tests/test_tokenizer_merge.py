@@ -260,3 +260,24 @@ def test_chat_template_written_into_tokenizer_config(models, tmp_path, setting):
     assert config["chat_template"] == expected
     assert not (out / "chat_template.jinja").exists()
     assert AutoTokenizer.from_pretrained(out).chat_template == expected
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_preview_of_a_union_plan_aligns_rows_as_the_merge(models, tmp_path, mode):
+    """The embedding group's ‖τ_m‖ in the preview is the written merge's ‖θ_m − θ₀‖ over the aligned rows
+    (computed here from the files, float64); sampled mode stays finite and close for this entrywise method."""
+    from mergescope.analysis.preview import run_preview
+
+    paths = [models["base"], models["ft"], models["chat"], models["chat2"]]
+    plan = {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
+            "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths[1:], [1.0, 0.6, 0.4])],
+            "tokenizer_source": "union", "dtype": "float32"}
+    out = merge(plan, tmp_path / "out")
+    vocab = vocab_of(out)
+    tokens = sorted(vocab, key=vocab.get)
+    base = aligned_rows(paths, "model.embed_tokens.weight", tokens, base=models["base"])[0]
+    expected = float((state64(out)["model.embed_tokens.weight"] - base).norm())
+    job = build_job(parse_plan(yaml.safe_dump(plan), "plan.yml"))
+    preview = run_preview(job, mode=mode, sample_size=64)
+    group = next(g for g in preview.groups if g.group == "model.embed_tokens")
+    assert group.merged_norm == pytest.approx(expected, rel=1e-5 if mode == "exact" else 0.5)
