@@ -281,3 +281,15 @@ def test_preview_of_a_union_plan_aligns_rows_as_the_merge(models, tmp_path, mode
     preview = run_preview(job, mode=mode, sample_size=64)
     group = next(g for g in preview.groups if g.group == "model.embed_tokens")
     assert group.merged_norm == pytest.approx(expected, rel=1e-5 if mode == "exact" else 0.5)
+
+
+def test_dry_run_shows_the_output_vocabulary(models, tmp_path, capsys):
+    from mergescope.tui.cli.main import main
+
+    plan = {"merge_method": "linear", "models": [{"model": str(models[n])} for n in ("ft", "chat", "chat2")],
+            "parameters": {"weight": 1.0}, "tokenizer": {"source": "union", "pad_to_multiple_of": 8}}
+    plan_file = tmp_path / "plan.yml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    assert main(["merge", str(plan_file), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "vocabulary (union): 47 tokens, 48 rows; 4 new: <pad>, <|im_start|>, <|im_end|>, [PAD]" in \
+        capsys.readouterr().out.replace("\n", "")

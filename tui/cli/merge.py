@@ -98,6 +98,11 @@ def print_dry_run(job: MergeJob, out: Path, console: Console) -> None:
         shared = ", ".join(f"{k}={_fmt(v)}" for k, v in task.options.items())
         table.add_row(group, f"{task.t:.2f}", *cells, shared or "–")
     console.print(table)
+    if job.vocabulary is not None:
+        vocabulary = job.vocabulary
+        new = ", ".join(token for token, _ in vocabulary.new[:8]) + (" …" if len(vocabulary.new) > 8 else "")
+        console.print(f"vocabulary ({plan.tokenizer_source}): {len(vocabulary.tokens)} tokens, {vocabulary.rows} rows"
+                      + (f"; {len(vocabulary.new)} new: {new}" if vocabulary.new else ""), soft_wrap=True, markup=False)
     for warning in job.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
 
