@@ -120,6 +120,7 @@ def build_job(plan: MergePlan, *, checkpoints: dict[str, Checkpoint] | None = No
         for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
             if key in config:
                 config[key] = layers_out
+        _slice_layer_types(config, plan, opened)
     warnings: list[str] = []
     reference_ref = plan.base_model or entries[0].model
     vocabulary = plan_vocabulary(plan, opened, reference_ref, [e.model for e in entries], tasks, problems, warnings)
@@ -131,6 +132,23 @@ def build_job(plan: MergePlan, *, checkpoints: dict[str, Checkpoint] | None = No
         _set_vocab_size(config, vocabulary.rows)
     return MergeJob(plan, plan.method, opened, tasks, out_dtype, config, reference, tokenizer_from, warnings,
                     vocabulary)
+
+
+def _slice_layer_types(config: dict, plan: MergePlan, opened: dict[str, Checkpoint]) -> None:
+    """A stacked model's ``layer_types`` (Qwen2, Gemma 2: sliding or full attention per layer): each output
+    layer takes the type of the layer it comes from (mergekit 0.1.5 leaves the list as it was, and transformers
+    then refuses the config)."""
+    if not isinstance(config.get("layer_types"), list):
+        return
+    types = []
+    for output_slice in plan.slices or []:
+        first = output_slice.sources[0]
+        source = opened[first.model].config.raw.get("layer_types")
+        start, stop = first.layer_range
+        if not isinstance(source, list) or len(source) < stop:
+            return  # nothing to take the types from: leave the list (transformers will say what is wrong)
+        types += source[start:stop]
+    config["layer_types"] = types
 
 
 def _set_vocab_size(config: dict, rows: int) -> None:
