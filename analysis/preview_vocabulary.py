@@ -9,9 +9,9 @@ its tokens' output rows and the rows of tokens it lacks are zero.
 from __future__ import annotations
 
 from mergescope.checkpoints import Checkpoint, MergescopeError
+from mergescope.checkpoints.vocabulary import checkpoint_vocabulary
 from mergescope.merge.job import MergeJob, TensorTask
 from mergescope.merge.tokenizer_settings import TokenizerSettings
-from mergescope.merge.vocabulary_job import checkpoint_vocabulary
 from mergescope.merge.vocabulary_merge import row_alignment
 
 

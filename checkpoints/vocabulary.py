@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoint import Checkpoint
 from .errors import CheckpointError
 
 #: tensor names whose first axis is the vocabulary (embeddings and output heads of the common architectures)
@@ -85,3 +86,17 @@ def read_vocabulary(tokenizer_json: Path) -> Vocabulary:
 def tokenizer_json_of(files: list[Path]) -> Path | None:
     """The ``tokenizer.json`` among a checkpoint's model files, None when it has none."""
     return next((p for p in files if p.name == "tokenizer.json"), None)
+
+
+def model_rows(checkpoint: Checkpoint) -> int | None:
+    """The rows a model has for tokens: its first vocabulary tensor's, else ``vocab_size`` from its config."""
+    for name in checkpoint.tensor_names:
+        if is_vocabulary_tensor(name) and checkpoint.spec(name).shape:
+            return checkpoint.spec(name).shape[0]
+    return checkpoint.config.vocab_size
+
+
+def checkpoint_vocabulary(checkpoint: Checkpoint) -> Vocabulary | None:
+    """The vocabulary of a checkpoint's ``tokenizer.json`` limited to its rows, None without one."""
+    path = tokenizer_json_of(checkpoint.model_files())
+    return read_vocabulary(path).limited(model_rows(checkpoint)) if path is not None else None

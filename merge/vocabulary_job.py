@@ -9,24 +9,10 @@ a warning; the reference itself needs one.
 from __future__ import annotations
 
 from mergescope.checkpoints import Checkpoint, MergescopeError, open_checkpoint
-from mergescope.checkpoints.vocabulary import Vocabulary, is_vocabulary_tensor, read_vocabulary, tokenizer_json_of
+from mergescope.checkpoints.vocabulary import Vocabulary, checkpoint_vocabulary, is_vocabulary_tensor, model_rows
 
 from .plan import MergePlan, PlanProblems
 from .vocabulary_merge import OutputVocabulary, VocabularyError, output_vocabulary, row_alignment
-
-
-def model_rows(checkpoint: Checkpoint) -> int | None:
-    """The rows a model has for tokens: its first vocabulary tensor's, else ``vocab_size`` from its config."""
-    for name in checkpoint.tensor_names:
-        if is_vocabulary_tensor(name) and checkpoint.spec(name).shape:
-            return checkpoint.spec(name).shape[0]
-    return checkpoint.config.vocab_size
-
-
-def checkpoint_vocabulary(checkpoint: Checkpoint) -> Vocabulary | None:
-    """The vocabulary of a checkpoint's ``tokenizer.json`` limited to its rows, None without one."""
-    path = tokenizer_json_of(checkpoint.model_files())
-    return read_vocabulary(path).limited(model_rows(checkpoint)) if path is not None else None
 
 
 def plan_vocabulary(plan: MergePlan, opened: dict[str, Checkpoint], reference: str, order: list[str],

@@ -96,3 +96,27 @@ def write_chat_fine_tune(base: Path, folder: Path, *, seed: int, pad: str = "<pa
     _perturb(model, seed)
     _save(model, tokenizer, folder, None)
     return folder
+
+
+def write_reordered(source: Path, folder: Path, swap: tuple[str, str] = ("w0", "w1")) -> Path:
+    """``source`` with two ordinary tokens' ids swapped in its tokenizer and their embedding and head rows swapped
+    to match: the same model token by token, different row by row."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    document = json.loads((folder / "tokenizer.json").read_text())
+    vocab = document["model"]["vocab"]
+    a, b = vocab[swap[0]], vocab[swap[1]]
+    vocab[swap[0]], vocab[swap[1]] = b, a
+    (folder / "tokenizer.json").write_text(json.dumps(document))
+    state = load_file(str(folder / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in state:
+            rows = state[name].clone()
+            rows[[a, b]] = rows[[b, a]]
+            state[name] = rows
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
