@@ -37,6 +37,7 @@ from mergescope.tui.screens.run_screen import (
     MergeStarted,
     RunScreen,
 )
+from mergescope.tui.screens.tokens_screen import TokensScreen
 from mergescope.tui.session import Session
 from mergescope.tui.state import BASE_KEY, AppState
 
@@ -184,6 +185,11 @@ class MergescopeApp(App):
             self.action_plan()
             return
         self.push_screen(RunScreen(self.state.plan_text))
+
+    def action_tokens(self) -> None:
+        """The tokens each model added to or lost from the base's vocabulary."""
+        if not isinstance(self.screen, TokensScreen):
+            self.push_screen(TokensScreen())
 
     def action_filter_tensors(self) -> None:
         """Every tensor of the model, filtered by name as you type."""

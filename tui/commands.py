@@ -12,6 +12,7 @@ ACTIONS = (
     ("Run the plan", "merge the plan built in the plan builder", "run"),
     ("Filter tensors by name", "every tensor of the model with its statistics, filtered as you type", "filter_tensors"),
     ("Cancel the running merge", "stop between tensors; nothing is written", "cancel_merge"),
+    ("Tokens added and lost", "the tokens each model added to or lost from the base's vocabulary", "tokens"),
     ("Diagnose the last merge", "retention and cosine of the merged task vector against each source", "diagnose"),
     ("Help", "keys and what each screen shows", "help"),
     ("Quit", "leave mergescope (asks first while a merge runs)", "quit"),

@@ -72,6 +72,19 @@ def preview_rows(state: AppState, plan: MergePlan, cancel: threading.Event) -> I
                 yield status, names, list(rows.values()), warnings, heading
 
 
+def vocabulary_line(state: AppState, plan: MergePlan) -> str:
+    """The output vocabulary the plan gives: ``output vocabulary: 47 tokens (+4: <pad>, …), 48 rows``; empty without
+    a tokenizer setting (the base's tokenizer is copied). Raises the job's PlanError for a plan that cannot run."""
+    if plan.tokenizer is None:
+        return ""
+    job = build_job(plan, checkpoints=session_checkpoints(state.session))
+    vocabulary = job.vocabulary
+    new = [token for token, _ in vocabulary.new]
+    added = f" (+{len(new)}: {', '.join(new[:4])}{', …' if len(new) > 4 else ''})" if new else ""
+    rows = f", {vocabulary.rows} rows" if vocabulary.rows != len(vocabulary.tokens) else ""
+    return f"output vocabulary: {len(vocabulary.tokens)} tokens{added}{rows}"
+
+
 def _row(group: GroupPreview, base_norm: float | None, label: str | None = None) -> Row:
     """(label, ‖τ_m‖ — relative to ``base_norm`` when given —, retention per source)."""
     if base_norm:

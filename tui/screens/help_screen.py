@@ -20,6 +20,7 @@ KEYS = (
     ("r", "run the plan: confirm output and device, then a progress panel"),
     ("c", "cancel the running merge — in the run panel"),
     ("d", "diagnosis of the last merge"),
+    ("t", "tokens each model added to or lost from the base's vocabulary — in the overview"),
     ("Ctrl+P", "command palette: every action by name"),
     ("q", "quit (asks first while a merge runs)"),
 )
