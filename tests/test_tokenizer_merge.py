@@ -293,3 +293,30 @@ def test_dry_run_shows_the_output_vocabulary(models, tmp_path, capsys):
     assert main(["merge", str(plan_file), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
     assert "vocabulary (union): 47 tokens, 48 rows; 4 new: <pad>, <|im_start|>, <|im_end|>, [PAD]" in \
         capsys.readouterr().out.replace("\n", "")
+
+
+def test_diagnosis_of_a_union_merge_counts_shared_tokens_only(models, tmp_path):
+    """The diagnosis compares the merged model (47 tokens) with its sources by token string: a source's retention
+    ⟨τ_m, τᵢ⟩/‖τᵢ‖² sums over every tensor, the embedding and head over the 43 tokens all share (float64 here)."""
+    from mergescope.analysis.diagnosis import diagnose_merged_folder
+
+    paths = [models["base"], models["ft"], models["chat"], models["chat2"]]
+    plan = {"merge_method": "ties", "base_model": str(models["base"]),
+            "models": [{"model": str(p), "parameters": {"weight": 0.8, "density": 0.6}} for p in paths[1:]],
+            "tokenizer_source": "union", "dtype": "float32"}
+    out = merge(plan, tmp_path / "out")
+    report = diagnose_merged_folder(out, device="cpu").to_json()
+    base_vocab, merged_vocab = vocab_of(models["base"]), vocab_of(out)
+    shared = sorted(base_vocab, key=base_vocab.get)
+    theta0, merged = state64(models["base"]), state64(out)
+    for name in ("ft", "chat"):
+        theta, vocab = state64(models[name]), vocab_of(models[name])
+        dot = norm2 = 0.0
+        for tensor in theta0:
+            rows = (lambda v: [v[t] for t in shared]) if tensor in VOCAB_TENSORS else None
+            t0 = theta0[tensor][rows(base_vocab)] if rows else theta0[tensor]
+            ti = theta[tensor][rows(vocab)] if rows else theta[tensor]
+            tm = merged[tensor][rows(merged_vocab)] if rows else merged[tensor]
+            dot += float(((tm - t0) * (ti - t0)).sum())
+            norm2 += float((ti - t0).pow(2).sum())
+        assert report["total"]["sources"][name]["retention"] == pytest.approx(dot / norm2, rel=1e-5)
