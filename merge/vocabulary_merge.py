@@ -127,7 +127,7 @@ class RowAlignment:
         dtype = tensors[0].dtype
         for tensor in tensors[1:]:
             dtype = torch.promote_types(dtype, tensor.dtype)
-        fills = self._fill_rows(tensors)
+        fills = self.fill_rows(tensors)
         out = []
         for i, tensor in enumerate(tensors):
             aligned = self.align_rows(i, tensor, 0, self.real_rows, fills, dtype)
@@ -138,7 +138,8 @@ class RowAlignment:
         return out
 
     def align_rows(self, i: int, tensor, start: int, stop: int, fills: dict, dtype):
-        """Output rows ``start:stop`` (real rows only) of input ``i``; ``fills`` from :meth:`_fill_rows`."""
+        """Output rows ``start:stop`` (real rows only) of input ``i``; ``fills`` from :meth:`fill_rows` (computed
+        once per tensor from every input's rows, then shared by all blocks)."""
         import torch
 
         index = torch.tensor(self.maps[i][start:stop], dtype=torch.long, device=tensor.device)
@@ -152,7 +153,7 @@ class RowAlignment:
             out[position] = fills[start + position].to(dtype)
         return out
 
-    def _fill_rows(self, tensors: list) -> dict:
+    def fill_rows(self, tensors: list) -> dict:
         """Every fill row any input needs, in float32."""
         import torch
 

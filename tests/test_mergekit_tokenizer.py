@@ -50,7 +50,7 @@ def cases(m: dict[str, str]) -> dict[str, dict]:
         "ties_union": {"merge_method": "ties", "base_model": m["base"], "models": three,
                        "tokenizer_source": "union", "dtype": "float32"},
         "linear_union": {"merge_method": "linear", "models": weighted, "tokenizer_source": "union",
-                         "dtype": "float32"},
+                         "dtype": "float32", "chat_template": "auto"},
         "task_arithmetic_union": {"merge_method": "task_arithmetic", "base_model": m["base"], "models": weighted,
                                   "tokenizer_source": "union", "dtype": "float32"},
         "linear_base": {"merge_method": "linear", "base_model": m["base"], "models": weighted,
@@ -112,3 +112,15 @@ def test_matches_mergekit(outputs, name):
                                        atol=1e-6, msg=f"{name}: {tensor} padding rows")
         else:
             torch.testing.assert_close(ours[tensor], theirs[tensor], rtol=1e-5, atol=1e-6, msg=f"{name}: {tensor}")
+
+
+def test_chat_template_auto_matches_mergekit(outputs):
+    """``chat_template: auto`` picks chat's template in both; mergekit (transformers 5) writes chat_template.jinja,
+    mergescope tokenizer_config.json: transformers loads the same template from either."""
+    from transformers import AutoTokenizer
+
+    ours_dir, theirs_dir = outputs["linear_union"]
+    ours, theirs = AutoTokenizer.from_pretrained(ours_dir), AutoTokenizer.from_pretrained(theirs_dir)
+    assert ours.chat_template == theirs.chat_template == hf.CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "w1 w2"}]
+    assert ours.apply_chat_template(messages, tokenize=False) == theirs.apply_chat_template(messages, tokenize=False)
