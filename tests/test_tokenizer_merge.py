@@ -320,3 +320,38 @@ def test_diagnosis_of_a_union_merge_counts_shared_tokens_only(models, tmp_path):
             dot += float(((tm - t0) * (ti - t0)).sum())
             norm2 += float((ti - t0).pow(2).sum())
         assert report["total"]["sources"][name]["retention"] == pytest.approx(dot / norm2, rel=1e-5)
+
+
+def test_row_alignment_block_by_block_equals_whole_tensor():
+    """RowAlignment applied to blocks of output rows (with the fill rows computed once) gives the whole-tensor
+    result bit for bit: the piece a block-wise executor needs. Expected rows built here by hand."""
+    from mergescope.checkpoints.vocabulary import Vocabulary
+    from mergescope.merge.tokenizer_settings import TokenizerSettings
+    from mergescope.merge.vocabulary_merge import output_vocabulary, row_alignment
+
+    vocabularies = {
+        "base": Vocabulary({"a": 0, "b": 1, "c": 2}),
+        "x": Vocabulary({"b": 0, "a": 1, "c": 2, "<x>": 3}, {"<x>": {"content": "<x>", "special": True}}),
+        "y": Vocabulary({"a": 0, "b": 1, "c": 2, "<x>": 3, "<y>": 4},
+                        {"<x>": {"content": "<x>"}, "<y>": {"content": "<y>"}}),
+    }
+    settings = TokenizerSettings("union", {}, 4)
+    out = output_vocabulary(settings, "base", ["base", "x", "y"], vocabularies)
+    assert out.tokens == ["a", "b", "c", "<x>", "<y>"] and out.rows == 8
+    alignment = row_alignment(out, ["base", "x", "y"], vocabularies, settings, "base")
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 2, generator=g), torch.randn(4, 2, generator=g), torch.randn(5, 2, generator=g)]
+    whole = alignment.align(tensors)
+    base, x, y = tensors
+    x_mean = (x[3] + y[3]) / 2  # <x>: in x and y, not the base → the holders' mean for the base
+    expected_base = torch.stack([base[0], base[1], base[2], x_mean, y[4]])
+    expected_x = torch.stack([x[1], x[0], x[2], x[3], y[4]])
+    torch.testing.assert_close(whole[0][:5], expected_base, rtol=0, atol=1e-7)
+    torch.testing.assert_close(whole[1][:5], expected_x, rtol=0, atol=0)
+    torch.testing.assert_close(whole[2][:5], y, rtol=0, atol=0)
+    torch.testing.assert_close(whole[0][5:], expected_base.mean(0).expand(3, 2), rtol=0, atol=1e-7)
+    fills = alignment.fill_rows(tensors)
+    for i, tensor in enumerate(tensors):
+        blocks = [alignment.align_rows(i, tensor, start, min(start + 2, 5), fills, torch.float32)
+                  for start in range(0, 5, 2)]
+        assert torch.equal(torch.cat(blocks), whole[i][:5])
