@@ -120,13 +120,16 @@ class RowAlignment:
         return len(self.maps[0]) if self.maps else 0
 
     def align(self, tensors: list) -> list:
-        """Each input tensor (rows first, any float dtype) re-ordered to the output rows, in the inputs'
-        promoted dtype (fills and padding are computed in float32 and cast)."""
+        """Each input tensor (rows first, any float dtype) re-ordered to the output rows: in the inputs' promoted
+        dtype when every row is copied (own rows, a donor's row, zeros), in float32 when a row is a mean (of the
+        holders' rows, or padding), so that no mean is rounded to bf16 before the method computes in float32."""
         import torch
 
         dtype = tensors[0].dtype
         for tensor in tensors[1:]:
             dtype = torch.promote_types(dtype, tensor.dtype)
+        if self.rows > self.real_rows or any(len(sources) > 1 for sources in self.fills.values()):
+            dtype = torch.promote_types(dtype, torch.float32)
         fills = self.fill_rows(tensors)
         out = []
         for i, tensor in enumerate(tensors):

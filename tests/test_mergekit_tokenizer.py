@@ -4,8 +4,10 @@ fine-tunes that added tokens and resized their embeddings, all written by transf
 Both tools run the same plan; the outputs must have the same vocabulary (token strings and their added-token
 settings), ``vocab_size``, tensors, and embedding/head rows compared **by token string**: mergekit orders the
 new tokens of a union by iterating a Python ``set`` of models (hash order, which changes between processes), so
-two runs of mergekit itself may number them differently; mergescope numbers them in plan order. Everything is
-float32 (``dtype: float32``), where mergekit's arithmetic equals ours to rounding.
+two runs of mergekit itself may number them differently; mergescope numbers them in plan order. Every plan
+computes in float32 (``dtype: float32``), where mergekit's arithmetic equals ours to rounding — the bf16 family's
+too: mergekit casts the inputs to float32 before it fills missing rows with means, and mergescope keeps those
+means in float32.
 """
 
 from __future__ import annotations
@@ -31,14 +33,19 @@ VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("mk-chat")
-    base = hf.write_llama_base(root / "base")
-    return {
-        "base": str(base),
-        "ft": str(hf.write_fine_tune(base, root / "ft", seed=1)),
-        "chat": str(hf.write_chat_fine_tune(base, root / "chat", seed=2)),
-        "chat2": str(hf.write_chat_fine_tune(base, root / "chat2", seed=3, pad="[PAD]", chat_template=None)),
-    }
+    """float32 models, and the same family in bfloat16 (names prefixed with b)."""
+    paths = {}
+    for prefix, dtype in (("", torch.float32), ("b", torch.bfloat16)):
+        root = tmp_path_factory.mktemp(f"mk-chat{prefix}")
+        base = hf.write_llama_base(root / "base", dtype=dtype)
+        paths.update({
+            f"{prefix}base": str(base),
+            f"{prefix}ft": str(hf.write_fine_tune(base, root / "ft", seed=1)),
+            f"{prefix}chat": str(hf.write_chat_fine_tune(base, root / "chat", seed=2)),
+            f"{prefix}chat2": str(hf.write_chat_fine_tune(base, root / "chat2", seed=3, pad="[PAD]",
+                                                          chat_template=None)),
+        })
+    return paths
 
 
 def cases(m: dict[str, str]) -> dict[str, dict]:
@@ -60,6 +67,16 @@ def cases(m: dict[str, str]) -> dict[str, dict]:
         # <|im_start|> is in the base (chat) and chat2 but not ft: ft gets the base's row, not the holders' mean
         "ties_union_chat_base": {"merge_method": "ties", "base_model": m["chat"], "models": [three[0], three[2]],
                                  "tokenizer_source": "union", "dtype": "float32"},
+        # bf16 inputs, float32 arithmetic (dtype: float32): the holders' mean for <|im_start|> is not rounded.
+        # density 1: trims of bf16 task vectors meet magnitude ties that mergekit breaks in an unstable order
+        "bf16_ties_union": {"merge_method": "ties", "base_model": m["bbase"], "tokenizer_source": "union",
+                            "models": [{"model": m[f"b{k}"], "parameters": {"weight": w, "density": 1.0}}
+                                       for k, w in (("ft", 1.0), ("chat", 0.7), ("chat2", 0.5))],
+                            "dtype": "float32"},
+        "bf16_linear_padded": {"merge_method": "linear", "dtype": "float32",
+                               "models": [{"model": m["bchat"], "parameters": {"weight": 0.3}},
+                                          {"model": m["bchat2"], "parameters": {"weight": 0.7}}],
+                               "tokenizer": {"source": "union", "pad_to_multiple_of": 32}},
         "linear_tokens": {"merge_method": "linear", "models": weighted[:2], "dtype": "float32",
                           "tokenizer": {"source": "union", "pad_to_multiple_of": 16, "tokens": {
                               "<|im_start|>": {"source": {"kind": "zero"}},
@@ -91,7 +108,8 @@ def vocabulary(folder: Path) -> tuple[dict[str, int], dict[str, dict]]:
 
 
 @pytest.mark.parametrize("name", ["ties_union", "linear_union", "task_arithmetic_union", "linear_base", "ties_model",
-                                  "ties_union_chat_base", "linear_tokens"])
+                                  "ties_union_chat_base", "linear_tokens", "bf16_ties_union",
+                                  "bf16_linear_padded"])
 def test_matches_mergekit(outputs, name):
     ours_dir, theirs_dir = outputs[name]
     (ours_vocab, ours_added), (theirs_vocab, theirs_added) = vocabulary(ours_dir), vocabulary(theirs_dir)
