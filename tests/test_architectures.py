@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+import hf_fixtures as hf
 from hf_architectures import ARCHITECTURES, write_family
 from mergekit_reference import load_merged
 from mergescope.analysis.report import run_analysis
@@ -186,3 +187,41 @@ def test_diagnose_explains_a_ties_merge(families, arch, tmp_path):
                   for k in base)
         norm2 = sum(float((tuned[k].double() - base[k].double()).pow(2).sum()) for k in base)
         assert report["total"]["sources"][name]["retention"] == pytest.approx(dot / norm2, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_union_with_a_chat_fine_tune_of_each_architecture(families, arch, tmp_path):
+    """A chat fine-tune of each architecture (three tokens added, embeddings resized by transformers) merges with a
+    plain fine-tune under tokenizer_source: union: the chat model's row count everywhere, tied embeddings still
+    tied, the added tokens tokenized as themselves, and the new tokens' rows are the chat model's (the only model
+    that has them)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    chat = hf.write_chat_fine_tune(families[arch]["base"], tmp_path / "chat", seed=5)
+    paths = {k: str(v) for k, v in families[arch].items()}
+    plan = {"merge_method": "ties", "base_model": paths["base"], "tokenizer_source": "union", "dtype": "float32",
+            "models": [{"model": paths["ft_a"], "parameters": {"weight": 0.5, "density": 0.8}},
+                       {"model": str(chat), "parameters": {"weight": 0.5, "density": 0.8}}]}
+    out = merge(plan, tmp_path / "out")
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    chat_tokenizer = AutoTokenizer.from_pretrained(chat)
+    # transformers 5 rebuilds Qwen2's tokenizer with its own <|endoftext|> past the base's rows: the chat model has
+    # a row for it, the base does not, so it joins the union like the chat tokens
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == len(chat_tokenizer) \
+        == model.config.vocab_size
+    ids = tokenizer("<|im_start|><|im_end|>", add_special_tokens=False)["input_ids"]
+    assert ids == tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) and max(ids) < len(tokenizer)
+    assert torch.isfinite(model(torch.tensor([ids])).logits).all()
+    written = set()
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            written.update(handle.keys())
+    assert ("lm_head.weight" in written) != ARCHITECTURES[arch].tied
+    chat_model = AutoModelForCausalLM.from_pretrained(chat, dtype=torch.float32)
+    new_row = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    chat_row = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    torch.testing.assert_close(model.get_input_embeddings().weight[new_row].float(),
+                               chat_model.get_input_embeddings().weight[chat_row], rtol=0, atol=1e-6)
