@@ -355,3 +355,21 @@ def test_row_alignment_block_by_block_equals_whole_tensor():
         blocks = [alignment.align_rows(i, tensor, start, min(start + 2, 5), fills, torch.float32)
                   for start in range(0, 5, 2)]
         assert torch.equal(torch.cat(blocks), whole[i][:5])
+
+
+def test_a_model_without_tokenizer_shares_the_reference_vocabulary_with_a_warning(models, tmp_path):
+    """As mergekit does: a model whose folder has no tokenizer.json is taken to have the reference's vocabulary (the
+    merge says so); the reference itself needs one."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(models["ft"], bare)
+    (bare / "tokenizer.json").unlink()
+    plan = {"merge_method": "linear", "parameters": {"weight": 1.0}, "tokenizer_source": "union",
+            "models": [{"model": str(models["chat"])}, {"model": str(bare)}]}
+    job = build_job(parse_plan(yaml.safe_dump(plan), "plan.yml"))
+    assert job.warnings == [f"{bare} has no tokenizer.json; taken to share {models['chat']}'s vocabulary"]
+    assert job.vocabulary.rows == 46
+    plan["models"].reverse()
+    with pytest.raises(PlanError, match="has no tokenizer.json: merging by token needs the reference"):
+        build_job(parse_plan(yaml.safe_dump(plan), "plan.yml"))

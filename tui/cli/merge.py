@@ -37,6 +37,8 @@ def run_merge_command(args: argparse.Namespace) -> int:
 
 
 def _execute(job: MergeJob, out: Path, args: argparse.Namespace, console: Console) -> int:
+    for warning in job.warnings:  # e.g. a model without tokenizer.json taken to share the base's vocabulary
+        console.print(f"[yellow]warning:[/] {warning}", markup=True, highlight=False)
     bar = Progress(
         TextColumn(f"[bold]merging ({job.method.name})"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         TimeRemainingColumn(), TextColumn("{task.fields[tensor]}", style="dim"), console=console, transient=True,
