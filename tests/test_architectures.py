@@ -225,3 +225,46 @@ def test_union_with_a_chat_fine_tune_of_each_architecture(families, arch, tmp_pa
     chat_row = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
     torch.testing.assert_close(model.get_input_embeddings().weight[new_row].float(),
                                chat_model.get_input_embeddings().weight[chat_row], rtol=0, atol=1e-6)
+
+
+def test_chat_lora_with_resized_embeddings_equals_merge_and_unload_and_merges_by_token(tmp_path):
+    """A chat LoRA as peft saves it after resize_token_embeddings: modules_to_save copies of the embedding and head
+    (``X.modules_to_save.weight``), the base's copies beside them (``X.original_module.weight``) and the resized
+    layers themselves (``X.weight``, peft's save_embedding_layers). Applied, it equals peft's merge_and_unload;
+    merged with a fine-tune under tokenizer_source: union, its new tokens arrive with its rows."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = hf.write_llama_base(tmp_path / "base")
+    ft = hf.write_fine_tune(base, tmp_path / "ft", seed=1)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model.resize_token_embeddings(len(tokenizer))
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            modules_to_save=["embed_tokens", "lm_head"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    lora.save_pretrained(tmp_path / "lora")
+    tokenizer.save_pretrained(tmp_path / "lora")
+
+    resized = AutoModelForCausalLM.from_pretrained(base)
+    resized.resize_token_embeddings(len(tokenizer))
+    merged = PeftModel.from_pretrained(resized, tmp_path / "lora").merge_and_unload().state_dict()
+    applied = open_checkpoint(str(tmp_path / "lora"))
+    assert set(applied.tensor_names) == set(load_merged(base))
+    for name in applied.tensor_names:
+        torch.testing.assert_close(applied.read(name).double(), merged[name].double(), rtol=0, atol=1e-6, msg=name)
+
+    plan = {"merge_method": "linear", "tokenizer_source": "union", "dtype": "float32",
+            "models": [{"model": str(ft), "parameters": {"weight": 0.5}},
+                       {"model": str(tmp_path / "lora"), "parameters": {"weight": 0.5}}]}
+    out = merge(plan, tmp_path / "out")
+    state, out_tokenizer = load_merged(out), AutoTokenizer.from_pretrained(out)
+    row = out_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert state["lm_head.weight"].shape[0] == len(out_tokenizer) == 45
+    torch.testing.assert_close(state["lm_head.weight"][row].double(),
+                               merged["lm_head.weight"][tokenizer.convert_tokens_to_ids("<|im_end|>")].double(),
+                               rtol=0, atol=1e-6)
