@@ -21,6 +21,7 @@ def plan_vocabulary(plan: MergePlan, opened: dict[str, Checkpoint], reference: s
     shape of every embedding and head task in ``tasks``. ``order`` is the models in plan order, reference first."""
     settings = plan.tokenizer
     if settings is None:
+        warnings.extend(renumbered_vocabularies(opened, reference, order))
         return None
     named = [ref for ref in settings.models if ref not in opened]
     for ref in named:
@@ -60,3 +61,28 @@ def plan_vocabulary(plan: MergePlan, opened: dict[str, Checkpoint], reference: s
             return None
         task.shape = (out.rows, *task.shape[1:])
     return out
+
+
+def renumbered_vocabularies(opened: dict[str, Checkpoint], reference: str, order: list[str]) -> list[str]:
+    """Without tokenizer settings rows merge by id: a warning for each model whose vocabulary has as many rows as
+    the reference's but other tokens at some of them (a renamed reserved token, another tokenizer). Tokenizers
+    with the same fingerprint are not read."""
+    found = []
+    base = opened.get(reference)
+    for ref in dict.fromkeys(order):
+        model = opened.get(ref)
+        if base is None or model is None or ref == reference or model.tokenizer_fingerprint in (
+                None, base.tokenizer_fingerprint) or base.tokenizer_fingerprint is None:
+            continue
+        try:
+            ours, theirs = checkpoint_vocabulary(base), checkpoint_vocabulary(model)
+        except MergescopeError:
+            continue
+        if ours is None or theirs is None or model_rows(model) != model_rows(base):
+            continue  # a different row count is refused with its own message
+        moved = [t for t, i in theirs.tokens.items() if ours.tokens.get(t) != i]
+        if moved:
+            shown = ", ".join(repr(t) for t in moved[:3]) + (", …" if len(moved) > 3 else "")
+            found.append(f"{ref}: {len(moved)} tokens sit at other rows than in {reference} ({shown}); rows are merged "
+                         "by id — set tokenizer_source (union, base or a model) to merge them by token")
+    return found

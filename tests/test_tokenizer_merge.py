@@ -373,3 +373,19 @@ def test_a_model_without_tokenizer_shares_the_reference_vocabulary_with_a_warnin
     plan["models"].reverse()
     with pytest.raises(PlanError, match="has no tokenizer.json: merging by token needs the reference"):
         build_job(parse_plan(yaml.safe_dump(plan), "plan.yml"))
+
+
+def test_same_size_other_tokens_warns_without_a_tokenizer_setting(models, tmp_path):
+    """Rows merge by id without a tokenizer setting (as mergekit does); a model whose tokens sit at other rows gets a
+    warning naming the setting, and with tokenizer_source: base the rows are matched by token instead."""
+    reordered = hf.write_reordered(models["ft"], tmp_path / "reordered")
+    text = (f"merge_method: linear\nparameters: {{weight: 1.0}}\n"
+            f"models: [{{model: {models['ft']}}}, {{model: {reordered}}}]\n")
+    job = build_job(parse_plan(text, "plan.yml"))
+    assert len(job.warnings) == 1
+    assert "2 tokens sit at other rows" in job.warnings[0] and "set tokenizer_source" in job.warnings[0]
+    assert build_job(parse_plan(text + "dtype: float32\n", "plan.yml")).warnings == job.warnings
+    out = merge({**yaml.safe_load(text), "tokenizer_source": "base", "dtype": "float32"}, tmp_path / "out")
+    # by token the two models are the same: the linear merge of ft with itself is ft
+    torch.testing.assert_close(state64(out)["lm_head.weight"], state64(models["ft"])["lm_head.weight"],
+                               rtol=0, atol=1e-6)

@@ -42,7 +42,7 @@ def preview_rows(state: AppState, plan: MergePlan, cancel: threading.Event) -> I
     ‖θ₀‖ covers the groups read so far, so its whole-model value is too small); every row has the same unit,
     which the heading names."""
     job = build_job(plan, checkpoints=session_checkpoints(state.session))
-    warnings = plan_warnings(job, state.report if state.analysis_done else None)
+    warnings = job.warnings + plan_warnings(job, state.report if state.analysis_done else None)
     relative = state.analysis_done and bool((state.report.get("total") or {}).get("base_norm"))
     report = state.report if relative else {}
     base_norms = {g["name"]: g.get("base_norm") for g in report.get("groups", [])}
