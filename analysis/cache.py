@@ -25,7 +25,7 @@ from pathlib import Path
 from mergescope.checkpoints import Checkpoint
 
 #: bump when the statistics or the report shape change, to invalidate every cached report
-CACHE_VERSION = "analysis-1"
+CACHE_VERSION = "analysis-2"  # 2: embeddings and heads compared by token string across vocabularies
 #: the table holding this version's reports; other versions' tables in the same file are left alone
 TABLE = "reports_" + CACHE_VERSION.replace("-", "_")
 #: a cached report's keys and the JSON type of each (``mergescope.analysis/1``)
@@ -42,8 +42,9 @@ def cache_dir() -> Path:
 
 
 def cache_key(base: Checkpoint, models: list[Checkpoint], names: list[str], density: float) -> str:
-    parts = [CACHE_VERSION, base.fingerprint, base.name, repr(float(density))]
-    parts += [f"{name}|{m.source}|{m.fingerprint}" for name, m in zip(names, models)]
+    # the tokenizers decide which rows are compared (analysis.vocabulary_rows), so they are part of the key
+    parts = [CACHE_VERSION, base.fingerprint, str(base.tokenizer_fingerprint), base.name, repr(float(density))]
+    parts += [f"{name}|{m.source}|{m.fingerprint}|{m.tokenizer_fingerprint}" for name, m in zip(names, models)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 

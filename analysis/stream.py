@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from mergescope.checkpoints import Checkpoint, layer_group, resolve_device
 from mergescope.checkpoints.device import one_torch_thread
 from mergescope.checkpoints.read_ahead import read_ahead
+from mergescope.checkpoints.vocabulary import is_vocabulary_tensor
 from mergescope.merge.magnitude_trim import abs_task_vector
 from mergescope.merge.sparsify import top_magnitude_mask
 
 from .compatibility import AnalysisWarning, alignment_warning, checkpoint_warnings, non_finite_warning, shared_rows
 from .sums import TaskVectorSums
 from .tensor_pass import DEFAULT_CHUNK, TaskInput, tensor_sums
+from .vocabulary_rows import vocabulary_comparison
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 
@@ -100,6 +102,7 @@ class _Loader:
         self.base, self.models, self.names, self.device = base, models, names, device
         # a LoRA model on this very base hands over its exact task vector instead of θ
         self.stored = [m.base is not None and m.base.fingerprint == base.fingerprint for m in models]
+        self.by_token = vocabulary_comparison(base, models, names)  # None: rows are compared by id
         self.free: queue.Queue = queue.Queue()
         for _ in range(sets):
             self.free.put([None] * (len(models) + 1))
@@ -121,6 +124,8 @@ class _Loader:
     def __call__(self, name: str) -> _Loaded:
         buffers = self.free.get()
         spec = self.base.spec(name)
+        if self.by_token is not None and is_vocabulary_tensor(name) and len(spec.shape) == 2:
+            return self._by_token(name, spec, buffers)
         base_values = self._read(self.base, name, buffers, 0).reshape(-1)
         inputs, present, warnings, rows = [], [], [], None
         for slot, (model, model_name, stored) in enumerate(zip(self.models, self.names, self.stored), 1):
@@ -148,6 +153,37 @@ class _Loader:
             base_values = base_values[: rows * width]
             inputs = [TaskInput(None if i.values is None else i.values[: rows * width], i.is_delta) for i in inputs]
         return _Loaded(base_values, inputs, present, rows, warnings, buffers)
+
+
+    def _by_token(self, name: str, spec, buffers: list) -> _Loaded:
+        """An embedding or head across vocabularies: the shared tokens' rows of the base and of each model
+        (:mod:`.vocabulary_rows`)."""
+        import torch
+
+        comparison = self.by_token
+        base_values = self._read(self.base, name, buffers, 0)
+        index = torch.tensor(comparison.base_rows, dtype=torch.long, device=base_values.device)
+        base_values = base_values.index_select(0, index)
+        inputs, present, warnings = [], [], []
+        for slot, (model, model_name, rows) in enumerate(zip(self.models, self.names, comparison.model_rows), 1):
+            model_spec = model.spec(name) if name in model else None
+            if model_spec is None or tuple(model_spec.shape[1:]) != tuple(spec.shape[1:]):
+                if model_spec is not None:
+                    warnings.append(alignment_warning(name, model_name, spec, model_spec, None))
+                inputs.append(TaskInput(None))
+                present.append(False)
+                continue
+            if rows != comparison.base_rows or model_spec.shape[0] != spec.shape[0]:
+                warnings.append(AnalysisWarning(
+                    "vocab_mismatch", model_name, name,
+                    f"{name}: {model_name} {comparison.summary(model_name)} tokens against the base; the "
+                    f"{len(comparison.tokens)} shared tokens' rows are compared by token string",
+                ))
+            values = self._read(model, name, buffers, slot)
+            values = values.index_select(0, torch.tensor(rows, dtype=torch.long, device=values.device))
+            inputs.append(TaskInput(values.to(self.device).reshape(-1)))
+            present.append(True)
+        return _Loaded(base_values.reshape(-1), inputs, present, len(comparison.tokens), warnings, buffers)
 
 
 def stream_analysis(

@@ -30,10 +30,12 @@ from mergescope.checkpoints import Cancelled, CheckpointWriter, MergescopeError,
 from mergescope.checkpoints.read_ahead import read_ahead
 from mergescope.checkpoints.writer import DEFAULT_MAX_SHARD_BYTES
 
+from .chat_templates import resolve_chat_template
 from .job import MergeJob, TensorTask
 from .model_card import model_card
 from .plan import PLAN_FILE_NAME
 from .tensor_merge import DEFAULT_SEED, merge_tensor
+from .tokenizer_files import tokenizer_outputs
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 
@@ -94,7 +96,8 @@ def run_merge(
 
     def read(task: TensorTask):
         # stored dtype (bf16 is half of float32) while waiting; float32 only for the tensor being merged
-        return [job.checkpoints[ref].read(name, device=device) for ref, name in task.reads]
+        tensors = [job.checkpoints[ref].read(name, device=device) for ref, name in task.reads]
+        return task.vocabulary.align(tensors) if task.vocabulary is not None else tensors  # rows by token
 
     with CheckpointWriter(out_dir, specs, max_shard_bytes=shard, overwrite=overwrite) as writer, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-write") as writing:
@@ -177,10 +180,12 @@ def _write_model_files(job: MergeJob, writer: CheckpointWriter) -> None:
         if path.name == "generation_config.json":
             writer.add_file(path)
     if job.tokenizer_from is not None:
-        for path in job.tokenizer_from.model_files():
-            if path.name not in ("config.json", "generation_config.json"):
-                writer.add_file(path)
-    if job.plan.chat_template:
-        writer.add_text("chat_template.jinja", job.plan.chat_template)
+        sources = [job.checkpoints[ref].model_files() for ref in job.plan_models]
+        template = resolve_chat_template(job.plan.chat_template, sources)
+        texts, copies = tokenizer_outputs(job.tokenizer_from.model_files(), job.vocabulary, template)
+        for path in copies:
+            writer.add_file(path)
+        for name, text in texts.items():
+            writer.add_text(name, text)
     writer.add_text(PLAN_FILE_NAME, job.plan.to_yaml())
     writer.add_text("README.md", model_card(job.plan, list(job.checkpoints)))

@@ -17,9 +17,11 @@ from pathlib import Path
 from mergescope.checkpoints import MergescopeError
 from mergescope.checkpoints.dtypes import dtype_name
 
+from .chat_templates import chat_template_problem
 from .methods import METHODS, MergeMethod
 from .parameters import coerce, is_conditional, is_scalar
 from .soup_block import greedy_soup_options
+from .tokenizer_settings import TokenizerSettings, tokenizer_settings
 from .yaml_lines import LinedDict, dump_yaml, load_yaml, read_yaml_file
 
 TOP_LEVEL_KEYS = {
@@ -71,7 +73,8 @@ class MergePlan:
     parameters: dict = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # tokenizer.source, kept for callers that only need the name
+    tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     options: dict = field(default_factory=dict)  # the mergescope: block
     source: str = "<plan>"
@@ -186,18 +189,13 @@ def _build(document: object, problems: PlanProblems) -> MergePlan | None:
                 setattr(plan, key, str(document[key]))
             except MergescopeError as exc:
                 problems.add(document.line_of(key), f"{key}: {exc}")
-    tokenizer_source = document.get("tokenizer_source")
-    if tokenizer_source == "union" or "tokenizer" in document:
-        problems.add(
-            document.line_of("tokenizer_source" if "tokenizer_source" in document else "tokenizer"),
-            "a union tokenizer (tokenizer_source: union or tokenizer:) is not supported yet; use base or a model",
-        )
-    elif tokenizer_source is not None:
-        if not isinstance(tokenizer_source, str):
-            problems.add(document.line_of("tokenizer_source"), "tokenizer_source must be base or a model reference")
-        plan.tokenizer_source = str(tokenizer_source)
+    plan.tokenizer = tokenizer_settings(document, problems)
+    plan.tokenizer_source = plan.tokenizer.source if plan.tokenizer is not None else None
     if document.get("chat_template") is not None:
         plan.chat_template = str(document["chat_template"])
+        problem = chat_template_problem(plan.chat_template)
+        if problem:
+            problems.add(document.line_of("chat_template"), problem)
     plan.options = _mergescope_options(document, problems)
     return plan
 

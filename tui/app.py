@@ -44,6 +44,7 @@ from mergescope.tui.screens.run_screen import (
     RunScreen,
 )
 from mergescope.tui.screens.search_screen import SearchScreen
+from mergescope.tui.screens.tokens_screen import TokensScreen
 from mergescope.tui.screens.too_small_screen import TooSmallScreen, too_small
 from mergescope.tui.scrollbars import WholeCellScrollBarRender
 from mergescope.tui.session import Session
@@ -276,6 +277,11 @@ class MergescopeApp(App):
         """Where a path prompt starts: the demo workspace's plans/ or merges/, else the current folder."""
         workspace = self.state.session.workspace
         return f"{workspace / folder}/" if workspace is not None else ""
+
+    def action_tokens(self) -> None:
+        """The tokens each model added to or lost from the base's vocabulary."""
+        if not isinstance(self.screen, TokensScreen):
+            self.push_screen(TokensScreen())
 
     def action_filter_tensors(self) -> None:
         """Every tensor of the model, filtered by name as you type."""

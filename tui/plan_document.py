@@ -35,6 +35,7 @@ class PlanForm:
     options: dict[str, str] = field(default_factory=dict)  # method-level parameter → YAML text
     dtype: str | None = None
     output: str = "merged"
+    tokenizer_source: str | None = None  # None: not set (the base's tokenizer; a vocabulary mismatch is refused)
     extra: dict = field(default_factory=dict)  # keys of a loaded plan the form does not edit (kept as they are)
 
 
@@ -138,6 +139,8 @@ def to_document(form: PlanForm) -> dict:
         document["parameters"] = options
     if form.dtype:
         document["dtype"] = form.dtype
+    if form.tokenizer_source and "tokenizer" not in form.extra:
+        document["tokenizer_source"] = form.tokenizer_source
     for key, value in form.extra.items():
         if key not in document and key != "base_model":
             document[key] = value
@@ -167,7 +170,9 @@ def from_plan(plan, rows: list[ModelRow]) -> PlanForm:
         row.fields = {k: format_field(v) for k, v in _plain(entry.parameters or {}).items()}
     form = PlanForm(plan.merge_method, plan.base_model, rows,
                     {k: format_field(v) for k, v in _plain(plan.parameters or {}).items()}, plan.dtype)
-    form.extra = {k: v for k, v in raw.items() if k not in ("merge_method", "models", "parameters", "dtype")}
+    form.extra = {k: v for k, v in raw.items()
+                  if k not in ("merge_method", "models", "parameters", "dtype", "tokenizer_source")}
+    form.tokenizer_source = raw.get("tokenizer_source") if isinstance(raw.get("tokenizer_source"), str) else None
     method = METHODS[plan.merge_method]
     for row in rows:
         for name in per_model_parameters(method):

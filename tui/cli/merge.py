@@ -64,6 +64,8 @@ def print_input_warnings(plan: MergePlan, console: Console) -> None:
 
 
 def _execute(job: MergeJob, out: Path, args: argparse.Namespace, console: Console) -> int:
+    for warning in job.warnings:  # e.g. a model without tokenizer.json taken to share the base's vocabulary
+        console.print(f"[yellow]warning:[/] {warning}", markup=True, highlight=False)
     bar = Progress(
         TextColumn(f"[bold]merging ({job.method.name})"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         TimeRemainingColumn(), TextColumn("{task.fields[tensor]}", style="dim"), console=console, transient=True,
@@ -108,6 +110,11 @@ def print_dry_run(job: MergeJob, out: Path, console: Console) -> None:
     options = shared_options(job)
     if options:
         console.print(f"method parameters (every tensor): {options}", soft_wrap=True)
+    if job.vocabulary is not None:
+        vocabulary = job.vocabulary
+        new = ", ".join(token for token, _ in vocabulary.new[:8]) + (" …" if len(vocabulary.new) > 8 else "")
+        console.print(f"vocabulary ({plan.tokenizer_source}): {len(vocabulary.tokens)} tokens, {vocabulary.rows} rows"
+                      + (f"; {len(vocabulary.new)} new: {new}" if vocabulary.new else ""), soft_wrap=True, markup=False)
     for warning in job.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
 

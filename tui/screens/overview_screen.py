@@ -44,6 +44,7 @@ class OverviewScreen(Screen):
         Binding("enter", "drill", "Layer", show=True),
         Binding("slash", "app.filter_tensors", "Filter", show=True),
         Binding("d", "diagnose", "Diagnose", show=False),
+        Binding("t", "app.tokens", "Tokens", show=False),
         Binding("tab", "next_pane", "Pane", show=False),
         Binding("shift+tab", "next_pane(-1)", "Pane", show=False),
     ]

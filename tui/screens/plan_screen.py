@@ -36,7 +36,7 @@ from mergescope.tui.plan_document import (
     to_document,
     to_yaml,
 )
-from mergescope.tui.plan_preview import Row, norm_unit_note, preview_rows
+from mergescope.tui.plan_preview import Row, norm_unit_note, preview_rows, vocabulary_line
 from mergescope.tui.report_view import badges
 from mergescope.tui.screens.confirm_screen import ConfirmScreen
 from mergescope.tui.screens.run_screen import RunScreen
@@ -67,6 +67,14 @@ class PreviewUpdated(Message):
     warnings: list[str]  # what the plan warns of (base mismatch, missing tensors, ...)
     cancel: threading.Event  # the preview's own; set once a later edit superseded it
     norm_heading: str = "‖τm‖"  # the merged-norm column's unit: absolute, or relative to ‖θ₀‖
+
+
+@dataclass
+class VocabularyPreviewed(Message):
+    """The output vocabulary the plan's tokenizer setting gives (its size, the tokens it adds)."""
+
+    text: str
+    cancel: threading.Event
 
 
 @dataclass
@@ -119,6 +127,10 @@ class PlanScreen(Screen):
                 yield Label("dtype", classes="field-label")
                 yield Select([("as the base", "")] + [(d, d) for d in DTYPES], value=self.form.dtype or "",
                              allow_blank=False, compact=True, id="dtype")
+                yield Label("tokenizer (tokenizer_source)", classes="field-label")
+                yield Select(self._tokenizer_options(), value=self.form.tokenizer_source or "", allow_blank=False,
+                             compact=True, id="tokenizer")
+                yield Static("", id="vocab-preview", classes="dim")
                 yield Label("output folder", classes="field-label")
                 yield Input(self.form.output, compact=True, id="output")
                 yield Label("plan file (s saves)", classes="field-label")
@@ -184,6 +196,14 @@ class PlanScreen(Screen):
             options.insert(0, (self.form.base, self.form.base))
         return options
 
+    def _tokenizer_options(self) -> list[tuple[str, str]]:
+        """Not set (the base's, vocabularies must agree), union, base, or one model's tokenizer."""
+        options = [("not set (the base's)", ""), ("union of all models", "union"), ("base", "base")]
+        options += [(name, ref) for name, ref in zip(self.app.state.names, self._references()[1:])]
+        if self.form and self.form.tokenizer_source and self.form.tokenizer_source not in {v for _, v in options}:
+            options.append((self.form.tokenizer_source, self.form.tokenizer_source))
+        return options
+
     async def _rebuild_fields(self) -> None:
         """(Re)create the per-model and method-level fields for the form's method."""
         models, options = self.query_one("#model-fields"), self.query_one("#option-fields")
@@ -220,6 +240,8 @@ class PlanScreen(Screen):
             self.form.base = value or None
         elif event.select.id == "dtype":
             self.form.dtype = value or None
+        elif event.select.id == "tokenizer":
+            self.form.tokenizer_source = value or None
         self.schedule_preview()
 
     def on_model_fields_changed(self, message: ModelFieldsChanged) -> None:
@@ -282,6 +304,7 @@ class PlanScreen(Screen):
         try:
             plan, text = self.current_plan()
             self.post_message(PlanValidated(text, self.form.output, self.started_from))
+            self.post_message(VocabularyPreviewed(vocabulary_line(self.app.state, plan), cancel))
             for status, names, rows, warnings, heading in preview_rows(self.app.state, plan, cancel):
                 if cancel.is_set():
                     return
@@ -302,6 +325,10 @@ class PlanScreen(Screen):
             text.append("⚠ ", style="yellow")
             text.append(warning + "\n")
         self.query_one("#plan-warnings", Static).update(text)
+
+    def on_vocabulary_previewed(self, message: VocabularyPreviewed) -> None:
+        if not message.cancel.is_set():
+            self.query_one("#vocab-preview", Static).update(message.text)
 
     def on_plan_rejected(self, message: PlanRejected) -> None:
         if message.cancel.is_set():

@@ -13,7 +13,7 @@ from textual.widgets import DataTable
 from mergescope.checkpoints import Checkpoint
 from mergescope.tui.display import short
 from mergescope.tui.formatting import human_count
-from mergescope.tui.report_view import badges
+from mergescope.tui.report_view import badges, token_changes
 from mergescope.tui.state import BASE_KEY
 
 _BADGE_LABELS = {"base": "base", "tokenizer": "tok", "vocab": "vocab", "arch": "arch"}
@@ -28,11 +28,13 @@ class ModelDetailsRequested(Message):
     key: str  # the model's name, BASE_KEY for the base
 
 
-def badge_text(passed: dict[str, bool] | None) -> Text:
-    """``✓base ✓tok ✗vocab``: green for a passed check, red for a failed one, dim while unknown (the glyph says
-    which without colour)."""
+def badge_text(passed: dict[str, bool] | None, tokens: tuple[list[str], list[str]] | None = None) -> Text:
+    """``✓base ✓tok ✗vocab+3``: green for a passed check, red for a failed one, dim while unknown; a vocabulary
+    that differs from the base's shows how many tokens the model added (+) and lost (−); `t` lists them."""
     text = Text()
     for key, label in _BADGE_LABELS.items():
+        if key == "vocab" and tokens is not None and (tokens[0] or tokens[1]):
+            label += (f"+{len(tokens[0])}" if tokens[0] else "") + (f"−{len(tokens[1])}" if tokens[1] else "")
         if passed is None:
             text.append(f"·{label} ", style="dim")
         elif passed[key]:
@@ -89,7 +91,8 @@ class ModelsTable(DataTable):
         for name in self.names:
             passed = badges(report, name)
             shown = passed if done or not all(passed.values()) else None
-            self.update_cell(name, "checks", badge_text(shown), update_width=True)
+            tokens = token_changes(report, name) if done else None
+            self.update_cell(name, "checks", badge_text(shown, tokens), update_width=True)
 
     def action_details(self) -> None:
         if self.row_count:
