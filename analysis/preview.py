@@ -64,6 +64,7 @@ from mergescope.merge.tensor_merge import DEFAULT_SEED, merge_rows, merge_tensor
 from . import preview_sampling
 from .plan_warnings import plan_warnings, source_names, source_references  # noqa: F401 (plan_warnings: API)
 from .preview_sampling import SampleCache, sample_gram, sample_rows
+from .preview_vocabulary import AlignedInputs
 from .retention import MergeGram, merge_gram_from_task_sums
 from .stream import usable_cores
 from .tensor_pass import TaskInput, tensor_sums
@@ -183,8 +184,9 @@ def stream_preview(
     layout = preview_layout(job, base)
     device = resolve_device(device)
     seed = seed if seed is not None else job.plan.options.get("seed", DEFAULT_SEED)
-    comparable = [
-        t for t in job.tasks if t.output in layout.base and tuple(layout.base.spec(t.output).shape) == tuple(t.shape)
+    comparable = [  # an embedding or head merged by token is aligned to the output rows (preview_vocabulary)
+        t for t in job.tasks if t.output in layout.base
+        and (t.vocabulary is not None or tuple(layout.base.spec(t.output).shape) == tuple(t.shape))
     ]
     kept = {t.output for t in comparable}
     skipped = [t.output for t in job.tasks if t.output not in kept]
@@ -274,6 +276,7 @@ class _Loader:
     ):
         self.job, self.layout, self.device = job, layout, device
         self.mode, self.sample_size, self.sample_seed, self.cache = mode, sample_size, sample_seed, cache
+        self.aligned = AlignedInputs()
 
     def __call__(self, item: TensorTask | RowBlock) -> _Loaded:
         task = item if isinstance(item, TensorTask) else item.task
@@ -283,6 +286,9 @@ class _Loader:
         rows, lengths = sample if sample is not None else (None, None)
         if isinstance(item, RowBlock) and not item.whole:
             rows = range(item.start, item.stop)  # a row block of the exact mode
+        if task.vocabulary is not None:  # an embedding or head merged by token: aligned as the executor does
+            reads, base = self.aligned(self.job, task, self.layout.base, rows, self.device)
+            return _Loaded(reads, self._sources(task, reads), base, rows, lengths)
         loaded: dict[tuple[int, str], object] = {}
 
         def tensor(checkpoint: Checkpoint, name: str):
@@ -292,6 +298,9 @@ class _Loader:
             return loaded[key]
 
         reads = [tensor(self.job.checkpoints[ref], name) for ref, name in task.reads]
+        return _Loaded(reads, self._sources(task, reads), tensor(self.layout.base, task.output), rows, lengths)
+
+    def _sources(self, task: TensorTask, reads: list) -> list:
         by_reference = dict(zip([ref for ref, _ in task.reads], reads))
         sources = []
         for ref in self.layout.references:
@@ -301,7 +310,7 @@ class _Loader:
                     "tensor"
                 )
             sources.append(by_reference[ref])
-        return _Loaded(reads, sources, tensor(self.layout.base, task.output), rows, lengths)
+        return sources
 
     def _read(self, checkpoint: Checkpoint, name: str, rows):
         if rows is None:

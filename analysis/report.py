@@ -16,6 +16,7 @@ from .cache import AnalysisCache, cache_key
 from .compatibility import AnalysisWarning, different_base_warnings
 from .stream import Progress, TensorResult, stream_analysis
 from .sums import TaskVectorSums
+from .vocabulary_rows import vocabulary_comparison
 
 SCHEMA = "mergescope.analysis/1"
 
@@ -84,6 +85,7 @@ class ReportBuilder:
 
     def report(self) -> dict:
         warnings = self.warnings + different_base_warnings(self._matrix_rel)
+        comparison = vocabulary_comparison(self.base, self.models, self.names)
         return {
             "schema": SCHEMA,
             "density": self.density,
@@ -96,6 +98,8 @@ class ReportBuilder:
             ],
             "total": self.total.statistics(self.names),
             "warnings": [w.to_json() for w in warnings],
+            # by-token comparison across vocabularies: each model's added and lost tokens (absent when ids agree)
+            **({"vocabularies": comparison.to_json()} if comparison is not None else {}),
         }
 
 

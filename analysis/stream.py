@@ -2,7 +2,9 @@
 
 For each of the base's tensors, in model order, a row block at a time, a reader thread fetches the base's rows
 and every model's (or a LoRA adapter's exact task vector) while the previous block's statistics are computed,
-then everything is dropped; a tensor's sums are its blocks' sums. :func:`stream_analysis` yields
+then everything is dropped; a tensor's sums are its blocks' sums. An embedding or head across vocabularies
+(:mod:`.vocabulary_rows`) is compared over the shared tokens: a block of them gathers each checkpoint's rows for
+those tokens (:meth:`~mergescope.checkpoints.Checkpoint.read_row_list`). :func:`stream_analysis` yields
 :class:`TensorResult`, :class:`AnalysisWarning` and :class:`Progress` events as it goes, so a UI can fill its
 tables during the pass; setting ``cancel`` stops it between tensors.
 
@@ -35,12 +37,14 @@ from mergescope.checkpoints.row_blocks import (
     row_ranges,
     rows_per_block,
 )
+from mergescope.checkpoints.vocabulary import is_vocabulary_tensor
 from mergescope.merge.magnitude_trim import abs_task_vector
 from mergescope.merge.sparsify import top_magnitude_mask
 
 from .compatibility import AnalysisWarning, alignment_warning, checkpoint_warnings, non_finite_warning, shared_rows
 from .sums import TaskVectorSums
 from .tensor_pass import DEFAULT_CHUNK, TaskInput, tensor_sums
+from .vocabulary_rows import vocabulary_comparison
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 
@@ -77,7 +81,7 @@ class Progress:
 class _Loaded:
     base: object  # flat torch tensor
     inputs: list[TaskInput]
-    buffers: list  # the read buffers the tensors above may view; given back when done
+    buffers: list | None  # the read buffers the tensors above may view; given back when done
 
 
 @dataclass
@@ -89,6 +93,7 @@ class _Layout:
     rows: int  # rows compared
     limited: int | None  # set when a vocabulary mismatch limited the comparison
     warnings: list[AnalysisWarning]
+    by_token: bool = False  # an embedding or head across vocabularies: rows are the shared tokens (vocabulary_rows)
 
 
 @dataclass(frozen=True)
@@ -114,13 +119,17 @@ class _Loader:
         # a LoRA model on this very base hands over its exact task vector instead of θ
         self.stored = [m.base is not None and m.base.fingerprint == base.fingerprint for m in models]
         self.buffers = ReadBuffers(sets, len(models) + 1)
+        self.by_token = vocabulary_comparison(base, models, names)  # None: rows are compared by id
 
     def release(self, loaded: _Loaded) -> None:
-        self.buffers.give_back(loaded.buffers)
+        if loaded.buffers is not None:  # None: gathered rows, read without the buffer sets
+            self.buffers.give_back(loaded.buffers)
 
     def layout(self, name: str) -> _Layout:
         """Which models take part in tensor ``name`` and over how many rows, from the headers."""
         spec = self.base.spec(name)
+        if self.by_token is not None and is_vocabulary_tensor(name) and len(spec.shape) == 2:
+            return self._by_token_layout(name, spec)
         present, warnings, limited = [], [], None
         for model, model_name in zip(self.models, self.names):
             if name not in model:
@@ -137,6 +146,38 @@ class _Loader:
             present.append(rows is not None)
         return _Layout(present, spec.rows if limited is None else limited, limited, warnings)
 
+    def _by_token_layout(self, name: str, spec) -> _Layout:
+        """An embedding or head across vocabularies: the shared tokens' rows of the base and of each model
+        (:mod:`.vocabulary_rows`) are compared, row k of the comparison being the k-th shared token."""
+        comparison = self.by_token
+        present, warnings = [], []
+        for model, model_name, rows in zip(self.models, self.names, comparison.model_rows):
+            model_spec = model.spec(name) if name in model else None
+            if model_spec is None or tuple(model_spec.shape[1:]) != tuple(spec.shape[1:]):
+                if model_spec is not None:
+                    warnings.append(alignment_warning(name, model_name, spec, model_spec, None))
+                present.append(False)
+                continue
+            if rows != comparison.base_rows or model_spec.shape[0] != spec.shape[0]:
+                warnings.append(AnalysisWarning(
+                    "vocab_mismatch", model_name, name,
+                    f"{name}: {model_name} {comparison.summary(model_name)} tokens against the base; the "
+                    f"{len(comparison.tokens)} shared tokens' rows are compared by token string",
+                ))
+            present.append(True)
+        shared = len(comparison.tokens)
+        return _Layout(present, shared, shared, warnings, by_token=True)
+
+    def _by_token_block(self, unit: RowUnit, layout: _Layout) -> _Loaded:
+        """Shared tokens ``start:stop`` of an embedding or head: each checkpoint's rows for them, gathered."""
+        comparison, name, start, stop = self.by_token, unit.name, unit.start, unit.stop
+        base_values = self.base.read_row_list(name, comparison.base_rows[start:stop], device=self.device)
+        inputs = []
+        for model, rows, present in zip(self.models, comparison.model_rows, layout.present):
+            values = model.read_row_list(name, rows[start:stop], device=self.device) if present else None
+            inputs.append(TaskInput(None if values is None else values.reshape(-1)))
+        return _Loaded(base_values.reshape(-1), inputs, None)
+
     def _read(self, checkpoint: Checkpoint, name: str, start: int, stop: int, buffers: list, slot: int):
         spec = checkpoint.spec(name)
         buffer = ReadBuffers.slot(buffers, slot, (stop - start) * spec.row_numel * ITEMSIZE[spec.dtype])
@@ -145,6 +186,8 @@ class _Loader:
         return checkpoint.read_rows(name, start, stop, device=self.device, buffer=buffer)
 
     def __call__(self, unit: RowUnit, layout: _Layout) -> _Loaded:
+        if layout.by_token:
+            return self._by_token_block(unit, layout)
         buffers = self.buffers.take()
         name, start, stop = unit.name, unit.start, unit.stop
         base_values = self._read(self.base, name, start, stop, buffers, 0).reshape(-1)

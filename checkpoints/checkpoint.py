@@ -10,6 +10,7 @@ fetches one tensor when asked. Subclasses differ only in where bytes come from: 
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -106,18 +107,14 @@ class Checkpoint(ABC):
 
     @cached_property
     def fingerprint(self) -> str:
-        """Identifies this checkpoint's contents for caches: every weight file's path, size and mtime."""
+        """Identifies this checkpoint's contents for caches: every weight file's :func:`file_identity`."""
         digest = hashlib.sha256(self.kind.encode())
         for part in self._fingerprint_parts():
             digest.update(part.encode() + b"\0")
         return digest.hexdigest()[:32]
 
     def _fingerprint_parts(self) -> list[str]:
-        parts = []
-        for path in self.files:
-            st = path.stat()
-            parts.append(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}")
-        return parts
+        return [file_identity(path) for path in self.files]
 
     # --- reading --------------------------------------------------------------------------------------
     def read(
@@ -167,6 +164,32 @@ class Checkpoint(ABC):
         if device is not None:
             tensor = tensor.to(device)
         return tensor
+
+    def read_row_list(self, name: str, rows: list[int], device: str | None = None) -> torch.Tensor:
+        """Rows ``rows`` (any order, repeats allowed) of tensor ``name`` in the stored dtype, moved to ``device``:
+        the same values as ``read(name)[rows]``. Reads one span from the first to the last row when the rows
+        fill at least half of it (or the format reads whole tensors anyway), else each run of consecutive rows."""
+        import torch
+
+        spec = self.spec(name)
+        wanted = sorted(set(rows))
+        if not wanted:
+            return torch.empty((0, *spec.shape[1:]), dtype=torch_dtype(spec.dtype), device=device)
+        first, last = wanted[0], wanted[-1] + 1
+        if last - first <= 2 * len(wanted) or type(self)._read_rows is Checkpoint._read_rows:
+            held = self.read_rows(name, first, last)
+            index = torch.tensor(rows, dtype=torch.long) - first
+        else:
+            runs, begin = [], wanted[0]
+            for previous, row in zip(wanted, wanted[1:]):
+                if row != previous + 1:
+                    runs.append((begin, previous + 1))
+                    begin = row
+            runs.append((begin, wanted[-1] + 1))
+            held = torch.cat([self.read_rows(name, a, b) for a, b in runs])
+            index = torch.searchsorted(torch.tensor(wanted, dtype=torch.long), torch.tensor(rows, dtype=torch.long))
+        out = held[index]
+        return out if device is None else out.to(device)
 
     def _read_rows(self, spec: TensorSpec, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``start:stop`` in the stored dtype, on the CPU; by default the whole tensor, cut (a copy, so
@@ -295,3 +318,26 @@ def _load_weights_only(path: Path) -> dict:
     ):
         raise CheckpointError(f"{path}: expected a mapping of tensor names to tensors")
     return state
+
+
+#: how many bytes at each end of a weight file its identity hashes (the header, and the last tensor's tail)
+IDENTITY_SAMPLE_BYTES = 1 << 16
+
+
+def file_identity(path: Path) -> str:
+    """What tells one version of a weight file from another without reading it all: its resolved path, size,
+    modification time, inode and inode change time (``st_ctime``, which every write updates and which, unlike
+    the modification time, cannot be set back), and a SHA-256 of its first and last 64 KiB (the safetensors
+    header with every name, shape and offset, and the last tensor's tail), for file systems whose times are
+    coarse. A file rewritten in place with the same size and modification time gets another identity."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            digest = hashlib.sha256(f.read(IDENTITY_SAMPLE_BYTES))
+            if st.st_size > IDENTITY_SAMPLE_BYTES:
+                f.seek(max(IDENTITY_SAMPLE_BYTES, st.st_size - IDENTITY_SAMPLE_BYTES))
+                digest.update(f.read(IDENTITY_SAMPLE_BYTES))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    times = f"{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_dev}:{st.st_ino}"
+    return f"{Path(path).resolve()}|{st.st_size}|{times}|{digest.hexdigest()[:32]}"

@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, file_identity
 from .dtypes import torch_dtype
 from .errors import CheckpointError
 from .model_files import ModelConfig, model_files_in, read_json, tokenizer_fingerprint
@@ -40,6 +40,8 @@ _LORA_KEY = re.compile(
     r"(?:\.(?!weight$)[^.]+)?(?:\.weight)?$"
 )
 _PREFIX = "base_model.model."
+#: ``.modules_to_save`` and the adapter name peft may keep after it, before the parameter's own name
+_TRAINED_COPY = re.compile(r"\.modules_to_save(?:\.[^.]+)?(?=\.[^.]+$)")
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ class LoraAdapter:
 
     def _parse(self, tensors: dict[str, TensorInfo]) -> tuple[dict[str, LoraTarget], dict[str, TensorInfo]]:
         parts: dict[str, dict[str, TensorInfo]] = {}
-        replaced: dict[str, TensorInfo] = {}
+        trained: dict[str, TensorInfo] = {}  # modules_to_save: the adapter's own copy, what the merged model holds
+        saved: dict[str, TensorInfo] = {}  # whole layers saved beside it (peft's save_embedding_layers after a resize)
         for key, info in tensors.items():
             name = key.removeprefix(_PREFIX)
             if "lora_magnitude_vector" in name:
@@ -100,9 +103,14 @@ class LoraAdapter:
             match = _LORA_KEY.match(name)
             if match:
                 parts.setdefault(match["module"], {})[match["part"]] = info
+            elif ".original_module." in name:
+                continue  # the base's copy peft keeps next to a modules_to_save one: not what the adapter applies
+            elif _TRAINED_COPY.search(name):
+                whole = _TRAINED_COPY.sub("", name)  # X.modules_to_save[.adapter].weight -> X.weight
+                trained[whole] = dataclasses.replace(info, name=whole)
             else:
-                whole = re.sub(r"\.modules_to_save\.[^.]+", "", name)
-                replaced[whole] = dataclasses.replace(info, name=whole)
+                saved[name] = dataclasses.replace(info, name=name)
+        replaced = {**saved, **trained}
         targets = {}
         for module, found in parts.items():
             embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
@@ -189,8 +197,7 @@ class LoraCheckpoint(Checkpoint):
         return list(files.values())
 
     def _fingerprint_parts(self) -> list[str]:
-        st = self.adapter.weights_file.stat()
-        return [self._base.fingerprint, f"{self.adapter.weights_file.resolve()}|{st.st_size}|{st.st_mtime_ns}"]
+        return [self._base.fingerprint, file_identity(self.adapter.weights_file)]
 
     def _read(self, spec: TensorSpec, buffer: torch.Tensor | None = None) -> torch.Tensor:
         import torch

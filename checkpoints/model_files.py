@@ -75,14 +75,24 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
+#: the largest config, shard index or adapter config read (real ones are kilobytes; indexes of the largest
+#: models a few MB); the safetensors library bounds its headers the same way
+MAX_JSON_BYTES = 100_000_000
+
+
 def read_json(path: Path, what: str) -> dict:
     """Load a JSON object from ``path``; a broken file (or a key given twice, say a tensor listed twice in a
-    shard index) is a one-line :class:`CheckpointError`."""
+    shard index), one over :data:`MAX_JSON_BYTES` or nested deeper than the parser goes is a one-line
+    :class:`CheckpointError`, read in bounded memory."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: {what} is larger than {MAX_JSON_BYTES} bytes; not a {what}")
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: {what} is not valid JSON ({exc})") from None
     except ValueError as exc:  # a key given twice
         raise CheckpointError(f"{path}: {what}: {exc}") from None
@@ -122,8 +132,22 @@ def tokenizer_fingerprint(folder: Path | None) -> str | None:
     return digest.hexdigest()[:16] if found else None
 
 
+def checkpoint_roots(folder: Path) -> list[Path]:
+    """Where the files of the checkpoint in ``folder`` may really live: the folder itself, and in a hub cache
+    snapshot (``models--org--name/snapshots/REV``) the repository's ``blobs`` folder its files link into."""
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        roots.append((folder.parent.parent / "blobs").resolve())
+    return roots
+
+
 def model_files_in(folder: Path | None) -> list[Path]:
-    """The config and tokenizer files present in ``folder``, to be copied beside merged weights."""
+    """The config and tokenizer files present in ``folder``, to be copied beside merged weights: regular files
+    only, and only those that are inside the checkpoint (:func:`checkpoint_roots`). A file that is a link out
+    of it (``tokenizer.json -> ~/.ssh/id_rsa``) is left out, so a merge never copies a file from elsewhere
+    into a model that may be shared."""
     if folder is None:
         return []
-    return [folder / name for name in MODEL_FILES if (folder / name).is_file()]
+    roots = checkpoint_roots(folder)
+    found = [folder / name for name in MODEL_FILES if (folder / name).is_file()]
+    return [path for path in found if any(path.resolve().is_relative_to(root) for root in roots)]

@@ -8,6 +8,7 @@ applied. It reads headers only.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from .checkpoint import Checkpoint, SafetensorsCheckpoint, TorchBinCheckpoint
 from .errors import CheckpointError
 from .hub import parse_hub_id, resolve_hub_id
 from .lora import ADAPTER_CONFIG, LoraAdapter, LoraCheckpoint
-from .model_files import read_json
+from .model_files import checkpoint_roots, read_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -39,9 +40,41 @@ def open_checkpoint(
         model = open_checkpoint(model_part)
         adapter = LoraAdapter(_as_folder(adapter_part, "LoRA adapter"))
         return LoraCheckpoint(text, model, adapter, name or f"{model.name}+{adapter.folder.name}")
-    if parse_hub_id(text):
+    if parse_hub_id(text) and not _first_component_exists(path):
         return _open_local(text, resolve_hub_id(text), base, name)
-    raise CheckpointError(f"{text}: no such file or folder, and not a hub id (org/name)")
+    raise CheckpointError(_missing_path_message(text, path))
+
+
+def _first_component_exists(path: Path) -> bool:
+    """``ws/ft_ad`` where ``ws`` is a local folder: a typo in a path, not a hub id (nothing is downloaded)."""
+    return len(path.parts) > 1 and Path(path.parts[0]).exists()
+
+
+def close_names(path: Path, limit: int = 3) -> list[str]:
+    """Paths beside the first missing component of ``path`` whose names are close to it (difflib's ratio ≥ 0.6),
+    written as the user wrote the part that exists."""
+    parts = path.parts
+    for depth in range(len(parts)):
+        parent = Path(*parts[:depth]) if depth else Path(".")
+        if not (parent / parts[depth]).exists():
+            try:
+                siblings = sorted(child.name for child in parent.iterdir())
+            except OSError:
+                return []
+            found = difflib.get_close_matches(parts[depth], siblings, n=limit, cutoff=0.6)
+            return [str(parent / name) if depth else name for name in found]
+    return []
+
+
+def _missing_path_message(text: str, path: Path) -> str:
+    """One line: no such folder (and why it was not tried as a hub id), with close names."""
+    if _first_component_exists(path):
+        why = f" ({path.parts[0]} is a local folder, so this is not tried as a hub id)"
+    else:
+        why = ", and not a hub id (org/name)"
+    close = close_names(path)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"{text}: no such folder or file{why}{hint}"
 
 
 def _as_folder(text: str, what: str) -> Path:
@@ -112,7 +145,7 @@ def _index_weight_map(index_path: Path) -> dict[str, Path]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: has no weight_map (tensor name → shard file)")
     folder = index_path.parent.resolve()
-    allowed = [folder, *_hub_blob_folder(index_path.parent)]
+    allowed = checkpoint_roots(index_path.parent)
     resolved: dict[str, Path] = {}
     shards: dict[str, Path] = {}
     for tensor, shard in weight_map.items():
@@ -122,13 +155,6 @@ def _index_weight_map(index_path: Path) -> dict[str, Path]:
             shards[shard] = _shard_inside(index_path, folder, allowed, shard)
         resolved[tensor] = shards[shard]
     return resolved
-
-
-def _hub_blob_folder(folder: Path) -> list[Path]:
-    """In a hub cache snapshot (``models--org--name/snapshots/REV``), files link into ``../../blobs``."""
-    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
-        return [(folder.parent.parent / "blobs").resolve()]
-    return []
 
 
 def _shard_inside(index_path: Path, folder: Path, allowed: list[Path], shard: str) -> Path:

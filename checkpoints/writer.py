@@ -9,7 +9,9 @@ memory never holds more than the tensor being written.
 Everything goes into a hidden temporary folder beside the output; :meth:`CheckpointWriter.commit` checks
 that every tensor was written, syncs, adds ``model.safetensors.index.json`` (when there is more than one
 shard, as ``transformers`` writes it) and renames the folder into place. Until then the output path does
-not exist, so an interrupted write never looks complete.
+not exist, so an interrupted write never looks complete. From creation to commit (or abort) the writer holds
+the output folder's lock (:mod:`.output_lock`): a second writer of the same folder fails at once, and the
+temporary folders that killed writers of it left behind are removed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING
 from .checkpoint import Checkpoint
 from .dtypes import ITEMSIZE, dtype_name, torch_dtype
 from .errors import CheckpointError, MergescopeError
+from .output_lock import PARTIAL_SUFFIX, OutputLock, partial_prefix
 from .tensor_spec import TensorSpec
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
@@ -39,7 +42,10 @@ INDEX_NAME = "model.safetensors.index.json"
 
 def check_destination(out: Path, *, overwrite: bool) -> None:
     """Refuse, with a one-line error, an output path that is a file, or a folder holding files unless
-    ``overwrite``."""
+    ``overwrite``, or a symbolic link (replacing a link would leave its target's contents wherever it points)."""
+    if out.is_symlink():
+        raise CheckpointError(f"{out}: is a symbolic link to {os.path.realpath(out)}; give that folder itself, or "
+                              "another output folder")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a folder; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -122,21 +128,32 @@ class CheckpointWriter:
         self.out_dir = Path(out_dir)
         self.specs = {s.name: s for s in specs}
         self.overwrite = overwrite
-        check_destination(self.out_dir, overwrite=overwrite)
         self.total_bytes = sum(s.nbytes for s in self.specs.values())
         parent = self.out_dir.parent
+        check_destination(self.out_dir, overwrite=overwrite)
         try:
             parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"{self.out_dir}: cannot create the output folder: {exc.strerror or exc}") from None
+        self._lock = OutputLock(self.out_dir)  # one writer per output folder, until commit or abort
+        try:
+            self._lock.remove_leftovers()  # of writers of this folder that were killed
+            check_destination(self.out_dir, overwrite=overwrite)  # again: a writer may have finished meanwhile
             free = shutil.disk_usage(parent).free
             if free < self.total_bytes:
                 raise CheckpointError(
                     f"{parent}: {_gb(free)} free but the checkpoint needs {_gb(self.total_bytes)}; free space or "
                     "choose another output folder"
                 )
-            self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".partial", dir=parent))
+            prefix = partial_prefix(self.out_dir)
+            self.tmp_dir = Path(tempfile.mkdtemp(prefix=prefix, suffix=PARTIAL_SUFFIX, dir=parent))
             os.chmod(self.tmp_dir, 0o755)  # mkdtemp's 0700 would make the finished model private
         except OSError as exc:
+            self._lock.release()
             raise CheckpointError(f"{self.out_dir}: cannot create the output folder: {exc.strerror or exc}") from None
+        except BaseException:
+            self._lock.release()
+            raise
         self._written: set[str] = set()
         self._rows_written: dict[str, list[tuple[int, int]]] = {}  # row ranges of tensors written in parts
         self._fds: dict[str, int] = {}
@@ -241,8 +258,10 @@ class CheckpointWriter:
             os.rename(self.out_dir, trash)
         os.rename(self.tmp_dir, self.out_dir)
         self._committed = True
+        _fsync_folder(self.out_dir.parent)  # the rename survives a power loss
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
+        self._lock.release()
         return self.out_dir
 
     def abort(self) -> None:
@@ -252,6 +271,7 @@ class CheckpointWriter:
         self._fds.clear()
         if not self._committed:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._lock.release()
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -268,6 +288,19 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
             done += os.pwrite(fd, data[done:], offset + done)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the rename itself is still atomic
+    finally:
+        os.close(fd)
 
 
 def _gb(n: int) -> str:

@@ -4,7 +4,10 @@ For each output tensor, a reader thread fetches its inputs (in their stored dtyp
 while the previous tensor is merged (:func:`~mergescope.checkpoints.read_ahead.read_ahead`); the method's pure
 function merges them in float32 (:func:`~.tensor_merge.merge_tensor`); the result is cast to the output dtype
 and written in place by :class:`~mergescope.checkpoints.CheckpointWriter` in a writer thread while the next
-tensor is merged, then freed.
+tensor is merged, then freed. An embedding or head merged by token (``task.vocabulary``) has its inputs aligned
+to the output rows: whole (:meth:`~.vocabulary_merge.RowAlignment.align`) when it is one block, else a block of
+output rows at a time from each input's rows for those tokens, its fill rows computed once per tensor
+(:class:`~.aligned_rows.AlignedRows`): the same bits either way.
 
 Memory bound: at most ``prefetch + 1`` input sets are alive, plus the method's temporaries and two output
 tensors (one being written): a few copies of the largest tensor, never the model. Elementwise methods and
@@ -42,11 +45,14 @@ from mergescope.checkpoints.row_blocks import (
 )
 from mergescope.checkpoints.writer import DEFAULT_MAX_SHARD_BYTES
 
+from .aligned_rows import AlignedRows, task_aligned_rows
+from .chat_templates import resolve_chat_template
 from .job import MergeJob, TensorTask
 from .model_card import model_card
 from .plan import PLAN_FILE_NAME
 from .row_source import RowBlocks
 from .tensor_merge import DEFAULT_SEED, merge_rows, merge_tensor, tensor_seed
+from .tokenizer_files import tokenizer_outputs
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 
@@ -94,8 +100,9 @@ def bytes_per_entry(job: MergeJob, prefetch: int) -> float:
     flight (``prefetch + 1`` queued, the one merging, the one writing, and two more in a first pass), float32
     working copies of every input and the method's temporaries, and the output twice (merging, writing)."""
     inputs = max((len(task.reads) for task in job.tasks), default=1)
-    stored = max((sum(ITEMSIZE[job.checkpoints[ref].spec(name).dtype] for ref, name in task.reads)
-                  for task in job.tasks), default=4)
+    # an embedding or head merged by token is read aligned: float32 where a row is a mean (RowAlignment.align)
+    stored = max((sum(max(ITEMSIZE[job.checkpoints[ref].spec(name).dtype], 4 if task.vocabulary else 0)
+                      for ref, name in task.reads) for task in job.tasks), default=4)
     return stored * (prefetch + 5) + 4 * (inputs + 4) + 2 * max(ITEMSIZE[job.out_dtype], 4)
 
 
@@ -154,22 +161,32 @@ def run_merge(
     start = time.perf_counter()
 
     buffers = ReadBuffers(prefetch + 3, max((len(task.reads) for task in job.tasks), default=0))
+    aligning: dict[str, AlignedRows] = {}  # the reader's aligned rows of the embedding or head being read
 
-    def read(unit: RowBlock) -> tuple[list, list]:
+    def read(unit: RowBlock) -> tuple[list, list | None, AlignedRows | None]:
         # stored dtype (bf16 is half of float32) while waiting; float32 only for the block being merged; into
         # reused buffers, given back once the block's output is written (the output may view its input)
+        task = unit.task
+        if task.vocabulary is not None and not unit.whole:  # rows by token, a block of output rows at a time
+            if unit.start == 0:
+                aligning.clear()
+                aligning[task.output] = task_aligned_rows(job.checkpoints, task, device)  # fills: once per tensor
+            aligned = aligning[task.output]
+            return [aligned.rows(i, unit.start, unit.stop) for i in range(len(task.reads))], None, aligned
         taken = buffers.take()
         tensors = []
-        for slot, (ref, name) in enumerate(unit.task.reads):
+        for slot, (ref, name) in enumerate(task.reads):
             checkpoint = job.checkpoints[ref]
             spec = checkpoint.spec(name)
-            rows = unit.stop - unit.start
+            rows = spec.rows if unit.whole else unit.stop - unit.start  # an input's rows may differ by token
             buffer = ReadBuffers.slot(taken, slot, rows * spec.row_numel * ITEMSIZE[spec.dtype])
             if unit.whole:
                 tensors.append(checkpoint.read(name, device=device, buffer=buffer))
             else:
                 tensors.append(checkpoint.read_rows(name, unit.start, unit.stop, device=device, buffer=buffer))
-        return tensors, taken
+        if task.vocabulary is not None:
+            tensors = task.vocabulary.align(tensors)  # rows by token, the whole tensor
+        return tensors, taken, None
 
     # On the CPU each block is split across `workers` threads running one-threaded kernels: torch's own OpenMP
     # pool spins against the reader and writer threads for the cores (2 to 3x the CPU time on 2 busy cores).
@@ -187,7 +204,7 @@ def run_merge(
                 if cancel is not None and cancel.is_set():
                     raise MergeCancelled(f"merge cancelled; nothing was written to {out_dir}")
                 task = unit.task
-                tensors, taken = future.result()
+                tensors, taken, aligned = future.result()
                 if not allow_non_finite:
                     _check_finite(task, tensors)
                 large = unit.whole and task.numel >= _TRIM_AFTER
@@ -198,13 +215,14 @@ def run_merge(
                                           out_dtype=job.out_dtype, pool=pool)
                 else:
                     if unit.start == 0:
-                        trims = whole_tensor_trims(job, task, entries, device, seed, gather)
+                        trims = whole_tensor_trims(job, task, entries, device, seed, gather, aligned)
                     row_numel = task.numel // task.shape[0]
                     merged = merge_rows(job.method, task, tensors, first_entry=unit.start * row_numel, trims=trims,
                                         seed=seed, device=device, out_dtype=job.out_dtype, pool=pool)
                 if written is not None:
                     written.result()
-                    buffers.give_back(held)
+                    if held is not None:
+                        buffers.give_back(held)
                 held = taken
                 if unit.whole:
                     written = writing.submit(writer.write, task.output, merged)
@@ -252,22 +270,25 @@ def _unblocked(buffers: ReadBuffers, sets: int) -> Iterator[None]:
 
 
 def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: str, seed: int,
-                       gather_bytes: int | None = None) -> list | None:
+                       gather_bytes: int | None = None, aligned: AlignedRows | None = None) -> list | None:
     """A block-merged tensor's whole-tensor trims: None for an elementwise method; else from the method's
     streamed first pass over row blocks (TIES' thresholds and tie cuts), or, where the method cannot stream
     these parameters, from ``prepare`` on the whole inputs (DARE's draws, DELLA's ranks, L1 rescale factors:
-    memory as large as the tensor)."""
+    memory as large as the tensor). An embedding or head merged by token is read aligned to the output rows
+    (``aligned``, made here when not given)."""
     import torch
 
     method = job.method
     if method.elementwise:
         return None
+    if task.vocabulary is not None and aligned is None:
+        aligned = task_aligned_rows(job.checkpoints, task, device)
     options = {**task.options, "tensor_name": task.output}
     if method.stream_prepare is not None:
         # what the trim's counting pass gathers: by default 12 bytes per block entry (a float32 and an index)
         rows = rows_per_block(task.shape, entries, method.stream_align)
         source = RowBlocks(job.checkpoints, task.reads, task.shape, rows, device,
-                           gather_bytes=gather_bytes or 12 * entries)
+                           gather_bytes=gather_bytes or 12 * entries, aligned=aligned)
         trims = method.stream_prepare(source, task.params, options)
         if trims is not None:
             return trims
@@ -276,6 +297,8 @@ def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: st
         generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, task.output))
     with torch.no_grad():
         whole = [job.checkpoints[ref].read(name, device=device) for ref, name in task.reads]
+        if task.vocabulary is not None:
+            whole = task.vocabulary.align(whole)
         return method.prepare(whole[0], whole[1:], task.params, options, generator)
 
 
@@ -329,10 +352,12 @@ def _write_model_files(job: MergeJob, writer: CheckpointWriter) -> None:
         if path.name == "generation_config.json":
             writer.add_file(path)
     if job.tokenizer_from is not None:
-        for path in job.tokenizer_from.model_files():
-            if path.name not in ("config.json", "generation_config.json"):
-                writer.add_file(path)
-    if job.plan.chat_template:
-        writer.add_text("chat_template.jinja", job.plan.chat_template)
+        sources = [job.checkpoints[ref].model_files() for ref in job.plan_models]
+        template = resolve_chat_template(job.plan.chat_template, sources)
+        texts, copies = tokenizer_outputs(job.tokenizer_from.model_files(), job.vocabulary, template)
+        for path in copies:
+            writer.add_file(path)
+        for name, text in texts.items():
+            writer.add_text(name, text)
     writer.add_text(PLAN_FILE_NAME, job.plan.to_yaml())
     writer.add_text("README.md", model_card(job.plan, list(job.checkpoints)))

@@ -27,10 +27,13 @@ from mergescope.checkpoints import (
     open_checkpoint,
 )
 from mergescope.checkpoints.dtypes import ITEMSIZE, dtype_name
+from mergescope.checkpoints.vocabulary import is_vocabulary_tensor
 
 from .methods import MergeMethod
 from .parameters import resolve
 from .plan import MergePlan, ModelEntry, OutputSlice, PlanProblems, SliceSource
+from .vocabulary_job import plan_vocabulary
+from .vocabulary_merge import OutputVocabulary, RowAlignment
 
 
 @dataclass
@@ -44,6 +47,7 @@ class TensorTask:
     params: list[dict]  # per entry of ``inputs``
     options: dict  # method-level parameters
     t: float
+    vocabulary: RowAlignment | None = None  # embedding/head rows matched by token (tokenizer settings)
 
     @property
     def numel(self) -> int:
@@ -65,6 +69,14 @@ class MergeJob:
     reference: Checkpoint  # the base, else the first model: config, generation config, default tokenizer
     tokenizer_from: Checkpoint | None
     warnings: list[str] = field(default_factory=list)
+    vocabulary: OutputVocabulary | None = None  # with tokenizer settings: the output tokens, in row order
+
+    @property
+    def plan_models(self) -> list[str]:
+        """The base and the models of the plan, in plan order (the checkpoints a merge reads from)."""
+        entries = self.plan.models or [s for sl in self.plan.slices or [] for s in sl.sources]
+        base = [self.plan.base_model] if self.plan.base_model else []
+        return list(dict.fromkeys(base + [e.model for e in entries]))
 
     @property
     def bytes_to_read(self) -> int:
@@ -108,19 +120,42 @@ def build_job(plan: MergePlan, *, checkpoints: dict[str, Checkpoint] | None = No
         for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
             if key in config:
                 config[key] = layers_out
-    tokenizer_from = reference
-    if plan.tokenizer_source not in (None, "base"):
-        tokenizer_from = opened.get(plan.tokenizer_source) or _open_tokenizer_source(plan, problems)
+        _slice_layer_types(config, plan, opened)
+    warnings: list[str] = []
+    reference_ref = plan.base_model or entries[0].model
+    vocabulary = plan_vocabulary(plan, opened, reference_ref, [e.model for e in entries], tasks, problems, warnings)
     problems.raise_if_any()
-    return MergeJob(plan, plan.method, opened, tasks, out_dtype, config, reference, tokenizer_from)
+    tokenizer_from = reference
+    if plan.tokenizer_source not in (None, "base", "union"):
+        tokenizer_from = opened[plan.tokenizer_source]
+    if config is not None and vocabulary is not None:
+        _set_vocab_size(config, vocabulary.rows)
+    return MergeJob(plan, plan.method, opened, tasks, out_dtype, config, reference, tokenizer_from, warnings,
+                    vocabulary)
 
 
-def _open_tokenizer_source(plan: MergePlan, problems: PlanProblems) -> Checkpoint | None:
-    try:
-        return open_checkpoint(plan.tokenizer_source)
-    except MergescopeError as exc:
-        problems.add(0, f"tokenizer_source {plan.tokenizer_source}: {exc}")
-        return None
+def _slice_layer_types(config: dict, plan: MergePlan, opened: dict[str, Checkpoint]) -> None:
+    """A stacked model's ``layer_types`` (Qwen2, Gemma 2: sliding or full attention per layer): each output
+    layer takes the type of the layer it comes from (mergekit 0.1.5 leaves the list as it was, and transformers
+    then refuses the config)."""
+    if not isinstance(config.get("layer_types"), list):
+        return
+    types = []
+    for output_slice in plan.slices or []:
+        first = output_slice.sources[0]
+        source = opened[first.model].config.raw.get("layer_types")
+        start, stop = first.layer_range
+        if not isinstance(source, list) or len(source) < stop:
+            return  # nothing to take the types from: leave the list (transformers will say what is wrong)
+        types += source[start:stop]
+    config["layer_types"] = types
+
+
+def _set_vocab_size(config: dict, rows: int) -> None:
+    """``vocab_size`` (and a multimodal config's ``text_config.vocab_size``) set to the output's rows."""
+    config["vocab_size"] = rows
+    if isinstance(config.get("text_config"), dict) and "vocab_size" in config["text_config"]:
+        config["text_config"] = {**config["text_config"], "vocab_size": rows}
 
 
 def _dominant_dtype(checkpoint: Checkpoint) -> str:
@@ -135,7 +170,7 @@ def _line_of(plan: MergePlan, ref: str) -> int:
     return 0
 
 
-def _layer_count(checkpoint: Checkpoint) -> int:
+def layer_count(checkpoint: Checkpoint) -> int:
     if checkpoint.config.num_layers is not None:
         return checkpoint.config.num_layers
     indices = [layer_index(g) for g in checkpoint.groups() if layer_index(g) is not None]
@@ -161,15 +196,15 @@ def _resolve_params(plan, method, entries, slice_params, tensor_name, t, problem
         if not spec.per_model:
             shared[spec.name] = resolved(spec, [slice_params, plan.parameters])
             if shared[spec.name] is None and spec.required:
-                problems.add(0, f"parameter {spec.name} is required by {method.name} (for {tensor_name})")
+                problems.add_for_tensor(0, f"parameter {spec.name} is required by {method.name}", tensor_name)
     for entry in entries:
         values = {}
         for spec in method.parameters:
             if spec.per_model:
                 value = resolved(spec, [entry.parameters, slice_params, plan.parameters])
                 if value is None and spec.required:
-                    problems.add(entry.line, f"{entry.model}: parameter {spec.name} is required by {method.name} "
-                                 f"(for {tensor_name})")
+                    problems.add_for_tensor(entry.line, f"{entry.model}: parameter {spec.name} is required by "
+                                            f"{method.name}", tensor_name)
                 values[spec.name] = value
         per_model.append(values)
     return per_model, shared
@@ -181,16 +216,23 @@ def _base_input(base_model: str | None, method: MergeMethod) -> str | None:
     return base_model if method.base_role in ("required", "optional") else None
 
 
-def _check_inputs(opened, reads, name, shape, problems, line_of) -> None:
+def _check_inputs(opened, reads, name, shape, problems, line_of, by_token: bool = False) -> None:
+    """Every input exists with the output's shape; with ``by_token`` (tokenizer settings) an embedding's or
+    head's row count may differ (its rows are aligned by token)."""
+    rows_free = by_token and is_vocabulary_tensor(name)
     for ref, tensor in reads:
         checkpoint = opened[ref]
         if tensor not in checkpoint:
             problems.add(line_of(ref), f"{ref} has no tensor {tensor}")
-        elif tuple(checkpoint.spec(tensor).shape) != tuple(shape):
+            continue
+        have = tuple(checkpoint.spec(tensor).shape)
+        if (have[1:] if rows_free else have) != (tuple(shape)[1:] if rows_free else tuple(shape)):
+            vocabulary = is_vocabulary_tensor(tensor) and have[1:] == tuple(shape)[1:]
             problems.add(
                 line_of(ref),
-                f"{ref}: {tensor} has shape {list(checkpoint.spec(tensor).shape)} but {name} needs {list(shape)}"
-                + (" (a different vocabulary size)" if "embed" in tensor or "lm_head" in tensor else ""),
+                f"{ref}: {tensor} has shape {list(have)} but {name} needs {list(shape)}"
+                + (" (a different vocabulary size: set tokenizer_source: union, base or a model to match rows by "
+                   "token)" if vocabulary else ""),
             )
 
 
@@ -201,7 +243,7 @@ def _model_tasks(plan: MergePlan, opened, reference: Checkpoint, problems: PlanP
     others = [e for e in entries if e.model != base_ref]
     if method.base_role == "input" and plan.base_model and plan.base_model not in {e.model for e in entries}:
         others.append(ModelEntry(plan.base_model, {}, 0))  # mergekit merges the base like any model
-    layers = _layer_count(reference)
+    layers = layer_count(reference)
     line_of = lambda ref: _line_of(plan, ref)  # noqa: E731
     tasks = []
     for group_tensors in reference.groups().values():
@@ -211,7 +253,8 @@ def _model_tasks(plan: MergePlan, opened, reference: Checkpoint, problems: PlanP
             params, shared = _resolve_params(plan, method, others, {}, name, t, problems)
             base = (base_ref, name) if base_ref else None
             inputs = [(e.model, name) for e in others]
-            _check_inputs(opened, ([base] if base else []) + inputs, name, shape, problems, line_of)
+            _check_inputs(opened, ([base] if base else []) + inputs, name, shape, problems, line_of,
+                          plan.tokenizer is not None)
             tasks.append(TensorTask(name, shape, base, inputs, params, shared, t))
             if len(problems) > 50:
                 return tasks
@@ -224,7 +267,7 @@ def _slice_tasks(plan: MergePlan, opened, reference: Checkpoint, problems: PlanP
     line_of = lambda ref: _line_of(plan, ref)  # noqa: E731
     for output_slice in slices:
         for source in output_slice.sources:
-            available = _layer_count(opened[source.model])
+            available = layer_count(opened[source.model])
             if source.layer_range[1] > available:
                 problems.add(
                     source.line, f"layer_range {list(source.layer_range)} goes past {source.model}'s {available} layers"
@@ -251,7 +294,8 @@ def _slice_tasks(plan: MergePlan, opened, reference: Checkpoint, problems: PlanP
         params, shared = _resolve_params(plan, method, [s for s, _ in others], slice_.parameters, output, t, problems)
         shape = opened[sources[0][0].model].spec(names[0]).shape if names[0] in opened[sources[0][0].model] else ()
         inputs = [(s.model, n) for s, n in others]
-        _check_inputs(opened, ([base_input] if base_input else []) + inputs, output, shape, problems, line_of)
+        _check_inputs(opened, ([base_input] if base_input else []) + inputs, output, shape, problems, line_of,
+                      plan.tokenizer is not None)
         tasks.append(TensorTask(output, tuple(shape), base_input, inputs, params, shared, t))
 
     for group in before:

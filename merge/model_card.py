@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 from .plan import PLAN_FILE_NAME, MergePlan
@@ -17,13 +19,28 @@ def model_card(plan: MergePlan, references: list[str]) -> str:
         "tags": ["merge", "mergescope", plan.merge_method],
     }
     front = yaml.safe_dump(metadata, sort_keys=False).strip()
-    models = "\n".join(f"- `{ref}`" for ref in sources)
-    base = f" with `{plan.base_model}` as the base" if plan.base_model else ""
+    models = "\n".join(f"- {_code(ref)}" for ref in sources)
+    base = f" with {_code(plan.base_model)} as the base" if plan.base_model else ""
+    text = plan.to_yaml().rstrip()
+    fence = _ticks(text, 3)
     return (
         f"---\n{front}\n---\n\n# Merged model\n\n"
         "Made with [mergescope](https://pypi.org/project/mergescope/) "
         f"using the `{plan.merge_method}` method{base}.\n\n"
         f"## Models\n\n{models}\n\n"
         f"## Plan\n\nThe plan is mergekit YAML (`{PLAN_FILE_NAME}`), so mergekit can run it too:\n\n"
-        f"```yaml\n{plan.to_yaml().rstrip()}\n```\n"
+        f"{fence}yaml\n{text}\n{fence}\n"
     )
+
+
+def _ticks(text: str, least: int) -> str:
+    """A run of backticks longer than any in ``text`` (at least ``least``): what fences it in Markdown."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(least, longest + 1)
+
+
+def _code(text: str) -> str:
+    """``text`` as one Markdown code span, whatever backticks or line breaks it holds (model names are input)."""
+    flat = " ".join(text.split())
+    ticks = _ticks(flat, 1)
+    return f"{ticks} {flat} {ticks}" if flat.startswith("`") or flat.endswith("`") else f"{ticks}{flat}{ticks}"

@@ -17,9 +17,11 @@ from pathlib import Path
 from mergescope.checkpoints import MergescopeError
 from mergescope.checkpoints.dtypes import dtype_name
 
+from .chat_templates import chat_template_problem
 from .methods import METHODS, MergeMethod
 from .parameters import coerce, is_conditional, is_scalar
 from .soup_block import greedy_soup_options
+from .tokenizer_settings import TokenizerSettings, tokenizer_settings
 from .yaml_lines import LinedDict, dump_yaml, load_yaml, read_yaml_file
 
 TOP_LEVEL_KEYS = {
@@ -28,6 +30,9 @@ TOP_LEVEL_KEYS = {
 }
 MERGESCOPE_KEYS = {"seed": int, "device": str, "shard_size": (int, str), "memory_budget": (int, str),
                   "allow_non_finite": bool, "greedy_soup": dict}
+#: what a plan asking for a model's own code (mergekit's --trust-remote-code) is told
+NO_REMOTE_CODE = ("trust_remote_code is not supported: mergescope reads weights, config and tokenizer files as data "
+                  "and never fetches or runs a model's own code; remove it")
 #: the plan's file in a merged folder, as mergekit writes it (and mergescope, beside the weights)
 PLAN_FILE_NAME = "mergekit_config.yml"
 #: the names a merged folder's plan may have (mergekit reads either)
@@ -69,7 +74,8 @@ class MergePlan:
     parameters: dict = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # tokenizer.source, kept for callers that only need the name
+    tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     options: dict = field(default_factory=dict)  # the mergescope: block
     source: str = "<plan>"
@@ -116,14 +122,24 @@ class PlanProblems:
     def __init__(self, source: str):
         self.source = source
         self.items: list[tuple[int, str]] = []
+        self.per_tensor: dict[tuple[int, str], list[str]] = {}  # (line, message) → the tensors it shows for
 
     def add(self, line: int, message: str) -> None:
         self.items.append((line, message))
 
+    def add_for_tensor(self, line: int, message: str, tensor: str) -> None:
+        """A problem that shows for each tensor it touches, reported once: ``message (for T)`` or
+        ``message (for T and N more tensors)``."""
+        self.per_tensor.setdefault((line, message), []).append(tensor)
+
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.items) + len(self.per_tensor)
 
     def raise_if_any(self) -> None:
+        for (line, message), tensors in self.per_tensor.items():
+            more = f" and {len(tensors) - 1} more tensors" if len(tensors) > 1 else ""
+            self.items.append((line, f"{message} (for {tensors[0]}{more})"))
+        self.per_tensor = {}
         if not self.items:
             return
         lines = [
@@ -139,7 +155,9 @@ def _build(document: object, problems: PlanProblems) -> MergePlan | None:
         problems.add(0, "a plan is a YAML mapping with at least merge_method and models (or slices)")
         return None
     for key in document:
-        if key not in TOP_LEVEL_KEYS:
+        if key == "trust_remote_code":
+            problems.add(document.line_of(key), NO_REMOTE_CODE)
+        elif key not in TOP_LEVEL_KEYS:
             problems.add(document.line_of(key), f"unknown key {key!r} (known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
     method_name = document.get("merge_method")
     method = METHODS.get(method_name) if isinstance(method_name, str) else None
@@ -172,18 +190,13 @@ def _build(document: object, problems: PlanProblems) -> MergePlan | None:
                 setattr(plan, key, str(document[key]))
             except MergescopeError as exc:
                 problems.add(document.line_of(key), f"{key}: {exc}")
-    tokenizer_source = document.get("tokenizer_source")
-    if tokenizer_source == "union" or "tokenizer" in document:
-        problems.add(
-            document.line_of("tokenizer_source" if "tokenizer_source" in document else "tokenizer"),
-            "a union tokenizer (tokenizer_source: union or tokenizer:) is not supported yet; use base or a model",
-        )
-    elif tokenizer_source is not None:
-        if not isinstance(tokenizer_source, str):
-            problems.add(document.line_of("tokenizer_source"), "tokenizer_source must be base or a model reference")
-        plan.tokenizer_source = str(tokenizer_source)
+    plan.tokenizer = tokenizer_settings(document, problems)
+    plan.tokenizer_source = plan.tokenizer.source if plan.tokenizer is not None else None
     if document.get("chat_template") is not None:
         plan.chat_template = str(document["chat_template"])
+        problem = chat_template_problem(plan.chat_template)
+        if problem:
+            problems.add(document.line_of("chat_template"), problem)
     plan.options = _mergescope_options(document, problems)
     return plan
 
@@ -337,6 +350,8 @@ def _mergescope_options(document: LinedDict, problems: PlanProblems) -> dict:
             options[key], found = greedy_soup_options(value, document, block.line_of(key))
             for line, message in found:
                 problems.add(line, message)
+        elif key == "trust_remote_code":
+            problems.add(block.line_of(key), NO_REMOTE_CODE)
         elif expected is None:
             known = ", ".join(sorted(MERGESCOPE_KEYS))
             problems.add(block.line_of(key), f"unknown mergescope option {key!r} (known: {known})")

@@ -18,6 +18,8 @@ from mergescope.checkpoints.read_ahead import read_ahead
 from mergescope.checkpoints.read_buffers import ReadBuffers
 from mergescope.checkpoints.row_blocks import row_ranges
 
+from .aligned_rows import AlignedRows
+
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -25,14 +27,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class RowBlocks:
     """Flat blocks of ``reads[0]`` (the base) and ``reads[1:]`` (the models, numbered from 0), each
-    ``rows`` rows of tensors of ``shape``, read from ``checkpoints`` onto ``device``; a pass may gather
-    ``gather_bytes`` besides its blocks."""
+    ``rows`` rows of tensors of ``shape``, read from ``checkpoints`` onto ``device`` (through ``aligned`` for an
+    embedding or head merged by token); a pass may gather ``gather_bytes`` besides its blocks."""
 
     def __init__(self, checkpoints: dict[str, Checkpoint], reads: list[tuple[str, str]], shape: tuple[int, ...],
-                 rows: int, device: str, gather_bytes: int | None = None) -> None:
+                 rows: int, device: str, gather_bytes: int | None = None, aligned: AlignedRows | None = None) -> None:
         import torch
 
         self.inputs = [(checkpoints[ref], name) for ref, name in reads]
+        self.aligned = aligned  # an embedding or head merged by token: rows of the output vocabulary
         self.shape, self.rows, self.device = shape, rows, torch.device(device)
         self.gather_bytes = gather_bytes
         self.row_numel = 1
@@ -43,6 +46,9 @@ class RowBlocks:
     def _read(self, which: list[int], start: int, stop: int, buffers: list | None = None) -> list[torch.Tensor]:
         tensors = []
         for slot, i in enumerate(which):
+            if self.aligned is not None:
+                tensors.append(self.aligned.rows(i, start, stop).reshape(-1))
+                continue
             checkpoint, name = self.inputs[i]
             spec = checkpoint.spec(name)
             buffer = None

@@ -10,7 +10,9 @@ way; list indices must exist.
 * ``a:b:step``: an inclusive grid a, a + step, … up to b, computed in decimal arithmetic from the text, so
   ``0.2:1.0:0.2`` is exactly 0.2, 0.4, 0.6, 0.8, 1.0 (no float drift, no missing end point); integers
   when a, b and step are all integers; or
-* ``v1,v2,...``: the values themselves, each read as a YAML scalar (``0.5``, ``3``, ``true``, ``base``).
+* ``v1,v2,...``: the values themselves, each read as a YAML scalar (``0.5``, ``3``, ``true``, ``base``); or
+* ``low:high`` (two numbers, no step): a continuous range, for the random and CMA-ES strategies
+  (:mod:`.search_strategy`); its :attr:`Variable.bounds` are set and its ``values`` are empty.
 
 A grid search runs the cartesian product of every variable's values (the last ``--vary`` changing
 fastest); a random search draws N distinct points of that product with a seeded generator, so the same
@@ -41,6 +43,11 @@ class Variable:
     key: str
     path: tuple[str, ...]
     values: tuple
+    bounds: tuple[float, float] | None = None  # a continuous range low:high (then ``values`` is empty)
+
+    @property
+    def continuous(self) -> bool:
+        return self.bounds is not None
 
 
 @dataclass
@@ -58,15 +65,29 @@ def parse_vary(spec: str) -> Variable:
     key = key.strip()
     if not equals or not key or not text.strip():
         raise MergescopeError(
-            f"--vary {spec!r}: write KEY=a:b:step or KEY=v1,v2 (e.g. models.0.parameters.weight=0.2:1.0:0.2)"
+            f"--vary {spec!r}: write KEY=a:b:step, KEY=v1,v2 or KEY=low:high "
+            "(e.g. models.0.parameters.weight=0.2:1.0:0.2)"
         )
     path = tuple(part.strip() for part in key.split("."))
     if any(not part for part in path):
         raise MergescopeError(f"--vary {spec!r}: {key!r} has an empty part; join keys and indices with single dots")
+    if text.count(":") == 1 and "," not in text:
+        return Variable(key, path, (), continuous_range(*text.split(":"), spec=spec))
     values = tuple(_values(text.strip(), spec))
     if len(set(map(repr, values))) != len(values):
         raise MergescopeError(f"--vary {spec!r}: a value is listed twice")
     return Variable(key, path, values)
+
+
+def continuous_range(low: str, high: str, *, spec: str = "") -> tuple[float, float]:
+    """``low:high`` → ``(low, high)`` as floats; a one-line error unless both are finite and low < high."""
+    try:
+        bounds = float(low), float(high)
+    except ValueError:
+        raise MergescopeError(f"--vary {spec!r}: low:high needs two numbers, got {low!r}, {high!r}") from None
+    if not all(math.isfinite(b) for b in bounds) or not bounds[0] < bounds[1]:
+        raise MergescopeError(f"--vary {spec!r}: a range low:high needs finite numbers with low below high")
+    return bounds
 
 
 def _values(text: str, spec: str) -> list:
@@ -115,7 +136,8 @@ def inclusive_grid(start: str, stop: str, step: str, *, spec: str = "") -> list:
 
 def check_path(document: dict, variable: Variable) -> None:
     """Raise a one-line :class:`MergescopeError` unless ``variable``'s path can be set in ``document``."""
-    set_path(copy.deepcopy(document), variable.path, variable.values[0], key=variable.key)
+    sample = variable.values[0] if variable.values else variable.bounds[0]
+    set_path(copy.deepcopy(document), variable.path, sample, key=variable.key)
 
 
 def set_path(document: dict, path: tuple[str, ...], value: object, *, key: str = "") -> dict:
@@ -149,6 +171,7 @@ def set_path(document: dict, path: tuple[str, ...], value: object, *, key: str =
 
 
 def grid_size(variables: list[Variable]) -> int:
+    _refuse_ranges(variables, "a grid")
     return math.prod(len(v.values) for v in variables)
 
 
@@ -174,6 +197,15 @@ def random_points(variables: list[Variable], count: int, seed: int) -> list[tupl
     return [_point_at(index, variables) for index in indices]
 
 
+def _refuse_ranges(variables: list[Variable], what: str) -> None:
+    ranges = [v.key for v in variables if v.continuous]
+    if ranges:
+        raise MergescopeError(
+            f"--vary {ranges[0]}: a range low:high has no {what} of values; give a:b:step or v1,v2, "
+            "or search it with --strategy random or --strategy cma"
+        )
+
+
 def _point_at(index: int, variables: list[Variable]) -> tuple:
     """The grid point at ``index`` of the product order (mixed radix, last variable fastest)."""
     point = []
@@ -183,10 +215,11 @@ def _point_at(index: int, variables: list[Variable]) -> tuple:
     return tuple(reversed(point))
 
 
-def candidates(document: dict, variables: list[Variable], points: list[tuple]) -> list[Candidate]:
-    """One plan document per point, each a deep copy of ``document`` with the values set."""
+def candidates(document: dict, variables: list[Variable], points: list[tuple], first: int = 1) -> list[Candidate]:
+    """One plan document per point, each a deep copy of ``document`` with the values set, numbered from
+    ``first``."""
     result = []
-    for number, point in enumerate(points, 1):
+    for number, point in enumerate(points, first):
         candidate = copy.deepcopy(document)
         for variable, value in zip(variables, point):
             set_path(candidate, variable.path, value, key=variable.key)

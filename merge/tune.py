@@ -20,6 +20,7 @@ scratch folder; nothing else is left behind.
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -38,6 +39,8 @@ from .soup import message_without_lines
 from .trial_merge import score_merged_plan, scratch_folder
 from .yaml_lines import dump_yaml
 
+HOST = socket.gethostname()
+
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 
 
@@ -50,6 +53,9 @@ class TuneResult:
     score: float | None
     seconds: float
     message: str = ""
+    node: str = "local"  # the Ray node id it ran on ("local": this process)
+    host: str = ""
+    resumed: bool = False  # taken from the search file, not evaluated in this run
 
 
 def evaluate_candidate(candidate: Candidate, eval_cmd: str, scratch: Path, *, device: str | None = None,
@@ -73,6 +79,25 @@ def evaluate_candidate(candidate: Candidate, eval_cmd: str, scratch: Path, *, de
     except Exception as exc:  # noqa: BLE001 - one odd candidate must not end a long search without its results
         return TuneResult(candidate, "failed", None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
     return TuneResult(candidate, "ok", score, time.perf_counter() - start)
+
+
+class ThreadEngine:
+    """Candidates on ``jobs`` threads of this process (:func:`run_search`), batch by batch."""
+
+    def __init__(self, eval_cmd: str, *, jobs: int = 1, device: str | None = None, timeout: float | None = None,
+                 scratch_dir: str | Path | None = None):
+        self.eval_cmd, self.jobs, self.device, self.timeout, self.scratch_dir = (
+            eval_cmd, jobs, device, timeout, scratch_dir)
+
+    def __enter__(self) -> ThreadEngine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Each batch removes its own scratch folder."""
+
+    def run(self, candidates: Sequence[Candidate], on_result: Callable[[TuneResult], None]) -> list[TuneResult]:
+        return run_search(candidates, self.eval_cmd, jobs=self.jobs, device=self.device, timeout=self.timeout,
+                          scratch_dir=self.scratch_dir, on_result=on_result)
 
 
 def run_search(candidates: Sequence[Candidate], eval_cmd: str, *, jobs: int = 1, device: str | None = None,
@@ -100,6 +125,7 @@ def run_search(candidates: Sequence[Candidate], eval_cmd: str, *, jobs: int = 1,
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
                         results.append(future.result())
+                        results[-1].host = HOST
                         if on_result is not None:
                             on_result(results[-1])
             except BaseException:

@@ -43,16 +43,51 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LinedDict
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+#: the most values a plan may hold once YAML aliases are expanded (real plans hold hundreds); a few lines of
+#: nested aliases ("billion laughs") would otherwise expand to billions
+MAX_PLAN_VALUES = 100_000
+#: the largest plan file read
+MAX_PLAN_BYTES = 10_000_000
+
+
 def load_yaml(text: str, source: str) -> object:
-    """Parse YAML; a syntax error is one :class:`MergescopeError` citing ``source:line:column``."""
+    """Parse YAML; a syntax error is one :class:`MergescopeError` citing ``source:line:column``, and so is a
+    document nested deeper than the parser goes or expanding (through aliases) to over
+    :data:`MAX_PLAN_VALUES` values."""
+    loader = None
     try:
-        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _LineLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, source)
+        return loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         raise MergescopeError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise MergescopeError(f"{source}: YAML error: {exc}") from None
+    except RecursionError:
+        raise MergescopeError(f"{source}: nested too deeply to be a plan") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _check_size(root: yaml.Node, source: str) -> None:
+    """Count the document's values as constructing it would (an alias counts its whole target again)."""
+    seen, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_PLAN_VALUES:
+            raise MergescopeError(f"{source}: expands to more than {MAX_PLAN_VALUES} values (through YAML aliases?); "
+                                  "not a plan")
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(part for pair in node.value for part in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
 
 
 def plain_document(value: object) -> object:
@@ -71,7 +106,11 @@ def dump_yaml(document: object) -> str:
 
 def read_yaml_file(path: Path) -> object:
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_PLAN_BYTES + 1)
+        if len(data) > MAX_PLAN_BYTES:
+            raise MergescopeError(f"{path}: larger than {MAX_PLAN_BYTES // 1_000_000} MB; not a plan")
+        text = data.decode("utf-8")
     except OSError as exc:
         raise MergescopeError(f"{path}: cannot read the plan: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

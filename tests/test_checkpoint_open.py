@@ -209,7 +209,7 @@ def test_index_naming_a_tensor_its_shard_lacks(tmp_path):
 
 
 def test_missing_and_empty_inputs(tmp_path):
-    with pytest.raises(CheckpointError, match="no such file or folder"):
+    with pytest.raises(CheckpointError, match="no such folder or file"):
         open_checkpoint(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no weights found"):

@@ -339,6 +339,28 @@ def test_bad_input_in_process_returns_2(tmp_path, capsys):
     assert captured.err.count("\n") == 1 and captured.err.startswith("mergescope: error:")
 
 
+def test_a_typo_in_a_local_path_fails_at_once_with_close_names(tmp_path, monkeypatch, capsys):
+    """``ws/ft_ad`` where ``ws`` is a local folder is a typo, not a hub id: no download is tried, and the error
+    names the close folders."""
+    import mergescope.checkpoints.resolve as resolve
+
+    def no_hub(text):
+        raise AssertionError(f"tried the hub for {text}")
+
+    monkeypatch.setattr(resolve, "resolve_hub_id", no_hub)
+    for name in ("ft_add", "ft_sort", "base"):
+        (tmp_path / "ws" / name).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "ws/ft_ad"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("mergescope: error: ws/ft_ad: no such folder")
+    assert line.endswith("did you mean ws/ft_add?")
+    # a string that cannot be a hub id: the same, at once
+    assert main(["info", "./ws/ft_sortt"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "no such folder" in line and line.endswith("did you mean ws/ft_sort?")
+
+
 # --- (d) commands not built yet still document themselves -----------------------------------------------
 @pytest.mark.parametrize("command", ["analyze", "merge", "inspect", "demo", "info"])
 def test_command_help_exits_0(command, capsys):
@@ -348,3 +370,21 @@ def test_command_help_exits_0(command, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: mergescope {command}")
     assert len(out.splitlines()) > 3
+
+
+def test_demo_build_progress_has_an_estimate_off_a_terminal(capsys):
+    """Piped stderr: a line at every tenth of the steps, the time left at the pace so far (1 s a step here, so
+    the estimate is the steps left)."""
+    from rich.console import Console
+
+    from mergescope.tui.cli.demo import _BuildProgress
+
+    now = [0.0]
+    with _BuildProgress(Console(stderr=True, force_terminal=False), clock=lambda: now[0]) as progress:
+        for step in range(0, 201):
+            now[0] = float(step)
+            progress("training", step, 200)
+    lines = capsys.readouterr().err.splitlines()[1:]
+    assert len(lines) == 10
+    assert lines[3] == "mergescope demo: 40% (80/200 steps, training) · about 2:00 left"
+    assert lines[-1].endswith("100% (200/200 steps, training) · about 0:00 left")

@@ -331,3 +331,27 @@ def test_demo_command_reuses_the_workspace_and_prints_how_to_open_it(workspace, 
     assert captured.out.strip().splitlines()[-1] == f"mergescope inspect {workspace}"
     assert "already" in captured.err
     assert (workspace / MANIFEST).stat().st_size > 0
+
+
+def readme_single_build_table() -> dict[str, dict[str, float]]:
+    """The README's table of one build (seed 0, portable, torch 2.13.0): model or merge → task → accuracy."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("| seed 0, portable, torch 2.13.0 |")
+    lines = text[start:].split("\n\n", 1)[0].splitlines()
+    tasks = [cell.strip() for cell in lines[0].strip("|").split("|")[1:]]
+    table = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        table[cells[0].strip("`")] = {t: float(c.rstrip("%")) / 100 for t, c in zip(tasks, cells[1:])}
+    return table
+
+
+@pytest.mark.skipif(not torch.__version__.startswith("2.13.0"), reason="the README's one-build table is torch 2.13.0's")
+def test_readme_one_build_table_is_this_build(story_scores, manifest):
+    """The README's exact numbers are what the default build gives under the torch it names."""
+    assert manifest["seed"] == 0 and manifest["kernels"] == PORTABLE
+    table = readme_single_build_table()
+    assert len(table) == 15
+    for model, accuracies in table.items():
+        for task, accuracy in accuracies.items():
+            assert story_scores[model][task] == pytest.approx(accuracy, abs=1e-9), (model, task)

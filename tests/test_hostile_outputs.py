@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from builders import llama_state, write_sharded
-from mergescope.checkpoints import CheckpointError, open_checkpoint, save_checkpoint
+from mergescope.checkpoints import CheckpointError, CheckpointWriter, TensorSpec, open_checkpoint, save_checkpoint
 from mergescope.tui.cli.main import main
 
 
@@ -52,3 +52,27 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="No space left on device"):
         save_checkpoint(tmp_path / "out", tensors)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_path_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    with pytest.raises(CheckpointError, match=f"^{link}: is a symbolic link to {target}"):
+        save_checkpoint(link, {"x": torch.ones(2)}, overwrite=True)
+    assert (target / "keep.txt").read_text() == "precious" and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
+
+
+def test_a_second_writer_of_one_output_is_refused_while_the_first_writes(tmp_path):
+    out = tmp_path / "out"
+    specs = [TensorSpec("x", "F32", (2,))]
+    with CheckpointWriter(out, specs) as first:
+        with pytest.raises(CheckpointError, match=f"another mergescope process \\(pid {os.getpid()}\\)"):
+            CheckpointWriter(out, specs, overwrite=True)
+        first.write("x", torch.ones(2))
+        first.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the lock is gone with the writer
+    save_checkpoint(out, {"x": torch.zeros(2)}, overwrite=True)  # and the next writer is free to go

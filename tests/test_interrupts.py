@@ -13,6 +13,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from mergescope.merge.executor import run_merge
+from mergescope.merge.job import build_job
+from mergescope.merge.plan import load_plan
+
 
 @pytest.fixture(scope="module")
 def slow_plan(tmp_path_factory) -> Path:
@@ -30,10 +34,10 @@ def slow_plan(tmp_path_factory) -> Path:
     return root
 
 
-def start_merge(root: Path, out: Path) -> subprocess.Popen:
+def start_merge(root: Path, out: Path, plan: str = "plan.yml", *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "mergescope.tui.cli.main", "merge", str(root / "plan.yml"), "-o", str(out),
-         "--device", "cpu"],
+        [sys.executable, "-m", "mergescope.tui.cli.main", "merge", str(root / plan), "-o", str(out),
+         "--device", "cpu", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -42,7 +46,7 @@ def wait_for_partial_output(parent: Path, out: Path, process: subprocess.Popen, 
     """Until the writer's hidden temporary folder exists: the merge is under way."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(p.name.startswith(f".{out.name}.") for p in parent.iterdir()):
+        if any(p.name.startswith(f".{out.name}.") and p.name.endswith(".partial") for p in parent.iterdir()):
             time.sleep(0.3)  # a few tensors into it
             return
         assert process.poll() is None, process.communicate()
@@ -64,3 +68,44 @@ def test_killed_merge_leaves_nothing_and_reruns(tmp_path, slow_plan, signum, sta
     _, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
     assert (out / "model.safetensors").is_file() and (out / "mergekit_config.yml").is_file()
+
+
+def test_sigkill_leaves_no_complete_looking_output_and_the_rerun_removes_the_leftover(tmp_path, slow_plan):
+    out = tmp_path / "merged"
+    process = start_merge(slow_plan, out)
+    wait_for_partial_output(tmp_path, out, process)
+    process.kill()  # SIGKILL: no handler runs, as on a power loss or an OOM kill
+    process.communicate(timeout=60)
+    assert not out.exists()
+    [partial] = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert partial.name.startswith(".merged.")
+    bystander = tmp_path / ".merged.v2.abcdefgh.partial"  # another output's temporary folder: not ours to remove
+    bystander.mkdir()
+    rerun = start_merge(slow_plan, out)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bystander.name, "merged"]  # the dead run's folder is gone
+
+
+def test_two_merges_racing_for_one_folder_one_completes_the_other_fails(tmp_path, slow_plan):
+    """Both with --force, started together: exactly one writes the folder, whole; the other stops with one line."""
+    plan = yaml.safe_load((slow_plan / "plan.yml").read_text())
+    for model in plan["models"]:
+        model["parameters"]["density"] = 0.6
+    (tmp_path / "other.yml").write_text(yaml.safe_dump(plan))
+    out = tmp_path / "merged"
+    first = start_merge(slow_plan, out, "plan.yml", "--force")
+    second = start_merge(tmp_path, out, "other.yml", "--force")
+    stderr = [p.communicate(timeout=300)[1] for p in (first, second)]
+    assert sorted([first.returncode, second.returncode]) == [0, 2], stderr
+    winner = 0 if first.returncode == 0 else 1
+    message, holder = stderr[1 - winner], (first, second)[winner]
+    assert message.count("\n") == 1 and "Traceback" not in message, message
+    assert f"{out}: another mergescope process (pid {holder.pid}) is writing this folder" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "other.yml"]  # no lock, no temporary folder
+    # the folder is the winner's merge, all of it: its plan, and its bytes equal a merge of that plan alone
+    winner_plan = slow_plan / "plan.yml" if winner == 0 else tmp_path / "other.yml"
+    assert yaml.safe_load((out / "mergekit_config.yml").read_text()) == yaml.safe_load(winner_plan.read_text())
+    alone = run_merge(build_job(load_plan(winner_plan)), tmp_path / "alone", device="cpu")
+    assert (out / "model.safetensors").read_bytes() == (alone / "model.safetensors").read_bytes()

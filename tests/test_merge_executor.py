@@ -316,3 +316,53 @@ def test_the_finite_check_catches_every_non_finite_value(dtype, bad):
     broken[777] = bad
     with pytest.raises(MergescopeError, match="m: tensor w has 1 NaN/Inf"):
         _check_finite(task, [good, broken])
+
+
+def test_cli_merge_warns_of_another_base_and_vocabulary_before_it_starts(tmp_path, models, capsys):
+    """What the headers, configs and a sample of rows show is printed before anything runs: a model of another
+    initialisation (its relative change, computed here in float64, is far above the rule's 0.5) and a grown
+    vocabulary (which the merge then refuses)."""
+    states, paths = models
+    other = llama_state(llama_config(layers=3), seed=7)
+    write_model(tmp_path / "other", other, llama_config(layers=3), tokenizer_vocab=64)
+    matrices = [k for k, v in states["ft_a"].items() if v.ndim == 2]
+    rel = sorted(float((other[k].double() - states["ft_a"][k].double()).norm() / states["ft_a"][k].double().norm())
+                 for k in matrices)
+    assert rel[len(rel) // 2] > 1.0  # so any fair sample of these matrices is above 0.5
+    plan = write_plan(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(paths["ft_a"]), "parameters": {"weight": 1.0}},
+        {"model": str(tmp_path / "other"), "parameters": {"weight": 1.0}}]})
+    assert main(["merge", plan, "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    [warning] = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert "other is probably not a fine-tune of ft_a's base" in warning
+    assert err.index("warning:") < err.index("wrote")
+    # a fine-tune of the same base: no warning
+    assert main(["merge", write_plan(tmp_path, linear_soup(paths)), "-o", str(tmp_path / "o2"), "--dry-run"]) == 0
+    assert "warning:" not in capsys.readouterr().err
+    grown_config = llama_config(layers=3)
+    grown_config["vocab_size"] = grown_config["vocab_size"] + 6
+    grown = {k: (torch.cat([v, torch.zeros(6, v.shape[1])]) if v.shape[0] == grown_config["vocab_size"] - 6 else v)
+             for k, v in states["ft_b"].items()}
+    write_model(tmp_path / "grown", grown, grown_config)
+    plan = write_plan(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(paths["base"]), "models": [
+        {"model": str(tmp_path / "grown"), "parameters": {"weight": 1.0}}]})
+    assert main(["merge", plan, "-o", str(tmp_path / "o3"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    vocab = grown_config["vocab_size"]
+    assert f"warning: grown has a vocabulary of {vocab} tokens, the base {vocab - 6}" in err
+
+
+def test_cli_dry_run_shows_parameter_values_whole_at_80_columns(tmp_path, models, capsys, monkeypatch):
+    _, paths = models
+    monkeypatch.setenv("COLUMNS", "80")
+    plan = write_plan(tmp_path, {"merge_method": "ties", "base_model": str(paths["base"]), "models": [
+        {"model": str(paths[name]), "parameters": {"weight": 0.75, "density": [0.125, 0.625]}}
+        for name in ("ft_a", "ft_b", "ft_c")]})
+    assert main(["merge", plan, "-o", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    # 3 layers: t = 0, 0.5, 1 → density 0.125, 0.375, 0.625 (embeddings, norm, head: t = 0)
+    rows = [line for line in out.splitlines() if "ft_b" in line and "0.75" in line]
+    assert [row.split("│")[-2].strip() for row in rows] == ["0.125", "0.125", "0.375", "0.625", "0.125", "0.125"]
+    assert "int8_mask" not in out  # ignored by every method: not shown

@@ -104,3 +104,29 @@ mergescope: {seed: 7}
 ))
 def test_field_text_round_trips(value):
     assert parse_field(format_field(value)) == value
+
+
+def test_carried_comments_never_change_the_plan():
+    """Whatever comments an old plan file holds, the text saved over it loads as the same document."""
+    import yaml
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from mergescope.tui.plan_comments import plan_file_text
+
+    keys = st.sampled_from(["merge_method", "models", "weight", "density", "parameters", "dtype", "x: 1"])
+    comment = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=12).map(lambda s: "# " + s)
+    document = {"merge_method": "ties", "base_model": "b",
+                "models": [{"model": "a", "parameters": {"weight": 1.0, "density": [0.2, 0.5]}}, {"model": "c"}],
+                "parameters": {"normalize": True}}
+
+    @settings(max_examples=80, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 8), keys, comment), max_size=8))
+    def check(placed):
+        old = ["merge_method: ties", "models:", "- model: a", "  parameters:", "    weight: 1.0", "dtype: x"]
+        for indent, key, note in placed:
+            old.append(" " * indent + (f"{key}: 1  {note}" if indent % 2 else note))
+        text = plan_file_text(document, "\n".join(old))
+        assert yaml.safe_load(text) == document
+
+    check()

@@ -138,3 +138,39 @@ def test_mutated_real_files_fail_cleanly(tmp_path, position, value, cut):
         read_header(path)
     except CheckpointError:
         pass
+
+
+def header_error_and_peak_memory(path) -> tuple[str, int]:
+    """The one-line error reading ``path``'s header raises, and the most memory Python held meanwhile."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError) as info:
+            read_header(path)
+        return str(info.value), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("length, size, message", [
+    (2**64 - 1, 64, "runs past the end of the file"),
+    (150_000_000, 200_000_000, "larger than the 100 MB limit"),  # a sparse file: the length fits, the limit not
+])
+def test_a_huge_declared_header_length_is_refused_without_reading_it(tmp_path, length, size, message):
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", length))
+        f.truncate(size)
+    error, peak = header_error_and_peak_memory(path)
+    assert message in error and "\n" not in error and str(path) in error
+    assert peak < 1_000_000
+
+
+@pytest.mark.parametrize("raw", [b"[" * 200_000 + b"]" * 200_000, b'{"a":' * 200_000 + b"1" + b"}" * 200_000],
+                         ids=["arrays", "objects"])
+def test_deeply_nested_header_json_is_one_line_in_bounded_memory(tmp_path, raw):
+    path = make_file(tmp_path / "deep.safetensors", None, raw_header=raw)
+    error, peak = header_error_and_peak_memory(path)
+    assert "header is not valid JSON" in error and "\n" not in error
+    assert peak < 10 * len(raw)  # the header's bytes and its text, not a structure per level

@@ -135,7 +135,8 @@ def test_plan_with_greedy_soup_block_runs_the_selection(tmp_path, candidates, ca
             "parameters": {"weight": 2.0}, "dtype": "float32",
             "mergescope": {"seed": 5, "greedy_soup": {"eval_cmd": eval_cmd, "timeout": 60}}}
     (tmp_path / "plan.yml").write_text(yaml.safe_dump(plan, sort_keys=False))
-    assert main(["merge", str(tmp_path / "plan.yml"), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert main(["merge", str(tmp_path / "plan.yml"), "-o", str(tmp_path / "out"), "--device", "cpu",
+                 "--allow-eval-cmd"]) == 0
     written = yaml.safe_load((tmp_path / "out" / "mergekit_config.yml").read_text())
     assert [m["model"] for m in written["models"]] == [str(paths["m0"]), str(paths["m1"])]  # m2 rejected
     assert written["mergescope"] == {"seed": 5} and written["dtype"] == "float32"

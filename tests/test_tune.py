@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from builders import llama_config, llama_state, write_model
 from eval_scripts import distance_eval_command
@@ -38,6 +40,11 @@ W_B = "models.1.parameters.weight=0,0.5"
 
 @pytest.fixture
 def setup(tmp_path):
+    return make_setup(tmp_path)
+
+
+def make_setup(tmp_path):
+    """Base, two fine-tunes, a task-arithmetic plan and an eval command whose optimum is TARGET_WEIGHT·τ_a."""
     config = llama_config()
     base = llama_state(config, seed=0)
     states = {"base": base}
@@ -106,6 +113,20 @@ def test_parse_vary_lists_and_paths():
 def test_parse_vary_errors(spec, message):
     with pytest.raises(MergescopeError, match=message):
         parse_vary(spec)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab.0123456789=:,-e ", max_size=24))
+def test_parse_vary_accepts_or_refuses_in_one_line(spec):
+    """Any --vary text is a variable or a one-line MergescopeError, never another exception."""
+    try:
+        variable = parse_vary(spec)
+    except MergescopeError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert variable.continuous == (not variable.values)
+    if variable.continuous:
+        assert variable.bounds[0] < variable.bounds[1]
 
 
 def test_set_path_creates_keys_and_refuses_bad_paths():
@@ -201,6 +222,9 @@ def test_cli_random_prints_only_the_sampled_candidates(setup, capsys):
     assert main(argv) == 0
     rows = sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("│"))
     assert len(rows) == 3
+    assert main(argv) == 2  # the search file is there: a second run must say --resume or remove it
+    assert "continue it with --resume" in capsys.readouterr().err
+    (folder / "plan.best.search.db").unlink()
     assert main(argv) == 0
     assert (
         sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("│"))[0].split("│")[1:5]
@@ -225,6 +249,13 @@ def test_two_jobs_give_the_results_of_one(setup):
     (["--vary", "w=1", "--vary", "w=2"], "given twice"),
     (["--vary", W_A, "--jobs", "0"], "--jobs 0"),
     (["--vary", W_A, "--random", "0"], "--random 0"),
+    (["--vary", "models.0.parameters.weight=0:1"], "--strategy random or --strategy cma"),
+    (["--vary", W_A, "--strategy", "cma"], "ranges only"),
+    (["--vary", "models.0.parameters.weight=0:1", "--strategy", "cma", "--layer-granularity", "0"],
+     "--layer-granularity 0"),
+    (["--vary", "models.0.parameters.weight=0:1", "--strategy", "cma", "--budget", "0"], "--budget 0"),
+    (["--vary", W_A, "--random", "3", "--strategy", "cma"], "--random belongs to --strategy random"),
+    (["--vary", W_A, "--resume"], "no search file to resume"),
 ])
 def test_cli_errors_are_one_line(setup, capsys, argv_tail, message):
     folder, _, eval_cmd = setup
@@ -265,3 +296,97 @@ def test_interrupt_stops_every_job_and_removes_scratch(setup):
     assert time.monotonic() - start < 10  # the sleeping evaluations were killed, not waited for
     assert "interrupted: 0 of 5 candidates finished" in stderr and "Traceback" not in stderr
     assert not (folder / "plan.best.yml").exists() and not [p for p in folder.iterdir() if "scratch" in p.name]
+
+
+# --- continuous ranges, strategies, the search file ------------------------------------------------------
+def test_parse_vary_range_and_where_it_is_refused():
+    variable = parse_vary("models.0.parameters.weight=0.1:1.5")
+    assert variable.bounds == (0.1, 1.5) and variable.values == () and variable.continuous
+    for spec, message in (("w=1:0", "low below high"), ("w=a:1", "two numbers"), ("w=0:inf", "finite")):
+        with pytest.raises(MergescopeError, match=message):
+            parse_vary(spec)
+    with pytest.raises(MergescopeError, match="--strategy random or --strategy cma"):
+        grid_points([variable])
+
+
+def test_cma_refuses_listed_values_and_random_ranges_are_seeded_and_inside():
+    from mergescope.merge.search_strategy import make_strategy
+
+    listed, ranged = parse_vary("a=1,2"), parse_vary("b=-1:3")
+    with pytest.raises(MergescopeError, match="ranges only"):
+        make_strategy("cma", {}, [listed, ranged], seed=0, budget=8)
+    draws = make_strategy("random", {}, [listed, ranged], seed=5, budget=50).next_batch()
+    assert draws == make_strategy("random", {}, [listed, ranged], seed=5, budget=50).next_batch()
+    assert {a for a, _ in draws} == {1, 2} and all(-1 <= b <= 3 for _, b in draws)
+    assert len({b for _, b in draws}) == 50  # continuous: no two draws alike
+
+
+def test_layer_granularity_writes_a_gradient_of_one_value_per_group():
+    from mergescope.merge.search_strategy import layer_groups, make_strategy
+
+    assert [layer_groups(7, k) for k in (1, 2, 3, 7, None)] == [7, 4, 3, 1, 1]
+    strategy = make_strategy("cma", {}, [parse_vary("w=0:2")], seed=0, groups=4, budget=6)
+    batch = strategy.next_batch()
+    assert len(batch) == 6 and all(len(point[0]) == 4 and all(0 <= v <= 2 for v in point[0]) for point in batch)
+
+
+def test_cma_asks_the_same_candidates_whatever_order_results_arrive(setup):
+    """The same seed, one thread or two: the same candidates in the same order, and the same scores."""
+    folder, tau, eval_cmd = setup
+    from mergescope.merge.search_run import run_strategy
+    from mergescope.merge.search_strategy import make_strategy
+    from mergescope.merge.tune import ThreadEngine
+
+    document = yaml.safe_load((folder / "plan.yml").read_text())
+    variables = [parse_vary("models.0.parameters.weight=0:1"), parse_vary("models.1.parameters.weight=-0.5:0.5")]
+    runs = []
+    for jobs in (1, 2):
+        strategy = make_strategy("cma", document, variables, seed=4, budget=12)
+        engine = ThreadEngine(eval_cmd, jobs=jobs, device="cpu", scratch_dir=folder / "scratch")
+        runs.append(run_strategy(strategy, document, variables, engine))
+    assert [(r.candidate.values, r.score) for r in runs[0]] == [(r.candidate.values, r.score) for r in runs[1]]
+    for result in runs[0]:
+        assert result.score == pytest.approx(numpy_score(tau, *result.candidate.values), rel=1e-5)
+
+
+def test_ray_missing_says_how_to_get_it(setup, capsys, monkeypatch):
+    folder, _, eval_cmd = setup
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    argv = ["tune", str(folder / "plan.yml"), "--eval-cmd", eval_cmd, "--vary", W_B, "--ray", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'mergescope[ray]'" in err and err.count("\n") == 1
+
+
+def test_a_thread_search_does_not_import_ray(setup):
+    folder, _, eval_cmd = setup
+    argv = ["tune", str(folder / "plan.yml"), "--eval-cmd", eval_cmd, "--vary", W_B, "--device", "cpu"]
+    probe = (f"import sys; from mergescope.tui.cli.main import main; code = main({argv!r}); "
+             "print(code, 'ray' in sys.modules, 'cma' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split()[-3:] == ["0", "False", "False"], result.stderr
+
+
+def test_a_vary_key_that_cannot_act_is_refused_before_running_with_the_keys_that_do(setup, capsys):
+    """Every model sets its own density, which mergekit looks up first: parameters.density would give the same
+    merge for every value. Said before any candidate runs (no scratch folder), with the per-model keys."""
+    folder, _, eval_cmd = setup
+    document = yaml.safe_load((folder / "plan.yml").read_text())
+    document["merge_method"] = "ties"
+    for entry in document["models"]:
+        entry["parameters"]["density"] = 0.7
+    (folder / "ties.yml").write_text(yaml.safe_dump(document, sort_keys=False))
+    argv = ["tune", str(folder / "ties.yml"), "--eval-cmd", eval_cmd, "--device", "cpu"]
+    assert main([*argv, "--vary", "parameters.density=0.5,0.9"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "--vary parameters.density changes nothing: every model sets its own density" in line
+    assert line.endswith("vary models.0.parameters.density, models.1.parameters.density instead "
+                         "(every candidate would be the same merge)")
+    assert not (folder / "ties.best.yml").exists()
+    # with a key that acts beside it, the search runs and the inert one is a warning
+    assert main([*argv, "--vary", "parameters.density=0.5", "--vary", "models.0.parameters.density=0.5,0.9"]) == 0
+    assert "warning: --vary parameters.density changes nothing" in capsys.readouterr().err
+    # a parameter the method ignores
+    assert main(["tune", str(folder / "plan.yml"), "--eval-cmd", eval_cmd, "--device", "cpu",
+                 "--vary", "models.1.parameters.density=0.2,0.4"]) == 2
+    assert "task_arithmetic ignores density" in capsys.readouterr().err

@@ -13,22 +13,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from textual import work
+from textual import events, work
 from textual.app import App
 from textual.binding import Binding
 from textual.message import Message
+from textual.scrollbar import ScrollBar
 from textual.signal import Signal
 
 from mergescope.analysis import Progress, ReportBuilder, stream_analysis
 from mergescope.analysis.cache import AnalysisCache, cache_key
+from mergescope.checkpoints import MergescopeError
 from mergescope.demo.session import score_models
+from mergescope.merge.plan import load_plan, plan_file_in
 from mergescope.tui.commands import MergescopeCommands
+from mergescope.tui.history import MergeRecord
 from mergescope.tui.screens.confirm_screen import ConfirmScreen
 from mergescope.tui.screens.diagnosis_screen import DiagnosisScreen
 from mergescope.tui.screens.help_screen import HelpScreen
+from mergescope.tui.screens.history_screen import HistoryScreen
 from mergescope.tui.screens.layer_screen import LayerScreen
+from mergescope.tui.screens.open_path_screen import OpenPathScreen
 from mergescope.tui.screens.overview_screen import OverviewScreen
-from mergescope.tui.screens.plan_screen import PlanScreen, PlanValidated
+from mergescope.tui.screens.plan_screen import PlanScreen, PlanValidated, PreviewUpdated
 from mergescope.tui.screens.run_screen import (
     MergeCancelled,
     MergeFailed,
@@ -37,6 +43,10 @@ from mergescope.tui.screens.run_screen import (
     MergeStarted,
     RunScreen,
 )
+from mergescope.tui.screens.search_screen import SearchScreen
+from mergescope.tui.screens.tokens_screen import TokensScreen
+from mergescope.tui.screens.too_small_screen import TooSmallScreen, too_small
+from mergescope.tui.scrollbars import WholeCellScrollBarRender
 from mergescope.tui.session import Session
 from mergescope.tui.state import BASE_KEY, AppState
 
@@ -71,10 +81,13 @@ class MergescopeApp(App):
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("p", "plan", "Plan"),
         Binding("r", "run", "Run"),
+        Binding("h", "history", "History"),
     ]
 
     def __init__(self, session: Session, *, device: str = "auto", use_cache: bool = True) -> None:
         super().__init__()
+        ScrollBar.renderer = WholeCellScrollBarRender  # Textual's documented way to restyle scrollbars
+        self._size_notice_dismissed = False
         self.state = AppState(session, device=device, use_cache=use_cache)
         #: published with the report after each analysis snapshot
         self.analysis_changed: Signal[dict] = Signal(self, "analysis_changed")
@@ -92,6 +105,10 @@ class MergescopeApp(App):
             self.action_plan()
         elif session.start == "diagnosis":
             self.action_diagnose(session.merged_dir)
+        elif session.start == "search":
+            self.push_screen(SearchScreen(session.search_path))
+        self._started = True
+        self.call_after_refresh(self._check_size)
 
     @work(thread=True, exclusive=True, group="analysis")
     def run_analysis(self) -> None:
@@ -130,6 +147,22 @@ class MergescopeApp(App):
         for key, scores in score_models([(BASE_KEY, session.base), *zip(self.state.names, session.models)]):
             self.post_message(ModelScored(key, scores))
 
+    def on_resize(self, event: events.Resize) -> None:
+        self._check_size(event.size.width, event.size.height)
+
+    def _check_size(self, width: int | None = None, height: int | None = None) -> None:
+        """Below 80x24 a notice covers the screens until the terminal is large enough (or Escape)."""
+        if not getattr(self, "_started", False):
+            return
+        small = too_small(width or self.size.width, height or self.size.height)
+        showing = isinstance(self.screen, TooSmallScreen)
+        if small and not showing and not self._size_notice_dismissed:
+            self.push_screen(TooSmallScreen(), lambda _: setattr(self, "_size_notice_dismissed", True))
+        elif not small and showing:
+            self.pop_screen()
+        if not small:
+            self._size_notice_dismissed = False
+
     # --- the state, from messages ------------------------------------------------------------------
     def on_analysis_updated(self, message: AnalysisUpdated) -> None:
         state = self.state
@@ -141,6 +174,9 @@ class MergescopeApp(App):
         self._record_scores(message.key, message.scores)
 
     def on_merge_scored(self, message: MergeScored) -> None:
+        for record in self.state.history:
+            if record.output == message.output:
+                record.scores = message.scores
         self._record_scores(str(message.output), message.scores)
 
     def _record_scores(self, key: str, scores: dict[str, float]) -> None:
@@ -148,20 +184,38 @@ class MergescopeApp(App):
         self.scores_changed.publish(self.state.demo_scores)
 
     def on_plan_validated(self, message: PlanValidated) -> None:
-        self.state.plan_text = message.plan_text
+        self.state.plan_text, self.state.plan_output = message.plan_text, message.output
+        self.state.plan_started_from = message.started_from
+
+    def on_preview_updated(self, message: PreviewUpdated) -> None:
+        """The builder's final exact preview: what a run of its plan keeps of each source (for the history)."""
+        if message.cancel.is_set() or message.status != "exact preview":
+            return
+        whole = next((row for row in message.rows if row[0] == "all"), None)
+        if whole is not None:
+            self.state.plan_retention = {n: r for n, r in zip(message.names, whole[2]) if r is not None}
 
     def on_merge_started(self, message: MergeStarted) -> None:
         self.state.merge_cancel = message.cancel
+        self.state.history.append(MergeRecord(message.output, message.plan_text, message.started_from,
+                                              dict(self.state.plan_retention)))
 
     def on_merge_finished(self, message: MergeFinished) -> None:
         self.state.merge_cancel = None
         self.state.last_merge = message.output
+        self._record_status("done")
 
     def on_merge_failed(self, message: MergeFailed) -> None:
         self.state.merge_cancel = None
+        self._record_status("failed")
 
     def on_merge_cancelled(self, message: MergeCancelled) -> None:
         self.state.merge_cancel = None
+        self._record_status("cancelled")
+
+    def _record_status(self, status: str) -> None:
+        if self.state.history:
+            self.state.history[-1].status = status
 
     # --- actions -----------------------------------------------------------------------------------
     def action_help(self) -> None:
@@ -183,7 +237,51 @@ class MergescopeApp(App):
             self.notify("build a plan first: p opens the plan builder", severity="warning")
             self.action_plan()
             return
-        self.push_screen(RunScreen(self.state.plan_text))
+        self.push_screen(RunScreen(self.state.plan_text, self.state.plan_output))
+
+    def action_history(self) -> None:
+        if not isinstance(self.screen, HistoryScreen):
+            self.push_screen(HistoryScreen())
+
+    def action_open_merged(self) -> None:
+        """Ask for a merged folder (one holding mergekit_config.yml) and open its diagnosis."""
+        def answered(path: str | None) -> None:
+            if path is None:
+                return
+            folder = Path(path).expanduser()
+            if not folder.is_dir() or plan_file_in(folder) is None:
+                self.notify(f"{path}: not a merged folder (no mergekit_config.yml in it)", severity="error")
+                return
+            self.action_diagnose(folder)
+
+        self.push_screen(OpenPathScreen("merged folder to diagnose:", self._start_path("merges")), answered)
+
+    def action_open_plan(self) -> None:
+        """Ask for a plan file and open it in the plan builder."""
+        def answered(path: str | None) -> None:
+            if path is None:
+                return
+            plan = Path(path).expanduser()
+            try:
+                load_plan(plan)
+            except MergescopeError as exc:
+                self.notify(str(exc).splitlines()[0], severity="error")
+                return
+            if isinstance(self.screen, PlanScreen):
+                self.pop_screen()
+            self.push_screen(PlanScreen(plan))
+
+        self.push_screen(OpenPathScreen("plan file to open in the builder:", self._start_path("plans")), answered)
+
+    def _start_path(self, folder: str) -> str:
+        """Where a path prompt starts: the demo workspace's plans/ or merges/, else the current folder."""
+        workspace = self.state.session.workspace
+        return f"{workspace / folder}/" if workspace is not None else ""
+
+    def action_tokens(self) -> None:
+        """The tokens each model added to or lost from the base's vocabulary."""
+        if not isinstance(self.screen, TokensScreen):
+            self.push_screen(TokensScreen())
 
     def action_filter_tensors(self) -> None:
         """Every tensor of the model, filtered by name as you type."""

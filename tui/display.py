@@ -62,3 +62,41 @@ def retention_text(value: float | None) -> Text:
         return Text("—", style="dim")
     style = "bold white on #9b2226" if value < 1 / 3 else "black on #e9c46a" if value < 2 / 3 else ""
     return Text(f"{value * 100:.0f}%", style=style)
+
+
+def abbreviations(names: list[str], width: int) -> list[str]:
+    """A label of at most ``width`` characters per name, all different: the name itself when it fits, else its
+    start (``ft_reverse`` → ``ft_re``); names whose starts collide (``trap_other_base``, ``trap_grown_vocab``)
+    keep the first letter of their shared start and what differs (``t.oth``, ``t.gro``); a number ends any
+    label still taken twice."""
+    labels = [name if len(name) <= width else name[:width].rstrip("_.-") for name in names]
+    for label in set(labels):
+        group = [i for i, other in enumerate(labels) if other == label]
+        if len(group) < 2:
+            continue
+        shared = _shared_start([names[i] for i in group])
+        for i in group:
+            rest = names[i][len(shared):].lstrip("_.-") or names[i]
+            labels[i] = (shared[:1] + "." + rest)[:width] if shared else rest[:width]
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        if label in seen or labels.count(label) > 1:
+            seen[label] = seen.get(label, 0) + 1
+            suffix = str(seen[label])
+            labels[i] = label[: width - len(suffix)] + suffix
+    return labels
+
+
+def _shared_start(names: list[str]) -> str:
+    """The longest start the names share, cut back to a word boundary (``_``, ``.``, ``-``) when one is in it."""
+    start = names[0]
+    for name in names[1:]:
+        while not name.startswith(start):
+            start = start[:-1]
+    cut = max(start.rfind(c) for c in "_.-")
+    return start[:cut] if cut > 0 else start
+
+
+def legend(names: list[str], labels: list[str]) -> str:
+    """``t.oth trap_other_base · t.gro trap_grown_vocab``: the labels that differ from their names."""
+    return " · ".join(f"{label} {name}" for name, label in zip(names, labels) if label != name)

@@ -35,6 +35,7 @@ class PlanForm:
     options: dict[str, str] = field(default_factory=dict)  # method-level parameter → YAML text
     dtype: str | None = None
     output: str = "merged"
+    tokenizer_source: str | None = None  # None: not set (the base's tokenizer; a vocabulary mismatch is refused)
     extra: dict = field(default_factory=dict)  # keys of a loaded plan the form does not edit (kept as they are)
 
 
@@ -113,6 +114,7 @@ def set_method(form: PlanForm, name: str, session_base: str) -> list[str]:
 def to_document(form: PlanForm) -> dict:
     """The mergekit plan document (raises ValueError naming the field whose YAML does not parse)."""
     document: dict = {"merge_method": form.method}
+    method = METHODS.get(form.method)
     if form.base is not None:
         document["base_model"] = form.base
     models = []
@@ -122,6 +124,8 @@ def to_document(form: PlanForm) -> dict:
         entry: dict = {"model": row.reference}
         params = {}
         for name, text in row.fields.items():
+            if _ignored(method, name):
+                continue
             value = _field(text, f"{row.name}.{name}")
             if value is not None:
                 params[name] = value
@@ -129,11 +133,14 @@ def to_document(form: PlanForm) -> dict:
             entry["parameters"] = params
         models.append(entry)
     document["models"] = models
-    options = {name: value for name, text in form.options.items() if (value := _field(text, name)) is not None}
+    options = {name: value for name, text in form.options.items()
+               if not _ignored(method, name) and (value := _field(text, name)) is not None}
     if options:
         document["parameters"] = options
     if form.dtype:
         document["dtype"] = form.dtype
+    if form.tokenizer_source and "tokenizer" not in form.extra:
+        document["tokenizer_source"] = form.tokenizer_source
     for key, value in form.extra.items():
         if key not in document and key != "base_model":
             document[key] = value
@@ -163,7 +170,9 @@ def from_plan(plan, rows: list[ModelRow]) -> PlanForm:
         row.fields = {k: format_field(v) for k, v in _plain(entry.parameters or {}).items()}
     form = PlanForm(plan.merge_method, plan.base_model, rows,
                     {k: format_field(v) for k, v in _plain(plan.parameters or {}).items()}, plan.dtype)
-    form.extra = {k: v for k, v in raw.items() if k not in ("merge_method", "models", "parameters", "dtype")}
+    form.extra = {k: v for k, v in raw.items()
+                  if k not in ("merge_method", "models", "parameters", "dtype", "tokenizer_source")}
+    form.tokenizer_source = raw.get("tokenizer_source") if isinstance(raw.get("tokenizer_source"), str) else None
     method = METHODS[plan.merge_method]
     for row in rows:
         for name in per_model_parameters(method):
@@ -171,6 +180,16 @@ def from_plan(plan, rows: list[ModelRow]) -> PlanForm:
     for name in method_parameters(method):
         form.options.setdefault(name, "")
     return form
+
+
+def _ignored(method: MergeMethod | None, name: str) -> bool:
+    """Whether ``method`` accepts ``name`` but never uses it (``density`` in task arithmetic): never written."""
+    if method is None:
+        return False
+    try:
+        return method.parameter(name).ignored
+    except KeyError:
+        return False  # an unknown key stays, so the plan loader names it with its line
 
 
 def _plain(value):

@@ -36,13 +36,18 @@ def session_checkpoints(session: Session) -> dict[str, Checkpoint]:
 RELATIVE_NORM, ABSOLUTE_NORM = "‖τm‖/‖θ₀‖", "‖τm‖"
 
 
+def norm_unit_note(heading: str) -> str:
+    """What the preview's status line adds about the norm column's unit (its own heading is too narrow)."""
+    return " · ‖τm‖ in % of ‖θ₀‖" if heading == RELATIVE_NORM else ""
+
+
 def preview_rows(state: AppState, plan: MergePlan, cancel: threading.Event) -> Iterator[PreviewUpdate]:
     """Yield (status, source names, rows, warnings, norm heading): once after the sampled pass, then as exact
     groups land. The merged norm is relative to ‖θ₀‖ only when the analysis is complete (a streaming report's
     ‖θ₀‖ covers the groups read so far, so its whole-model value is too small); every row has the same unit,
     which the heading names."""
     job = build_job(plan, checkpoints=session_checkpoints(state.session))
-    warnings = plan_warnings(job, state.report if state.analysis_done else None)
+    warnings = job.warnings + plan_warnings(job, state.report if state.analysis_done else None)
     relative = state.analysis_done and bool((state.report.get("total") or {}).get("base_norm"))
     report = state.report if relative else {}
     base_norms = {g["name"]: g.get("base_norm") for g in report.get("groups", [])}
@@ -70,6 +75,19 @@ def preview_rows(state: AppState, plan: MergePlan, cancel: threading.Event) -> I
                 rows["all"] = _row(event.total, total_base, label="all")
                 status = "exact preview" if mode == "exact" else "sampled preview; the exact one is running…"
                 yield status, names, list(rows.values()), warnings, heading
+
+
+def vocabulary_line(state: AppState, plan: MergePlan) -> str:
+    """The output vocabulary the plan gives: ``output vocabulary: 47 tokens (+4: <pad>, …), 48 rows``; empty without
+    a tokenizer setting (the base's tokenizer is copied). Raises the job's PlanError for a plan that cannot run."""
+    if plan.tokenizer is None:
+        return ""
+    job = build_job(plan, checkpoints=session_checkpoints(state.session))
+    vocabulary = job.vocabulary
+    new = [token for token, _ in vocabulary.new]
+    added = f" (+{len(new)}: {', '.join(new[:4])}{', …' if len(new) > 4 else ''})" if new else ""
+    rows = f", {vocabulary.rows} rows" if vocabulary.rows != len(vocabulary.tokens) else ""
+    return f"output vocabulary: {len(vocabulary.tokens)} tokens{added}{rows}"
 
 
 def _row(group: GroupPreview, base_norm: float | None, label: str | None = None) -> Row:

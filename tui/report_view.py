@@ -42,6 +42,13 @@ def badges(report: dict, name: str) -> dict[str, bool]:
     return {badge: not (codes & set(bad)) for badge, bad in BADGE_CODES.items()}
 
 
+def token_changes(report: dict, name: str) -> tuple[list[str], list[str]] | None:
+    """(tokens ``name`` added, tokens it lost) against the base's vocabulary, from the report's by-token comparison;
+    None when the vocabularies agree (or the report predates the comparison)."""
+    entry = (report.get("vocabularies") or {}).get(name)
+    return None if entry is None else (list(entry.get("added", [])), list(entry.get("lost", [])))
+
+
 def warnings_of(report: dict, name: str | None = None) -> list[dict]:
     return [w for w in report.get("warnings", []) if name is None or w.get("model") == name]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mergescope.analysis import Progress, unique_names
 from mergescope.analysis.preview import SampleCache
+from mergescope.tui.history import MergeRecord
 from mergescope.tui.session import Session
 
 #: the base model's key in :attr:`AppState.demo_scores` (and its row key in the models table)
@@ -48,6 +49,14 @@ class AppState:
     # --- plans and merges ---------------------------------------------------------------------------------
     #: the plan builder's last valid plan (mergekit YAML), what ``r`` runs from another screen
     plan_text: str | None = None
+    #: the plan builder's output folder for that plan, where ``r`` merges it from any screen
+    plan_output: str = "merged"
+    #: the plan the builder started from (the plan file as opened, or its first plan), for the history's diff
+    plan_started_from: str = ""
+    #: source → whole-model retention of the builder's last exact preview (what a run of that plan keeps)
+    plan_retention: dict[str, float] = field(default_factory=dict)
+    #: the merges of this session, oldest first (the history screen, `h`)
+    history: list[MergeRecord] = field(default_factory=list)
     #: the running merge's cancel flag (setting it stops the merge between tensors); None while none runs
     merge_cancel: threading.Event | None = None
     #: the output folder of the last merge that finished in the app, what ``d`` diagnoses

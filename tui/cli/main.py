@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-non-finite", action="store_true", help="merge even when inputs hold NaN/Inf")
     merge.add_argument("--memory-budget", metavar="SIZE",
                          help=MEMORY_BUDGET_HELP)
+    merge.add_argument("--allow-eval-cmd", action="store_true",
+                       help="run the program the plan names (mergescope.greedy_soup.eval_cmd); without it, a plan "
+                       "that names one is refused before anything runs")
     merge.set_defaults(handler=_command("merge", "run_merge_command"))
 
     soup = commands.add_parser(
@@ -115,22 +118,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser(
         "tune",
-        help="search a plan's parameters with an eval command",
-        description="Merge and score every candidate plan of a grid (or --random N of it): each --vary KEY=VALUES "
-        "sets a path in the plan (models.0.parameters.weight, parameters.density, ...) to a:b:step (inclusive) or "
-        "v1,v2,.... Prints the candidates by score and writes the best plan.",
+        help="search a plan's parameters with an eval command (grid, random or CMA-ES; threads or Ray)",
+        description="Merge and score candidate plans: each --vary KEY=VALUES sets a path in the plan "
+        "(models.0.parameters.weight, parameters.density, ...) to a:b:step (inclusive grid), v1,v2,... or low:high "
+        "(a continuous range, for --strategy random or cma). Every candidate goes into a SQLite search file beside "
+        "the best plan (--resume continues it; mergescope inspect FILE shows it). Prints the candidates by score "
+        "and writes the best plan.",
     )
     tune.add_argument("plan", metavar="PLAN.yml")
     tune.add_argument("--eval-cmd", metavar="CMD", required=True, help=EVAL_CMD_HELP)
     tune.add_argument("--vary", metavar="KEY=VALUES", action="append", required=True,
-                      help="a plan path and its values: a:b:step or v1,v2,... (repeatable)")
+                      help="a plan path and its values: a:b:step, v1,v2,... or low:high (repeatable)")
+    tune.add_argument("--strategy", choices=("grid", "random", "cma"),
+                      help="grid (default), random (--budget N draws) or cma (CMA-ES over the low:high ranges)")
+    tune.add_argument("--budget", type=int, metavar="N",
+                      help="candidates to evaluate (cma: default 40; random: the number of draws; grid: the first N)")
+    tune.add_argument("--population", type=int, metavar="P",
+                      help="cma: candidates per generation (default 4 + 3·ln(numbers searched))")
+    tune.add_argument("--layer-granularity", type=int, metavar="K",
+                      help="one value per K layers for every low:high range, written as a gradient list")
     tune.add_argument("--random", type=int, metavar="N", help="sample N distinct candidates of the grid instead of all")
-    tune.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the random and cma strategies (default 0)")
     tune.add_argument("--jobs", type=int, default=1, metavar="J",
-                      help="candidates merged and scored at once (default 1)")
+                      help="candidates merged and scored at once on threads (default 1)")
+    tune.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                      help="run candidates as Ray tasks: alone, on a local Ray instance; with ADDRESS (auto, "
+                      "HOST:6379, ray://HOST:10001), on that cluster (needs pip install 'mergescope[ray]')")
+    tune.add_argument("--cpus-per-trial", type=float, default=1, metavar="C", help="--ray: CPUs per candidate (1)")
+    tune.add_argument("--gpus-per-trial", type=float, default=0, metavar="G", help="--ray: GPUs per candidate (0)")
+    tune.add_argument("--retries", type=int, default=1, metavar="R",
+                      help="--ray: times a candidate whose worker died is run again (default 1)")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue the search in the search file; evaluated candidates are not run again")
+    tune.add_argument("--db", metavar="SEARCH.db", help="the search file (default: BEST.search.db beside BEST.yml)")
     tune.add_argument("-o", "--output", metavar="BEST.yml", help="where the best plan goes (default: PLAN.best.yml)")
     tune.add_argument("--device", help="auto (default, or the plan's mergescope.device), cpu, cuda or cuda:N")
-    tune.add_argument("--scratch", metavar="DIR", help="where candidates are merged (default: beside BEST.yml)")
+    tune.add_argument("--scratch", metavar="DIR",
+                      help="where candidates are merged (default: beside BEST.yml; with --ray each node's temp folder)")
     tune.add_argument("--timeout", type=float, metavar="S", help="seconds allowed per evaluation")
     tune.set_defaults(handler=_command("tune", "run_tune_command"))
 
@@ -153,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect",
         help="open the interactive terminal UI",
-        description="Open the TUI on BASE MODEL..., on a plan (PLAN.yml) or on a merged folder.",
+        description="Open the TUI on BASE MODEL..., on a plan (PLAN.yml), on a merged folder or on a search file "
+        "(SEARCH.db, written by mergescope tune; it follows a search that is still running).",
     )
     inspect.add_argument("targets", metavar="TARGET", nargs="+")
     inspect.add_argument("--base", metavar="BASE",

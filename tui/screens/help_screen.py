@@ -20,7 +20,9 @@ KEYS = (
     ("r", "run the plan: confirm output and device, then a progress panel"),
     ("c", "cancel the running merge — in the run panel"),
     ("d", "diagnosis of the last merge"),
-    ("Ctrl+P", "command palette: every action by name"),
+    ("h", "this session's merges beside the base and fine-tunes: scores, retention, plan diff"),
+    ("t", "tokens each model added to or lost from the base's vocabulary — in the overview"),
+    ("Ctrl+P", "command palette: every action by name; open a merged folder or a plan file"),
     ("q", "quit (asks first while a merge runs)"),
 )
 

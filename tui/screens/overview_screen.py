@@ -5,16 +5,18 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Static
 
+from mergescope.demo.manifest import read_manifest
 from mergescope.tui.display import short
 from mergescope.tui.screens.layer_screen import LayerScreen
 from mergescope.tui.widgets.overview.depth_sparklines import DepthSparklines
 from mergescope.tui.widgets.overview.layer_heatmap import LayerHeatmap, LayerHighlighted
-from mergescope.tui.widgets.overview.models_table import ModelsTable
+from mergescope.tui.widgets.overview.models_table import ModelDetailsRequested, ModelsTable
 from mergescope.tui.widgets.overview.pair_matrices import PairMatrices
+from mergescope.tui.widgets.overview.total_matrix import TotalMatrix, rows_needed
 
 #: below this width the heatmap and the side pane take turns (Tab switches) instead of sitting side by side
 NARROW = 120
@@ -42,6 +44,7 @@ class OverviewScreen(Screen):
         Binding("enter", "drill", "Layer", show=True),
         Binding("slash", "app.filter_tensors", "Filter", show=True),
         Binding("d", "diagnose", "Diagnose", show=False),
+        Binding("t", "app.tokens", "Tokens", show=False),
         Binding("tab", "next_pane", "Pane", show=False),
         Binding("shift+tab", "next_pane(-1)", "Pane", show=False),
     ]
@@ -49,10 +52,13 @@ class OverviewScreen(Screen):
 
     def compose(self) -> ComposeResult:
         session, names = self.app.state.session, self.app.state.names
+        tasks = list((read_manifest(session.workspace) or {}).get("tasks", {})) if session.workspace else []
         yield Header()
-        yield ModelsTable(session.base, session.models, names, id="models")
+        yield ModelsTable(session.base, session.models, names, tasks, id="models")
         with Horizontal(id="main"):
-            yield LayerHeatmap(names, list(session.base.groups()), id="heatmap")
+            with Vertical(id="heat-pane"):
+                yield LayerHeatmap(names, list(session.base.groups()), id="heatmap")
+                yield TotalMatrix(names, id="total-matrix")
             with VerticalScroll(id="side"):
                 yield PairMatrices(names, id="pairs")
                 yield DepthSparklines(names, id="depth")
@@ -72,6 +78,14 @@ class OverviewScreen(Screen):
     def on_resize(self) -> None:
         self.set_class(self.size.width < NARROW, "narrow")
         self._show_focused_pane()
+        self.call_after_refresh(self._place_total_matrix)
+
+    def _place_total_matrix(self) -> None:
+        """The whole model's matrix goes in the rows the heatmap leaves empty (narrow terminals only): shown
+        when the heatmap's header and rows and the matrix's header and rows all fit in the pane."""
+        pane, heatmap = self.query_one("#heat-pane"), self.query_one(LayerHeatmap)
+        needed = (heatmap.row_count + 1) + rows_needed(self.app.state.names)
+        self.query_one(TotalMatrix).display = self.has_class("narrow") and needed <= pane.size.height
 
     def show_analysis(self, _=None) -> None:
         """Redraw from the app's latest analysis snapshot."""
@@ -81,16 +95,19 @@ class OverviewScreen(Screen):
         heatmap = self.query_one(LayerHeatmap)
         heatmap.update_report(report)
         self.query_one(PairMatrices).show(report, heatmap.current_group)
+        self.query_one(TotalMatrix).show(report)
         self.query_one(DepthSparklines).show(report)
         self.query_one("#warnings", Static).update(warnings_text(report))
         bar, label = self.query_one("#analysis-bar", ProgressBar), self.query_one("#analysis-label", Label)
         progress = state.analysis_progress
         if state.analysis_error:
             label.update(Text(f"analysis failed: {state.analysis_error}", style="bold red"))
-        elif done:
+        elif done:  # the status line gives its row to the heatmap and matrix; the title says it is done
             bar.update(total=1, progress=1)
-            hint = " · Tab: pairwise matrices, depth, warnings" if self.has_class("narrow") else ""
-            label.update(Text("analysis done" + hint, style="green"))
+            label.update(Text("analysis done", style="green"))
+            self.query_one("#status").display = False
+            hint = " · Tab: layer matrices" if self.has_class("narrow") else ""
+            self.sub_title = f"base: {state.session.base.name} · analysed{hint}"
         elif progress is not None:
             bar.update(total=progress.bytes_total or 1, progress=progress.bytes_done)
             label.update(Text(short(progress.current, 40), style="dim"))
@@ -109,7 +126,7 @@ class OverviewScreen(Screen):
 
     def _show_focused_pane(self) -> None:
         """In a narrow terminal only one of heatmap and side pane shows: the one holding the focus."""
-        heatmap, side = self.query_one("#heatmap"), self.query_one("#side")
+        heatmap, side = self.query_one("#heat-pane"), self.query_one("#side")
         if not self.has_class("narrow"):
             heatmap.display = side.display = True
             return
@@ -124,8 +141,12 @@ class OverviewScreen(Screen):
         current = next((i for i, pane in enumerate(panes)
                         if focused is pane or (focused is not None and pane in focused.ancestors)), 0)
         target = panes[(current + step) % len(panes)]
-        target.display = True
+        (self.query_one("#heat-pane") if target.id == "heatmap" else target).display = True
         target.focus()
+
+    def on_model_details_requested(self, message: ModelDetailsRequested) -> None:
+        self.notify(self.query_one(ModelsTable).details(message.key, self.app.state.report), title="model",
+                    timeout=8)
 
     def action_drill(self) -> None:
         group = self.query_one(LayerHeatmap).current_group

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from rich.table import Table
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
@@ -28,8 +29,11 @@ from mergescope.demo.evaluate import evaluate
 from mergescope.merge import executor
 from mergescope.merge.job import build_job
 from mergescope.merge.plan import parse_plan
+from mergescope.merge.plan_commands import ALLOW_FLAG, plan_commands
+from mergescope.tui.state import BASE_KEY
 from mergescope.tui.widgets.run.diagnosis_view import DiagnosisView
 from mergescope.tui.widgets.run.merge_progress import MergeProgressPanel
+from mergescope.tui.widgets.tick_box import TickBox
 
 #: where the run screen is: asking for the output, merging, or after the merge ended one of three ways
 Phase = Literal["confirm", "running", "done", "failed", "cancelled"]
@@ -41,6 +45,8 @@ class MergeStarted(Message):
 
     output: Path
     cancel: threading.Event
+    plan_text: str = ""  # the plan being merged
+    started_from: str = ""  # the plan the builder started from
 
 
 @dataclass
@@ -88,6 +94,31 @@ class MergeScoringFailed(Message):
     error: str
 
 
+#: what to press after a failed run (the form is shown again)
+RETRY_HINT = ("change the output folder, or Tab to “replace the output folder” and Space to tick it, "
+              "then Ctrl+G · Escape: back to the plan")
+
+
+def scores_beside_sources(state, label: str, scores: dict[str, float], plan_text: str) -> Table:
+    """The merge's demo scores under the base's and those of the models its plan merges (as far as scored), a
+    column per task."""
+    try:
+        merged_refs = {entry.model for entry in parse_plan(plan_text).models or []}
+    except MergescopeError:
+        merged_refs = set()
+    references = state.session.references[1:] or [m.source for m in state.session.models]
+    sources = [name for name, ref in zip(state.names, references) if ref in merged_refs] or state.names
+    table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+    table.add_column("model or merge", no_wrap=True)
+    for task in scores:
+        table.add_column(task[:4], justify="right")
+    for key, name in [(BASE_KEY, "base"), *((n, n) for n in sources)]:
+        if key in state.demo_scores:
+            table.add_row(name, *[f"{state.demo_scores[key].get(t, float('nan')):.0%}" for t in scores])
+    table.add_row(Text(label, style="bold"), *[Text(f"{v:.0%}", style="bold") for v in scores.values()])
+    return table
+
+
 def device_options() -> list[tuple[str, str]]:
     """auto, cpu and every visible CUDA device."""
     options = [("auto (the GPU when there is one)", "auto"), ("cpu", "cpu")]
@@ -107,9 +138,9 @@ class RunScreen(Screen):
         Binding("d", "diagnose", "Diagnose"),
     ]
 
-    def __init__(self, plan_text: str, output: str = "merged") -> None:
+    def __init__(self, plan_text: str, output: str = "merged", started_from: str = "") -> None:
         super().__init__()
-        self.plan_text, self.output = plan_text, output
+        self.plan_text, self.output, self.started_from = plan_text, output, started_from
         self.phase: Phase = "confirm"
         self.cancel = threading.Event()  # stops this screen's merge between tensors
         self.merged: Path | None = None  # the merge's output folder once it finished
@@ -122,7 +153,7 @@ class RunScreen(Screen):
             yield Input(self.output, compact=True, id="run-output")
             yield Label("device", classes="field-label")
             yield Select(device_options(), value=device, allow_blank=False, compact=True, id="run-device")
-            yield Checkbox("replace the output folder if it exists", False, compact=True, id="run-force")
+            yield TickBox("replace the output folder if it exists", False, compact=True, id="run-force")
             yield Static(Text("Ctrl+G starts the merge · Escape goes back", style="bold"), id="run-hint")
         with Vertical(id="run-panel"):
             yield MergeProgressPanel(id="merge-progress")
@@ -133,12 +164,25 @@ class RunScreen(Screen):
         self.sub_title = "run the plan"
         self.query_one("#run-panel").display = False
         self.query_one("#run-output").focus()
+        self._say_what_is_not_run()
+
+    def _say_what_is_not_run(self) -> None:
+        """A plan is data: the app never runs a program the plan names; say so, with the exact command."""
+        try:
+            commands = plan_commands(parse_plan(self.plan_text, source="plan builder"))
+        except MergescopeError:
+            return  # the merge reports the plan's problems when it starts
+        for command in commands:
+            self.query_one(RichLog).write(
+                f"not run: {command.key} {command.command!r} — the app never runs a plan's programs and merges every "
+                f"model listed; `mergescope merge PLAN.yml {ALLOW_FLAG}` runs the selection"
+            )
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.action_start()
 
     def action_start(self) -> None:
-        if self.phase != "confirm":
+        if self.phase not in ("confirm", "failed"):
             return
         if self.app.state.merging:
             self.notify("a merge is already running", severity="warning")
@@ -149,14 +193,17 @@ class RunScreen(Screen):
         self.phase = "running"
         self.query_one("#run-form").display = False
         self.query_one("#run-panel").display = True
+        self.query_one(MergeProgressPanel).reset()
         self.query_one(RichLog).write(f"merging into {output} on {device}")
-        self.post_message(MergeStarted(output, self.cancel))
+        self.post_message(MergeStarted(output, self.cancel, self.plan_text, self.started_from))
         self.run_merge(output, device, force)
 
     @work(thread=True, exclusive=True, group="merge")
     def run_merge(self, output: Path, device: str, force: bool) -> None:
         try:
             job = build_job(parse_plan(self.plan_text, source="plan builder"))
+            if output.is_dir() and any(output.iterdir()) and not force:
+                raise MergescopeError(f"{output}: folder exists and is not empty")
             check_output_folder(output, job.checkpoints.values(), overwrite=force)
             written = executor.run_merge(job, output, device=device, overwrite=force, cancel=self.cancel,
                                          on_event=lambda progress: self.post_message(MergeProgressed(progress)))
@@ -201,13 +248,21 @@ class RunScreen(Screen):
         self.query_one(RichLog).write(f"cancelled; nothing was written to {message.output}")
 
     def on_merge_failed(self, message: MergeFailed) -> None:
+        """The bar stops, the form comes back, and the log says what to press next."""
         self.phase = "failed"
+        self.query_one(MergeProgressPanel).stop(message.error)
         self.query_one(RichLog).write(f"failed: {message.error}")
-        self.notify(message.error or "merge failed", severity="error")
+        self.query_one(RichLog).write(RETRY_HINT)
+        self.query_one("#run-form").display = True
+        self.query_one("#run-output").focus()
+        self.notify(f"{message.error or 'merge failed'} · {RETRY_HINT}", severity="error")
 
     def on_merge_scored(self, message: MergeScored) -> None:
         line = "  ".join(f"{task} {accuracy:.0%}" for task, accuracy in message.scores.items())
-        self.query_one(RichLog).write(f"demo scores of {message.output}: {line}")
+        log = self.query_one(RichLog)
+        log.write(f"demo scores of {message.output}: {line}")
+        log.write(scores_beside_sources(self.app.state, message.output.name, message.scores, self.plan_text))
+        log.write("h: every merge of this session side by side, with its plan's diff")
 
     def on_merge_scoring_failed(self, message: MergeScoringFailed) -> None:
         self.query_one(RichLog).write(f"demo evaluation failed: {message.error}")

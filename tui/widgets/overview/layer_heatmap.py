@@ -9,8 +9,9 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import DataTable
 
-from mergescope.tui.display import heat, short
+from mergescope.tui.display import abbreviations, heat, short
 from mergescope.tui.report_view import group_rel
+from mergescope.tui.widgets.overview.total_matrix import LABEL_WIDTH
 
 
 @dataclass
@@ -31,8 +32,8 @@ class LayerHeatmap(DataTable):
 
     def on_mount(self) -> None:
         self.add_column("layer", key="layer")
-        for name in self.names:
-            self.add_column(short(name, 8), key=name)
+        for name, label in zip(self.names, abbreviations(self.names, LABEL_WIDTH)):
+            self.add_column(label, key=name)
         for group in self.groups:
             self.add_row(short(_label(group), 18), *[Text("…", style="dim") for _ in self.names], key=group)
 

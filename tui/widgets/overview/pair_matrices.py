@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
-from mergescope.tui.display import fmt_pct, short
+from mergescope.tui.display import abbreviations, fmt_pct, legend, short
 from mergescope.tui.report_view import group_by_name, pair_value
 
 
@@ -32,14 +32,14 @@ def matrix(title: str, names: list[str], scopes: list[tuple[str, dict | None]], 
     """One table: a row per model, for each scope (whole model, layer) a column block of the other models."""
     table = Table(title=title, title_justify="left", title_style="bold", box=None, pad_edge=False, padding=(0, 0, 0, 1))
     table.add_column("")
+    labels = abbreviations(names, 5)
     for index, (scope, _) in enumerate(scopes):
-        for j, name in enumerate(names):
-            header = short(name, 5)
+        for j, header in enumerate(labels):
             table.add_column(f"{scope}\n{header}" if j == 0 else f"\n{header}", justify="right",
                              style="on grey15" if index % 2 else "")
     cell = _cosine_cell if key == "cosine" else _conflict_cell
-    for a in names:
-        row: list[Text | str] = [short(a, 6)]
+    for a, label in zip(names, labels):
+        row: list[Text | str] = [label]
         for _, stats in scopes:
             for b in names:
                 row.append(cell(None if stats is None else pair_value(stats, a, b, key), a == b))
@@ -87,4 +87,7 @@ def matrices(names: list[str], scopes: list[tuple[str, dict | None]], width: int
     for title, key in (("cosine", "cosine"), ("sign conflict", "sign_conflict")):
         for block in blocks:
             parts += [matrix(title, names, block, key), Text("")]
-    return Group(*parts[:-1])
+    key = legend(names, abbreviations(names, 5))
+    if key:
+        parts.append(Text(key, style="dim"))
+    return Group(*parts if key else parts[:-1])

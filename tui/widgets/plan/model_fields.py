@@ -11,6 +11,7 @@ from textual.widgets import Checkbox, Input, Label
 
 from mergescope.tui.display import short
 from mergescope.tui.plan_document import ModelRow
+from mergescope.tui.widgets.tick_box import TickBox
 
 
 @dataclass
@@ -40,7 +41,7 @@ class ModelFields(Vertical):
         self.index, self.row = index, row
 
     def compose(self) -> ComposeResult:
-        yield Checkbox(short(self.row.name, 30), self.row.included, compact=True, id=f"use-{self.index}")
+        yield TickBox(short(self.row.name, 30), self.row.included, compact=True, id=f"use-{self.index}")
         for name, text in self.row.fields.items():
             with Horizontal():
                 yield Label(name, classes="param-label")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import DataTable
 
-from mergescope.tui.display import retention_text, short
+from mergescope.tui.display import abbreviations, retention_text, short
 
 
 class PreviewTable(DataTable):
@@ -14,7 +14,7 @@ class PreviewTable(DataTable):
     ⟨τ_m, τᵢ⟩/‖τᵢ‖² (red below 1/3: the merge keeps less than a third of that fine-tune there)."""
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        super().__init__(cursor_type="row", zebra_stripes=True, fixed_columns=1, **kwargs)
         self.names: list[str] = []
         self.norm_heading = ""
 
@@ -27,13 +27,13 @@ class PreviewTable(DataTable):
             self.names = list(names)
             self.norm_heading = norm_heading
             self.add_column("layer", key="layer")
-            self.add_column(norm_heading, key="norm")
-            for name in names:
-                self.add_column(short(name, 7), key=name)
+            self.add_column("‖τm‖", key="norm")  # its unit is in the status line above (narrow at 80 columns)
+            for name, label in zip(names, abbreviations(names, 5)):
+                self.add_column(label, key=name)
         cursor = self.cursor_row
         self.clear()
         for label, norm, retention in rows:
             norm_text = Text(norm, style="bold" if label == "all" else "")
-            self.add_row(short(label, 14), norm_text, *[retention_text(r) for r in retention], key=label)
+            self.add_row(short(label, 10), norm_text, *[retention_text(r) for r in retention], key=label)
         if rows:
             self.move_cursor(row=min(max(cursor, 0), len(rows) - 1))

@@ -76,7 +76,7 @@ class DiagnosisView(Vertical):
     DiagnosisView #diagnosis-summary {
         height: auto; max-height: 9; padding: 0 1; border-bottom: solid $primary-background;
     }
-    DiagnosisView #diagnosis-table { height: 1fr; }
+    DiagnosisView #diagnosis-table { height: 1fr; width: 1fr; }
     DiagnosisView #diagnosis-status { height: 1; }
     DiagnosisView #diagnosis-bar { width: auto; margin-right: 1; }
     """

@@ -51,6 +51,18 @@ class MergeProgressPanel(Vertical):
         yield Label("starting…", id="merge-tensor")
         yield Label("", id="merge-rates")
 
+    def reset(self) -> None:
+        """A new run: the bar pulses until the first tensor lands."""
+        self.query_one("#merge-bar", ProgressBar).update(total=None, progress=0)
+        self.query_one("#merge-tensor", Label).update("starting…")
+        self.query_one("#merge-rates", Label).update("")
+
+    def stop(self, error: str) -> None:
+        """The run failed: the bar stops where it was (no pulse) and the failure replaces the tensor line."""
+        bar = self.query_one("#merge-bar", ProgressBar)
+        bar.update(total=bar.total or 1, progress=bar.progress)
+        self.query_one("#merge-tensor", Label).update(Text(f"failed: {error}", style="bold red"))
+
     def show(self, progress: MergeProgress) -> None:
         self.query_one("#merge-bar", ProgressBar).update(total=progress.bytes_total or 1, progress=progress.bytes_done)
         self.query_one("#merge-tensor", Label).update(
