@@ -138,9 +138,10 @@ def test_a_merge_by_token_in_many_row_blocks_has_the_bits_of_one_block(tmp_path,
 
 
 def test_union_rows_in_blocks_follow_the_token_rule(tmp_path, paths):
-    """Independent of mergescope's alignment: a linear union merge's rows for a swapped token, a lost token (the
-    base … here no base: the holders' mean), a token two models added (their mean) and one only one added (its
-    row), computed in float64 from the files by token string."""
+    """Independent of mergescope's alignment: a linear union merge (no base) in blocks, its rows for a token at
+    another row in one model, a token one model lost and a token two models added (the holders' mean fills the
+    others' rows), tokens only one model added (its row), computed in float64 from the files by token string;
+    atol covers the bf16 inputs and output."""
     plan = _plan(paths, "linear", "union")
     merged = _merged(plan, tmp_path / "blocks", BLOCKS)["model.embed_tokens.weight"].double()
     vocab = json.loads((tmp_path / "blocks" / "out" / "tokenizer.json").read_text())
