@@ -141,7 +141,7 @@ def test_union_rows_in_blocks_follow_the_token_rule(tmp_path, paths):
     """Independent of mergescope's alignment: a linear union merge (no base) in blocks, its rows for a token at
     another row in one model, a token one model lost and a token two models added (the holders' mean fills the
     others' rows), tokens only one model added (its row), computed in float64 from the files by token string;
-    atol covers the bf16 inputs and output."""
+    the tolerance covers the bf16 output's rounding."""
     plan = _plan(paths, "linear", "union")
     merged = _merged(plan, tmp_path / "blocks", BLOCKS)["model.embed_tokens.weight"].double()
     vocab = json.loads((tmp_path / "blocks" / "out" / "tokenizer.json").read_text())
@@ -160,7 +160,7 @@ def test_union_rows_in_blocks_follow_the_token_rule(tmp_path, paths):
 
     swapped = next(t for t, i in vocabs[1].items() if t.startswith("t") and i != int(t[1:]))
     for token in (swapped, "t7", "<pad>", "<tool>", "<only_b>", "<only_c>", "t1000"):
-        np.testing.assert_allclose(merged[ids[token]].numpy(), expected(token).numpy(), rtol=0, atol=2e-2)
+        np.testing.assert_allclose(merged[ids[token]].numpy(), expected(token).numpy(), rtol=8e-3, atol=1e-3)
 
 
 def test_exact_preview_and_analysis_by_token_in_blocks_equal_one_block(tmp_path, paths):
