@@ -56,8 +56,8 @@ from mergescope.checkpoints import Cancelled, Checkpoint, MergescopeError, layer
 from mergescope.checkpoints.device import one_torch_thread
 from mergescope.checkpoints.dtypes import torch_dtype
 from mergescope.checkpoints.read_ahead import read_ahead
-from mergescope.checkpoints.row_blocks import DEFAULT_MEMORY_BUDGET, block_entries, parse_size
-from mergescope.merge.executor import RowBlock, bytes_per_entry, plan_blocks, whole_tensor_trims
+from mergescope.checkpoints.row_blocks import DEFAULT_MEMORY_BUDGET, parse_size
+from mergescope.merge.executor import RowBlock, block_size, plan_blocks, whole_tensor_trims
 from mergescope.merge.job import MergeJob, TensorTask
 from mergescope.merge.tensor_merge import DEFAULT_SEED, merge_rows, merge_tensor
 
@@ -193,7 +193,7 @@ def stream_preview(
     n = len(layout.references)
     loader = _Loader(job, layout, mode, sample_size, sample_seed, device, cache)
     budget = parse_size(memory_budget or DEFAULT_MEMORY_BUDGET, "memory_budget")
-    entries = block_entries(budget, bytes_per_entry(job, prefetch))
+    entries = block_size(job, prefetch, budget)
     items = comparable if mode == "sampled" else plan_blocks(job, entries, comparable)
     trims = None
     start = time.perf_counter()

@@ -251,7 +251,7 @@ def stream_analysis(
     layouts = {name: load.layout(name) for name in tensor_names}
     budget = parse_size(memory_budget or DEFAULT_MEMORY_BUDGET, "memory_budget")
     stored = max((sum(ITEMSIZE[c.spec(n).dtype] for c in (base, *models) if n in c) for n in tensor_names), default=4)
-    entries = block_entries(budget, stored * (prefetch + 2))
+    entries = block_entries(budget, stored * (prefetch + 2), stored)
     units = plan_units(base, tensor_names, layouts, entries, whole=density < 1.0)
     if device == "cpu":
         one_torch_thread.enter()

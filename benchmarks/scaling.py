@@ -9,7 +9,8 @@ and the Llama-3-8B-wide one (``wide_fixture.py``, base + 3 fine-tunes, 128256 ×
 issue 13: ``dtype: bfloat16``, weight 0.5, TIES density 0.5; ``--device cpu``, fresh processes, page cache
 warmed before each set (a set larger than the free memory is read from disk: the floor says so too).
 Each command runs under ``/usr/bin/time`` (wall time, peak RSS). The floor is one process reading every tensor
-of every model once through ``safetensors`` (``safe_open``/``get_tensor``) and dropping it.
+of every model once through ``safetensors`` (``safe_open``/``get_tensor``, copied into owned memory: the
+tensor it returns only views the file's mapping) and dropping it.
 
 mergekit's TIES on the wide fixture took 464 s and 23 GB (mapped file pages) with three fine-tunes on a 24 GB
 machine: ``--mergekit-max-models`` limits the model counts mergekit runs at (default 4; 0 for none).
@@ -36,15 +37,19 @@ from merge_llama import timed  # noqa: E402
 from mergekit_env import ensure_mergekit_venv  # noqa: E402
 from read_checkpoints import _warm_cache  # noqa: E402
 
+# safetensors >= 0.6 returns tensors that view its memory map, so get_tensor alone reads nothing: each tensor is
+# copied into memory it owns (what a reader must do), on one thread (see read_checkpoints.py)
 FLOOR = r"""
 import sys
 from pathlib import Path
+import torch
 from safetensors import safe_open
+torch.set_num_threads(1)
 for model in sys.argv[1:]:
     for shard in sorted(Path(model).glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
-                f.get_tensor(name)
+                f.get_tensor(name).clone()
 """
 
 

@@ -16,9 +16,10 @@ import math
 DEFAULT_MEMORY_BUDGET = 1_500_000_000
 #: what the process holds besides block data: python, torch, mergescope, the page tables of its threads
 RUNTIME_BYTES = 600_000_000
-#: entries per block at most, whatever the budget: larger blocks are no faster (each input's read of 8 MiB of
-#: bf16 already costs far more than a call; 4× larger blocks measured the same), they only hold more memory
-MAX_BLOCK_ENTRIES = 1 << 22
+#: the inputs' stored bytes in one block at most, whatever the budget (4M entries of four bf16 inputs): larger
+#: blocks are no faster (4× larger measured the same on both benchmark fixtures), they only hold more memory;
+#: a cap on bytes rather than entries keeps memory flat as models are added
+MAX_SET_BYTES = 32 << 20
 #: block starts fall on multiples of this many entries (TIES' counting pass counts per chunk of 4096)
 ALIGN_ENTRIES = 1 << 12
 
@@ -42,10 +43,11 @@ def parse_size(value: int | str, what: str) -> int:
     raise MergescopeError(f"{what} {value!r}: use bytes or a size like 1.5GB")
 
 
-def block_entries(budget: int, bytes_per_entry: float) -> int:
-    """Entries per block: (budget − :data:`RUNTIME_BYTES`) / bytes_per_entry, at least one aligned unit and at
-    most :data:`MAX_BLOCK_ENTRIES`."""
-    return max(ALIGN_ENTRIES, min(MAX_BLOCK_ENTRIES, int((budget - RUNTIME_BYTES) / max(bytes_per_entry, 1))))
+def block_entries(budget: int, bytes_per_entry: float, stored_per_entry: float) -> int:
+    """Entries per block: (budget − :data:`RUNTIME_BYTES`) / bytes_per_entry, and at most
+    :data:`MAX_SET_BYTES` / stored_per_entry (the inputs' stored bytes per entry); at least one aligned unit."""
+    cap = MAX_SET_BYTES / max(stored_per_entry, 1)
+    return max(ALIGN_ENTRIES, int(min(cap, (budget - RUNTIME_BYTES) / max(bytes_per_entry, 1))))
 
 
 def rows_per_block(shape: tuple[int, ...], entries: int, align: int = ALIGN_ENTRIES) -> int:

@@ -95,14 +95,24 @@ class RowBlock:
     whole: bool
 
 
+def stored_per_entry(job: MergeJob) -> int:
+    """The stored bytes of one entry of every input of the widest task; an embedding or head merged by token is
+    read aligned, in float32 where a row is a mean (RowAlignment.align)."""
+    return max((sum(max(ITEMSIZE[job.checkpoints[ref].spec(name).dtype], 4 if task.vocabulary else 0)
+                    for ref, name in task.reads) for task in job.tasks), default=4)
+
+
+def block_size(job: MergeJob, prefetch: int, budget: int) -> int:
+    """Entries per row block of ``job`` under ``budget`` (:func:`~mergescope.checkpoints.row_blocks.block_entries`)."""
+    return block_entries(budget, bytes_per_entry(job, prefetch), stored_per_entry(job))
+
+
 def bytes_per_entry(job: MergeJob, prefetch: int) -> float:
     """Host bytes the executor holds per entry of a block: the inputs in their stored dtype for every block in
     flight (``prefetch + 1`` queued, the one merging, the one writing, and two more in a first pass), float32
     working copies of every input and the method's temporaries, and the output twice (merging, writing)."""
     inputs = max((len(task.reads) for task in job.tasks), default=1)
-    # an embedding or head merged by token is read aligned: float32 where a row is a mean (RowAlignment.align)
-    stored = max((sum(max(ITEMSIZE[job.checkpoints[ref].spec(name).dtype], 4 if task.vocabulary else 0)
-                      for ref, name in task.reads) for task in job.tasks), default=4)
+    stored = stored_per_entry(job)
     return stored * (prefetch + 5) + 4 * (inputs + 4) + 2 * max(ITEMSIZE[job.out_dtype], 4)
 
 
@@ -149,7 +159,7 @@ def run_merge(
     shard = max_shard_bytes or parse_size(options.get("shard_size", DEFAULT_MAX_SHARD_BYTES), "shard_size")
     budget = parse_size(memory_budget or options.get("memory_budget", DEFAULT_MEMORY_BUDGET), "memory_budget")
     per_entry = bytes_per_entry(job, prefetch)
-    entries = block_entries(budget, per_entry)
+    entries = block_size(job, prefetch, budget)
     # what a first pass may gather (TIES' entries between its brackets): what the blocks leave of the budget
     gather = max(12 * entries, int(budget - RUNTIME_BYTES - entries * per_entry))
     units = plan_blocks(job, entries)

@@ -77,7 +77,7 @@ def test_block_sizes_follow_the_budget():
     assert parse_size("1.5GB", "memory_budget") == 1_500_000_000 and parse_size("2GiB", "m") == 2 << 30
     with pytest.raises(MergescopeError, match="memory_budget 'lots'"):
         parse_size("lots", "memory_budget")
-    assert block_entries(1, 100) == ALIGN_ENTRIES
+    assert block_entries(1, 100, 8) == ALIGN_ENTRIES and block_entries(10**12, 100, 8) == (32 << 20) // 8
     per_block = rows_per_block((4096, 96), 10_000)  # 96 entries a row: whole chunks every 128 rows
     assert per_block == 128 and per_block * 96 % ALIGN_ENTRIES == 0
     assert rows_per_block((4096, 96), 10**9) == 4096 and rows_per_block((), 1) == 1
