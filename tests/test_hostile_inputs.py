@@ -57,7 +57,8 @@ def test_a_chat_template_is_stored_never_rendered(tmp_path, pair):
     template = ("{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}"
                 "{% for m in messages %}{% endfor %}")
     assert merge(tmp_path, {**linear(*pair), "chat_template": template}) == 0
-    assert (tmp_path / "out" / "chat_template.jinja").read_text() == template and not marker.exists()
+    config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == template and not marker.exists()  # stored as text where transformers reads it
 
 
 def test_tokenizer_files_are_copied_byte_for_byte_never_parsed(tmp_path, pair):
@@ -91,7 +92,8 @@ def test_model_names_and_plan_text_cannot_break_out_of_the_model_card(tmp_path, 
     base, ft = pair
     odd = tmp_path / "ft ```\n---\nlicense: evil\n`x`"
     os.rename(ft, odd)
-    plan = {**linear(base, odd), "chat_template": "```\n# Injected heading\n```"}
+    # a valid Jinja template (the plan loader checks that) that tries to close the card's code fence
+    plan = {**linear(base, odd), "chat_template": "```\n# Injected heading\n{{ messages }}\n```"}
     assert merge(tmp_path, plan) == 0
     card = (tmp_path / "out" / "README.md").read_text()
     lines = card.split("\n")
