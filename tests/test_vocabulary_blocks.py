@@ -27,8 +27,7 @@ from mergekit_reference import write_fixture
 from mergescope.analysis.preview import run_preview
 from mergescope.analysis.stream import TensorResult, stream_analysis
 from mergescope.checkpoints import open_checkpoint
-from mergescope.checkpoints.row_blocks import block_entries
-from mergescope.merge.executor import bytes_per_entry, plan_blocks, run_merge
+from mergescope.merge.executor import block_size, plan_blocks, run_merge
 from mergescope.merge.job import build_job
 from mergescope.merge.plan import load_plan
 
@@ -126,7 +125,7 @@ def test_a_merge_by_token_in_many_row_blocks_has_the_bits_of_one_block(tmp_path,
     job = _job(plan, tmp_path / "plan")
     embed = [task for task in job.tasks if task.output == "model.embed_tokens.weight"]
     assert embed and embed[0].vocabulary is not None and embed[0].shape[0] >= VOCAB + 3
-    units = plan_blocks(job, block_entries(BLOCKS, bytes_per_entry(job, 1)))
+    units = plan_blocks(job, block_size(job, 1, BLOCKS))  # the executor's own block size for this budget
     assert sum(u.task.output == "model.embed_tokens.weight" and not u.whole for u in units) >= 16
     whole = _merged(plan, tmp_path / "whole", WHOLE)
     blocks = _merged(plan, tmp_path / "blocks", BLOCKS)
