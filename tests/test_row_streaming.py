@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import string
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -255,3 +256,46 @@ def test_cli_memory_budget_option(tmp_path, wide_paths, capsys):
     assert small.keys() == large.keys() and all(torch.equal(small[name], large[name]) for name in large)
     assert main(["analyze", wide_paths["bbase"], wide_paths["bft_a"], "--no-cache", "--device", "cpu",
                  "--memory-budget", "1KB", "--json", str(tmp_path / "a.json")]) == 0
+
+
+def _no_whole_prepare(*args, **kwargs):
+    raise AssertionError("prepare on the whole inputs: the streamed first pass was not used")
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_stock_takes_its_cosines_from_a_pass_over_row_blocks(tmp_path, filter_wise, dtype):
+    """A 3001×1000 tensor (six row blocks of 512 rows at the smallest budget, a partial 4096-entry chunk at the
+    end) and three fine-tunes: the streamed merge never reads the tensor whole for its ratio and has the bits of
+    the whole merge, which is the method's function on the whole tensors; both agree with a float64 model_stock
+    within float32 rounding."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(3001, 1000, generator=g).to(dtype)
+    shared = 0.05 * torch.randn(3001, 1000, generator=g)
+    models = [(base.float() + shared + 0.05 * torch.randn(3001, 1000, generator=g)).to(dtype) for _ in range(3)]
+    for name, tensor in zip(["base", "a", "b", "c"], [base, *models]):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / name / "model.safetensors"))
+    config = {"merge_method": "model_stock", "base_model": str(tmp_path / "base"),
+              "parameters": {"filter_wise": filter_wise},
+              "models": [{"model": str(tmp_path / name)} for name in "abc"], "dtype": "float32"}
+    job = build_job(load_plan(str(_write(tmp_path / "plan.yml", config))))
+    assert len(plan_blocks(job, ALIGN_ENTRIES)) == 6
+    whole_dir = run_merge(job, tmp_path / "whole", device="cpu", memory_budget=10**12)
+    whole = load_file(whole_dir / "model.safetensors")["model.embed_tokens.weight"]
+    job.method = replace(job.method, prepare=_no_whole_prepare)
+    blocks_dir = run_merge(job, tmp_path / "blocks", device="cpu", memory_budget=1)
+    blocks = load_file(blocks_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(whole, blocks)
+    function = job.method.function(base.float(), [m.float() for m in models], [{}] * 3, {"filter_wise": filter_wise})
+    assert torch.equal(function, whole)
+
+    x0 = base.double()
+    taus = [m.double() - x0 for m in models]
+    dim = -1 if filter_wise else None
+    pairs = [(i, j) for i in range(3) for j in range(i + 1, 3)]
+    cosine = sum((taus[i] * taus[j]).sum(dim=dim) / (taus[i].norm(dim=dim) * taus[j].norm(dim=dim))
+                 for i, j in pairs) / len(pairs)
+    ratio = (3 * cosine / (1 + 2 * cosine)).reshape(-1, 1) if filter_wise else 3 * cosine / (1 + 2 * cosine)
+    expected = ratio * sum(m.double() for m in models) / 3 + (1 - ratio) * x0
+    torch.testing.assert_close(blocks.double(), expected, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,9 @@ model_stock (base + at least two models)
     θ = t·θ̄ + (1 − t)·θ₀ with θ̄ = (1/N)Σθᵢ. Where |1 + (N−1)c| < 1e-6 there is no finite ratio and t = 0 (the
     base is kept). A negative c gives t < 0 (extrapolation away from the models), as in mergekit.
     ``filter_wise``: one c and t per vector along the last dimension (per row of a matrix; a 1-D tensor is one
-    vector) instead of one for the whole tensor.
+    vector) instead of one for the whole tensor. Without it, ‖τᵢ‖ and ⟨τᵢ,τⱼ⟩ are reduced in float32 per chunk
+    of 4096 entries, then over the chunks (‖τᵢ‖ as the norm of the chunks' norms), so a merge streamed in row
+    blocks has the bits of a whole-tensor merge.
 
 sce (base + models; ``select_topk``)
     τᵢ = θᵢ − θ₀ stacked. Select: if select_topk < 1, keep only the entries whose variance across the models
@@ -19,6 +21,7 @@ sce (base + models; ``select_topk``)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
@@ -30,38 +33,143 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-def model_stock(base, models, params, options, generator=None):
-    """θ = t·mean(θᵢ) + (1 − t)·θ₀ with t = N·c̄ / (1 + (N−1)·c̄) from the mean pairwise cosine c̄ of the τᵢ."""
-    import torch
+#: entries per chunk of model_stock's norms and dot products (one :data:`ALIGN_ENTRIES` unit of a row block)
+STOCK_CHUNK = 1 << 12
 
+
+def _check_stock(base, models, options) -> None:
     if base is None:
         raise MergescopeError("model_stock needs a base_model: set base_model in the plan")
     if len(models) < 2:
         where = options.get("tensor_name") or "tensor"
         raise MergescopeError(f"{where}: model_stock needs at least two models besides the base, got {len(models)}")
-    shape = base.shape
-    if options.get("filter_wise", False):
-        if base.dim() == 1:
-            base, models = base.unsqueeze(0), [m.unsqueeze(0) for m in models]
-    else:
-        base, models = base.reshape(-1), [m.reshape(-1) for m in models]
 
-    taus = [m - base for m in models]
-    cosines = []
-    for i, first in enumerate(taus):
-        for second in taus[i + 1 :]:
-            scale = (torch.norm(first, dim=-1) * torch.norm(second, dim=-1)).clamp(min=1e-6)
-            cosines.append(((first * second).sum(dim=-1) / scale).clamp(-1, 1))
-    cosine = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    count = len(models)
+
+def stock_terms(taus: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per :data:`STOCK_CHUNK`-entry chunk of the flat τᵢ (a block starting on a chunk, in float32): ‖τᵢ‖ over
+    the chunk ([N, chunks]) and ⟨τᵢ, τⱼ⟩ over the chunk for each pair i < j in order ([pairs, chunks]). A chunk's
+    terms do not depend on the block it is in, so blocks give the whole tensor's terms side by side."""
+    import torch
+
+    full = taus[0].numel() // STOCK_CHUNK * STOCK_CHUNK
+    pieces = [[tau[:full].reshape(-1, STOCK_CHUNK) for tau in taus]]
+    if full < taus[0].numel():
+        pieces.append([tau[full:].reshape(1, -1) for tau in taus])
+    norms, dots = [], []
+    for chunks in pieces:
+        norms.append(torch.stack([torch.linalg.vector_norm(c, dim=-1) for c in chunks]))
+        dots.append(torch.stack([(first * second).sum(dim=-1) for i, first in enumerate(chunks)
+                                 for second in chunks[i + 1 :]]))
+    return torch.cat(norms, dim=1), torch.cat(dots, dim=1)
+
+
+def vector_terms(taus: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """``filter_wise``: ‖τᵢ‖ and ⟨τᵢ, τⱼ⟩ along the last dimension, one per vector ([N, vectors], [pairs,
+    vectors]); the τᵢ are [vectors, length] (a row block of whole vectors gives its vectors' terms)."""
+    import torch
+
+    norms = torch.stack([torch.norm(tau, dim=-1) for tau in taus])
+    dots = torch.stack([(first * second).sum(dim=-1) for i, first in enumerate(taus) for second in taus[i + 1 :]])
+    return norms, dots
+
+
+@dataclass
+class StockRatio:
+    """model_stock's whole-tensor part: the ratio t, one for the tensor ([1]) or one per vector of ``length``
+    entries along the last dimension (``filter_wise``)."""
+
+    ratio: torch.Tensor
+    length: int = 0  # 0: one ratio for the whole tensor
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """The ratio of flat entries ``start:stop``, as a tensor that broadcasts against the flat block."""
+        if not self.length:
+            return self.ratio
+        first, last = start // self.length, -(-stop // self.length)
+        spread = self.ratio[first:last].repeat_interleave(self.length)
+        return spread[start - first * self.length : stop - first * self.length]
+
+
+def stock_ratio(norms, dots, count: int) -> torch.Tensor:
+    """t = N·c̄ / (1 + (N−1)·c̄), one per column of the norms ([N, k]) and pairwise dots ([pairs, k], pairs
+    i < j in order): c̄ the mean over pairs of ⟨τᵢ,τⱼ⟩ / max(‖τᵢ‖‖τⱼ‖, 1e-6) clamped to [−1, 1]; 0 where
+    singular."""
+    import torch
+
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    cosines = [(dots[p] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1) for p, (i, j) in enumerate(pairs)]
+    cosine = torch.stack(cosines).mean(dim=0)
     denominator = 1 + (count - 1) * cosine
     singular = denominator.abs() < 1e-6
-    ratio = torch.where(
-        singular, torch.zeros_like(cosine),
-        count * cosine / torch.where(singular, torch.ones_like(denominator), denominator),
-    )
-    average = sum(models) / count
-    return (ratio * average + (1 - ratio) * base).reshape(shape)
+    return torch.where(singular, torch.zeros_like(cosine),
+                       count * cosine / torch.where(singular, torch.ones_like(denominator), denominator))
+
+
+def _whole(norms, dots):
+    """The whole tensor's ‖τᵢ‖ (root of the sum of the chunks' squared norms) and ⟨τᵢ, τⱼ⟩ (sum of the chunks'
+    dots) from per-chunk terms: one reduction over all chunks, so any split into blocks gives the same bits."""
+    import torch
+
+    return torch.linalg.vector_norm(norms, dim=-1, keepdim=True), dots.sum(dim=-1, keepdim=True)
+
+
+def model_stock_prepare(base, models, params, options, generator=None) -> list[StockRatio]:
+    """model_stock's ratio over whole tensors (any float dtype, taken as float32)."""
+    _check_stock(base, models, options)
+    count = len(models)
+    base = base.float()
+    if options.get("filter_wise", False) and base.dim() > 0:
+        length = base.shape[-1] if base.dim() > 1 else 0  # a 1-D tensor is one vector: one ratio
+        flat = base.reshape(-1, base.shape[-1]) if base.dim() > 1 else base.reshape(1, -1)
+        taus = [m.float().reshape(flat.shape) - flat for m in models]
+        return [StockRatio(stock_ratio(*vector_terms(taus), count).reshape(-1), length)]
+    taus = [m.float().reshape(-1) - base.reshape(-1) for m in models]
+    return [StockRatio(stock_ratio(*_whole(*stock_terms(taus)), count).reshape(-1))]
+
+
+def model_stock_combine(base, models, ratios, params, options):
+    """θ = t·mean(θᵢ) + (1 − t)·θ₀, entry by entry, in float32."""
+    ratio = ratios[0]
+    base = base.float()
+    average = sum(m.float() for m in models) / len(models)
+    return ratio * average + (1 - ratio) * base
+
+
+def model_stock_stream_prepare(source, params, options, generator=None) -> list[StockRatio] | None:
+    """:func:`model_stock_prepare` from one pass over a block source: each block's chunk terms (or, with
+    ``filter_wise``, its vectors' terms) side by side, then one reduction — the same bits. None for a
+    ``filter_wise`` 1-D tensor (one vector: no blocks), or a source without its tensor's shape."""
+    import torch
+
+    count = len(params)
+    if count < 2 or source.numel == 0:
+        return None
+    shape = getattr(source, "shape", None)
+    filter_wise = options.get("filter_wise", False)
+    if filter_wise and (shape is None or len(shape) < 2):
+        return None
+    norms, dots = [], []
+    for _, base, models in source.blocks(list(range(count))):
+        base = base.float()
+        if filter_wise:
+            flat = base.reshape(-1, shape[-1])
+            terms = vector_terms([m.float().reshape(flat.shape) - flat for m in models])
+        else:
+            terms = stock_terms([m.float() - base for m in models])
+        norms.append(terms[0])
+        dots.append(terms[1])
+    norms, dots = torch.cat(norms, dim=1), torch.cat(dots, dim=1)
+    if filter_wise:
+        return [StockRatio(stock_ratio(norms, dots, count).reshape(-1), shape[-1])]
+    return [StockRatio(stock_ratio(*_whole(norms, dots), count).reshape(-1))]
+
+
+def model_stock(base, models, params, options, generator=None):
+    """θ = t·mean(θᵢ) + (1 − t)·θ₀ with t = N·c̄ / (1 + (N−1)·c̄) from the mean pairwise cosine c̄ of the τᵢ."""
+    ratios = model_stock_prepare(base, models, params, options)
+    flat = model_stock_combine(base.reshape(-1), [m.reshape(-1) for m in models],
+                               [ratio.block(0, base.numel()) for ratio in ratios], params, options)
+    return flat.reshape(base.shape)
 
 
 def _variance_mask(taus: torch.Tensor, fraction: float) -> torch.Tensor:
