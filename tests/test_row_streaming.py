@@ -299,3 +299,54 @@ def test_model_stock_takes_its_cosines_from_a_pass_over_row_blocks(tmp_path, fil
     ratio = (3 * cosine / (1 + 2 * cosine)).reshape(-1, 1) if filter_wise else 3 * cosine / (1 + 2 * cosine)
     expected = ratio * sum(m.double() for m in models) / 3 + (1 - ratio) * x0
     torch.testing.assert_close(blocks.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("with_base", "options", "streamed"), [
+    (True, {}, True), (False, {}, True), (True, {"nuslerp_flatten": False}, True),
+    (False, {"nuslerp_flatten": False}, True), (True, {"nuslerp_flatten": False, "nuslerp_row_wise": True}, False),
+])
+def test_nuslerp_takes_its_norms_and_cosine_from_passes_over_row_blocks(tmp_path, with_base, options, streamed):
+    """A 3001×1000 tensor (six row blocks at the smallest budget, a partial 4096-entry chunk at the end): the
+    flattened and row-by-row arcs come from passes over the blocks (never read whole), the column-wise one from
+    the whole tensor; each has the bits of the whole merge, which is the method's function on the whole tensors,
+    and agrees with a float64 slerp within float32 rounding."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3001, 1000, generator=g).to(torch.bfloat16)
+    shared = 0.05 * torch.randn(3001, 1000, generator=g)
+    models = [(base.float() + shared + 0.05 * torch.randn(3001, 1000, generator=g)).to(torch.bfloat16)
+              for _ in range(2)]
+    for name, tensor in zip(["base", "a", "b"], [base, *models]):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / name / "model.safetensors"))
+    config = {"merge_method": "nuslerp", "parameters": options, "dtype": "float32",
+              "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}},
+                         {"model": str(tmp_path / "b"), "parameters": {"weight": 3.0}}]}
+    if with_base:
+        config["base_model"] = str(tmp_path / "base")
+    job = build_job(load_plan(str(_write(tmp_path / "plan.yml", config))))
+    assert len(plan_blocks(job, ALIGN_ENTRIES)) == 6
+    whole_dir = run_merge(job, tmp_path / "whole", device="cpu", memory_budget=10**12)
+    whole = load_file(whole_dir / "model.safetensors")["model.embed_tokens.weight"]
+    if streamed:
+        job.method = replace(job.method, prepare=_no_whole_prepare)
+    blocks_dir = run_merge(job, tmp_path / "blocks", device="cpu", memory_budget=1)
+    blocks = load_file(blocks_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(whole, blocks)
+    floats = [m.float() for m in models]
+    function = job.method.function(base.float() if with_base else None, floats, [{"weight": 1.0}, {"weight": 3.0}],
+                                   options)
+    assert torch.equal(function, whole)
+
+    offset = base.double() if with_base else torch.zeros(3001, 1000, dtype=torch.float64)
+    x1, x2 = (m.double() - offset for m in models)
+    if options.get("nuslerp_row_wise"):
+        x1, x2 = x1.T, x2.T
+    dim = -1 if options else None
+    keep = options != {}
+    cosine = ((x1 / x1.norm(dim=dim, keepdim=keep)) * (x2 / x2.norm(dim=dim, keepdim=keep))).sum(dim=dim,
+                                                                                               keepdim=keep)
+    angle = torch.acos(cosine)
+    expected = (torch.sin(0.25 * angle) * x1 + torch.sin(0.75 * angle) * x2) / torch.sin(angle)
+    if options.get("nuslerp_row_wise"):
+        expected = expected.T
+    torch.testing.assert_close(blocks.double(), offset + expected, rtol=1e-4, atol=1e-5)

@@ -17,9 +17,9 @@ Each method is a :class:`MergeMethod` in :data:`METHODS`; its ``function`` is ca
 
 The result is float32 with the inputs' shape. The maths of every method, and each place it follows a mergekit
 behaviour that may surprise, is in the docstring of its module: :mod:`.task_arithmetic` (task_arithmetic, ties,
-dare_*, breadcrumbs*, della*), :mod:`.linear` (linear, nearswap, passthrough), :mod:`.spherical` (slerp, nuslerp,
-multislerp, karcher) and :mod:`.adaptive` (model_stock, sce). Numbers follow mergekit 0.1.5 run on float32
-inputs.
+dare_*, breadcrumbs*, della*), :mod:`.linear` (linear, nearswap, passthrough), :mod:`.spherical` (slerp,
+multislerp, karcher), :mod:`.nuslerp` and :mod:`.adaptive` (model_stock, sce). Numbers follow mergekit 0.1.5
+run on float32 inputs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge.methods import adaptive, linear, selective, spherical, task_arithmetic
+from mergescope.merge.methods import adaptive, linear, nuslerp, selective, spherical, task_arithmetic
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -192,11 +192,12 @@ _ALL = [
     MergeMethod("sce", "Select high-variance entries, weight by mean square, erase minority signs", adaptive.sce,
                 (_INT8, _p("select_topk", 1.0, low=0.0, high=1.0, doc="fraction of highest-variance entries kept"))),
     MergeMethod("nuslerp", "Spherical interpolation of two models (or their task vectors) by weight ratio",
-                spherical.nuslerp,
+                nuslerp.nuslerp,
                 (_WEIGHT,
                  _p("nuslerp_row_wise", False, kind=bool, doc="slerp the vectors along dim 0 (needs flatten off)"),
                  _p("nuslerp_flatten", True, kind=bool, doc="slerp the whole tensor as one vector")),
-                base_role="optional"),
+                base_role="optional", prepare=nuslerp.nuslerp_prepare, combine=nuslerp.nuslerp_combine,
+                stream_prepare=nuslerp.nuslerp_stream_prepare, stream_align=nuslerp.NUSLERP_CHUNK),
     MergeMethod("multislerp", "Spherical barycentric interpolation of several models (or their task vectors)",
                 spherical.multislerp,
                 (_WEIGHT, _p("normalize_weights", True, kind=bool, doc="divide the weights by their sum"),
