@@ -350,3 +350,52 @@ def test_nuslerp_takes_its_norms_and_cosine_from_passes_over_row_blocks(tmp_path
     if options.get("nuslerp_row_wise"):
         expected = expected.T
     torch.testing.assert_close(blocks.double(), offset + expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("with_base", "normalize", "count"), [(True, True, 3), (False, False, 3), (True, True, 1)])
+def test_multislerp_takes_its_scalars_from_passes_over_row_blocks(tmp_path, with_base, normalize, count):
+    """A 3001×1000 tensor (six row blocks at the smallest budget, a partial 4096-entry chunk at the end): the
+    norms, mean direction, projections and tangent length come from passes over the blocks (never read whole);
+    the bits of the whole merge, which is the method's function on the whole tensors; a float64 multislerp
+    within float32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3001, 1000, generator=g).to(torch.bfloat16)
+    shared = 0.05 * torch.randn(3001, 1000, generator=g)
+    models = [(base.float() + shared + 0.05 * torch.randn(3001, 1000, generator=g)).to(torch.bfloat16)
+              for _ in range(count)]
+    names = "abc"[:count]
+    for name, tensor in zip(["base", *names], [base, *models]):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / name / "model.safetensors"))
+    weights = [0.5, 1.0, 2.0][:count]
+    config = {"merge_method": "multislerp", "parameters": {"normalize_weights": normalize}, "dtype": "float32",
+              "models": [{"model": str(tmp_path / n), "parameters": {"weight": w}} for n, w in zip(names, weights)]}
+    if with_base:
+        config["base_model"] = str(tmp_path / "base")
+    job = build_job(load_plan(str(_write(tmp_path / "plan.yml", config))))
+    assert len(plan_blocks(job, ALIGN_ENTRIES)) == 6
+    whole_dir = run_merge(job, tmp_path / "whole", device="cpu", memory_budget=10**12)
+    whole = load_file(whole_dir / "model.safetensors")["model.embed_tokens.weight"]
+    job.method = replace(job.method, prepare=_no_whole_prepare)
+    blocks_dir = run_merge(job, tmp_path / "blocks", device="cpu", memory_budget=1)
+    blocks = load_file(blocks_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(whole, blocks)
+    function = job.method.function(base.float() if with_base else None, [m.float() for m in models],
+                                   [{"weight": w} for w in weights], {"normalize_weights": normalize})
+    assert torch.equal(function, whole)
+
+    if count == 1:
+        assert torch.equal(blocks, models[0].float())
+        return
+    offset = base.double().reshape(-1) if with_base else torch.zeros(3001 * 1000, dtype=torch.float64)
+    xs = [m.double().reshape(-1) - offset for m in models]
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum() if normalize else w
+    units = [x / x.norm() for x in xs]
+    mean = sum(wi * u for wi, u in zip(w, units))
+    mean = mean / mean.norm()
+    tangent = sum(wi * (u - (u @ mean) * mean) for wi, u in zip(w, units))
+    length = tangent.norm()
+    expected = (mean * torch.cos(length) + tangent * torch.sin(length) / length) * sum(
+        wi * x.norm() for wi, x in zip(w, xs))
+    torch.testing.assert_close(blocks.double().reshape(-1), offset + expected, rtol=1e-4, atol=1e-5)

@@ -18,7 +18,7 @@ Each method is a :class:`MergeMethod` in :data:`METHODS`; its ``function`` is ca
 The result is float32 with the inputs' shape. The maths of every method, and each place it follows a mergekit
 behaviour that may surprise, is in the docstring of its module: :mod:`.task_arithmetic` (task_arithmetic, ties,
 dare_*, breadcrumbs*, della*), :mod:`.linear` (linear, nearswap, passthrough), :mod:`.spherical` (slerp,
-multislerp, karcher), :mod:`.nuslerp` and :mod:`.adaptive` (model_stock, sce). Numbers follow mergekit 0.1.5
+karcher), :mod:`.nuslerp`, :mod:`.multislerp` and :mod:`.adaptive` (model_stock, sce). Numbers follow mergekit 0.1.5
 run on float32 inputs.
 """
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge.methods import adaptive, linear, nuslerp, selective, spherical, task_arithmetic
+from mergescope.merge.methods import adaptive, linear, multislerp, nuslerp, selective, spherical, task_arithmetic
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -199,10 +199,11 @@ _ALL = [
                 base_role="optional", prepare=nuslerp.nuslerp_prepare, combine=nuslerp.nuslerp_combine,
                 stream_prepare=nuslerp.nuslerp_stream_prepare, stream_align=nuslerp.NUSLERP_CHUNK),
     MergeMethod("multislerp", "Spherical barycentric interpolation of several models (or their task vectors)",
-                spherical.multislerp,
+                multislerp.multislerp,
                 (_WEIGHT, _p("normalize_weights", True, kind=bool, doc="divide the weights by their sum"),
                  _p("eps", 1e-8, low=0.0, doc="numerical guard")),
-                base_role="optional"),
+                base_role="optional", prepare=multislerp.multislerp_prepare, combine=multislerp.multislerp_combine,
+                stream_prepare=multislerp.multislerp_stream_prepare, stream_align=multislerp.MULTISLERP_CHUNK),
     MergeMethod("karcher", "Karcher mean of the models' directions on the sphere, at their mean norm",
                 spherical.karcher,
                 (_p("max_iter", 10, low=0, kind=int, doc="iterations at most"),

@@ -1,4 +1,4 @@
-"""Interpolation on spheres: slerp, multislerp, karcher (nuslerp: :mod:`.nuslerp`).
+"""Interpolation on spheres: slerp, karcher (nuslerp: :mod:`.nuslerp`, multislerp: :mod:`.multislerp`).
 
 slerp (base + exactly one other model, parameter t)
     The whole tensor is one vector. With a = θ_base, b = θ₁ and the cosine c = ⟨a/‖a‖, b/‖b‖⟩ clamped to
@@ -8,13 +8,7 @@ slerp (base + exactly one other model, parameter t)
 
 nuslerp: see :mod:`.nuslerp`.
 
-multislerp (≥ 1 non-base model, per-model weight; base optional)
-    On the task vectors (θᵢ − θ₀) when a base is given, else on θᵢ, each flattened: uᵢ = xᵢ/(‖xᵢ‖ + eps),
-    weights divided by their sum when ``normalize_weights``; m = Σ wᵢuᵢ normalised; the tangent vectors
-    vᵢ = uᵢ − ⟨uᵢ, m⟩m are averaged, v = Σ wᵢvᵢ, and mapped back, r = m cos‖v‖ + v sin‖v‖/‖v‖ (with eps added
-    to ‖v‖); θ = (Σ wᵢ‖xᵢ‖)·r [+ θ₀]. This is one exponential-map step from the normalised Euclidean mean, not
-    an iterated Karcher mean. One model: returned as is. If ‖m‖ < eps: two models fall back to
-    w₁x₁ + w₂x₂ [+ θ₀], more models are an error.
+multislerp: see :mod:`.multislerp`.
 
 karcher (all inputs, equal weights; the base is an ordinary input)
     The weighted Karcher (Fréchet) mean on the unit sphere of uᵢ = θᵢ/‖θᵢ‖ with αᵢ = 1/n, inputs of norm
@@ -146,43 +140,6 @@ def slerp(base, models, params, options, generator=None):
     """Spherical interpolation from θ_base (t = 0) to θ₁ (t = 1), lerp when |cos| > 0.9995."""
     coefficients = slerp_prepare(base, models, params, options)
     return slerp_combine(base, models, coefficients, params, options).reshape(base.shape)
-
-
-def multislerp(base, models, params, options, generator=None):
-    """Barycentric interpolation on the hypersphere by one tangent-space step (see the module docstring)."""
-    import torch
-
-    if not models:
-        raise MergescopeError(f"{_where(options)}: multislerp needs at least one model")
-    if len(models) == 1:
-        return models[0].clone()
-    eps = float(options.get("eps", 1e-8))
-    stacked = torch.stack(models)
-    if base is not None:
-        stacked -= base
-    flat = stacked.reshape(len(models), -1)
-    weights = torch.tensor([float(p["weight"]) for p in params], dtype=flat.dtype, device=flat.device)
-    if options.get("normalize_weights", True):
-        weights = weights / weights.sum()
-    norms = torch.norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * weights.reshape(-1, 1)).sum(0)
-    mean_norm = torch.norm(mean)
-    if mean_norm < eps:
-        if len(models) != 2:
-            raise MergescopeError(
-                f"{_where(options)}: multislerp's weighted mean direction is zero (opposite task vectors whose "
-                "weights cancel): change the weights"
-            )
-        result = stacked[0] * weights[0] + stacked[1] * weights[1]
-        return result if base is None else result + base
-    mean = mean / mean_norm
-    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
-    tangent = (tangents * weights.reshape(-1, 1)).sum(0)
-    length = torch.norm(tangent) + eps
-    result = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
-    result = (result * (norms.squeeze(-1) * weights).sum()).reshape(models[0].shape)
-    return result if base is None else result + base
 
 
 def karcher(base, models, params, options, generator=None):
