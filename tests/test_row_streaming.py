@@ -399,3 +399,41 @@ def test_multislerp_takes_its_scalars_from_passes_over_row_blocks(tmp_path, with
     expected = (mean * torch.cos(length) + tangent * torch.sin(length) / length) * sum(
         wi * x.norm() for wi, x in zip(w, xs))
     torch.testing.assert_close(blocks.double().reshape(-1), offset + expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("topk", "streamed"), [(1.0, True), (0.4, False)])
+def test_sce_takes_its_weights_from_a_pass_over_row_blocks(tmp_path, topk, streamed):
+    """A 3001×1000 tensor (six row blocks at the smallest budget, a partial 4096-entry chunk at the end): with
+    select_topk 1 the weights come from a pass over the blocks (never read whole), below 1 with the variance
+    mask from the whole tensor; the bits of the whole merge, which is the method's function on the whole
+    tensors; at select_topk 1 a float64 sce within float32 rounding."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(3001, 1000, generator=g).to(torch.bfloat16)
+    models = [(base.float() + scale * torch.randn(3001, 1000, generator=g)).to(torch.bfloat16)
+              for scale in (0.02, 0.05, 0.1)]
+    for name, tensor in zip(["base", "a", "b", "c"], [base, *models]):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / name / "model.safetensors"))
+    config = {"merge_method": "sce", "base_model": str(tmp_path / "base"), "parameters": {"select_topk": topk},
+              "models": [{"model": str(tmp_path / name)} for name in "abc"], "dtype": "float32"}
+    job = build_job(load_plan(str(_write(tmp_path / "plan.yml", config))))
+    assert len(plan_blocks(job, ALIGN_ENTRIES)) == 6
+    whole_dir = run_merge(job, tmp_path / "whole", device="cpu", memory_budget=10**12)
+    whole = load_file(whole_dir / "model.safetensors")["model.embed_tokens.weight"]
+    if streamed:
+        job.method = replace(job.method, prepare=_no_whole_prepare)
+    blocks_dir = run_merge(job, tmp_path / "blocks", device="cpu", memory_budget=1)
+    blocks = load_file(blocks_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(whole, blocks)
+    function = job.method.function(base.float(), [m.float() for m in models], [{}] * 3, {"select_topk": topk})
+    assert torch.equal(function, whole)
+    if not streamed:
+        return
+
+    taus = torch.stack([m.double() - base.double() for m in models])
+    energy = taus.square().mean(dim=(1, 2))
+    weights = (energy / energy.sum()).reshape(-1, 1, 1)
+    elected = torch.where(taus.sum(dim=0) >= 0, 1.0, -1.0).double()
+    kept = weights * (taus.sign() == elected)
+    expected = base.double() + (taus * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
+    torch.testing.assert_close(blocks.double(), expected, rtol=1e-4, atol=1e-5)

@@ -16,7 +16,9 @@ sce (base + models; ``select_topk``)
     select_topk⌋ computed in float32 as mergekit does (ties at the threshold: lowest index first); the others
     are zeroed in every τᵢ. Calculate: wᵢ = mean(τᵢ²) / Σⱼ mean(τⱼ²) over the selected vectors (uniform 1/n when
     that sum is < 1e-6). Erase: TIES' sign election on the unweighted τᵢ (elected sign = sign of Σᵢτᵢ, + on 0).
-    θ = θ₀ + Σ_{agreeing} wᵢτᵢ / max(Σ_{agreeing} wᵢ, 1e-6). ``int8_mask`` never changes the result.
+    θ = θ₀ + Σ_{agreeing} wᵢτᵢ / max(Σ_{agreeing} wᵢ, 1e-6). ``int8_mask`` never changes the result. mean(τᵢ²)
+    is Σ τᵢ² per chunk of 4096 entries in float32, summed over the chunks, over the entry count, so a merge
+    streamed in row blocks has the bits of a whole-tensor merge.
 """
 
 from __future__ import annotations
@@ -184,23 +186,89 @@ def _variance_mask(taus: torch.Tensor, fraction: float) -> torch.Tensor:
     return keep.reshape(variance.shape)
 
 
-def sce(base, models, params, options, generator=None):
-    """Select by variance, Calculate weights from mean squares, Erase minority signs (see the module docstring)."""
+#: entries per chunk of sce's mean squares (one ALIGN_ENTRIES unit of a row block)
+SCE_CHUNK = 1 << 12
+
+
+@dataclass
+class SceWeights:
+    """sce's whole-tensor part: each model's weight wᵢ ([n]) and, when select_topk < 1, the kept entries (flat)."""
+
+    weights: torch.Tensor
+    keep: torch.Tensor | None = None
+
+    def block(self, start: int, stop: int) -> SceWeights:
+        return self if self.keep is None else SceWeights(self.weights, self.keep[start:stop])
+
+
+def _square_sums(taus) -> torch.Tensor:
+    """Σ τᵢ² per :data:`SCE_CHUNK`-entry chunk of the flat stacked τ ([n, entries], a block starting on a chunk):
+    [n, chunks]."""
     import torch
 
+    full = taus.shape[1] // SCE_CHUNK * SCE_CHUNK
+    sums = [taus[:, :full].square().reshape(taus.shape[0], -1, SCE_CHUNK).sum(dim=-1)]
+    if full < taus.shape[1]:
+        sums.append(taus[:, full:].square().sum(dim=-1, keepdim=True))
+    return torch.cat(sums, dim=1)
+
+
+def _sce_weights(square_sums, numel: int) -> torch.Tensor:
+    """wᵢ = mean(τᵢ²) / Σⱼ mean(τⱼ²) (uniform when that sum is < 1e-6), the means from the chunks' square sums."""
+    import torch
+
+    energy = square_sums.sum(dim=1) / max(numel, 1)
+    total = torch.sum(energy).item()
+    return torch.ones_like(energy) / len(energy) if abs(total) < 1e-6 else energy / total
+
+
+def _stacked_taus(base, models):
+    import torch
+
+    base = base.float().reshape(-1)
+    return torch.stack([m.float().reshape(-1) - base for m in models]), base
+
+
+def sce_prepare(base, models, params, options, generator=None) -> list[SceWeights]:
+    """sce's weights (and kept entries when select_topk < 1) over whole tensors (any float dtype, as float32)."""
+    if base is None:
+        raise MergescopeError("sce needs a base_model: set base_model in the plan")
+    taus, _ = _stacked_taus(base, models)
+    fraction = float(options.get("select_topk", 1.0))
+    keep = None
+    if fraction < 1:
+        keep = _variance_mask(taus, fraction)
+        taus = taus * keep.to(taus.dtype).unsqueeze(0)
+    return [SceWeights(_sce_weights(_square_sums(taus), taus.shape[1]), keep)]
+
+
+def sce_combine(base, models, trims, params, options):
+    """θ = θ₀ + Σ_{agreeing} wᵢτᵢ / max(Σ_{agreeing} wᵢ, 1e-6) entry by entry given the weights, in float32."""
+    taus, base = _stacked_taus(base, models)
+    trim = trims[0]
+    if trim.keep is not None:
+        taus = taus * trim.keep.to(taus.dtype).unsqueeze(0)
+    kept = trim.weights.reshape(-1, 1) * elect_signs(taus)
+    return base + (taus * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
+
+
+def sce_stream_prepare(source, params, options, generator=None) -> list[SceWeights] | None:
+    """:func:`sce_prepare` from one pass over a block source (each chunk's square sums, reduced once) when
+    select_topk is 1; None otherwise (the variance ranks need the whole tensor)."""
+    import torch
+
+    if float(options.get("select_topk", 1.0)) < 1 or not params or source.numel == 0:
+        return None
+    sums = [_square_sums(_stacked_taus(base, blocks)[0]) for _, base, blocks in source.blocks(list(range(len(params))))]
+    return [SceWeights(_sce_weights(torch.cat(sums, dim=1), source.numel))]
+
+
+def sce(base, models, params, options, generator=None):
+    """Select by variance, Calculate weights from mean squares, Erase minority signs (see the module docstring)."""
     if base is None:
         raise MergescopeError("sce needs a base_model: set base_model in the plan")
     if not models:
         return base.clone()
-    taus = torch.stack([m - base for m in models])
-    fraction = float(options.get("select_topk", 1.0))
-    if fraction < 1:
-        taus = taus * _variance_mask(taus, fraction).to(taus.dtype).unsqueeze(0)
-
-    agree = elect_signs(taus)
-    energy = taus.square().reshape(len(models), -1).mean(dim=1)
-    total = torch.sum(energy).item()
-    weights = torch.ones_like(energy) / len(models) if abs(total) < 1e-6 else energy / total
-    weights = weights.reshape((-1,) + (1,) * base.dim())
-    kept = weights * agree
-    return base + (taus * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
+    trims = sce_prepare(base, models, params, options)
+    flat = sce_combine(base, models, [trim.block(0, base.numel()) for trim in trims], params, options)
+    return flat.reshape(base.shape)
