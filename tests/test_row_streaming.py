@@ -437,3 +437,38 @@ def test_sce_takes_its_weights_from_a_pass_over_row_blocks(tmp_path, topk, strea
     kept = weights * (taus.sign() == elected)
     expected = base.double() + (taus * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
     torch.testing.assert_close(blocks.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ramplus_tl_takes_its_overlap_counts_from_a_pass_over_row_blocks(tmp_path):
+    """A 3001×1000 tensor (six row blocks at the smallest budget) and three sparse fine-tunes: the overlap
+    counts come from a pass over the blocks (never read whole); the bits of the whole merge, which is the
+    method's function on the whole tensors; a float64 RAM+ within float32 rounding."""
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(3001, 1000, generator=g)
+    models = [base + 0.05 * torch.randn(3001, 1000, generator=g) * (torch.rand(3001, 1000, generator=g) < share)
+              for share in (0.3, 0.5, 0.7)]
+    for name, tensor in zip(["base", "a", "b", "c"], [base, *models]):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / name / "model.safetensors"))
+    options = {"r": 0.5, "alpha": 0.8, "epsilon": 1e-4}
+    config = {"merge_method": "ramplus_tl", "base_model": str(tmp_path / "base"), "parameters": options,
+              "models": [{"model": str(tmp_path / name)} for name in "abc"], "dtype": "float32"}
+    job = build_job(load_plan(str(_write(tmp_path / "plan.yml", config))))
+    assert len(plan_blocks(job, ALIGN_ENTRIES)) == 6
+    whole_dir = run_merge(job, tmp_path / "whole", device="cpu", memory_budget=10**12)
+    whole = load_file(whole_dir / "model.safetensors")["model.embed_tokens.weight"]
+    job.method = replace(job.method, prepare=_no_whole_prepare)
+    blocks_dir = run_merge(job, tmp_path / "blocks", device="cpu", memory_budget=1)
+    blocks = load_file(blocks_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(whole, blocks)
+    assert torch.equal(job.method.function(base, models, [{}] * 3, options), whole)
+
+    taus = torch.stack([m - base for m in models]).double()  # the float32 differences, as the merge forms them
+    counts = taus.abs() > 1e-4
+    c = counts.sum(dim=0)
+    shared = (counts & (c > 1)).sum(dim=(1, 2)).double()
+    alone = (counts & (c == 1)).sum(dim=(1, 2)).double()
+    boost = (1 + 0.5 * (shared / alone).clamp(0, 0.8)).reshape(-1, 1, 1)
+    kept = taus * counts
+    expected = base.double() + (kept * (c == 1) * boost + kept * (c > 1) / c.clamp(min=1)).sum(dim=0)
+    torch.testing.assert_close(blocks.double(), expected, rtol=1e-5, atol=1e-6)
