@@ -118,7 +118,7 @@ def bytes_per_entry(job: MergeJob, prefetch: int) -> float:
 
 def plan_blocks(job: MergeJob, entries: int, tasks: list[TensorTask] | None = None) -> list[RowBlock]:
     """Every output tensor (of ``tasks``, default the job's) as row blocks of at most ``entries`` entries, in
-    order. A method that is neither elementwise nor two-phase (slerp's norms, model_stock's cosines, …) gets its
+    order. A method that is neither elementwise nor two-phase (nuslerp's norms, sce's variance ranks, …) gets its
     large tensors whole."""
     method = job.method
     blockwise = method.elementwise or method.two_phase

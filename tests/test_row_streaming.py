@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import string
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -255,3 +256,219 @@ def test_cli_memory_budget_option(tmp_path, wide_paths, capsys):
     assert small.keys() == large.keys() and all(torch.equal(small[name], large[name]) for name in large)
     assert main(["analyze", wide_paths["bbase"], wide_paths["bft_a"], "--no-cache", "--device", "cpu",
                  "--memory-budget", "1KB", "--json", str(tmp_path / "a.json")]) == 0
+
+
+def _no_whole_prepare(*args, **kwargs):
+    raise AssertionError("prepare on the whole inputs: the streamed first pass was not used")
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_stock_takes_its_cosines_from_a_pass_over_row_blocks(tmp_path, filter_wise, dtype):
+    """A 3001×1000 tensor (six row blocks of 512 rows at the smallest budget, a partial 4096-entry chunk at the
+    end) and three fine-tunes: the streamed merge never reads the tensor whole for its ratio and has the bits of
+    the whole merge, which is the method's function on the whole tensors; both agree with a float64 model_stock
+    within float32 rounding."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(3001, 1000, generator=g).to(dtype)
+    shared = 0.05 * torch.randn(3001, 1000, generator=g)
+    models = [(base.float() + shared + 0.05 * torch.randn(3001, 1000, generator=g)).to(dtype) for _ in range(3)]
+    for name, tensor in zip(["base", "a", "b", "c"], [base, *models]):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / name / "model.safetensors"))
+    config = {"merge_method": "model_stock", "base_model": str(tmp_path / "base"),
+              "parameters": {"filter_wise": filter_wise},
+              "models": [{"model": str(tmp_path / name)} for name in "abc"], "dtype": "float32"}
+    job = build_job(load_plan(str(_write(tmp_path / "plan.yml", config))))
+    assert len(plan_blocks(job, ALIGN_ENTRIES)) == 6
+    whole_dir = run_merge(job, tmp_path / "whole", device="cpu", memory_budget=10**12)
+    whole = load_file(whole_dir / "model.safetensors")["model.embed_tokens.weight"]
+    job.method = replace(job.method, prepare=_no_whole_prepare)
+    blocks_dir = run_merge(job, tmp_path / "blocks", device="cpu", memory_budget=1)
+    blocks = load_file(blocks_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(whole, blocks)
+    function = job.method.function(base.float(), [m.float() for m in models], [{}] * 3, {"filter_wise": filter_wise})
+    assert torch.equal(function, whole)
+
+    x0 = base.double()
+    taus = [m.double() - x0 for m in models]
+    dim = -1 if filter_wise else None
+    pairs = [(i, j) for i in range(3) for j in range(i + 1, 3)]
+    cosine = sum((taus[i] * taus[j]).sum(dim=dim) / (taus[i].norm(dim=dim) * taus[j].norm(dim=dim))
+                 for i, j in pairs) / len(pairs)
+    ratio = (3 * cosine / (1 + 2 * cosine)).reshape(-1, 1) if filter_wise else 3 * cosine / (1 + 2 * cosine)
+    expected = ratio * sum(m.double() for m in models) / 3 + (1 - ratio) * x0
+    torch.testing.assert_close(blocks.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("with_base", "options", "streamed"), [
+    (True, {}, True), (False, {}, True), (True, {"nuslerp_flatten": False}, True),
+    (False, {"nuslerp_flatten": False}, True), (True, {"nuslerp_flatten": False, "nuslerp_row_wise": True}, False),
+])
+def test_nuslerp_takes_its_norms_and_cosine_from_passes_over_row_blocks(tmp_path, with_base, options, streamed):
+    """A 3001×1000 tensor (six row blocks at the smallest budget, a partial 4096-entry chunk at the end): the
+    flattened and row-by-row arcs come from passes over the blocks (never read whole), the column-wise one from
+    the whole tensor; each has the bits of the whole merge, which is the method's function on the whole tensors,
+    and agrees with a float64 slerp within float32 rounding."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3001, 1000, generator=g).to(torch.bfloat16)
+    shared = 0.05 * torch.randn(3001, 1000, generator=g)
+    models = [(base.float() + shared + 0.05 * torch.randn(3001, 1000, generator=g)).to(torch.bfloat16)
+              for _ in range(2)]
+    for name, tensor in zip(["base", "a", "b"], [base, *models]):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / name / "model.safetensors"))
+    config = {"merge_method": "nuslerp", "parameters": options, "dtype": "float32",
+              "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}},
+                         {"model": str(tmp_path / "b"), "parameters": {"weight": 3.0}}]}
+    if with_base:
+        config["base_model"] = str(tmp_path / "base")
+    job = build_job(load_plan(str(_write(tmp_path / "plan.yml", config))))
+    assert len(plan_blocks(job, ALIGN_ENTRIES)) == 6
+    whole_dir = run_merge(job, tmp_path / "whole", device="cpu", memory_budget=10**12)
+    whole = load_file(whole_dir / "model.safetensors")["model.embed_tokens.weight"]
+    if streamed:
+        job.method = replace(job.method, prepare=_no_whole_prepare)
+    blocks_dir = run_merge(job, tmp_path / "blocks", device="cpu", memory_budget=1)
+    blocks = load_file(blocks_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(whole, blocks)
+    floats = [m.float() for m in models]
+    function = job.method.function(base.float() if with_base else None, floats, [{"weight": 1.0}, {"weight": 3.0}],
+                                   options)
+    assert torch.equal(function, whole)
+
+    offset = base.double() if with_base else torch.zeros(3001, 1000, dtype=torch.float64)
+    x1, x2 = (m.double() - offset for m in models)
+    if options.get("nuslerp_row_wise"):
+        x1, x2 = x1.T, x2.T
+    dim = -1 if options else None
+    keep = options != {}
+    cosine = ((x1 / x1.norm(dim=dim, keepdim=keep)) * (x2 / x2.norm(dim=dim, keepdim=keep))).sum(dim=dim,
+                                                                                               keepdim=keep)
+    angle = torch.acos(cosine)
+    expected = (torch.sin(0.25 * angle) * x1 + torch.sin(0.75 * angle) * x2) / torch.sin(angle)
+    if options.get("nuslerp_row_wise"):
+        expected = expected.T
+    torch.testing.assert_close(blocks.double(), offset + expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("with_base", "normalize", "count"), [(True, True, 3), (False, False, 3), (True, True, 1)])
+def test_multislerp_takes_its_scalars_from_passes_over_row_blocks(tmp_path, with_base, normalize, count):
+    """A 3001×1000 tensor (six row blocks at the smallest budget, a partial 4096-entry chunk at the end): the
+    norms, mean direction, projections and tangent length come from passes over the blocks (never read whole);
+    the bits of the whole merge, which is the method's function on the whole tensors; a float64 multislerp
+    within float32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3001, 1000, generator=g).to(torch.bfloat16)
+    shared = 0.05 * torch.randn(3001, 1000, generator=g)
+    models = [(base.float() + shared + 0.05 * torch.randn(3001, 1000, generator=g)).to(torch.bfloat16)
+              for _ in range(count)]
+    names = "abc"[:count]
+    for name, tensor in zip(["base", *names], [base, *models]):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / name / "model.safetensors"))
+    weights = [0.5, 1.0, 2.0][:count]
+    config = {"merge_method": "multislerp", "parameters": {"normalize_weights": normalize}, "dtype": "float32",
+              "models": [{"model": str(tmp_path / n), "parameters": {"weight": w}} for n, w in zip(names, weights)]}
+    if with_base:
+        config["base_model"] = str(tmp_path / "base")
+    job = build_job(load_plan(str(_write(tmp_path / "plan.yml", config))))
+    assert len(plan_blocks(job, ALIGN_ENTRIES)) == 6
+    whole_dir = run_merge(job, tmp_path / "whole", device="cpu", memory_budget=10**12)
+    whole = load_file(whole_dir / "model.safetensors")["model.embed_tokens.weight"]
+    job.method = replace(job.method, prepare=_no_whole_prepare)
+    blocks_dir = run_merge(job, tmp_path / "blocks", device="cpu", memory_budget=1)
+    blocks = load_file(blocks_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(whole, blocks)
+    function = job.method.function(base.float() if with_base else None, [m.float() for m in models],
+                                   [{"weight": w} for w in weights], {"normalize_weights": normalize})
+    assert torch.equal(function, whole)
+
+    if count == 1:
+        assert torch.equal(blocks, models[0].float())
+        return
+    offset = base.double().reshape(-1) if with_base else torch.zeros(3001 * 1000, dtype=torch.float64)
+    xs = [m.double().reshape(-1) - offset for m in models]
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum() if normalize else w
+    units = [x / x.norm() for x in xs]
+    mean = sum(wi * u for wi, u in zip(w, units))
+    mean = mean / mean.norm()
+    tangent = sum(wi * (u - (u @ mean) * mean) for wi, u in zip(w, units))
+    length = tangent.norm()
+    expected = (mean * torch.cos(length) + tangent * torch.sin(length) / length) * sum(
+        wi * x.norm() for wi, x in zip(w, xs))
+    torch.testing.assert_close(blocks.double().reshape(-1), offset + expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("topk", "streamed"), [(1.0, True), (0.4, False)])
+def test_sce_takes_its_weights_from_a_pass_over_row_blocks(tmp_path, topk, streamed):
+    """A 3001×1000 tensor (six row blocks at the smallest budget, a partial 4096-entry chunk at the end): with
+    select_topk 1 the weights come from a pass over the blocks (never read whole), below 1 with the variance
+    mask from the whole tensor; the bits of the whole merge, which is the method's function on the whole
+    tensors; at select_topk 1 a float64 sce within float32 rounding."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(3001, 1000, generator=g).to(torch.bfloat16)
+    models = [(base.float() + scale * torch.randn(3001, 1000, generator=g)).to(torch.bfloat16)
+              for scale in (0.02, 0.05, 0.1)]
+    for name, tensor in zip(["base", "a", "b", "c"], [base, *models]):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / name / "model.safetensors"))
+    config = {"merge_method": "sce", "base_model": str(tmp_path / "base"), "parameters": {"select_topk": topk},
+              "models": [{"model": str(tmp_path / name)} for name in "abc"], "dtype": "float32"}
+    job = build_job(load_plan(str(_write(tmp_path / "plan.yml", config))))
+    assert len(plan_blocks(job, ALIGN_ENTRIES)) == 6
+    whole_dir = run_merge(job, tmp_path / "whole", device="cpu", memory_budget=10**12)
+    whole = load_file(whole_dir / "model.safetensors")["model.embed_tokens.weight"]
+    if streamed:
+        job.method = replace(job.method, prepare=_no_whole_prepare)
+    blocks_dir = run_merge(job, tmp_path / "blocks", device="cpu", memory_budget=1)
+    blocks = load_file(blocks_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(whole, blocks)
+    function = job.method.function(base.float(), [m.float() for m in models], [{}] * 3, {"select_topk": topk})
+    assert torch.equal(function, whole)
+    if not streamed:
+        return
+
+    taus = torch.stack([m.double() - base.double() for m in models])
+    energy = taus.square().mean(dim=(1, 2))
+    weights = (energy / energy.sum()).reshape(-1, 1, 1)
+    elected = torch.where(taus.sum(dim=0) >= 0, 1.0, -1.0).double()
+    kept = weights * (taus.sign() == elected)
+    expected = base.double() + (taus * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
+    torch.testing.assert_close(blocks.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ramplus_tl_takes_its_overlap_counts_from_a_pass_over_row_blocks(tmp_path):
+    """A 3001×1000 tensor (six row blocks at the smallest budget) and three sparse fine-tunes: the overlap
+    counts come from a pass over the blocks (never read whole); the bits of the whole merge, which is the
+    method's function on the whole tensors; a float64 RAM+ within float32 rounding."""
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(3001, 1000, generator=g)
+    models = [base + 0.05 * torch.randn(3001, 1000, generator=g) * (torch.rand(3001, 1000, generator=g) < share)
+              for share in (0.3, 0.5, 0.7)]
+    for name, tensor in zip(["base", "a", "b", "c"], [base, *models]):
+        (tmp_path / name).mkdir()
+        save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / name / "model.safetensors"))
+    options = {"r": 0.5, "alpha": 0.8, "epsilon": 1e-4}
+    config = {"merge_method": "ramplus_tl", "base_model": str(tmp_path / "base"), "parameters": options,
+              "models": [{"model": str(tmp_path / name)} for name in "abc"], "dtype": "float32"}
+    job = build_job(load_plan(str(_write(tmp_path / "plan.yml", config))))
+    assert len(plan_blocks(job, ALIGN_ENTRIES)) == 6
+    whole_dir = run_merge(job, tmp_path / "whole", device="cpu", memory_budget=10**12)
+    whole = load_file(whole_dir / "model.safetensors")["model.embed_tokens.weight"]
+    job.method = replace(job.method, prepare=_no_whole_prepare)
+    blocks_dir = run_merge(job, tmp_path / "blocks", device="cpu", memory_budget=1)
+    blocks = load_file(blocks_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(whole, blocks)
+    assert torch.equal(job.method.function(base, models, [{}] * 3, options), whole)
+
+    taus = torch.stack([m - base for m in models]).double()  # the float32 differences, as the merge forms them
+    counts = taus.abs() > 1e-4
+    c = counts.sum(dim=0)
+    shared = (counts & (c > 1)).sum(dim=(1, 2)).double()
+    alone = (counts & (c == 1)).sum(dim=(1, 2)).double()
+    boost = (1 + 0.5 * (shared / alone).clamp(0, 0.8)).reshape(-1, 1, 1)
+    kept = taus * counts
+    expected = base.double() + (kept * (c == 1) * boost + kept * (c > 1) / c.clamp(min=1)).sum(dim=0)
+    torch.testing.assert_close(blocks.double(), expected, rtol=1e-5, atol=1e-6)

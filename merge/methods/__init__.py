@@ -17,9 +17,9 @@ Each method is a :class:`MergeMethod` in :data:`METHODS`; its ``function`` is ca
 
 The result is float32 with the inputs' shape. The maths of every method, and each place it follows a mergekit
 behaviour that may surprise, is in the docstring of its module: :mod:`.task_arithmetic` (task_arithmetic, ties,
-dare_*, breadcrumbs*, della*), :mod:`.linear` (linear, nearswap, passthrough), :mod:`.spherical` (slerp, nuslerp,
-multislerp, karcher) and :mod:`.adaptive` (model_stock, sce). Numbers follow mergekit 0.1.5 run on float32
-inputs.
+dare_*, breadcrumbs*, della*), :mod:`.linear` (linear, nearswap, passthrough), :mod:`.spherical` (slerp,
+karcher), :mod:`.nuslerp`, :mod:`.multislerp` and :mod:`.adaptive` (model_stock, sce). Numbers follow mergekit 0.1.5
+run on float32 inputs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge.methods import adaptive, linear, selective, spherical, task_arithmetic
+from mergescope.merge.methods import adaptive, linear, multislerp, nuslerp, selective, spherical, task_arithmetic
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -186,20 +186,26 @@ _ALL = [
                 (_p("t", low=0.0, doc="similarity threshold; required"),), elementwise=True),
     MergeMethod("model_stock", "Interpolate base and model average by the task vectors' mean cosine",
                 adaptive.model_stock,
-                (_p("filter_wise", False, kind=bool, doc="one ratio per row instead of per tensor"),)),
+                (_p("filter_wise", False, kind=bool, doc="one ratio per row instead of per tensor"),),
+                prepare=adaptive.model_stock_prepare, combine=adaptive.model_stock_combine,
+                stream_prepare=adaptive.model_stock_stream_prepare, stream_align=adaptive.STOCK_CHUNK),
     MergeMethod("sce", "Select high-variance entries, weight by mean square, erase minority signs", adaptive.sce,
-                (_INT8, _p("select_topk", 1.0, low=0.0, high=1.0, doc="fraction of highest-variance entries kept"))),
+                (_INT8, _p("select_topk", 1.0, low=0.0, high=1.0, doc="fraction of highest-variance entries kept")),
+                prepare=adaptive.sce_prepare, combine=adaptive.sce_combine,
+                stream_prepare=adaptive.sce_stream_prepare, stream_align=adaptive.SCE_CHUNK),
     MergeMethod("nuslerp", "Spherical interpolation of two models (or their task vectors) by weight ratio",
-                spherical.nuslerp,
+                nuslerp.nuslerp,
                 (_WEIGHT,
                  _p("nuslerp_row_wise", False, kind=bool, doc="slerp the vectors along dim 0 (needs flatten off)"),
                  _p("nuslerp_flatten", True, kind=bool, doc="slerp the whole tensor as one vector")),
-                base_role="optional"),
+                base_role="optional", prepare=nuslerp.nuslerp_prepare, combine=nuslerp.nuslerp_combine,
+                stream_prepare=nuslerp.nuslerp_stream_prepare, stream_align=nuslerp.NUSLERP_CHUNK),
     MergeMethod("multislerp", "Spherical barycentric interpolation of several models (or their task vectors)",
-                spherical.multislerp,
+                multislerp.multislerp,
                 (_WEIGHT, _p("normalize_weights", True, kind=bool, doc="divide the weights by their sum"),
                  _p("eps", 1e-8, low=0.0, doc="numerical guard")),
-                base_role="optional"),
+                base_role="optional", prepare=multislerp.multislerp_prepare, combine=multislerp.multislerp_combine,
+                stream_prepare=multislerp.multislerp_stream_prepare, stream_align=multislerp.MULTISLERP_CHUNK),
     MergeMethod("karcher", "Karcher mean of the models' directions on the sphere, at their mean norm",
                 spherical.karcher,
                 (_p("max_iter", 10, low=0, kind=int, doc="iterations at most"),
@@ -211,7 +217,9 @@ _ALL = [
     MergeMethod("ramplus_tl", "RAM, with each model's unique changes boosted by its overlap ratio (tensor-local)",
                 selective.ramplus_tl,
                 (_p("r", 0.1, low=0.0, doc="boost strength"), _p("alpha", 0.2, low=0.0, doc="cap of the overlap ratio"),
-                 _p("epsilon", 1e-5, low=0.0, doc="a change counts when |τ| exceeds it"))),
+                 _p("epsilon", 1e-5, low=0.0, doc="a change counts when |τ| exceeds it")),
+                prepare=selective.ramplus_prepare, combine=selective.ramplus_combine,
+                stream_prepare=selective.ramplus_stream_prepare),
     MergeMethod("arcee_fusion", "Take the model's change only where it matters (|Δ|·KL above median + 1.5·IQR)",
                 selective.arcee_fusion),
     MergeMethod("passthrough", "Copy the single input's tensor (layer stacking is done by the plan)",

@@ -6,7 +6,9 @@ model_stock (base + at least two models)
     θ = t·θ̄ + (1 − t)·θ₀ with θ̄ = (1/N)Σθᵢ. Where |1 + (N−1)c| < 1e-6 there is no finite ratio and t = 0 (the
     base is kept). A negative c gives t < 0 (extrapolation away from the models), as in mergekit.
     ``filter_wise``: one c and t per vector along the last dimension (per row of a matrix; a 1-D tensor is one
-    vector) instead of one for the whole tensor.
+    vector) instead of one for the whole tensor. Without it, ‖τᵢ‖ and ⟨τᵢ,τⱼ⟩ are reduced in float32 per chunk
+    of 4096 entries, then over the chunks (‖τᵢ‖ as the norm of the chunks' norms), so a merge streamed in row
+    blocks has the bits of a whole-tensor merge.
 
 sce (base + models; ``select_topk``)
     τᵢ = θᵢ − θ₀ stacked. Select: if select_topk < 1, keep only the entries whose variance across the models
@@ -14,11 +16,14 @@ sce (base + models; ``select_topk``)
     select_topk⌋ computed in float32 as mergekit does (ties at the threshold: lowest index first); the others
     are zeroed in every τᵢ. Calculate: wᵢ = mean(τᵢ²) / Σⱼ mean(τⱼ²) over the selected vectors (uniform 1/n when
     that sum is < 1e-6). Erase: TIES' sign election on the unweighted τᵢ (elected sign = sign of Σᵢτᵢ, + on 0).
-    θ = θ₀ + Σ_{agreeing} wᵢτᵢ / max(Σ_{agreeing} wᵢ, 1e-6). ``int8_mask`` never changes the result.
+    θ = θ₀ + Σ_{agreeing} wᵢτᵢ / max(Σ_{agreeing} wᵢ, 1e-6). ``int8_mask`` never changes the result. mean(τᵢ²)
+    is Σ τᵢ² per chunk of 4096 entries in float32, summed over the chunks, over the entry count, so a merge
+    streamed in row blocks has the bits of a whole-tensor merge.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
@@ -30,38 +35,143 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-def model_stock(base, models, params, options, generator=None):
-    """θ = t·mean(θᵢ) + (1 − t)·θ₀ with t = N·c̄ / (1 + (N−1)·c̄) from the mean pairwise cosine c̄ of the τᵢ."""
-    import torch
+#: entries per chunk of model_stock's norms and dot products (one :data:`ALIGN_ENTRIES` unit of a row block)
+STOCK_CHUNK = 1 << 12
 
+
+def _check_stock(base, models, options) -> None:
     if base is None:
         raise MergescopeError("model_stock needs a base_model: set base_model in the plan")
     if len(models) < 2:
         where = options.get("tensor_name") or "tensor"
         raise MergescopeError(f"{where}: model_stock needs at least two models besides the base, got {len(models)}")
-    shape = base.shape
-    if options.get("filter_wise", False):
-        if base.dim() == 1:
-            base, models = base.unsqueeze(0), [m.unsqueeze(0) for m in models]
-    else:
-        base, models = base.reshape(-1), [m.reshape(-1) for m in models]
 
-    taus = [m - base for m in models]
-    cosines = []
-    for i, first in enumerate(taus):
-        for second in taus[i + 1 :]:
-            scale = (torch.norm(first, dim=-1) * torch.norm(second, dim=-1)).clamp(min=1e-6)
-            cosines.append(((first * second).sum(dim=-1) / scale).clamp(-1, 1))
-    cosine = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    count = len(models)
+
+def stock_terms(taus: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per :data:`STOCK_CHUNK`-entry chunk of the flat τᵢ (a block starting on a chunk, in float32): ‖τᵢ‖ over
+    the chunk ([N, chunks]) and ⟨τᵢ, τⱼ⟩ over the chunk for each pair i < j in order ([pairs, chunks]). A chunk's
+    terms do not depend on the block it is in, so blocks give the whole tensor's terms side by side."""
+    import torch
+
+    full = taus[0].numel() // STOCK_CHUNK * STOCK_CHUNK
+    pieces = [[tau[:full].reshape(-1, STOCK_CHUNK) for tau in taus]]
+    if full < taus[0].numel():
+        pieces.append([tau[full:].reshape(1, -1) for tau in taus])
+    norms, dots = [], []
+    for chunks in pieces:
+        norms.append(torch.stack([torch.linalg.vector_norm(c, dim=-1) for c in chunks]))
+        dots.append(torch.stack([(first * second).sum(dim=-1) for i, first in enumerate(chunks)
+                                 for second in chunks[i + 1 :]]))
+    return torch.cat(norms, dim=1), torch.cat(dots, dim=1)
+
+
+def vector_terms(taus: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """``filter_wise``: ‖τᵢ‖ and ⟨τᵢ, τⱼ⟩ along the last dimension, one per vector ([N, vectors], [pairs,
+    vectors]); the τᵢ are [vectors, length] (a row block of whole vectors gives its vectors' terms)."""
+    import torch
+
+    norms = torch.stack([torch.norm(tau, dim=-1) for tau in taus])
+    dots = torch.stack([(first * second).sum(dim=-1) for i, first in enumerate(taus) for second in taus[i + 1 :]])
+    return norms, dots
+
+
+@dataclass
+class StockRatio:
+    """model_stock's whole-tensor part: the ratio t, one for the tensor ([1]) or one per vector of ``length``
+    entries along the last dimension (``filter_wise``)."""
+
+    ratio: torch.Tensor
+    length: int = 0  # 0: one ratio for the whole tensor
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """The ratio of flat entries ``start:stop``, as a tensor that broadcasts against the flat block."""
+        if not self.length:
+            return self.ratio
+        first, last = start // self.length, -(-stop // self.length)
+        spread = self.ratio[first:last].repeat_interleave(self.length)
+        return spread[start - first * self.length : stop - first * self.length]
+
+
+def stock_ratio(norms, dots, count: int) -> torch.Tensor:
+    """t = N·c̄ / (1 + (N−1)·c̄), one per column of the norms ([N, k]) and pairwise dots ([pairs, k], pairs
+    i < j in order): c̄ the mean over pairs of ⟨τᵢ,τⱼ⟩ / max(‖τᵢ‖‖τⱼ‖, 1e-6) clamped to [−1, 1]; 0 where
+    singular."""
+    import torch
+
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    cosines = [(dots[p] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1) for p, (i, j) in enumerate(pairs)]
+    cosine = torch.stack(cosines).mean(dim=0)
     denominator = 1 + (count - 1) * cosine
     singular = denominator.abs() < 1e-6
-    ratio = torch.where(
-        singular, torch.zeros_like(cosine),
-        count * cosine / torch.where(singular, torch.ones_like(denominator), denominator),
-    )
-    average = sum(models) / count
-    return (ratio * average + (1 - ratio) * base).reshape(shape)
+    return torch.where(singular, torch.zeros_like(cosine),
+                       count * cosine / torch.where(singular, torch.ones_like(denominator), denominator))
+
+
+def _whole(norms, dots):
+    """The whole tensor's ‖τᵢ‖ (root of the sum of the chunks' squared norms) and ⟨τᵢ, τⱼ⟩ (sum of the chunks'
+    dots) from per-chunk terms: one reduction over all chunks, so any split into blocks gives the same bits."""
+    import torch
+
+    return torch.linalg.vector_norm(norms, dim=-1, keepdim=True), dots.sum(dim=-1, keepdim=True)
+
+
+def model_stock_prepare(base, models, params, options, generator=None) -> list[StockRatio]:
+    """model_stock's ratio over whole tensors (any float dtype, taken as float32)."""
+    _check_stock(base, models, options)
+    count = len(models)
+    base = base.float()
+    if options.get("filter_wise", False) and base.dim() > 0:
+        length = base.shape[-1] if base.dim() > 1 else 0  # a 1-D tensor is one vector: one ratio
+        flat = base.reshape(-1, base.shape[-1]) if base.dim() > 1 else base.reshape(1, -1)
+        taus = [m.float().reshape(flat.shape) - flat for m in models]
+        return [StockRatio(stock_ratio(*vector_terms(taus), count).reshape(-1), length)]
+    taus = [m.float().reshape(-1) - base.reshape(-1) for m in models]
+    return [StockRatio(stock_ratio(*_whole(*stock_terms(taus)), count).reshape(-1))]
+
+
+def model_stock_combine(base, models, ratios, params, options):
+    """θ = t·mean(θᵢ) + (1 − t)·θ₀, entry by entry, in float32."""
+    ratio = ratios[0]
+    base = base.float()
+    average = sum(m.float() for m in models) / len(models)
+    return ratio * average + (1 - ratio) * base
+
+
+def model_stock_stream_prepare(source, params, options, generator=None) -> list[StockRatio] | None:
+    """:func:`model_stock_prepare` from one pass over a block source: each block's chunk terms (or, with
+    ``filter_wise``, its vectors' terms) side by side, then one reduction — the same bits. None for a
+    ``filter_wise`` 1-D tensor (one vector: no blocks), or a source without its tensor's shape."""
+    import torch
+
+    count = len(params)
+    if count < 2 or source.numel == 0:
+        return None
+    shape = getattr(source, "shape", None)
+    filter_wise = options.get("filter_wise", False)
+    if filter_wise and (shape is None or len(shape) < 2):
+        return None
+    norms, dots = [], []
+    for _, base, models in source.blocks(list(range(count))):
+        base = base.float()
+        if filter_wise:
+            flat = base.reshape(-1, shape[-1])
+            terms = vector_terms([m.float().reshape(flat.shape) - flat for m in models])
+        else:
+            terms = stock_terms([m.float() - base for m in models])
+        norms.append(terms[0])
+        dots.append(terms[1])
+    norms, dots = torch.cat(norms, dim=1), torch.cat(dots, dim=1)
+    if filter_wise:
+        return [StockRatio(stock_ratio(norms, dots, count).reshape(-1), shape[-1])]
+    return [StockRatio(stock_ratio(*_whole(norms, dots), count).reshape(-1))]
+
+
+def model_stock(base, models, params, options, generator=None):
+    """θ = t·mean(θᵢ) + (1 − t)·θ₀ with t = N·c̄ / (1 + (N−1)·c̄) from the mean pairwise cosine c̄ of the τᵢ."""
+    ratios = model_stock_prepare(base, models, params, options)
+    flat = model_stock_combine(base.reshape(-1), [m.reshape(-1) for m in models],
+                               [ratio.block(0, base.numel()) for ratio in ratios], params, options)
+    return flat.reshape(base.shape)
 
 
 def _variance_mask(taus: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -76,23 +186,89 @@ def _variance_mask(taus: torch.Tensor, fraction: float) -> torch.Tensor:
     return keep.reshape(variance.shape)
 
 
-def sce(base, models, params, options, generator=None):
-    """Select by variance, Calculate weights from mean squares, Erase minority signs (see the module docstring)."""
+#: entries per chunk of sce's mean squares (one ALIGN_ENTRIES unit of a row block)
+SCE_CHUNK = 1 << 12
+
+
+@dataclass
+class SceWeights:
+    """sce's whole-tensor part: each model's weight wᵢ ([n]) and, when select_topk < 1, the kept entries (flat)."""
+
+    weights: torch.Tensor
+    keep: torch.Tensor | None = None
+
+    def block(self, start: int, stop: int) -> SceWeights:
+        return self if self.keep is None else SceWeights(self.weights, self.keep[start:stop])
+
+
+def _square_sums(taus) -> torch.Tensor:
+    """Σ τᵢ² per :data:`SCE_CHUNK`-entry chunk of the flat stacked τ ([n, entries], a block starting on a chunk):
+    [n, chunks]."""
     import torch
 
+    full = taus.shape[1] // SCE_CHUNK * SCE_CHUNK
+    sums = [taus[:, :full].square().reshape(taus.shape[0], -1, SCE_CHUNK).sum(dim=-1)]
+    if full < taus.shape[1]:
+        sums.append(taus[:, full:].square().sum(dim=-1, keepdim=True))
+    return torch.cat(sums, dim=1)
+
+
+def _sce_weights(square_sums, numel: int) -> torch.Tensor:
+    """wᵢ = mean(τᵢ²) / Σⱼ mean(τⱼ²) (uniform when that sum is < 1e-6), the means from the chunks' square sums."""
+    import torch
+
+    energy = square_sums.sum(dim=1) / max(numel, 1)
+    total = torch.sum(energy).item()
+    return torch.ones_like(energy) / len(energy) if abs(total) < 1e-6 else energy / total
+
+
+def _stacked_taus(base, models):
+    import torch
+
+    base = base.float().reshape(-1)
+    return torch.stack([m.float().reshape(-1) - base for m in models]), base
+
+
+def sce_prepare(base, models, params, options, generator=None) -> list[SceWeights]:
+    """sce's weights (and kept entries when select_topk < 1) over whole tensors (any float dtype, as float32)."""
+    if base is None:
+        raise MergescopeError("sce needs a base_model: set base_model in the plan")
+    taus, _ = _stacked_taus(base, models)
+    fraction = float(options.get("select_topk", 1.0))
+    keep = None
+    if fraction < 1:
+        keep = _variance_mask(taus, fraction)
+        taus = taus * keep.to(taus.dtype).unsqueeze(0)
+    return [SceWeights(_sce_weights(_square_sums(taus), taus.shape[1]), keep)]
+
+
+def sce_combine(base, models, trims, params, options):
+    """θ = θ₀ + Σ_{agreeing} wᵢτᵢ / max(Σ_{agreeing} wᵢ, 1e-6) entry by entry given the weights, in float32."""
+    taus, base = _stacked_taus(base, models)
+    trim = trims[0]
+    if trim.keep is not None:
+        taus = taus * trim.keep.to(taus.dtype).unsqueeze(0)
+    kept = trim.weights.reshape(-1, 1) * elect_signs(taus)
+    return base + (taus * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
+
+
+def sce_stream_prepare(source, params, options, generator=None) -> list[SceWeights] | None:
+    """:func:`sce_prepare` from one pass over a block source (each chunk's square sums, reduced once) when
+    select_topk is 1; None otherwise (the variance ranks need the whole tensor)."""
+    import torch
+
+    if float(options.get("select_topk", 1.0)) < 1 or not params or source.numel == 0:
+        return None
+    sums = [_square_sums(_stacked_taus(base, blocks)[0]) for _, base, blocks in source.blocks(list(range(len(params))))]
+    return [SceWeights(_sce_weights(torch.cat(sums, dim=1), source.numel))]
+
+
+def sce(base, models, params, options, generator=None):
+    """Select by variance, Calculate weights from mean squares, Erase minority signs (see the module docstring)."""
     if base is None:
         raise MergescopeError("sce needs a base_model: set base_model in the plan")
     if not models:
         return base.clone()
-    taus = torch.stack([m - base for m in models])
-    fraction = float(options.get("select_topk", 1.0))
-    if fraction < 1:
-        taus = taus * _variance_mask(taus, fraction).to(taus.dtype).unsqueeze(0)
-
-    agree = elect_signs(taus)
-    energy = taus.square().reshape(len(models), -1).mean(dim=1)
-    total = torch.sum(energy).item()
-    weights = torch.ones_like(energy) / len(models) if abs(total) < 1e-6 else energy / total
-    weights = weights.reshape((-1,) + (1,) * base.dim())
-    kept = weights * agree
-    return base + (taus * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
+    trims = sce_prepare(base, models, params, options)
+    flat = sce_combine(base, models, [trim.block(0, base.numel()) for trim in trims], params, options)
+    return flat.reshape(base.shape)

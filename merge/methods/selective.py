@@ -8,7 +8,8 @@ do, their changes are averaged (Σ τᵢ / c over those that count); entries whe
 
 **RAM+ (tensor-local)** additionally boosts each model's unique entries by λᵢ = 1 + r·clip(ρᵢ, 0, α), with
 ρᵢ = (#entries where model i counts and c > 1) / max(#entries where it counts alone, ε), counted over the
-tensor. Parameters (method-level): ``epsilon`` (1e-5), and for RAM+ ``r`` (0.1) and ``alpha`` (0.2).
+tensor. Parameters (method-level): ``epsilon`` (1e-5), and for RAM+ ``r`` (0.1) and ``alpha`` (0.2). The counts
+are integers, so a pass over row blocks (:func:`ramplus_stream_prepare`) finds the same λᵢ.
 
 **Arcee Fusion** keeps the other model's change only where it is important: importance = |θ − θ₀| · KL(p ‖ q)
 with p = softmax(θ) + 1e-8 and q = softmax(θ₀) + 1e-8 along the last dimension (one KL per row). The
@@ -21,6 +22,7 @@ are deterministic beyond.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
@@ -41,33 +43,84 @@ def _counting(base: torch.Tensor, models: list[torch.Tensor], epsilon: float):
     return taus * counts_mask, counts_mask, contributors
 
 
-def _ram(base, models, options, boost: bool) -> torch.Tensor:
+def _check_ram(base) -> None:
     if base is None:
         raise MergescopeError("ram needs a base_model: set base_model in the plan")
-    if not models:
-        return base.clone()
+
+
+def overlap_counts(base, models: list, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per model (int64 [n]): #entries where it counts and c > 1, #entries where it counts alone — over the
+    given entries (any float dtype, taken as float32); counts of blocks add up to the tensor's exactly."""
+    base = base.float()
+    _, counts_mask, contributors = _counting(base, [m.float() for m in models], epsilon)
+    alone, shared = contributors == 1, contributors > 1
+    return (counts_mask & shared).sum(dim=1), (counts_mask & alone).sum(dim=1)
+
+
+@dataclass
+class RamBoost:
+    """RAM+'s whole-tensor part: each model's boost λᵢ of its unique changes ([n])."""
+
+    factor: torch.Tensor
+
+    def block(self, start: int, stop: int) -> RamBoost:
+        return self
+
+
+def ram_boost(shared_count, alone_count, options: dict) -> RamBoost:
+    """λᵢ = 1 + r·clip(ρᵢ, 0, α) with ρᵢ = shared_countᵢ / max(alone_countᵢ, ε)."""
     epsilon = float(options.get("epsilon", 1e-5))
-    taus, counts_mask, contributors = _counting(base, models, epsilon)
+    rho = shared_count / alone_count.clamp(min=epsilon)
+    return RamBoost(1 + float(options.get("r", 0.1)) * rho.clamp(min=0, max=float(options.get("alpha", 0.2))))
+
+
+def _ram(base, models, options, boost: RamBoost | None) -> torch.Tensor:
+    """θ₀ + Σᵢ τᵢ·[|τᵢ| > ε]·([c = 1]·λᵢ + [c > 1] / max(c, 1)) (λᵢ = 1 without a boost), in float32."""
+    base = base.float()
+    taus, counts_mask, contributors = _counting(base, [m.float() for m in models], float(options.get("epsilon", 1e-5)))
     alone, shared = contributors == 1, contributors > 1
     unique_part = taus * alone
-    if boost:
-        shared_count = (counts_mask & shared).sum(dim=1)
-        alone_count = (counts_mask & alone).sum(dim=1)
-        rho = shared_count / alone_count.clamp(min=epsilon)
-        factor = 1 + float(options.get("r", 0.1)) * rho.clamp(min=0, max=float(options.get("alpha", 0.2)))
-        unique_part = unique_part * factor.unsqueeze(-1)
+    if boost is not None:
+        unique_part = unique_part * boost.factor.unsqueeze(-1)
     merged = (unique_part + taus * shared / contributors.clamp(min=1)).sum(dim=0, keepdim=True)
     return base + merged.reshape(base.shape)
 
 
 def ram(base, models, params, options, generator=None) -> torch.Tensor:
     """RAM: unique changes kept whole, overlapping ones averaged over the models that made them."""
-    return _ram(base, models, options, boost=False)
+    _check_ram(base)
+    return _ram(base, models, options, None) if models else base.clone()
+
+
+def ramplus_prepare(base, models, params, options, generator=None) -> list[RamBoost]:
+    """RAM+'s boosts from the overlap counts over whole tensors."""
+    _check_ram(base)
+    return [ram_boost(*overlap_counts(base, models, float(options.get("epsilon", 1e-5))), options)]
+
+
+def ramplus_combine(base, models, boosts, params, options) -> torch.Tensor:
+    """RAM with the given boosts, entry by entry."""
+    return _ram(base, models, options, boosts[0])
+
+
+def ramplus_stream_prepare(source, params, options, generator=None) -> list[RamBoost] | None:
+    """:func:`ramplus_prepare` from one pass over a block source: the blocks' overlap counts added (exact)."""
+    if not params or source.numel == 0:
+        return None
+    epsilon = float(options.get("epsilon", 1e-5))
+    shared_count = alone_count = 0
+    for _, base, models in source.blocks(list(range(len(params)))):
+        shared, alone = overlap_counts(base, models, epsilon)
+        shared_count, alone_count = shared_count + shared, alone_count + alone
+    return [ram_boost(shared_count, alone_count, options)]
 
 
 def ramplus_tl(base, models, params, options, generator=None) -> torch.Tensor:
     """RAM+ (tensor-local): RAM with each model's unique changes boosted by 1 + r·clip(ρᵢ, 0, α)."""
-    return _ram(base, models, options, boost=True)
+    _check_ram(base)
+    if not models:
+        return base.clone()
+    return ramplus_combine(base, models, ramplus_prepare(base, models, params, options), params, options)
 
 
 def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Interpolation on spheres: slerp, nuslerp, multislerp, karcher.
+"""Interpolation on spheres: slerp, karcher (nuslerp: :mod:`.nuslerp`, multislerp: :mod:`.multislerp`).
 
 slerp (base + exactly one other model, parameter t)
     The whole tensor is one vector. With a = θ_base, b = θ₁ and the cosine c = ⟨a/‖a‖, b/‖b‖⟩ clamped to
@@ -6,20 +6,9 @@ slerp (base + exactly one other model, parameter t)
     the *unnormalised* a and b (the norms are not re-interpolated). When |c| > 0.9995 — nearly colinear or
     nearly antipodal — it falls back to θ = (1−t)a + tb. t = 0 gives the base.
 
-nuslerp (exactly two non-base models, per-model weight; base optional)
-    t = w₂/(w₁ + w₂) (0.5 when |w₁ + w₂| < 1e-6). With a base it interpolates the task vectors,
-    θ = θ₀ + S(t, τ₁, τ₂), otherwise θ = S(t, θ₁, θ₂). S is slerp over vectors chosen by the options:
-    ``nuslerp_flatten`` (default) — the whole tensor; else ``nuslerp_row_wise`` — the vectors along dim 0
-    (the columns of a matrix; mergekit's naming); else the vectors along the last dim (rows). Unit vectors use
-    max(‖x‖, 1e-7); the lerp fallback applies only when 1 − c² ≤ 1e-16, i.e. exactly colinear in float32.
+nuslerp: see :mod:`.nuslerp`.
 
-multislerp (≥ 1 non-base model, per-model weight; base optional)
-    On the task vectors (θᵢ − θ₀) when a base is given, else on θᵢ, each flattened: uᵢ = xᵢ/(‖xᵢ‖ + eps),
-    weights divided by their sum when ``normalize_weights``; m = Σ wᵢuᵢ normalised; the tangent vectors
-    vᵢ = uᵢ − ⟨uᵢ, m⟩m are averaged, v = Σ wᵢvᵢ, and mapped back, r = m cos‖v‖ + v sin‖v‖/‖v‖ (with eps added
-    to ‖v‖); θ = (Σ wᵢ‖xᵢ‖)·r [+ θ₀]. This is one exponential-map step from the normalised Euclidean mean, not
-    an iterated Karcher mean. One model: returned as is. If ‖m‖ < eps: two models fall back to
-    w₁x₁ + w₂x₂ [+ θ₀], more models are an error.
+multislerp: see :mod:`.multislerp`.
 
 karcher (all inputs, equal weights; the base is an ordinary input)
     The weighted Karcher (Fréchet) mean on the unit sphere of uᵢ = θᵢ/‖θᵢ‖ with αᵢ = 1/n, inputs of norm
@@ -151,80 +140,6 @@ def slerp(base, models, params, options, generator=None):
     """Spherical interpolation from θ_base (t = 0) to θ₁ (t = 1), lerp when |cos| > 0.9995."""
     coefficients = slerp_prepare(base, models, params, options)
     return slerp_combine(base, models, coefficients, params, options).reshape(base.shape)
-
-
-def _great_arc(t: float, v0, v1, *, flatten: bool, row_wise: bool):
-    """nuslerp's kernel: slerp between v0 and v1 along the chosen vectors, lerp only when exactly colinear."""
-    import torch
-
-    shape = v0.shape
-    if flatten:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif row_wise:
-        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
-    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
-    cosine = (u0 * u1).sum(dim=-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cosine.square()) <= 1e-16
-    angle = torch.acos(torch.where(colinear, 0, cosine))
-    arc = (torch.sin((1 - t) * angle) * v0 + torch.sin(t * angle) * v1) / torch.sin(angle)
-    result = torch.where(colinear, (1 - t) * v0 + t * v1, arc)
-    if row_wise and not flatten:
-        result = result.transpose(0, -1)
-    return result.reshape(shape)
-
-
-def nuslerp(base, models, params, options, generator=None):
-    """θ = [θ₀ +] S(w₂/(w₁+w₂), x₁, x₂) with xᵢ = θᵢ − θ₀ when a base is given, else θᵢ."""
-    if len(models) != 2:
-        raise MergescopeError(
-            f"{_where(options)}: nuslerp merges exactly two models besides the base, got {len(models)}: fix the plan"
-        )
-    w1, w2 = (float(p["weight"]) for p in params)
-    total = w1 + w2
-    t = 0.5 if abs(total) < 1e-6 else w2 / total
-    flatten = bool(options.get("nuslerp_flatten", True))
-    row_wise = bool(options.get("nuslerp_row_wise", False))
-    if base is None:
-        return _great_arc(t, models[0], models[1], flatten=flatten, row_wise=row_wise)
-    return base + _great_arc(t, models[0] - base, models[1] - base, flatten=flatten, row_wise=row_wise)
-
-
-def multislerp(base, models, params, options, generator=None):
-    """Barycentric interpolation on the hypersphere by one tangent-space step (see the module docstring)."""
-    import torch
-
-    if not models:
-        raise MergescopeError(f"{_where(options)}: multislerp needs at least one model")
-    if len(models) == 1:
-        return models[0].clone()
-    eps = float(options.get("eps", 1e-8))
-    stacked = torch.stack(models)
-    if base is not None:
-        stacked -= base
-    flat = stacked.reshape(len(models), -1)
-    weights = torch.tensor([float(p["weight"]) for p in params], dtype=flat.dtype, device=flat.device)
-    if options.get("normalize_weights", True):
-        weights = weights / weights.sum()
-    norms = torch.norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * weights.reshape(-1, 1)).sum(0)
-    mean_norm = torch.norm(mean)
-    if mean_norm < eps:
-        if len(models) != 2:
-            raise MergescopeError(
-                f"{_where(options)}: multislerp's weighted mean direction is zero (opposite task vectors whose "
-                "weights cancel): change the weights"
-            )
-        result = stacked[0] * weights[0] + stacked[1] * weights[1]
-        return result if base is None else result + base
-    mean = mean / mean_norm
-    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
-    tangent = (tangents * weights.reshape(-1, 1)).sum(0)
-    length = torch.norm(tangent) + eps
-    result = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
-    result = (result * (norms.squeeze(-1) * weights).sum()).reshape(models[0].shape)
-    return result if base is None else result + base
 
 
 def karcher(base, models, params, options, generator=None):
