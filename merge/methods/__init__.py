@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
 from mergescope.merge.methods import adaptive, linear, multislerp, nuslerp, selective, spherical, task_arithmetic
+from mergescope.merge.methods.chunks import STAT_CHUNK
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -188,24 +189,24 @@ _ALL = [
                 adaptive.model_stock,
                 (_p("filter_wise", False, kind=bool, doc="one ratio per row instead of per tensor"),),
                 prepare=adaptive.model_stock_prepare, combine=adaptive.model_stock_combine,
-                stream_prepare=adaptive.model_stock_stream_prepare, stream_align=adaptive.STOCK_CHUNK),
+                stream_prepare=adaptive.model_stock_stream_prepare, stream_align=STAT_CHUNK),
     MergeMethod("sce", "Select high-variance entries, weight by mean square, erase minority signs", adaptive.sce,
                 (_INT8, _p("select_topk", 1.0, low=0.0, high=1.0, doc="fraction of highest-variance entries kept")),
                 prepare=adaptive.sce_prepare, combine=adaptive.sce_combine,
-                stream_prepare=adaptive.sce_stream_prepare, stream_align=adaptive.SCE_CHUNK),
+                stream_prepare=adaptive.sce_stream_prepare, stream_align=STAT_CHUNK),
     MergeMethod("nuslerp", "Spherical interpolation of two models (or their task vectors) by weight ratio",
                 nuslerp.nuslerp,
                 (_WEIGHT,
                  _p("nuslerp_row_wise", False, kind=bool, doc="slerp the vectors along dim 0 (needs flatten off)"),
                  _p("nuslerp_flatten", True, kind=bool, doc="slerp the whole tensor as one vector")),
                 base_role="optional", prepare=nuslerp.nuslerp_prepare, combine=nuslerp.nuslerp_combine,
-                stream_prepare=nuslerp.nuslerp_stream_prepare, stream_align=nuslerp.NUSLERP_CHUNK),
+                stream_prepare=nuslerp.nuslerp_stream_prepare, stream_align=STAT_CHUNK),
     MergeMethod("multislerp", "Spherical barycentric interpolation of several models (or their task vectors)",
                 multislerp.multislerp,
                 (_WEIGHT, _p("normalize_weights", True, kind=bool, doc="divide the weights by their sum"),
                  _p("eps", 1e-8, low=0.0, doc="numerical guard")),
                 base_role="optional", prepare=multislerp.multislerp_prepare, combine=multislerp.multislerp_combine,
-                stream_prepare=multislerp.multislerp_stream_prepare, stream_align=multislerp.MULTISLERP_CHUNK),
+                stream_prepare=multislerp.multislerp_stream_prepare, stream_align=STAT_CHUNK),
     MergeMethod("karcher", "Karcher mean of the models' directions on the sphere, at their mean norm",
                 spherical.karcher,
                 (_p("max_iter", 10, low=0, kind=int, doc="iterations at most"),

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
+from mergescope.merge.methods.chunks import chunk_norms, chunk_sums
 from mergescope.merge.methods.task_arithmetic import elect_signs
 from mergescope.merge.sparsify import select_extreme
 
@@ -35,8 +36,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-#: entries per chunk of model_stock's norms and dot products (one :data:`ALIGN_ENTRIES` unit of a row block)
-STOCK_CHUNK = 1 << 12
 
 
 def _check_stock(base, models, options) -> None:
@@ -48,21 +47,14 @@ def _check_stock(base, models, options) -> None:
 
 
 def stock_terms(taus: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per :data:`STOCK_CHUNK`-entry chunk of the flat τᵢ (a block starting on a chunk, in float32): ‖τᵢ‖ over
-    the chunk ([N, chunks]) and ⟨τᵢ, τⱼ⟩ over the chunk for each pair i < j in order ([pairs, chunks]). A chunk's
-    terms do not depend on the block it is in, so blocks give the whole tensor's terms side by side."""
+    """Per :data:`~.chunks.STAT_CHUNK`-entry chunk of the flat τᵢ (a block starting on a chunk, in float32): ‖τᵢ‖
+    over the chunk ([N, chunks]) and ⟨τᵢ, τⱼ⟩ over the chunk for each pair i < j in order ([pairs, chunks]). A
+    chunk's terms do not depend on the block it is in, so blocks give the whole tensor's terms side by side."""
     import torch
 
-    full = taus[0].numel() // STOCK_CHUNK * STOCK_CHUNK
-    pieces = [[tau[:full].reshape(-1, STOCK_CHUNK) for tau in taus]]
-    if full < taus[0].numel():
-        pieces.append([tau[full:].reshape(1, -1) for tau in taus])
-    norms, dots = [], []
-    for chunks in pieces:
-        norms.append(torch.stack([torch.linalg.vector_norm(c, dim=-1) for c in chunks]))
-        dots.append(torch.stack([(first * second).sum(dim=-1) for i, first in enumerate(chunks)
-                                 for second in chunks[i + 1 :]]))
-    return torch.cat(norms, dim=1), torch.cat(dots, dim=1)
+    norms = torch.stack([chunk_norms(tau) for tau in taus])
+    dots = torch.stack([chunk_sums(first * second) for i, first in enumerate(taus) for second in taus[i + 1 :]])
+    return norms, dots
 
 
 def vector_terms(taus: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +178,6 @@ def _variance_mask(taus: torch.Tensor, fraction: float) -> torch.Tensor:
     return keep.reshape(variance.shape)
 
 
-#: entries per chunk of sce's mean squares (one ALIGN_ENTRIES unit of a row block)
-SCE_CHUNK = 1 << 12
 
 
 @dataclass
@@ -202,15 +192,9 @@ class SceWeights:
 
 
 def _square_sums(taus) -> torch.Tensor:
-    """Σ τᵢ² per :data:`SCE_CHUNK`-entry chunk of the flat stacked τ ([n, entries], a block starting on a chunk):
-    [n, chunks]."""
-    import torch
-
-    full = taus.shape[1] // SCE_CHUNK * SCE_CHUNK
-    sums = [taus[:, :full].square().reshape(taus.shape[0], -1, SCE_CHUNK).sum(dim=-1)]
-    if full < taus.shape[1]:
-        sums.append(taus[:, full:].square().sum(dim=-1, keepdim=True))
-    return torch.cat(sums, dim=1)
+    """Σ τᵢ² per :data:`~.chunks.STAT_CHUNK`-entry chunk of the flat stacked τ ([n, entries], a block starting on a
+    chunk): [n, chunks]."""
+    return chunk_sums(taus.square())
 
 
 def _sce_weights(square_sums, numel: int) -> torch.Tensor:

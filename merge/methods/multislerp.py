@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
+from mergescope.merge.methods.chunks import chunk_norms, chunk_sums
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-#: entries per chunk of the reductions (one ALIGN_ENTRIES unit of a row block)
-MULTISLERP_CHUNK = 1 << 12
 
 
 def _where(options: dict) -> str:
@@ -56,28 +55,6 @@ def _weights(params: list, options: dict, device):
 
     weights = torch.tensor([float(p["weight"]) for p in params], dtype=torch.float32, device=device)
     return weights / weights.sum() if options.get("normalize_weights", True) else weights
-
-
-def _chunk_sums(x):
-    """Σ x per :data:`MULTISLERP_CHUNK`-entry chunk of a flat block starting on a chunk."""
-    import torch
-
-    full = x.numel() // MULTISLERP_CHUNK * MULTISLERP_CHUNK
-    sums = [x[:full].reshape(-1, MULTISLERP_CHUNK).sum(dim=-1)]
-    if full < x.numel():
-        sums.append(x[full:].reshape(1, -1).sum(dim=-1))
-    return torch.cat(sums)
-
-
-def _chunk_norms(x):
-    """‖x‖ per chunk of a flat block starting on a chunk."""
-    import torch
-
-    full = x.numel() // MULTISLERP_CHUNK * MULTISLERP_CHUNK
-    norms = [torch.linalg.vector_norm(x[:full].reshape(-1, MULTISLERP_CHUNK), dim=-1)]
-    if full < x.numel():
-        norms.append(torch.linalg.vector_norm(x[full:].reshape(1, -1), dim=-1))
-    return torch.cat(norms)
 
 
 @dataclass
@@ -138,17 +115,17 @@ def multislerp_prepare(first, rest, params, options, generator=None) -> list[Sph
     base, models = _inputs(first, rest, params, options)
     xs = _vectors(base, models)
     sphere = Sphere(_weights(params, options, xs[0].device), float(options.get("eps", 1e-8)),
-                    [_norm(_chunk_norms(x)) for x in xs])
+                    [_norm(chunk_norms(x)) for x in xs])
     if len(models) == 1:
         return [sphere]
     units = sphere.units(xs)
-    sphere.mean_norm = _norm(_chunk_norms(sphere.mean(units)))
+    sphere.mean_norm = _norm(chunk_norms(sphere.mean(units)))
     _check_mean(sphere, len(models), options)
     if sphere.linear:
         return [sphere]
     mean = sphere.mean(units)
-    sphere.dots = [torch.sum(_chunk_sums(unit * mean)) for unit in units]
-    sphere.length = _norm(_chunk_norms(sphere.tangent(units, mean))) + sphere.eps
+    sphere.dots = [torch.sum(chunk_sums(unit * mean)) for unit in units]
+    sphere.length = _norm(chunk_norms(sphere.tangent(units, mean))) + sphere.eps
     return [sphere]
 
 
@@ -189,12 +166,12 @@ def multislerp_stream_prepare(source, params, options, generator=None) -> list[S
     norms = [[] for _ in range(count)]
     for xs in vectors():
         for i, x in enumerate(xs):
-            norms[i].append(_chunk_norms(x))
+            norms[i].append(chunk_norms(x))
     sphere = Sphere(_weights(params, options, source.device), float(options.get("eps", 1e-8)),
                     [_norm(torch.cat(n)) for n in norms])
     if count == 1:
         return [sphere]
-    sphere.mean_norm = _norm(torch.cat([_chunk_norms(sphere.mean(sphere.units(xs))) for xs in vectors()]))
+    sphere.mean_norm = _norm(torch.cat([chunk_norms(sphere.mean(sphere.units(xs))) for xs in vectors()]))
     _check_mean(sphere, count, options)
     if sphere.linear:
         return [sphere]
@@ -203,12 +180,12 @@ def multislerp_stream_prepare(source, params, options, generator=None) -> list[S
         units = sphere.units(xs)
         mean = sphere.mean(units)
         for i, unit in enumerate(units):
-            dots[i].append(_chunk_sums(unit * mean))
+            dots[i].append(chunk_sums(unit * mean))
     sphere.dots = [torch.sum(torch.cat(d)) for d in dots]
     tangent_norms = []
     for xs in vectors():
         units = sphere.units(xs)
-        tangent_norms.append(_chunk_norms(sphere.tangent(units, sphere.mean(units))))
+        tangent_norms.append(chunk_norms(sphere.tangent(units, sphere.mean(units))))
     sphere.length = _norm(torch.cat(tangent_norms)) + sphere.eps
     return [sphere]
 

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
+from mergescope.merge.methods.chunks import chunk_norms, chunk_sums
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-#: entries per chunk of the flattened norms and cosine (one ALIGN_ENTRIES unit of a row block)
-NUSLERP_CHUNK = 1 << 12
 
 
 def _where(options: dict) -> str:
@@ -101,27 +100,9 @@ def _arc(cosine) -> tuple:
     return torch.acos(torch.where(colinear, 0, cosine)), colinear
 
 
-def _chunk_norms(x):
-    """‖x‖ per :data:`NUSLERP_CHUNK`-entry chunk of a flat block starting on a chunk."""
-    import torch
-
-    full = x.numel() // NUSLERP_CHUNK * NUSLERP_CHUNK
-    norms = [torch.linalg.vector_norm(x[:full].reshape(-1, NUSLERP_CHUNK), dim=-1)]
-    if full < x.numel():
-        norms.append(torch.linalg.vector_norm(x[full:].reshape(1, -1), dim=-1))
-    return torch.cat(norms)
-
-
 def _chunk_cosines(x1, x2, norm1, norm2):
     """⟨x₁/n₁, x₂/n₂⟩ per chunk of a flat block starting on a chunk."""
-    import torch
-
-    u1, u2 = x1 / norm1, x2 / norm2
-    full = x1.numel() // NUSLERP_CHUNK * NUSLERP_CHUNK
-    terms = [(u1[:full] * u2[:full]).reshape(-1, NUSLERP_CHUNK).sum(dim=-1)]
-    if full < x1.numel():
-        terms.append((u1[full:] * u2[full:]).reshape(1, -1).sum(dim=-1))
-    return torch.cat(terms)
+    return chunk_sums((x1 / norm1) * (x2 / norm2))
 
 
 def _whole_norm(chunk_norms):
@@ -146,7 +127,7 @@ def nuslerp_prepare(first, rest, params, options, generator=None) -> list[GreatA
     x1, x2 = _vectors(base, m1, m2)
     if options.get("nuslerp_flatten", True):
         x1, x2 = x1.reshape(-1), x2.reshape(-1)
-        norm1, norm2 = _whole_norm(_chunk_norms(x1)), _whole_norm(_chunk_norms(x2))
+        norm1, norm2 = _whole_norm(chunk_norms(x1)), _whole_norm(chunk_norms(x2))
         cosine = _chunk_cosines(x1, x2, norm1, norm2).sum(dim=-1, keepdim=True).clamp(-1, 1)
         return [GreatArc(t, *_arc(cosine))]
     if x1.dim() < 2:  # one vector
@@ -194,8 +175,8 @@ def nuslerp_stream_prepare(source, params, options, generator=None) -> list[Grea
         return [GreatArc(t, torch.cat([a for a, _ in arcs]), torch.cat([c for _, c in arcs]), length=shape[-1])]
     norms1, norms2 = [], []
     for x1, x2 in pairs():
-        norms1.append(_chunk_norms(x1))
-        norms2.append(_chunk_norms(x2))
+        norms1.append(chunk_norms(x1))
+        norms2.append(chunk_norms(x2))
     norm1, norm2 = _whole_norm(torch.cat(norms1)), _whole_norm(torch.cat(norms2))
     cosine = torch.cat([_chunk_cosines(x1, x2, norm1, norm2) for x1, x2 in pairs()])
     return [GreatArc(t, *_arc(cosine.sum(dim=-1, keepdim=True).clamp(-1, 1)))]
