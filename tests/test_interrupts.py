@@ -34,31 +34,63 @@ def slow_plan(tmp_path_factory) -> Path:
     return root
 
 
-def start_merge(root: Path, out: Path, plan: str = "plan.yml", *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mergescope.tui.cli.main", "merge", str(root / plan), "-o", str(out),
-         "--device", "cpu", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+# The real CLI in a subprocess, paused (never by timing) once it has written a block: the executor's per-block
+# merge is wrapped to touch `paused` before its third block and to wait there until `release` exists. The
+# wait is in the main thread, so a signal's handler interrupts it as it would interrupt a merge.
+_PAUSING_CLI = """
+import sys, time
+from pathlib import Path
+import mergescope.merge.executor as executor
+paused, release = Path(sys.argv[1]), Path(sys.argv[2])
+calls = [0]
+def pausing(merge):
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            paused.touch()
+            while not release.exists():
+                time.sleep(0.01)
+        return merge(*args, **kwargs)
+    return wrapped
+executor.merge_tensor = pausing(executor.merge_tensor)
+executor.merge_rows = pausing(executor.merge_rows)
+from mergescope.tui.cli.main import main
+sys.exit(main(sys.argv[3:]))
+"""
 
 
-def wait_for_partial_output(parent: Path, out: Path, process: subprocess.Popen, timeout: float = 60) -> None:
-    """Until the writer's hidden temporary folder exists: the merge is under way."""
+def start_merge(root: Path, out: Path, plan: str = "plan.yml", *extra: str, pause: Path | None = None
+                ) -> subprocess.Popen:
+    """``mergescope merge`` on ``root/plan``; with ``pause`` (a folder) it stops before its third block until
+    ``pause/release`` exists (:func:`wait_until_paused`, :func:`release`)."""
+    command = ["merge", str(root / plan), "-o", str(out), "--device", "cpu", *extra]
+    if pause is None:
+        program = [sys.executable, "-m", "mergescope.tui.cli.main"]
+    else:
+        pause.mkdir(exist_ok=True)
+        program = [sys.executable, "-c", _PAUSING_CLI, str(pause / "paused"), str(pause / "release")]
+    return subprocess.Popen([*program, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_paused(pause: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the merge stops before its third block: its temporary folder exists and holds written blocks."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.name.startswith(f".{out.name}.") and p.name.endswith(".partial") for p in parent.iterdir()):
-            time.sleep(0.3)  # a few tensors into it
-            return
+    while not (pause / "paused").exists():
         assert process.poll() is None, process.communicate()
-        time.sleep(0.02)
-    pytest.fail("the merge never started writing")
+        assert time.monotonic() < deadline, "the merge never reached its third block"
+        time.sleep(0.01)
+
+
+def release(pause: Path) -> None:
+    (pause / "release").touch()
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_killed_merge_leaves_nothing_and_reruns(tmp_path, slow_plan, signum, status):
-    out = tmp_path / "merged"
-    process = start_merge(slow_plan, out)
-    wait_for_partial_output(tmp_path, out, process)
+def test_killed_merge_leaves_nothing_and_reruns(tmp_path, tmp_path_factory, slow_plan, signum, status):
+    out, pause = tmp_path / "merged", tmp_path_factory.mktemp("pause")
+    process = start_merge(slow_plan, out, pause=pause)
+    wait_until_paused(pause, process)
+    assert any(p.name.endswith(".partial") for p in tmp_path.iterdir())
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == status, stderr
@@ -70,10 +102,11 @@ def test_killed_merge_leaves_nothing_and_reruns(tmp_path, slow_plan, signum, sta
     assert (out / "model.safetensors").is_file() and (out / "mergekit_config.yml").is_file()
 
 
-def test_sigkill_leaves_no_complete_looking_output_and_the_rerun_removes_the_leftover(tmp_path, slow_plan):
-    out = tmp_path / "merged"
-    process = start_merge(slow_plan, out)
-    wait_for_partial_output(tmp_path, out, process)
+def test_sigkill_leaves_no_complete_looking_output_and_the_rerun_removes_the_leftover(tmp_path, tmp_path_factory,
+                                                                                   slow_plan):
+    out, pause = tmp_path / "merged", tmp_path_factory.mktemp("pause")
+    process = start_merge(slow_plan, out, pause=pause)
+    wait_until_paused(pause, process)
     process.kill()  # SIGKILL: no handler runs, as on a power loss or an OOM kill
     process.communicate(timeout=60)
     assert not out.exists()
@@ -88,24 +121,28 @@ def test_sigkill_leaves_no_complete_looking_output_and_the_rerun_removes_the_lef
     assert sorted(p.name for p in tmp_path.iterdir()) == [bystander.name, "merged"]  # the dead run's folder is gone
 
 
-def test_two_merges_racing_for_one_folder_one_completes_the_other_fails(tmp_path, slow_plan):
-    """Both with --force, started together: exactly one writes the folder, whole; the other stops with one line."""
+def test_a_second_merge_into_a_folder_being_written_fails_at_once_and_the_first_completes(tmp_path, tmp_path_factory,
+                                                                                        slow_plan):
+    """Both with --force; the second starts while the first is mid-write (paused there, not timed): the second
+    stops with one line, the first writes the folder, whole."""
     plan = yaml.safe_load((slow_plan / "plan.yml").read_text())
     for model in plan["models"]:
         model["parameters"]["density"] = 0.6
     (tmp_path / "other.yml").write_text(yaml.safe_dump(plan))
-    out = tmp_path / "merged"
-    first = start_merge(slow_plan, out, "plan.yml", "--force")
+    out, pause = tmp_path / "merged", tmp_path_factory.mktemp("pause")
+    first = start_merge(slow_plan, out, "plan.yml", "--force", pause=pause)
+    wait_until_paused(pause, first)
     second = start_merge(tmp_path, out, "other.yml", "--force")
-    stderr = [p.communicate(timeout=300)[1] for p in (first, second)]
-    assert sorted([first.returncode, second.returncode]) == [0, 2], stderr
-    winner = 0 if first.returncode == 0 else 1
-    message, holder = stderr[1 - winner], (first, second)[winner]
+    _, message = second.communicate(timeout=300)
+    assert first.poll() is None  # still paused: the second did not wait for it
+    release(pause)
+    _, first_stderr = first.communicate(timeout=300)
+    assert (first.returncode, second.returncode) == (0, 2), (first_stderr, message)
     assert message.count("\n") == 1 and "Traceback" not in message, message
-    assert f"{out}: another mergescope process (pid {holder.pid}) is writing this folder" in message
+    assert f"{out}: another mergescope process (pid {first.pid}) is writing this folder" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "other.yml"]  # no lock, no temporary folder
-    # the folder is the winner's merge, all of it: its plan, and its bytes equal a merge of that plan alone
-    winner_plan = slow_plan / "plan.yml" if winner == 0 else tmp_path / "other.yml"
-    assert yaml.safe_load((out / "mergekit_config.yml").read_text()) == yaml.safe_load(winner_plan.read_text())
-    alone = run_merge(build_job(load_plan(winner_plan)), tmp_path / "alone", device="cpu")
+    # the folder is the first merge, all of it: its plan, and its bytes equal a merge of that plan alone
+    assert yaml.safe_load((out / "mergekit_config.yml").read_text()) == yaml.safe_load(
+        (slow_plan / "plan.yml").read_text())
+    alone = run_merge(build_job(load_plan(slow_plan / "plan.yml")), tmp_path / "alone", device="cpu")
     assert (out / "model.safetensors").read_bytes() == (alone / "model.safetensors").read_bytes()
