@@ -102,3 +102,41 @@ def test_karcher_iterates_over_row_blocks_with_the_bits_of_the_whole_merge(tmp_p
     assert karcher_prepare(floats[0], floats[1:], [{}] * 3, options)[0].iterations == updates
     assert updates > 0 or zero  # two directions: their normalised mean is already the Karcher mean
     torch.testing.assert_close(streamed.double().reshape(-1), expected, rtol=1e-4, atol=1e-5)
+
+
+# --- nuslerp along columns --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("rows", "width"), [(ROWS, WIDTH), (1001, 1536)])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_along_columns_sums_its_columns_over_row_blocks(tmp_path, rows, width, with_base):
+    """nuslerp_row_wise (one vector per column): each column's sums come from one pass over the row blocks —
+    blocks of 512 rows with a partial 64-row chunk at the end, or of 8 rows, each 64-row chunk split across
+    eight blocks — never read whole; the bits of the whole merge, which is the method's function on whole
+    tensors; a float64 column-wise slerp within float32 rounding."""
+    from mergescope.merge.methods.chunks import ROW_CHUNK
+
+    g = torch.Generator().manual_seed(23)
+    base = torch.randn(rows, width, generator=g).to(torch.bfloat16)
+    shared = 0.05 * torch.randn(rows, width, generator=g)
+    models = [(base.float() + shared + 0.05 * torch.randn(rows, width, generator=g)).to(torch.bfloat16)
+              for _ in range(2)]
+    _save(tmp_path, dict(zip(["base", "a", "b"], [base, *models])))
+    options = {"nuslerp_flatten": False, "nuslerp_row_wise": True}
+    config = {"merge_method": "nuslerp", "parameters": options, "dtype": "float32",
+              "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}},
+                         {"model": str(tmp_path / "b"), "parameters": {"weight": 3.0}}]}
+    if with_base:
+        config["base_model"] = str(tmp_path / "base")
+    job = _job(tmp_path, config)
+    block_rows = 512 if width == WIDTH else 8
+    assert (block_rows % ROW_CHUNK == 0) == (width == WIDTH)
+    whole, streamed = _whole_and_streamed(tmp_path, job, blocks=-(-rows // block_rows))
+    assert torch.equal(whole, streamed)
+    function = job.method.function(base.float() if with_base else None, [m.float() for m in models],
+                                   [{"weight": 1.0}, {"weight": 3.0}], options)
+    assert torch.equal(function, whole)
+
+    offset = base.double() if with_base else torch.zeros(rows, width, dtype=torch.float64)
+    x1, x2 = (m.double() - offset for m in models)
+    angle = torch.acos((x1 * x2).sum(dim=0) / (x1.norm(dim=0) * x2.norm(dim=0)))
+    expected = (torch.sin(0.25 * angle) * x1 + torch.sin(0.75 * angle) * x2) / torch.sin(angle)
+    torch.testing.assert_close(streamed.double(), offset + expected, rtol=1e-4, atol=1e-5)
