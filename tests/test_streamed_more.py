@@ -140,3 +140,49 @@ def test_nuslerp_along_columns_sums_its_columns_over_row_blocks(tmp_path, rows, 
     angle = torch.acos((x1 * x2).sum(dim=0) / (x1.norm(dim=0) * x2.norm(dim=0)))
     expected = (torch.sin(0.25 * angle) * x1 + torch.sin(0.75 * angle) * x2) / torch.sin(angle)
     torch.testing.assert_close(streamed.double(), offset + expected, rtol=1e-4, atol=1e-5)
+
+
+# --- a padded vocabulary's mean row -----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_padding_rows_are_the_mean_real_row_summed_a_block_at_a_time(tmp_path, monkeypatch, dtype):
+    """pad_to_multiple_of: 3001 real rows of 1000 (rows of other inputs, a filled row), padded to 3008. The
+    block reader takes each input's mean real row from reads of ~1M entries (1048 rows: 64-row chunks split
+    between reads), never all rows at once, with the bits of RowAlignment.align on the whole tensors; both
+    within float32 rounding of a float64 mean."""
+    from mergescope.checkpoints import open_checkpoint
+    from mergescope.checkpoints.checkpoint import Checkpoint
+    from mergescope.merge.aligned_rows import AlignedRows
+    from mergescope.merge.vocabulary_merge import RowAlignment
+
+    g = torch.Generator().manual_seed(29)
+    tensors = [(3 + torch.randn(ROWS, WIDTH, generator=g)).to(dtype) for _ in range(2)]
+    _save(tmp_path, dict(zip("ab", tensors)))
+    order = torch.randperm(ROWS, generator=g).tolist()
+    maps = [list(range(ROWS)), order]
+    maps[1][5] = -1  # input b lacks token 5: filled with a's row 17
+    alignment = RowAlignment(maps, {5: [(0, 17)]}, ROWS + 7)
+    whole = alignment.align(tensors)
+    checkpoints = [open_checkpoint(str(tmp_path / name)) for name in "ab"]
+
+    def never_whole(*args, **kwargs):
+        raise AssertionError("a tensor read whole")
+
+    listed = []
+    real_list = Checkpoint.read_row_list
+
+    def counting(self, name, rows, device=None):
+        listed.append(len(rows))
+        return real_list(self, name, rows, device)
+
+    monkeypatch.setattr(Checkpoint, "read", never_whole)
+    monkeypatch.setattr(Checkpoint, "read_row_list", counting)
+    aligned = AlignedRows([(c, "model.embed_tokens.weight") for c in checkpoints], alignment, "cpu")
+    assert 1 < max(listed) < ROWS
+    for i, expected in enumerate(whole):
+        padding = aligned.rows(i, ROWS, ROWS + 7)
+        assert padding.dtype == expected.dtype == torch.float32
+        assert torch.equal(padding, expected[ROWS:])
+        assert torch.equal(aligned.rows(i, 2990, ROWS + 7), expected[2990:])
+        rows = tensors[i].double()[torch.tensor([max(r, 0) for r in maps[i]])]
+        rows[torch.tensor(maps[i]) < 0] = tensors[0].double()[17]
+        torch.testing.assert_close(padding.double(), rows.mean(dim=0).expand(7, WIDTH), rtol=1e-6, atol=1e-6)
