@@ -161,7 +161,7 @@ def test_the_analysis_in_row_blocks_sums_to_the_whole_tensor_statistics(tmp_path
         np.testing.assert_allclose(got.sums.signs.pattern_mass, expected.sums.signs.pattern_mass, rtol=1e-12)
     rows = WIDE["vocab_size"] * WIDE["hidden_size"] // ALIGN_ENTRIES  # blocks of one aligned unit
     units = plan_units(base, ["lm_head.weight"], {"lm_head.weight": _Layout([True], WIDE["vocab_size"], None, [])},
-                       ALIGN_ENTRIES, whole=False)
+                       ALIGN_ENTRIES)
     assert len(units) == rows and units[-1].last and not units[0].last
 
 

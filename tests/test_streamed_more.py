@@ -186,3 +186,76 @@ def test_padding_rows_are_the_mean_real_row_summed_a_block_at_a_time(tmp_path, m
         rows = tensors[i].double()[torch.tensor([max(r, 0) for r in maps[i]])]
         rows[torch.tensor(maps[i]) < 0] = tensors[0].double()[17]
         torch.testing.assert_close(padding.double(), rows.mean(dim=0).expand(7, WIDTH), rtol=1e-6, atol=1e-6)
+
+
+# --- the analysis's trimmed statistics at density < 1 -----------------------------------------------------------
+def _signs64(taus: list[torch.Tensor], density: float) -> dict:
+    """TIES' trim in float64 numpy terms: each τ keeps its ⌊density·n⌋ largest |τ| (a stable sort: ties lowest
+    index first), then the sign statistics of the kept entries."""
+    import numpy as np
+
+    signs = []
+    for tau in taus:
+        magnitude = tau.abs().double().numpy().reshape(-1)
+        kept = np.zeros(magnitude.size, bool)
+        kept[np.argsort(-magnitude, kind="stable")[: int(density * magnitude.size)]] = True
+        signs.append(np.sign(tau.double().numpy().reshape(-1)) * kept)
+    s = np.stack(signs).astype(np.int64)
+    nonzero = np.abs(s)
+    return {"sign_dot": s @ s.T, "both_nonzero": nonzero @ nonzero.T,
+            "multi_nonzero": int((nonzero.sum(0) >= 2).sum()),
+            "multi_conflict": int(((s > 0).any(0) & (s < 0).any(0)).sum())}
+
+
+def test_trimmed_analysis_takes_its_cuts_from_passes_over_row_blocks(tmp_path, monkeypatch):
+    """density 0.5 on a 3001×1000 bf16 tensor (heavy ties at the threshold) and three fine-tunes, one sparse:
+    at the smallest budget (many row blocks) the trim's cuts come from passes over the blocks — no tensor
+    read whole, no whole |τ| formed — and the trimmed sign statistics equal those of the whole-tensor trim (a
+    budget that holds the tensor) exactly, and a float64 trim's."""
+    import numpy as np
+
+    import mergescope.merge.magnitude_trim as magnitude_trim
+    from mergescope.analysis.stream import TensorResult, stream_analysis
+    from mergescope.checkpoints import open_checkpoint
+    from mergescope.checkpoints.checkpoint import Checkpoint
+
+    g = torch.Generator().manual_seed(31)
+    base = torch.randn(ROWS, WIDTH, generator=g).to(torch.bfloat16)
+    models = [(base.float() + scale * torch.randn(ROWS, WIDTH, generator=g)).to(torch.bfloat16)
+              for scale in (0.01, 0.02, 0.05)]
+    models[2] = torch.where(torch.rand(ROWS, WIDTH, generator=g) < 0.3, models[2], base)  # 70 % unchanged
+    _save(tmp_path, dict(zip(["base", "a", "b", "c"], [base, *models])))
+
+    def analyse(budget) -> TensorResult:
+        checkpoints = [open_checkpoint(str(tmp_path / name)) for name in ["base", "a", "b", "c"]]
+        events = stream_analysis(checkpoints[0], checkpoints[1:], ["a", "b", "c"], density=0.5, device="cpu",
+                                 memory_budget=budget)
+        return next(e for e in events if isinstance(e, TensorResult))
+
+    whole = analyse(10**12)
+    read_rows = Checkpoint.read_rows
+    widest = []
+
+    def counting(self, name, start, stop, *args, **kwargs):
+        widest.append(stop - start)
+        return read_rows(self, name, start, stop, *args, **kwargs)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a tensor read whole, or a whole |τ| formed")
+
+    monkeypatch.setattr(Checkpoint, "read", never)
+    monkeypatch.setattr(Checkpoint, "read_rows", counting)
+    monkeypatch.setattr(magnitude_trim, "exact_cut", never)
+    blocks = analyse(1)
+    assert max(widest) < ROWS
+    expected = _signs64([m.float() - base.float() for m in models], 0.5)
+    for result in (whole, blocks):
+        trimmed = result.sums.trimmed
+        np.testing.assert_array_equal(trimmed.sign_dot, expected["sign_dot"])
+        np.testing.assert_array_equal(trimmed.both_nonzero, expected["both_nonzero"])
+        assert (trimmed.multi_nonzero, trimmed.multi_conflict) == (expected["multi_nonzero"],
+                                                                   expected["multi_conflict"])
+    np.testing.assert_array_equal(blocks.sums.signs.sign_dot, whole.sums.signs.sign_dot)
+    # the untrimmed Gram sums: float32 products over 1024 entries, whose boundaries move with the blocks and
+    # the CPU threads' slices (as at density 1): equal within their float32 rounding, not to the bit
+    np.testing.assert_allclose(blocks.sums.gram, whole.sums.gram, rtol=1e-6)
