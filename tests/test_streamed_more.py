@@ -104,6 +104,36 @@ def test_karcher_iterates_over_row_blocks_with_the_bits_of_the_whole_merge(tmp_p
     torch.testing.assert_close(streamed.double().reshape(-1), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_karcher_whose_mean_direction_vanishes_starts_from_the_first_input():
+    """Four directions summing to zero (the normalised mean is undefined): mergekit starts from the first unit
+    vector and iterates; a float64 karcher from there, with as many updates."""
+    from mergescope.merge.methods.karcher import karcher, karcher_prepare
+
+    d = math.sqrt(0.27)
+    units = torch.tensor([[0.6, 0.8, 0.0], [-0.6, 0.8, 0.0], [0.3, -0.8, d], [-0.3, -0.8, -d]], dtype=torch.float64)
+    models = [(r * u).float() for r, u in zip((1.0, 2.0, 0.5, 3.0), units)]
+    xs = [m.double() for m in models]
+    u = [x / x.norm() for x in xs]
+    assert float(sum(u).norm()) < 1e-5
+    mean, updates = u[0].clone(), 0
+    for _ in range(10):
+        tangent = torch.zeros(3, dtype=torch.float64)
+        for v in u:
+            cosine = float((mean @ v).clamp(-1, 1))
+            angle = math.acos(cosine)
+            if angle >= 1e-5:
+                tangent += 0.25 * angle / math.sin(angle) * (v - cosine * mean)
+        length = float(tangent.norm())
+        if length < 1e-5:
+            break
+        mean = math.cos(length) * mean + math.sin(length) * tangent / length
+        mean, updates = mean / mean.norm(), updates + 1
+    assert updates > 0
+    assert karcher_prepare(models[0], models[1:], [{}] * 4, {})[0].iterations == updates
+    expected = sum(x.norm() for x in xs) / 4 * mean
+    torch.testing.assert_close(karcher(None, models, [{}] * 4, {}).double(), expected, rtol=1e-5, atol=1e-5)
+
+
 # --- nuslerp along columns --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("rows", "width"), [(ROWS, WIDTH), (1001, 1536)])
 @pytest.mark.parametrize("with_base", [True, False])

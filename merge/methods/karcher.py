@@ -36,10 +36,12 @@ def _where(options: dict) -> str:
 
 @dataclass
 class KarcherMean:
-    """karcher's whole-tensor scalars: θ = scale·(Σᵢ βᵢ·xᵢ/‖xᵢ‖)/ν over ``coefficients`` (input → βᵢ); no
-    coefficients: zeros; ``single``: the one input as it is. ``iterations``: the updates made."""
+    """karcher's whole-tensor scalars: θ = scale·(Σᵢ βᵢ·xᵢ/‖xᵢ‖)/ν over ``coefficients`` (input → βᵢ, inputs
+    among ``kept``, those of norm > tol); nothing kept: zeros; ``single``: the one input as it is.
+    ``iterations``: the updates made."""
 
     norms: list  # ‖xᵢ‖, float32 0-dim tensors
+    kept: list[int]
     coefficients: dict[int, float]
     normaliser: float
     scale: float
@@ -51,7 +53,7 @@ class KarcherMean:
 
     def units(self, xs: list) -> dict:
         """uᵢ = xᵢ/‖xᵢ‖ of the kept inputs (float32 blocks)."""
-        return {i: xs[i] / self.norms[i] for i in self.coefficients}
+        return {i: xs[i] / self.norms[i] for i in self.kept}
 
     def raw(self, units: dict):
         """Σ βᵢuᵢ in input order."""
@@ -60,13 +62,6 @@ class KarcherMean:
             term = units[i] * beta
             total = term if total is None else total + term
         return total
-
-
-def _inputs(first, rest: list, options: dict) -> list:
-    models = [first, *rest]
-    if first is None:
-        raise ValueError("karcher treats the base model as an ordinary input: pass it among the models, with base=None")
-    return models
 
 
 def _norm(chunk_values: list) -> float:
@@ -80,7 +75,7 @@ def _mean_pass(mean: KarcherMean, vectors: Callable[[], Iterator[list]]) -> tupl
     import torch
 
     norms: list = []
-    dots: dict[int, list] = {j: [] for j in mean.coefficients}
+    dots: dict[int, list] = {j: [] for j in mean.kept}
     for xs in vectors():
         units = mean.units(xs)
         raw = mean.raw(units)
@@ -119,9 +114,9 @@ def karcher_scalars(vectors: Callable[[], Iterator[list]], count: int, options: 
     scale = sum(float(n) for n in norms) / count
     kept = [i for i, n in enumerate(norms) if float(n) > tol]
     if count == 1 or not kept:
-        return KarcherMean(norms, {}, 1.0, scale, single=count == 1)
+        return KarcherMean(norms, kept, {}, 1.0, scale, single=count == 1)
     alpha = {i: 1.0 / len(kept) for i in kept}  # αᵢ = 1/n renormalised over the kept inputs
-    mean = KarcherMean(norms, dict(alpha), 1.0, scale)
+    mean = KarcherMean(norms, kept, dict(alpha), 1.0, scale)
     length, dots = _mean_pass(mean, vectors)
     if length < tol:  # the weighted mean vanishes: start from the first unit vector
         mean.coefficients = {kept[0]: 1.0}
@@ -153,7 +148,7 @@ def karcher_scalars(vectors: Callable[[], Iterator[list]], count: int, options: 
 
 def karcher_prepare(first, rest, params, options, generator=None) -> list[KarcherMean]:
     """karcher's scalars over whole tensors (inputs in read order, any float dtype, taken as float32)."""
-    models = _inputs(first, rest, options)
+    models = [first, *rest]
 
     def vectors():
         yield [m.float().reshape(-1) for m in models]
@@ -165,7 +160,7 @@ def karcher_combine(first, rest, means, params, options):
     """θ = scale·(Σᵢ βᵢuᵢ)/ν entry by entry given the scalars, in float32."""
     import torch
 
-    models = _inputs(first, rest, options)
+    models = [first, *rest]
     mean = means[0]
     if mean.single:
         return models[0].float().clone()
