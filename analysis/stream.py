@@ -11,14 +11,17 @@ tables during the pass; setting ``cancel`` stops it between tensors.
 Memory bound: at most ``prefetch + 2`` block sets are alive (``prefetch + 1`` queued reads and the one
 being computed) — each the base's rows and every model's in their stored dtypes (a LoRA delta in float32),
 blocks sized from the memory budget (:mod:`mergescope.checkpoints.row_blocks`) — plus float32 chunk buffers
-of ``(n + 1) × chunk`` elements (and a float64 one of at most ``(n + 1) × 2¹⁶``). With ``density < 1``
-tensors are whole blocks (the trim is over the whole tensor), plus one float32 copy of a task vector and n
-boolean trim masks: then peak memory is about ``(prefetch + 1) · (n + 1) · B_max``, ``B_max`` the largest
-tensor's size.
+of ``(n + 1) × chunk`` elements (and a float64 one of at most ``(n + 1) × 2¹⁶``). With ``density < 1`` a
+tensor larger than one block first gets each model's TIES cut from passes over its row blocks
+(:mod:`.trim_pass`: one more block set, read into buffers reused block after block, with float32 θ₀, zeros
+and |τ| per model of it, and what the cut gathers, at most 12 bytes per block entry), then each block is
+trimmed by its own keep masks (n booleans per entry); the block size counts all of it, so memory stays flat
+in the tensor's size.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -38,12 +41,11 @@ from mergescope.checkpoints.row_blocks import (
     rows_per_block,
 )
 from mergescope.checkpoints.vocabulary import is_vocabulary_tensor
-from mergescope.merge.magnitude_trim import abs_task_vector
-from mergescope.merge.sparsify import top_magnitude_mask
 
 from .compatibility import AnalysisWarning, alignment_warning, checkpoint_warnings, non_finite_warning, shared_rows
 from .sums import TaskVectorSums
 from .tensor_pass import DEFAULT_CHUNK, TaskInput, tensor_sums
+from .trim_pass import BlockTrim, MagnitudeBlocks, streamed_cuts, trim_masks
 from .vocabulary_rows import vocabulary_comparison
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
@@ -185,10 +187,12 @@ class _Loader:
             return checkpoint.read(name, device=self.device, buffer=buffer)
         return checkpoint.read_rows(name, start, stop, device=self.device, buffer=buffer)
 
-    def __call__(self, unit: RowUnit, layout: _Layout) -> _Loaded:
+    def __call__(self, unit: RowUnit, layout: _Layout, own: list | None = None) -> _Loaded:
+        """The unit's rows; into ``own`` buffers (one slot per checkpoint, reused by the caller) instead of
+        one of the sets, for a first pass while the sets are held by the reads ahead."""
         if layout.by_token:
             return self._by_token_block(unit, layout)
-        buffers = self.buffers.take()
+        buffers = own if own is not None else self.buffers.take()
         name, start, stop = unit.name, unit.start, unit.stop
         base_values = self._read(self.base, name, start, stop, buffers, 0).reshape(-1)
         inputs = []
@@ -199,18 +203,16 @@ class _Loader:
             if present and values is None:
                 values = self._read(model, name, start, stop, buffers, slot)
             inputs.append(TaskInput(None if values is None else values.to(self.device).reshape(-1), is_delta))
-        return _Loaded(base_values, inputs, buffers)
+        return _Loaded(base_values, inputs, None if own is not None else buffers)
 
 
-def plan_units(base: Checkpoint, names: list[str], layouts: dict[str, _Layout], entries: int,
-               whole: bool) -> list[RowUnit]:
-    """Every tensor as row blocks of at most ``entries`` entries over its compared rows (``whole``: one unit
-    per tensor, for the trimmed statistics of ``density < 1``)."""
+def plan_units(base: Checkpoint, names: list[str], layouts: dict[str, _Layout], entries: int) -> list[RowUnit]:
+    """Every tensor as row blocks of at most ``entries`` entries over its compared rows."""
     units = []
     for name in names:
         spec = base.spec(name)
         rows = layouts[name].rows
-        per_block = rows if whole or not spec.shape else rows_per_block((rows, *spec.shape[1:]), entries)
+        per_block = rows if not spec.shape else rows_per_block((rows, *spec.shape[1:]), entries)
         ranges = row_ranges(rows, max(per_block, 1))
         units.extend(RowUnit(name, a, b, k == len(ranges) - 1) for k, (a, b) in enumerate(ranges))
     return units
@@ -233,8 +235,8 @@ def stream_analysis(
 
     ``patterns`` keeps each tensor's sign-pattern histogram and pattern mass in ``sums.signs`` (n ≤ 8).
     Large tensors are read and summed a row block at a time, blocks sized from ``memory_budget``
-    (:mod:`mergescope.checkpoints.row_blocks`); with ``density < 1`` tensors are read whole (the trim is
-    over the whole tensor).
+    (:mod:`mergescope.checkpoints.row_blocks`); with ``density < 1`` a first pass over a large tensor's blocks
+    finds the TIES trim of the whole tensor (:mod:`.trim_pass`).
     """
     import torch
 
@@ -251,8 +253,15 @@ def stream_analysis(
     layouts = {name: load.layout(name) for name in tensor_names}
     budget = parse_size(memory_budget or DEFAULT_MEMORY_BUDGET, "memory_budget")
     stored = max((sum(ITEMSIZE[c.spec(n).dtype] for c in (base, *models) if n in c) for n in tensor_names), default=4)
-    entries = block_entries(budget, stored * (prefetch + 2), stored)
-    units = plan_units(base, tensor_names, layouts, entries, whole=density < 1.0)
+    per_entry = stored * (prefetch + 2)
+    if density < 1.0:  # the trim's own block set; float32 θ₀ and zeros, n |τ| (first pass); θ₀, |τ|, n masks
+        per_entry += stored + 16 + 5 * len(models)
+    entries = block_entries(budget, per_entry, stored)
+    units = plan_units(base, tensor_names, layouts, entries)
+    tensor_units: dict[str, list[RowUnit]] = {}
+    for unit in units:
+        tensor_units.setdefault(unit.name, []).append(unit)
+    trim: BlockTrim | None = None  # the current tensor's TIES cuts, for its blocks' trim masks
     if device == "cpu":
         one_torch_thread.enter()
     reader = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="mergescope-read")
@@ -269,7 +278,13 @@ def stream_analysis(
             if unit.start == 0:
                 yield from layout.warnings
             with torch.no_grad():
-                masks = _trim_masks(loaded, density, compute) if density < 1.0 else None
+                masks = None
+                if density < 1.0 and unit.start == 0 and unit.last:  # one block: trimmed in memory
+                    masks = trim_masks(loaded.base, loaded.inputs, density, compute)
+                elif density < 1.0:
+                    if unit.start == 0:
+                        trim = BlockTrim(_tensor_cuts(load, layout, tensor_units[name], entries, density))
+                    masks = trim.masks(loaded.base, loaded.inputs, unit.start * _row_numel(base, name))
                 result = tensor_sums(
                     loaded.base, loaded.inputs, trim_masks=masks, chunk=chunk, pool=compute, workers=workers,
                     patterns=patterns,
@@ -304,28 +319,19 @@ def _tensor_bytes(base: Checkpoint, models: list[Checkpoint], name: str) -> int:
     return base.spec(name).nbytes + sum(m.spec(name).nbytes for m in models if name in m)
 
 
-#: float32 bytes of |τ| the trim of one tensor may hold at once; above it the models are trimmed one by one
-TRIM_MEMORY_BYTES = 256 << 20
+def _row_numel(base: Checkpoint, name: str) -> int:
+    return math.prod(base.spec(name).shape[1:])
 
 
-def _trim_masks(loaded: _Loaded, density: float, pool: ThreadPoolExecutor) -> list:
-    """Each task vector's top-``density`` mask by magnitude: the trim a TIES merge applies.
+def _tensor_cuts(load: _Loader, layout: _Layout, units: list[RowUnit], entries: int, density: float) -> list:
+    """Each model's TIES cut over a tensor of several row blocks, from passes over them (read into buffers of
+    their own, reused block after block: the sets are held by the reads ahead); what a pass gathers is capped
+    at 12 bytes per block entry."""
+    own: list = [None] * (len(load.models) + 1)
 
-    Each model needs one float32 |τ| = |θ − θ₀| of the tensor (no float copy of θ₀; NaN/Inf → 0);
-    the models run in parallel unless their copies together would exceed :data:`TRIM_MEMORY_BYTES`
-    (an embedding or a head), so peak memory does not grow with the number of cores or models.
-    """
-    import torch
+    def read(unit: RowUnit) -> tuple:
+        loaded = load(unit, layout, own)
+        return loaded.base, loaded.inputs
 
-    def mask(item: TaskInput):
-        if item.values is None:
-            return torch.zeros_like(loaded.base, dtype=torch.bool)
-        if item.is_delta:
-            magnitude = item.values.to(torch.float32, copy=True).abs_()
-        else:
-            magnitude = abs_task_vector(item.values, loaded.base)  # |τ| in float32, without a float copy of θ₀
-        return top_magnitude_mask(magnitude.nan_to_num_(nan=0.0, posinf=0.0), density, absolute=True)
-
-    if 4 * loaded.base.numel() * len(loaded.inputs) > TRIM_MEMORY_BYTES:
-        return [mask(item) for item in loaded.inputs]
-    return list(pool.map(mask, loaded.inputs))
+    source = MagnitudeBlocks(units, read, _row_numel(load.base, units[0].name), load.device, 12 * entries)
+    return streamed_cuts(source, layout.present, density)

@@ -7,18 +7,25 @@ Output rows ``a:b`` of input i are gathered from input i's own rows ``maps[i][a:
 row, the holders' float32 mean, zeros) are computed once per tensor from the rows they need only, with
 :meth:`RowAlignment.fill_rows_from` — the same sums as :meth:`RowAlignment.align` computes on whole tensors, so
 every block has the bits of the whole-tensor alignment. Padding rows (``pad_to_multiple_of``) are each input's
-float32 mean real row: computed once per tensor from that input's aligned rows whole, one input at a time (a
-mean summed block by block would round differently).
+float32 mean real row, computed once per tensor from that input's aligned rows read a block of
+:data:`PAD_READ_ENTRIES` entries at a time (:func:`~mergescope.merge.vocabulary_merge.mean_real_row`: fixed
+64-row chunks, so the bits of the mean over the whole rows that :meth:`RowAlignment.align` takes).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 from mergescope.checkpoints import Checkpoint
 from mergescope.checkpoints.dtypes import torch_dtype
 
-from .vocabulary_merge import RowAlignment
+from .vocabulary_merge import RowAlignment, mean_real_row
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
+
+#: entries of one input's aligned rows read at a time for its padding row (4 MB of float32)
+PAD_READ_ENTRIES = 1 << 20
 
 
 class AlignedRows:
@@ -41,10 +48,15 @@ class AlignedRows:
         self.fills = alignment.fill_rows_from(lambda i, row: held[(i, row)], self.row_shape, torch.device(device))
         self.pads: list = []
         if alignment.rows > alignment.real_rows:
-            for i in range(len(inputs)):  # one input's aligned rows at a time
-                real = self._real_rows(i, 0, alignment.real_rows)
-                self.pads.append(real.float().mean(dim=0, keepdim=True).to(self.dtype))
-                del real
+            for i in range(len(inputs)):
+                self.pads.append(mean_real_row(self._real_blocks(i)).to(self.dtype))
+
+    def _real_blocks(self, i: int) -> Iterator:
+        """Input ``i``'s aligned real rows, :data:`PAD_READ_ENTRIES` entries (at least a row) at a time."""
+        real = self.alignment.real_rows
+        step = max(1, PAD_READ_ENTRIES // max(math.prod(self.row_shape), 1))
+        for start in range(0, real, step):
+            yield self._real_rows(i, start, min(start + step, real))
 
     def _real_rows(self, i: int, start: int, stop: int):
         checkpoint, name = self.inputs[i]

@@ -19,7 +19,9 @@ input: the token's only holder's row when one input has it; the base's row when 
 has it; else the mean of the rows of the inputs that have it; zeros when none has it. A token setting under
 ``tokens:`` chooses the fill instead (a model's row for the token, a model's row for another token or id,
 zeros); with ``force: true`` every input takes the fill, even one that has the token. Rows added by padding
-are, per input, the mean of its real rows. The method then merges the aligned rows as any tensor, so a token
+are, per input, the mean of its real rows (:func:`mean_real_row`: float32 sums per chunk of 64 rows, added in
+row order in float64, divided by the row count in float64 and rounded once to float32 — the same bits whether
+the rows are summed whole or a row block at a time). The method then merges the aligned rows as any tensor, so a token
 only one model knows arrives with that model's row, and under a base-relative method (task arithmetic,
 TIES…) a token the base has but a fine-tune lacks contributes no change from that fine-tune.
 
@@ -30,14 +32,19 @@ block of output rows by :meth:`RowAlignment.align_rows`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.vocabulary import Vocabulary
+from mergescope.merge.methods.chunks import RowSums
 
 from .tokenizer_settings import TokenizerSettings
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help)
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 #: an added token made from a plain string (what ``tokenizer.add_tokens("word")`` records)
 PLAIN_ADDED = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False}
@@ -131,7 +138,7 @@ class RowAlignment:
         for i, tensor in enumerate(tensors):
             aligned = self.align_rows(i, tensor, 0, self.real_rows, fills, dtype)
             if self.rows > self.real_rows:
-                pad = aligned.float().mean(dim=0, keepdim=True).to(dtype)
+                pad = mean_real_row([aligned]).to(dtype)
                 aligned = torch.cat([aligned, pad.expand(self.rows - self.real_rows, *aligned.shape[1:])])
             out.append(aligned)
         return out
@@ -203,6 +210,23 @@ class RowAlignment:
         for mapping in self.maps:
             needed.update(r for r, source in enumerate(mapping) if source < 0)
         return sorted(needed)
+
+
+def mean_real_row(blocks: Iterable) -> torch.Tensor:
+    """The float32 mean row ([1, *row shape]) of the rows of ``blocks`` (row blocks in order, any float dtype):
+    each chunk of 64 rows summed in float32, the chunks' sums added in row order in float64
+    (:class:`~.methods.chunks.RowSums`), divided by the row count in float64, rounded once to float32. The
+    same bits for any split into blocks."""
+    import torch
+
+    sums = None
+    row_shape = None
+    for block in blocks:
+        if sums is None:
+            row_shape = tuple(block.shape[1:])
+            sums = RowSums((), math.prod(row_shape), block.device, torch.float64)
+        sums.add(block.float().reshape(block.shape[0], -1))
+    return (sums.finish() / max(sums.rows, 1)).float().reshape(1, *row_shape)
 
 
 def row_alignment(vocabulary: OutputVocabulary, inputs: Sequence[str], vocabularies: dict[str, Vocabulary],

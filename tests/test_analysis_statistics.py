@@ -273,9 +273,9 @@ def test_many_models_on_both_sign_paths(tmp_path, count):
 
 def test_trim_one_model_at_a_time_gives_the_same_statistics(tmp_path, monkeypatch):
     """Above the trim's memory budget (an embedding) the models are trimmed one by one: same numbers."""
-    import mergescope.analysis.stream as stream
+    import mergescope.analysis.trim_pass as trim_pass
 
-    monkeypatch.setattr(stream, "TRIM_MEMORY_BYTES", 0)
+    monkeypatch.setattr(trim_pass, "TRIM_MEMORY_BYTES", 0)
     base = grid_state()
     models = {f"m{i}": plus(base, grid_delta(base, seed=i, zero_fraction=0.3)) for i in (1, 2, 3)}
     check(tmp_path, base, models, 0.5)

@@ -161,7 +161,7 @@ def test_the_analysis_in_row_blocks_sums_to_the_whole_tensor_statistics(tmp_path
         np.testing.assert_allclose(got.sums.signs.pattern_mass, expected.sums.signs.pattern_mass, rtol=1e-12)
     rows = WIDE["vocab_size"] * WIDE["hidden_size"] // ALIGN_ENTRIES  # blocks of one aligned unit
     units = plan_units(base, ["lm_head.weight"], {"lm_head.weight": _Layout([True], WIDE["vocab_size"], None, [])},
-                       ALIGN_ENTRIES, whole=False)
+                       ALIGN_ENTRIES)
     assert len(units) == rows and units[-1].last and not units[0].last
 
 
@@ -303,13 +303,13 @@ def test_model_stock_takes_its_cosines_from_a_pass_over_row_blocks(tmp_path, fil
 
 @pytest.mark.parametrize(("with_base", "options", "streamed"), [
     (True, {}, True), (False, {}, True), (True, {"nuslerp_flatten": False}, True),
-    (False, {"nuslerp_flatten": False}, True), (True, {"nuslerp_flatten": False, "nuslerp_row_wise": True}, False),
+    (False, {"nuslerp_flatten": False}, True), (True, {"nuslerp_flatten": False, "nuslerp_row_wise": True}, True),
 ])
 def test_nuslerp_takes_its_norms_and_cosine_from_passes_over_row_blocks(tmp_path, with_base, options, streamed):
     """A 3001×1000 tensor (six row blocks at the smallest budget, a partial 4096-entry chunk at the end): the
-    flattened and row-by-row arcs come from passes over the blocks (never read whole), the column-wise one from
-    the whole tensor; each has the bits of the whole merge, which is the method's function on the whole tensors,
-    and agrees with a float64 slerp within float32 rounding."""
+    flattened, row-by-row and column-wise arcs come from passes over the blocks (never read whole); each has the
+    bits of the whole merge, which is the method's function on the whole tensors, and agrees with a float64 slerp
+    within float32 rounding."""
     g = torch.Generator().manual_seed(5)
     base = torch.randn(3001, 1000, generator=g).to(torch.bfloat16)
     shared = 0.05 * torch.randn(3001, 1000, generator=g)

@@ -176,7 +176,7 @@ def test_exact_preview_and_analysis_by_token_in_blocks_equal_one_block(tmp_path,
 
     def analysis(budget: int) -> dict:
         events = stream_analysis(base, fine_tunes, [m.name for m in fine_tunes], device="cpu", patterns=True,
-                                 memory_budget=budget)
+                                 memory_budget=budget, density=0.5)
         return {e.name: e for e in events if isinstance(e, TensorResult)}
 
     one, many = analysis(WHOLE), analysis(BLOCKS)
@@ -185,6 +185,12 @@ def test_exact_preview_and_analysis_by_token_in_blocks_equal_one_block(tmp_path,
     for name in VOCAB_TENSORS:
         np.testing.assert_allclose(many[name].sums.gram, one[name].sums.gram, rtol=1e-12, atol=1e-300)
         np.testing.assert_array_equal(many[name].sums.signs.histogram, one[name].sums.signs.histogram)
+        # the TIES trim at density 0.5: cuts from the shared tokens' gathered blocks (issue 13), the same entries
+        trimmed, whole_trim = many[name].sums.trimmed, one[name].sums.trimmed
+        np.testing.assert_array_equal(trimmed.sign_dot, whole_trim.sign_dot)
+        np.testing.assert_array_equal(trimmed.both_nonzero, whole_trim.both_nonzero)
+        assert (trimmed.multi_nonzero, trimmed.multi_conflict) == (whole_trim.multi_nonzero,
+                                                                   whole_trim.multi_conflict)
         assert many[name].sums.numel == one[name].sums.numel == shared * CONFIG["hidden_size"]
 
 

@@ -17,9 +17,9 @@ Each method is a :class:`MergeMethod` in :data:`METHODS`; its ``function`` is ca
 
 The result is float32 with the inputs' shape. The maths of every method, and each place it follows a mergekit
 behaviour that may surprise, is in the docstring of its module: :mod:`.task_arithmetic` (task_arithmetic, ties,
-dare_*, breadcrumbs*, della*), :mod:`.linear` (linear, nearswap, passthrough), :mod:`.spherical` (slerp,
-karcher), :mod:`.nuslerp`, :mod:`.multislerp` and :mod:`.adaptive` (model_stock, sce). Numbers follow mergekit 0.1.5
-run on float32 inputs.
+dare_*, breadcrumbs*, della*), :mod:`.linear` (linear, nearswap, passthrough), :mod:`.spherical` (slerp),
+:mod:`.karcher`, :mod:`.nuslerp`, :mod:`.multislerp` and :mod:`.adaptive` (model_stock, sce). Numbers follow
+mergekit 0.1.5 run on float32 inputs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,16 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge.methods import adaptive, linear, multislerp, nuslerp, selective, spherical, task_arithmetic
+from mergescope.merge.methods import (
+    adaptive,
+    karcher,
+    linear,
+    multislerp,
+    nuslerp,
+    selective,
+    spherical,
+    task_arithmetic,
+)
 from mergescope.merge.methods.chunks import STAT_CHUNK
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
@@ -208,10 +217,11 @@ _ALL = [
                 base_role="optional", prepare=multislerp.multislerp_prepare, combine=multislerp.multislerp_combine,
                 stream_prepare=multislerp.multislerp_stream_prepare, stream_align=STAT_CHUNK),
     MergeMethod("karcher", "Karcher mean of the models' directions on the sphere, at their mean norm",
-                spherical.karcher,
+                karcher.karcher,
                 (_p("max_iter", 10, low=0, kind=int, doc="iterations at most"),
                  _p("tol", 1e-5, low=0.0, doc="convergence and zero-norm tolerance")),
-                base_role="input"),
+                base_role="input", prepare=karcher.karcher_prepare, combine=karcher.karcher_combine,
+                stream_prepare=karcher.karcher_stream_prepare, stream_align=STAT_CHUNK),
     MergeMethod("ram", "Keep changes only one model made; average those several made (Reinforced Agent Merging)",
                 selective.ram, (_p("epsilon", 1e-5, low=0.0, doc="a change counts when |τ| exceeds it"),),
                 elementwise=True),

@@ -1,9 +1,13 @@
-"""Reductions per fixed chunk of a flat block: how the streamed methods (model_stock, sce, nuslerp, multislerp)
-take a whole tensor's norms and dot products from row blocks with the same bits as from the whole tensor.
+"""Reductions per fixed chunk of a flat block: how the streamed methods (model_stock, sce, nuslerp, multislerp,
+karcher) take a whole tensor's norms and dot products from row blocks with the same bits as from the whole
+tensor.
 
 A tensor's statistic is reduced per :data:`STAT_CHUNK` consecutive entries, then the chunks' values are combined
 once. A block starts on a chunk (row blocks start on multiples of ``ALIGN_ENTRIES``), so a chunk's value does
 not depend on the block it is read in, and blocks side by side give the whole tensor's chunk values.
+
+A sum over rows (a column's sums, a mean row) is reduced per chunk of :data:`ROW_CHUNK` rows and the chunks
+added in row order (:class:`RowSums`), with the same bits whatever the row blocks.
 """
 
 from __future__ import annotations
@@ -42,3 +46,51 @@ def chunk_norms(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     return per_chunk(x, lambda y: torch.linalg.vector_norm(y, dim=-1))
+
+
+#: rows per chunk of a sum over rows (nuslerp's column vectors, a padded vocabulary's mean row)
+ROW_CHUNK = 64
+
+
+class RowSums:
+    """Σ over rows of values fed as row blocks ``[*lead, rows, width]`` in row order, with the same bits for any
+    split into blocks: each chunk of :data:`ROW_CHUNK` consecutive rows (the last may be shorter) is summed in
+    float32, then the chunks' sums are added one after another, in row order, into a ``dtype`` total (which
+    starts at zero: 0 + s is s). A chunk split between two blocks is completed from the next: fewer than
+    ROW_CHUNK rows are carried, so memory is one block and that carry."""
+
+    def __init__(self, lead: tuple[int, ...], width: int, device, dtype=None) -> None:
+        import torch
+
+        self.total = torch.zeros(*lead, width, dtype=dtype or torch.float32, device=device)
+        self.carry = None  # the rows of the chunk begun in the last block
+        self.rows = 0
+
+    def _fold(self, values) -> None:
+        """Add the chunks of ``values`` ([*lead, chunks·k, width], k = ROW_CHUNK or the tail's length)."""
+        count = values.shape[-2]
+        length = min(count, ROW_CHUNK)
+        lead, width = values.shape[:-2], values.shape[-1]
+        # the chunk's rows made the last dimension: a reduction over contiguous entries, as per_chunk does
+        sums = values.reshape(*lead, count // length, length, width).transpose(-1, -2).contiguous().sum(dim=-1)
+        for k in range(sums.shape[-2]):
+            self.total = self.total + sums[..., k, :].to(self.total.dtype)
+
+    def add(self, values) -> None:
+        """The next rows (float32)."""
+        import torch
+
+        self.rows += values.shape[-2]
+        if self.carry is not None:
+            values = torch.cat([self.carry, values], dim=-2)
+        full = values.shape[-2] // ROW_CHUNK * ROW_CHUNK
+        if full:
+            self._fold(values[..., :full, :])
+        self.carry = values[..., full:, :].clone() if full < values.shape[-2] else None
+
+    def finish(self):
+        """The total over every row added."""
+        if self.carry is not None:
+            self._fold(self.carry)
+            self.carry = None
+        return self.total

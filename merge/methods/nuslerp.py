@@ -7,8 +7,10 @@ nuslerp (exactly two non-base models, per-model weight; base optional)
     (the columns of a matrix; mergekit's naming); else the vectors along the last dim (rows). With u = x/max(‖x‖,
     1e-7) and c = ⟨u₁, u₂⟩ clamped to [−1, 1], φ = arccos c and S = (sin((1−t)φ)x₁ + sin(tφ)x₂)/sin φ; the lerp
     (1−t)x₁ + tx₂ only when 1 − c² ≤ 1e-16, i.e. exactly colinear in float32. Flattened, ‖x‖ and c are reduced
-    in float32 per chunk of 4096 entries, then over the chunks (‖x‖ as the norm of the chunks' norms), so a
-    merge streamed in row blocks has the bits of a whole-tensor merge.
+    in float32 per chunk of 4096 entries, then over the chunks (‖x‖ as the norm of the chunks' norms). Along
+    dim 0 (columns), Σx₁², Σx₂² and Σx₁x₂ of each column are summed in float32 per chunk of
+    :data:`~.chunks.ROW_CHUNK` (64) rows, the chunks' sums then added in row order, and c = Σx₁x₂/(max(‖x₁‖, 1e-7)·
+    max(‖x₂‖, 1e-7)). Either way a merge streamed in row blocks has the bits of a whole-tensor merge.
 
 The angle is the whole-tensor part (:func:`nuslerp_prepare`, or :func:`nuslerp_stream_prepare` from passes over
 row blocks); given it, S is entry by entry (:func:`nuslerp_combine`).
@@ -16,17 +18,16 @@ row blocks); given it, S is entry by entry (:func:`nuslerp_combine`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge.methods.chunks import chunk_norms, chunk_sums
+from mergescope.merge.methods.chunks import RowSums, chunk_norms, chunk_sums
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-
 
 def _where(options: dict) -> str:
     return options.get("tensor_name") or "tensor"
@@ -120,6 +121,19 @@ def _vector_arc(x1, x2) -> tuple:
     return _arc((u1 * u2).sum(dim=-1).clamp(-1, 1))
 
 
+def _column_arc(columns: RowSums) -> tuple:
+    """φ and colinear per column from Σx₁², Σx₂², Σx₁x₂ over its rows."""
+    squares1, squares2, dot = columns.finish()
+    norm1, norm2 = squares1.sqrt().clamp(min=1e-7), squares2.sqrt().clamp(min=1e-7)
+    return _arc((dot / (norm1 * norm2)).clamp(-1, 1))
+
+
+def _column_products(x1, x2):
+    import torch
+
+    return torch.stack([x1 * x1, x2 * x2, x1 * x2])
+
+
 def nuslerp_prepare(first, rest, params, options, generator=None) -> list[GreatArc]:
     """nuslerp's angle over whole tensors (inputs in read order, any float dtype, taken as float32)."""
     base, m1, m2 = _inputs(first, rest, params, options)
@@ -133,9 +147,9 @@ def nuslerp_prepare(first, rest, params, options, generator=None) -> list[GreatA
     if x1.dim() < 2:  # one vector
         return [GreatArc(t, *_vector_arc(x1.reshape(1, -1), x2.reshape(1, -1)))]
     if options.get("nuslerp_row_wise", False):  # the vectors along dim 0, one per entry of a row
-        angle, colinear = _vector_arc(x1.transpose(0, -1), x2.transpose(0, -1))
-        return [GreatArc(t, angle.transpose(0, -1).reshape(-1), colinear.transpose(0, -1).reshape(-1),
-                         period=x1[0].numel())]
+        columns = RowSums((3,), x1[0].numel(), x1.device)
+        columns.add(_column_products(x1.reshape(x1.shape[0], -1), x2.reshape(x2.shape[0], -1)))
+        return [GreatArc(t, *_column_arc(columns), period=x1[0].numel())]
     angle, colinear = _vector_arc(x1, x2)
     return [GreatArc(t, angle.reshape(-1), colinear.reshape(-1), length=x1.shape[-1])]
 
@@ -164,12 +178,18 @@ def nuslerp_stream_prepare(source, params, options, generator=None) -> list[Grea
     t = _t(params)
     flatten = options.get("nuslerp_flatten", True)
     shape, reads = getattr(source, "shape", None), getattr(source, "inputs", None)
-    if shape is None or reads is None or not flatten and (len(shape) < 2 or options.get("nuslerp_row_wise", False)):
+    if shape is None or reads is None or not flatten and len(shape) < 2:
         return None
 
     def pairs():
         for _, first, rest in source.blocks(list(range(len(reads) - 1))):
             yield _vectors(*_inputs(first, rest, params, options))
+    if not flatten and options.get("nuslerp_row_wise", False):
+        width = math.prod(shape[1:])
+        columns = RowSums((3,), width, source.device)
+        for x1, x2 in pairs():
+            columns.add(_column_products(x1.reshape(-1, width), x2.reshape(-1, width)))
+        return [GreatArc(t, *_column_arc(columns), period=width)]
     if not flatten:
         arcs = [_vector_arc(x1.reshape(-1, shape[-1]), x2.reshape(-1, shape[-1])) for x1, x2 in pairs()]
         return [GreatArc(t, torch.cat([a for a, _ in arcs]), torch.cat([c for _, c in arcs]), length=shape[-1])]

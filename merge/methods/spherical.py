@@ -1,4 +1,5 @@
-"""Interpolation on spheres: slerp, karcher (nuslerp: :mod:`.nuslerp`, multislerp: :mod:`.multislerp`).
+"""Interpolation on spheres: slerp (nuslerp: :mod:`.nuslerp`, multislerp: :mod:`.multislerp`, karcher:
+:mod:`.karcher`).
 
 slerp (base + exactly one other model, parameter t)
     The whole tensor is one vector. With a = θ_base, b = θ₁ and the cosine c = ⟨a/‖a‖, b/‖b‖⟩ clamped to
@@ -10,12 +11,7 @@ nuslerp: see :mod:`.nuslerp`.
 
 multislerp: see :mod:`.multislerp`.
 
-karcher (all inputs, equal weights; the base is an ordinary input)
-    The weighted Karcher (Fréchet) mean on the unit sphere of uᵢ = θᵢ/‖θᵢ‖ with αᵢ = 1/n, inputs of norm
-    ≤ tol left out (the others' α renormalised): start from the normalised weighted mean (the first unit
-    vector if that is < tol); repeat up to ``max_iter`` times: T = Σ αᵢ φᵢ/sin φᵢ (uᵢ − cos φᵢ·m) over the inputs
-    with φᵢ = arccos⟨m, uᵢ⟩ ≥ tol; stop if ‖T‖ < tol; m ← cos‖T‖·m + sin‖T‖·T/‖T‖, renormalised.
-    θ = (Σᵢ ‖θᵢ‖/n)·m, the mean norm over all inputs. All inputs of norm ≤ tol: zeros.
+karcher: see :mod:`.karcher`.
 """
 
 from __future__ import annotations
@@ -141,45 +137,3 @@ def slerp(base, models, params, options, generator=None):
     coefficients = slerp_prepare(base, models, params, options)
     return slerp_combine(base, models, coefficients, params, options).reshape(base.shape)
 
-
-def karcher(base, models, params, options, generator=None):
-    """Karcher mean of the inputs' directions with equal weights, scaled to their mean norm."""
-    import torch
-
-    if base is not None:
-        raise ValueError("karcher treats the base model as an ordinary input: pass it among the models, with base=None")
-    if not models:
-        raise MergescopeError(f"{_where(options)}: karcher needs at least one model")
-    if len(models) == 1:
-        return models[0].clone()
-    max_iter = int(options.get("max_iter", 10))
-    tol = float(options.get("tol", 1e-5))
-    alpha = 1.0 / len(models)
-    norms = [torch.linalg.vector_norm(m) for m in models]
-    kept = [(m / n, alpha) for m, n in zip(models, norms) if n.item() > tol]
-    if not kept:
-        return torch.zeros_like(models[0])
-    total = sum(a for _, a in kept)
-    kept = [(u, a / total) for u, a in kept]
-
-    mean = torch.zeros_like(kept[0][0])
-    for unit, weight in kept:
-        mean += weight * unit
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = kept[0][0].clone() if mean_norm.item() < tol else mean / mean_norm
-    for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for unit, weight in kept:
-            cosine = torch.clamp(torch.dot(mean.reshape(-1), unit.reshape(-1)), -1.0, 1.0)
-            angle = torch.arccos(cosine)
-            if angle.item() < tol:
-                continue
-            tangent += weight * (angle / torch.sin(angle)) * (unit - cosine * mean)
-        length = torch.linalg.vector_norm(tangent)
-        if length.item() < tol:
-            break
-        mean = torch.cos(length) * mean + torch.sin(length) * (tangent / length)
-        mean_norm = torch.linalg.vector_norm(mean)
-        if mean_norm.item() > tol:
-            mean = mean / mean_norm
-    return sum(alpha * n for n in norms) * mean
