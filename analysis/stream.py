@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from mergescope.checkpoints import Checkpoint, layer_group, resolve_device
 from mergescope.checkpoints.device import one_torch_thread, usable_cores
 from mergescope.checkpoints.dtypes import ITEMSIZE
+from mergescope.checkpoints.heap import hold_to_budget, release_over_budget
 from mergescope.checkpoints.read_ahead import read_ahead
 from mergescope.checkpoints.read_buffers import ReadBuffers
 from mergescope.checkpoints.row_blocks import (
@@ -262,6 +263,7 @@ def stream_analysis(
     for unit in units:
         tensor_units.setdefault(unit.name, []).append(unit)
     trim: BlockTrim | None = None  # the current tensor's TIES cuts, for its blocks' trim masks
+    hold_to_budget(budget)
     if device == "cpu":
         one_torch_thread.enter()
     reader = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="mergescope-read")
@@ -291,6 +293,7 @@ def stream_analysis(
                 )
             load.release(loaded)
             del loaded, masks
+            release_over_budget()
             if total is None:
                 total = result
             else:

@@ -21,7 +21,6 @@ its temporary folder: the output appears only when complete.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import threading
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 from mergescope.checkpoints import Cancelled, CheckpointWriter, MergescopeError, TensorSpec, resolve_device
 from mergescope.checkpoints.device import one_torch_thread, usable_cores
 from mergescope.checkpoints.dtypes import ITEMSIZE
+from mergescope.checkpoints.heap import give_back_free_memory, hold_to_budget, keep_freed_memory, release_over_budget
 from mergescope.checkpoints.read_ahead import read_ahead
 from mergescope.checkpoints.read_buffers import ReadBuffers
 from mergescope.checkpoints.row_blocks import (
@@ -164,6 +164,7 @@ def run_merge(
     gather = max(12 * entries, int(budget - RUNTIME_BYTES - entries * per_entry))
     units = plan_blocks(job, entries)
     keep_freed_memory()
+    hold_to_budget(budget)
     specs = [TensorSpec(task.output, job.out_dtype, task.shape) for task in job.tasks]
     total = job.bytes_to_read
     done = tensors_done = 0
@@ -219,7 +220,7 @@ def run_merge(
                     _check_finite(task, tensors)
                 large = unit.whole and task.numel >= _TRIM_AFTER
                 if large:
-                    _give_back_free_memory()
+                    give_back_free_memory()
                 if unit.whole:
                     merged = merge_tensor(job.method, task, tensors, seed=seed, device=device,
                                           out_dtype=job.out_dtype, pool=pool)
@@ -240,7 +241,9 @@ def run_merge(
                     written = writing.submit(writer.write_rows, task.output, unit.start, merged)
                 del tensors, merged
                 if large:
-                    _give_back_free_memory()
+                    give_back_free_memory()
+                else:
+                    release_over_budget()
                 fraction = (unit.stop - unit.start) / (task.shape[0] if task.shape else 1)
                 done += int(fraction * sum(job.checkpoints[ref].spec(name).nbytes for ref, name in task.reads))
                 if unit.stop == (task.shape[0] if task.shape else 1):
@@ -310,27 +313,6 @@ def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: st
         if task.vocabulary is not None:
             whole = task.vocabulary.align(whole)
         return method.prepare(whole[0], whole[1:], task.params, options, generator)
-
-
-def _give_back_free_memory() -> None:
-    """glibc keeps freed blocks for reuse, so earlier temporaries would still count against the peak while
-    the largest tensors are merged; ``malloc_trim`` returns them (a no-op without glibc)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep freed blocks up to 32 MiB in its heap and trim the heap only past 512 MiB free: the
-    float32 temporaries of each block (a few MiB) then reuse the same pages instead of faulting in fresh ones
-    (half of task arithmetic's time); at most 64 MiB freed memory stays. A no-op without glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _check_finite(task: TensorTask, tensors: list) -> None:

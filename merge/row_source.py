@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from mergescope.checkpoints import Checkpoint
 from mergescope.checkpoints.dtypes import ITEMSIZE
+from mergescope.checkpoints.heap import release_over_budget
 from mergescope.checkpoints.read_ahead import read_ahead
 from mergescope.checkpoints.read_buffers import ReadBuffers
 from mergescope.checkpoints.row_blocks import row_ranges
@@ -72,6 +73,7 @@ class RowBlocks:
                     (base, *blocks), taken = future.result()
                     yield start * self.row_numel, base, blocks
                     buffers.give_back(taken)
+                    release_over_budget()  # a pass's kept results can fragment the heap (checkpoints/heap.py)
             finally:  # left early (an error): a read still queued must not wait for a set
                 buffers.give_back([None] * len(which))
 
