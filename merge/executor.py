@@ -111,7 +111,9 @@ def block_size(job: MergeJob, prefetch: int, budget: int) -> int:
 def bytes_per_entry(job: MergeJob, prefetch: int) -> float:
     """Host bytes the executor holds per entry of a block: the inputs in their stored dtype for every block in
     flight (``prefetch + 1`` queued, the one merging, the one writing, and two more in a first pass), float32
-    working copies of every input and the method's temporaries, and the output twice (merging, writing)."""
+    working copies of every input and the method's temporaries, and the output twice (merging, writing). A
+    first pass's own temporaries (an L1 rescale's |τ|, mask and product: 9 bytes an entry) fit in the float32
+    copies, which it does not use; random drops are drawn, and DELLA's ranks taken, 2¹⁸ entries at a time."""
     inputs = max((len(task.reads) for task in job.tasks), default=1)
     stored = stored_per_entry(job)
     return stored * (prefetch + 5) + 4 * (inputs + 4) + 2 * max(ITEMSIZE[job.out_dtype], 4)

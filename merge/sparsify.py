@@ -201,8 +201,9 @@ def _need(seed: int | None, what: str) -> int:
     return seed
 
 
-#: DELLA ranks at most this many entries (whole rows, one at least) at once: its sort's temporaries stay small
-RANK_ENTRIES = 1 << 18
+#: a drop draws (and DELLA ranks) at most this many entries at once — whole rows for DELLA, one at least — cut
+#: where the tensor's flat index is a multiple of it: temporaries stay small, and DARE's pieces start on chunks
+PIECE_ENTRIES = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -223,25 +224,27 @@ class RandomDrop:
         return None if self.epsilon is None else math.prod(self.row_shape)
 
     def keep(self, magnitude: torch.Tensor, first_entry: int) -> torch.Tensor:
-        """Boolean keep mask of a block of |τ| (or τ) holding flat entries ``first_entry …``; for DELLA the block
-        holds whole rows (ranked :data:`RANK_ENTRIES` entries at a time: the same bits, rows being independent)."""
+        """Boolean keep mask of a block of |τ| (or τ) holding flat entries ``first_entry …``, drawn in pieces of
+        :data:`PIECE_ENTRIES` (the same bits: draws are per chunk, DELLA's rows independent); for DELLA the block
+        holds whole rows."""
         import torch
 
-        if self.epsilon is None:
-            return bernoulli_mask(magnitude, self.density, self.seed, self.model, first_entry)
-        row = self.row_numel
-        numel = magnitude.numel()
-        if not self.row_shape or row == 0 or numel % row or first_entry % row:
+        row = self.row_numel or 1
+        flat = magnitude.reshape(-1)
+        numel = flat.numel()
+        if self.epsilon is not None and (not self.row_shape or row == 0 or numel % row or first_entry % row):
             raise ValueError(f"DELLA ranks whole rows of {row} entries: block {first_entry}+{numel} cuts one")
-        rows = magnitude.reshape(-1, *self.row_shape)
-        per = max(1, RANK_ENTRIES // row)
-        if rows.shape[0] <= per:
-            return della_mask(rows, self.density, self.epsilon, self.seed, self.model, first_entry).reshape(
-                magnitude.shape)
-        keep = torch.empty(numel, dtype=torch.bool, device=magnitude.device)
-        for top in range(0, rows.shape[0], per):
-            part = rows[top : top + per]
-            start = top * row
-            keep[start : start + part.numel()] = della_mask(part, self.density, self.epsilon, self.seed, self.model,
-                                                            first_entry + start).reshape(-1)
+        per = max(1, PIECE_ENTRIES // row) * row
+        cuts = range(per - first_entry % per, numel, per)
+        if not cuts:
+            return self._piece(flat, first_entry).reshape(magnitude.shape)
+        keep = torch.empty(numel, dtype=torch.bool, device=flat.device)
+        for start, stop in zip([0, *cuts], [*cuts, numel]):
+            keep[start:stop] = self._piece(flat[start:stop], first_entry + start)
         return keep.reshape(magnitude.shape)
+
+    def _piece(self, flat: torch.Tensor, first_entry: int) -> torch.Tensor:
+        if self.epsilon is None:
+            return bernoulli_mask(flat, self.density, self.seed, self.model, first_entry)
+        rows = flat.reshape(-1, *self.row_shape)
+        return della_mask(rows, self.density, self.epsilon, self.seed, self.model, first_entry).reshape(-1)

@@ -153,9 +153,11 @@ def _task_arithmetic_family(
         _WEIGHT,
         replace(_DENSITY, ignored=untrimmed),
     ) + extra
+    # first passes start on STAT_CHUNK entries: the L1 rescale sums per chunk; draws need no alignment
     return MergeMethod(
         variant.name, description, variant.merge, parameters, random=random, elementwise=elementwise,
         prepare=variant.prepare, combine=variant.combine, stream_prepare=variant.stream_prepare,
+        stream_align=STAT_CHUNK,
     )
 
 
