@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mergescope.merge.magnitude_counts import abs_task_vector
-from mergescope.merge.methods.chunks import chunk_sums
+from mergescope.merge.methods.chunks import STAT_CHUNK, chunk_sums
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,11 +56,9 @@ def l1_rescale_factor(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-
     return l1_rescale_from_sums(*l1_chunk_sums(values.float().abs(), mask.bool()), eps)
 
 
-def rescaled(trim, sums: tuple[list, list]):
-    """``trim`` with the rescale factor of its chunk sums (the lists of :func:`block_sums` of every block, in order)."""
-    import torch
-
-    return replace(trim, scale=l1_rescale_from_sums(torch.cat(sums[0]), torch.cat(sums[1])))
+def rescaled(trim, before: torch.Tensor, after: torch.Tensor):
+    """``trim`` with the rescale factor of its chunk sums (:func:`block_sums` of every chunk of the tensor)."""
+    return replace(trim, scale=l1_rescale_from_sums(before, after))
 
 
 def block_sums(trim, magnitude: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,23 +73,30 @@ def whole_rescale(trims: list, base: torch.Tensor, models: list[torch.Tensor], w
     trims = list(trims)
     for i in which:
         magnitude = abs_task_vector(models[i], base)  # τ's shape: a DELLA trim ranks its rows
-        trims[i] = rescaled(trims[i], tuple([part] for part in block_sums(trims[i], magnitude, 0)))
+        trims[i] = rescaled(trims[i], *block_sums(trims[i], magnitude, 0))
         del magnitude
     return trims
 
 
 def streamed_rescale(trims: list, source, which: list[int]) -> list:
     """``trims`` with the rescale factors of models ``which``, from one pass over the row blocks of ``source``
-    (a :class:`~mergescope.merge.magnitude_counts.FlatBlocks` whose blocks hold whole rows and start on chunks)."""
+    (a :class:`~mergescope.merge.magnitude_counts.FlatBlocks` whose blocks hold whole rows and start on chunks).
+    The chunk sums go into two tensors per model allocated up front: small tensors kept from every block would
+    split the heap's freed block-sized temporaries, and the heap grew by a block per block (measured)."""
+    import torch
+
     trims = list(trims)
-    sums: dict[int, tuple[list, list]] = {i: ([], []) for i in which}
     if not which:
         return trims
+    chunks = -(-source.numel // STAT_CHUNK)
+    sums = {i: torch.empty((2, chunks), dtype=torch.float32, device=source.device) for i in which}
     for start, base, blocks in source.blocks(which):
+        assert start % STAT_CHUNK == 0, "blocks start on chunks"
+        first = start // STAT_CHUNK
         for i, block in zip(which, blocks):
             before, after = block_sums(trims[i], abs_task_vector(block, base), start)
-            sums[i][0].append(before)
-            sums[i][1].append(after)
+            sums[i][0, first : first + before.numel()] = before
+            sums[i][1, first : first + after.numel()] = after
     for i in which:
-        trims[i] = rescaled(trims[i], sums[i])
+        trims[i] = rescaled(trims[i], sums[i][0], sums[i][1])
     return trims
