@@ -1,6 +1,6 @@
 """A Llama-3-8B-wide bf16 base and fine-tunes: real-vocabulary embeddings and head, full-size decoder layers.
 
-    python benchmarks/wide_fixture.py [--fine-tunes 8] [--layers 2] [--root DIR]
+    python benchmarks/wide_fixture.py [--fine-tunes 8] [--layers 2] [--vocab 128256] [--root DIR]
 
 Shape (Llama 3 8B's widths): vocabulary 128256, hidden 4096, intermediate 14336, 32 heads, 8 KV heads, untied
 ``lm_head``; ``--layers`` decoder layers (default 2). At 2 layers a model holds 1.49B parameters, 2.97 GB in
@@ -40,18 +40,18 @@ def default_root() -> Path:
     return BENCH_OUT / "llama3-wide"
 
 
-def config(layers: int) -> dict:
+def config(layers: int, vocab: int = VOCAB) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB, "hidden_size": HIDDEN,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": HIDDEN,
         "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
         "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     }
 
 
-def tensor_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(layers: int, vocab: int = VOCAB) -> dict[str, tuple[int, ...]]:
     kv = HIDDEN * KV_HEADS // HEADS
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, HIDDEN)}
     for layer in range(layers):
         p = f"model.layers.{layer}"
         shapes.update({
@@ -62,7 +62,7 @@ def tensor_shapes(layers: int) -> dict[str, tuple[int, ...]]:
             f"{p}.input_layernorm.weight": (HIDDEN,), f"{p}.post_attention_layernorm.weight": (HIDDEN,),
         })
     shapes["model.norm.weight"] = (HIDDEN,)
-    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    shapes["lm_head.weight"] = (vocab, HIDDEN)
     return shapes
 
 
@@ -85,15 +85,15 @@ def rows_of(model: int, name: str, shape: tuple[int, ...], start: int, stop: int
     return base.to(torch.bfloat16).float().add_(tau.mul_(scale)).to(torch.bfloat16)
 
 
-def write_model(folder: Path, model: int, layers: int) -> None:
-    shapes = tensor_shapes(layers)
+def write_model(folder: Path, model: int, layers: int, vocab: int = VOCAB) -> None:
+    shapes = tensor_shapes(layers, vocab)
     specs = [TensorSpec(name, "BF16", shape) for name, shape in shapes.items()]
     with CheckpointWriter(folder, specs, max_shard_bytes=2_000_000_000) as writer:
         for name, shape in shapes.items():
             for start in range(0, shape[0], BLOCK_ROWS):
                 stop = min(start + BLOCK_ROWS, shape[0])
                 writer.write_rows(name, start, rows_of(model, name, shape, start, stop))
-        writer.add_text("config.json", json.dumps(config(layers), indent=2) + "\n")
+        writer.add_text("config.json", json.dumps(config(layers, vocab), indent=2) + "\n")
         writer.commit()
 
 
@@ -101,7 +101,7 @@ def model_names(fine_tunes: int) -> list[str]:
     return ["base", *(f"ft_{k}" for k in range(1, fine_tunes + 1))]
 
 
-def build(root: Path, fine_tunes: int, layers: int = 2) -> dict[str, Path]:
+def build(root: Path, fine_tunes: int, layers: int = 2, vocab: int = VOCAB) -> dict[str, Path]:
     """Write the models of ``root`` not yet there; return every model's folder."""
     torch.set_num_threads(1)
     paths = {}
@@ -111,7 +111,7 @@ def build(root: Path, fine_tunes: int, layers: int = 2) -> dict[str, Path]:
         if (folder / "config.json").exists():
             continue
         began = time.perf_counter()
-        write_model(folder, index, layers)
+        write_model(folder, index, layers, vocab)
         print(f"{folder}: {time.perf_counter() - began:.0f} s", file=sys.stderr)
     return paths
 
@@ -120,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fine-tunes", type=int, default=8)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="rows of the embeddings and head")
     parser.add_argument("--root", type=Path, default=default_root())
     args = parser.parse_args(argv)
-    build(args.root, args.fine_tunes, args.layers)
+    build(args.root, args.fine_tunes, args.layers, args.vocab)
     return 0
 
 

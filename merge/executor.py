@@ -12,10 +12,11 @@ output rows at a time from each input's rows for those tokens, its fill rows com
 Memory bound: at most ``prefetch + 1`` input sets are alive, plus the method's temporaries and two output
 tensors (one being written): a few copies of the largest tensor, never the model. Elementwise methods and
 the task-arithmetic family hold float32 copies of one block only; the family's whole-tensor trims hold a
-mask per model (DARE, breadcrumbs, DELLA) or, for TIES without rescale, two numbers per model (a
-threshold and a tie cut, found block by block). Non-finite inputs stop the merge naming the model and
-tensor (``allow_non_finite`` overrides); so does a cancel (between tensors). Either way the writer removes
-its temporary folder: the output appears only when complete.
+mask per model for breadcrumbs (and DELLA on a 1-D tensor) only; TIES keeps two numbers per model (a
+threshold and a tie cut, found block by block), DARE and DELLA their density and seed (each block draws its own
+mask), and an L1 rescale one factor per model, from a pass over the row blocks. Non-finite inputs stop the
+merge naming the model and tensor (``allow_non_finite`` overrides); so does a cancel (between tensors).
+Either way the writer removes its temporary folder: the output appears only when complete.
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ def block_size(job: MergeJob, prefetch: int, budget: int) -> int:
 def bytes_per_entry(job: MergeJob, prefetch: int) -> float:
     """Host bytes the executor holds per entry of a block: the inputs in their stored dtype for every block in
     flight (``prefetch + 1`` queued, the one merging, the one writing, and two more in a first pass), float32
-    working copies of every input and the method's temporaries, and the output twice (merging, writing)."""
+    working copies of every input and the method's temporaries, and the output twice (merging, writing). A
+    first pass's own temporaries (an L1 rescale's |τ|, mask and product: 9 bytes an entry) fit in the float32
+    copies, which it does not use; random drops are drawn, and DELLA's ranks taken, 2¹⁸ entries at a time."""
     inputs = max((len(task.reads) for task in job.tasks), default=1)
     stored = stored_per_entry(job)
     return stored * (prefetch + 5) + 4 * (inputs + 4) + 2 * max(ITEMSIZE[job.out_dtype], 4)
@@ -285,9 +288,10 @@ def _unblocked(buffers: ReadBuffers, sets: int) -> Iterator[None]:
 def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: str, seed: int,
                        gather_bytes: int | None = None, aligned: AlignedRows | None = None) -> list | None:
     """A block-merged tensor's whole-tensor trims: None for an elementwise method; else from the method's
-    streamed first pass over row blocks (TIES' thresholds and tie cuts), or, where the method cannot stream
-    these parameters, from ``prepare`` on the whole inputs (DARE's draws, DELLA's ranks, L1 rescale factors:
-    memory as large as the tensor). An embedding or head merged by token is read aligned to the output rows
+    streamed first passes over row blocks (TIES' thresholds and tie cuts; DARE's and DELLA's drops, which are
+    data drawn block by block; L1 rescale factors of any of them), or, where the method cannot stream these
+    parameters, from ``prepare`` on the whole inputs (breadcrumbs' masks, DELLA on a 1-D tensor: memory as
+    large as the tensor). An embedding or head merged by token is read aligned to the output rows
     (``aligned``, made here when not given)."""
     import torch
 
@@ -297,22 +301,20 @@ def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: st
     if task.vocabulary is not None and aligned is None:
         aligned = task_aligned_rows(job.checkpoints, task, device)
     options = {**task.options, "tensor_name": task.output}
+    draw_seed = tensor_seed(seed, task.output) if method.random else None
     if method.stream_prepare is not None:
         # what the trim's counting pass gathers: by default 12 bytes per block entry (a float32 and an index)
         rows = rows_per_block(task.shape, entries, method.stream_align)
         source = RowBlocks(job.checkpoints, task.reads, task.shape, rows, device,
                            gather_bytes=gather_bytes or 12 * entries, aligned=aligned)
-        trims = method.stream_prepare(source, task.params, options)
+        trims = method.stream_prepare(source, task.params, options, draw_seed)
         if trims is not None:
             return trims
-    generator = None
-    if method.random:
-        generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, task.output))
     with torch.no_grad():
         whole = [job.checkpoints[ref].read(name, device=device) for ref, name in task.reads]
         if task.vocabulary is not None:
             whole = task.vocabulary.align(whole)
-        return method.prepare(whole[0], whole[1:], task.params, options, generator)
+        return method.prepare(whole[0], whole[1:], task.params, options, draw_seed)
 
 
 def _check_finite(task: TensorTask, tensors: list) -> None:

@@ -9,13 +9,18 @@ result is the same on every device and every torch version. (mergekit sorts with
 of several equal magnitudes it keeps at the threshold depends on its device and torch build; only entries of
 exactly equal magnitude can differ.)
 
-The random masks (DARE, DELLA) draw only from the ``torch.Generator`` they are given, never from torch's
-global generator, so a seeded generator gives bit-identical masks on the same device.
+The random masks (DARE, DELLA) draw per chunk of entries from generators seeded from the tensor's draw seed
+(:mod:`~mergescope.merge.draws`), never from torch's global generator: a seed gives bit-identical masks on the
+same device, whole or in blocks of any size.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from mergescope.merge import draws
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -146,21 +151,13 @@ def outlier_mask(values: torch.Tensor, density: float, gamma: float, *, absolute
     return (~dropped).reshape(values.shape)
 
 
-def _need(generator: torch.Generator | None, what: str) -> torch.Generator:
-    if generator is None:
-        raise ValueError(f"{what} draws random masks: pass a torch.Generator (the global RNG is never used)")
-    return generator
-
-
-def bernoulli_mask(values: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """DARE's drop: each entry kept independently with probability ``density`` (a float 0/1 mask).
-
-    One Bernoulli draw per entry, in storage order, from ``generator`` (which must live on the tensor's device).
-    """
-    import torch
-
-    probabilities = torch.full_like(values, density, dtype=torch.float32)
-    return torch.bernoulli(probabilities, generator=_need(generator, "DARE"))
+def bernoulli_mask(values: torch.Tensor, density: float, seed: int | None, model: int = 0,
+                   first_entry: int = 0) -> torch.Tensor:
+    """DARE's drop: a boolean mask shaped as ``values``, each entry kept independently with probability
+    ``density``; ``values`` holds flat entries ``first_entry …`` of model ``model`` of a tensor whose draw seed is
+    ``seed`` (the per-chunk draws of :mod:`~mergescope.merge.draws`)."""
+    mask = draws.draw_keep_mask(density, first_entry, values.numel(), _need(seed, "DARE"), model, values.device)
+    return mask.reshape(values.shape)
 
 
 def della_probabilities(values: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -170,7 +167,8 @@ def della_probabilities(values: torch.Tensor, density: float, epsilon: float) ->
     ranks; a 1-D tensor is one row) — so the smallest entry of a row is kept with probability density − ε and
     the largest with density + ε. Equal magnitudes are ranked by index (a stable sort; this needs full ranks,
     so it is a per-row sort, not a selection). A row of one entry gets p = density (mergekit fails there:
-    its 0/0 normalisation produces a NaN probability).
+    its 0/0 normalisation produces a NaN probability). A row's probabilities depend on that row only, so
+    blocks of whole rows give the whole tensor's bits.
     """
     import torch
 
@@ -187,22 +185,66 @@ def della_probabilities(values: torch.Tensor, density: float, epsilon: float) ->
     return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(values.shape)
 
 
-def della_mask(values: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None) -> torch.Tensor:
-    """DELLA's MagPrune drop: a float 0/1 mask, entry kept with its :func:`della_probabilities` probability."""
-    import torch
+def della_mask(values: torch.Tensor, density: float, epsilon: float, seed: int | None, model: int = 0,
+               first_entry: int = 0) -> torch.Tensor:
+    """DELLA's MagPrune drop: a boolean mask, entry kept with its :func:`della_probabilities` probability, drawn as
+    :func:`bernoulli_mask` draws. ``values`` (τ or |τ|) holds whole rows: flat entries ``first_entry …``."""
+    probabilities = della_probabilities(values, density, epsilon)
+    mask = draws.draw_keep_mask(probabilities, first_entry, values.numel(), _need(seed, "DELLA"), model,
+                                values.device)
+    return mask.reshape(values.shape)
 
-    return torch.bernoulli(della_probabilities(values, density, epsilon), generator=_need(generator, "DELLA"))
+
+def _need(seed: int | None, what: str) -> int:
+    if seed is None:
+        raise ValueError(f"{what} draws random masks: pass a draw seed (the global RNG is never used)")
+    return seed
 
 
-def l1_rescale_factor(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor | None:
-    """‖τ‖₁ / ‖τ ⊙ m‖₁ as a 0-dim tensor, or None when either norm is below ``eps`` (then no rescale).
+#: a drop draws (and DELLA ranks) at most this many entries at once — whole rows for DELLA, one at least — cut
+#: where the tensor's flat index is a multiple of it: temporaries stay small, and DARE's pieces start on chunks
+PIECE_ENTRIES = 1 << 18
 
-    mergekit's ``rescale`` is ``(τ ⊙ m) · factor``: it matches L1 norms rather than dividing by the keep
-    probability (for DARE the factor is close to 1/density on large tensors, not equal to it). Computed
-    apart from the product, the factor lets a merge apply the rescale block by block.
-    """
-    before = values.abs().sum()
-    after = (values * mask).abs().sum()
-    if before < eps or after < eps:
-        return None
-    return before / after
+
+@dataclass(frozen=True)
+class RandomDrop:
+    """A random drop of model ``model`` of a tensor with draw seed ``seed``, as data: DARE's (each entry kept with
+    probability ``density``) or, with ``epsilon``, DELLA's (:func:`della_probabilities` over rows of shape
+    ``row_shape``). :meth:`keep` draws the mask of any block, so no whole-tensor mask need exist."""
+
+    density: float
+    seed: int
+    model: int
+    epsilon: float | None = None
+    row_shape: tuple[int, ...] = ()
+
+    @property
+    def row_numel(self) -> int | None:
+        """Entries of a row that a DELLA block must hold whole; None for DARE (any block)."""
+        return None if self.epsilon is None else math.prod(self.row_shape)
+
+    def keep(self, magnitude: torch.Tensor, first_entry: int) -> torch.Tensor:
+        """Boolean keep mask of a block of |τ| (or τ) holding flat entries ``first_entry …``, drawn in pieces of
+        :data:`PIECE_ENTRIES` (the same bits: draws are per chunk, DELLA's rows independent); for DELLA the block
+        holds whole rows."""
+        import torch
+
+        row = self.row_numel or 1
+        flat = magnitude.reshape(-1)
+        numel = flat.numel()
+        if self.epsilon is not None and (not self.row_shape or row == 0 or numel % row or first_entry % row):
+            raise ValueError(f"DELLA ranks whole rows of {row} entries: block {first_entry}+{numel} cuts one")
+        per = max(1, PIECE_ENTRIES // row) * row
+        cuts = range(per - first_entry % per, numel, per)
+        if not cuts:
+            return self._piece(flat, first_entry).reshape(magnitude.shape)
+        keep = torch.empty(numel, dtype=torch.bool, device=flat.device)
+        for start, stop in zip([0, *cuts], [*cuts, numel]):
+            keep[start:stop] = self._piece(flat[start:stop], first_entry + start)
+        return keep.reshape(magnitude.shape)
+
+    def _piece(self, flat: torch.Tensor, first_entry: int) -> torch.Tensor:
+        if self.epsilon is None:
+            return bernoulli_mask(flat, self.density, self.seed, self.model, first_entry)
+        rows = flat.reshape(-1, *self.row_shape)
+        return della_mask(rows, self.density, self.epsilon, self.seed, self.model, first_entry).reshape(-1)

@@ -2,14 +2,13 @@
 can be. Both the executor (:mod:`.executor`) and the plan preview (:mod:`mergescope.analysis.preview`) merge
 through :func:`merge_tensor`, so a preview and a merge cannot disagree.
 
-Random methods draw from a generator seeded per output tensor from (seed, tensor name) —
-:func:`tensor_seed` — so a merge is bit-identical across runs on the same device and does not depend on the
-order tensors are processed.
+Random methods draw from a seed per output tensor derived from (seed, tensor name) — :func:`tensor_seed` —
+and from it a generator per chunk of entries (:mod:`.draws`), so a merge is bit-identical across runs on the
+same device and depends neither on the order tensors are processed nor on how a tensor is cut into blocks.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import replace
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.dtypes import torch_dtype
 
+from .draws import derive_seed
 from .job import TensorTask
 from .methods import MergeMethod
 
@@ -33,20 +33,24 @@ ELEMENTWISE_BLOCK = 1 << 18
 
 def tensor_seed(seed: int, tensor: str) -> int:
     """A 63-bit seed for one output tensor: the first 8 bytes (little-endian) of BLAKE2b(f"{seed}\\0{tensor}"),
-    top bit cleared."""
-    digest = hashlib.blake2b(f"{seed}\0{tensor}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+    top bit cleared (:func:`~.draws.derive_seed`)."""
+    return derive_seed(seed, tensor)
 
 
-def in_blocks(numel: int, merge_block: Callable[[int, int], None], pool: Executor | None = None) -> None:
-    """``merge_block(start, stop)`` over consecutive :data:`ELEMENTWISE_BLOCK`-entry blocks of ``numel``; on a
-    thread ``pool`` (one-threaded torch kernels, which release the GIL) the blocks run in parallel."""
-    starts = range(0, numel, ELEMENTWISE_BLOCK)
-    if pool is None or len(starts) == 1:
-        for start in starts:
-            merge_block(start, min(start + ELEMENTWISE_BLOCK, numel))
+def in_blocks(numel: int, merge_block: Callable[[int, int], None], pool: Executor | None = None, *,
+              step: int = ELEMENTWISE_BLOCK, first_entry: int = 0) -> None:
+    """``merge_block(start, stop)`` over blocks of ``numel`` entries, cut where the tensor's flat index (entry 0
+    being ``first_entry``) is a multiple of ``step`` (:data:`ELEMENTWISE_BLOCK` entries); on a thread ``pool``
+    (one-threaded torch kernels, which release the GIL) the blocks run in parallel."""
+    if numel <= 0:
         return
-    for future in [pool.submit(merge_block, start, min(start + ELEMENTWISE_BLOCK, numel)) for start in starts]:
+    cuts = range(step - first_entry % step, numel, step)
+    ranges = list(zip([0, *cuts], [*cuts, numel]))
+    if pool is None or len(ranges) == 1:
+        for start, stop in ranges:
+            merge_block(start, stop)
+        return
+    for future in [pool.submit(merge_block, start, stop) for start, stop in ranges]:
         future.result()
 
 
@@ -58,22 +62,20 @@ def merge_tensor(method: MergeMethod, task: TensorTask, tensors: list, *, seed: 
     On large tensors, elementwise methods run block by block, writing into ``out_dtype`` directly, so only one
     block's float32 copies exist at a time; two-phase methods (the task-arithmetic family: TIES, DARE,
     breadcrumbs, DELLA; slerp, nuslerp, multislerp, karcher, model_stock, sce, ramplus_tl) first decide their
-    trims over the whole tensor with ``method.prepare`` (masks, random draws, rescale factors, norms and cosines,
-    karcher's mean direction, weights, boosts; TIES' thresholds and tie cuts in one blockwise pass over all
-    models), then ``method.combine`` them block by block. The bits equal a whole-tensor merge. A thread
-    ``pool`` runs the blocks in parallel (:func:`in_blocks`).
+    trims over the whole tensor with ``method.prepare`` (masks, rescale factors, norms and cosines, karcher's mean
+    direction, weights, boosts; TIES' thresholds and tie cuts in one blockwise pass over all models; DARE's and
+    DELLA's drops as data, each block drawing its own mask), then ``method.combine`` them block by block. The
+    bits equal a whole-tensor merge. A thread ``pool`` runs the blocks in parallel (:func:`in_blocks`).
     """
     import torch
 
     options = {**task.options, "tensor_name": task.output}
-    generator = None
-    if method.random:
-        generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, task.output))
+    draw_seed = tensor_seed(seed, task.output) if method.random else None
 
     def apply(inputs: list):
         inputs = [t.float() for t in inputs]
         base = inputs[0] if task.base else None
-        return method.function(base, inputs[1:] if task.base else inputs, task.params, options, generator)
+        return method.function(base, inputs[1:] if task.base else inputs, task.params, options, draw_seed)
 
     with torch.no_grad():
         numel = tensors[0].numel()
@@ -89,7 +91,7 @@ def merge_tensor(method: MergeMethod, task: TensorTask, tensors: list, *, seed: 
             in_blocks(numel, merge_block, pool)
             return out.reshape(task.shape)
         # two phases: masks, draws and rescale factors over the whole tensor, then the elementwise rest
-        trims = method.prepare(tensors[0], tensors[1:], task.params, options, generator)
+        trims = method.prepare(tensors[0], tensors[1:], task.params, options, draw_seed)
         out = torch.empty(numel, dtype=torch_dtype(out_dtype), device=tensors[0].device)  # after the peak
         combine_blocks(method, task, flat, trims, 0, out, options, pool)
         return out.reshape(task.shape)
@@ -98,14 +100,23 @@ def merge_tensor(method: MergeMethod, task: TensorTask, tensors: list, *, seed: 
 def combine_blocks(method: MergeMethod, task: TensorTask, flat: list, trims: list, first_entry: int,
                    out: torch.Tensor, options: dict, pool: Executor | None) -> None:
     """A two-phase method's ``combine`` into ``out`` over blocks of the flat inputs, the inputs' entry 0 being
-    the tensor's entry ``first_entry`` (each trim is cut to its block)."""
+    the tensor's entry ``first_entry`` (each trim is cut to its block). A trim with a ``row_numel`` (DELLA's,
+    which ranks |τ| within rows) is given blocks of whole rows of that many entries; the inputs then start on a
+    row."""
 
     def merge_block(start: int, stop: int) -> None:
         blocks = [t[start:stop] for t in flat]
         trimmed = [trim.block(first_entry + start, first_entry + stop) for trim in trims]
         out[start:stop] = method.combine(blocks[0], blocks[1:], trimmed, task.params, options)
 
-    in_blocks(out.numel(), merge_block, pool)
+    in_blocks(out.numel(), merge_block, pool, step=sub_block(trims), first_entry=first_entry)
+
+
+def sub_block(trims: list) -> int:
+    """Entries per block of :func:`combine_blocks`: :data:`ELEMENTWISE_BLOCK`, or the most whole rows that fit
+    in it (one at least) when a trim must see whole rows of ``row_numel`` entries."""
+    row = max((getattr(trim, "row_numel", None) or 1 for trim in trims), default=1)
+    return max(1, ELEMENTWISE_BLOCK // row) * row
 
 
 def merge_rows(method: MergeMethod, task: TensorTask, tensors: list, *, first_entry: int, trims: list | None,

@@ -2,8 +2,8 @@
 
 Each reference follows the maths in the method's docstring (mergekit 0.1.5's semantics); trims use a stable
 numpy sort, the behaviour the implementation must reproduce with selection. Random methods are checked for
-reproducibility, for their draw contract (one Bernoulli draw per entry, model by model, from the generator
-passed in) and statistically.
+reproducibility, for their draw contract (per-chunk generators seeded from the draw seed passed in, written
+out in ``draw_reference``) and statistically.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import draw_reference
 from mergescope.checkpoints.errors import MergescopeError
 from mergescope.merge import sparsify
 from mergescope.merge.methods import METHODS, get_method
@@ -38,8 +39,7 @@ def run(name, base, models, per_model=None, seed=None, **options):
     opts.update(options)
     opts["tensor_name"] = "model.layers.0.mlp.up_proj.weight"
     t = lambda x: None if x is None else torch.as_tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    out = method.function(t(base), [t(m) for m in models], params, opts, generator)
+    out = method.function(t(base), [t(m) for m in models], params, opts, seed)
     assert out.dtype == torch.float32
     return out.numpy().astype(np.float64)
 
@@ -262,11 +262,11 @@ def test_breadcrumbs_drops_outliers_and_small_entries_with_stable_ties():
 
 # --- DARE -----------------------------------------------------------------------------------------------------------
 def draws(seed, shapes, densities):
-    """The masks the draw contract implies: one Bernoulli(densityᵢ) per entry, model by model, density < 1 only."""
-    g = torch.Generator().manual_seed(seed)
+    """The masks the draw contract implies (``draw_reference``): model i's entries kept with probability densityᵢ
+    from chunk generators seeded from (seed, i, chunk); density < 1 only."""
     return [
-        torch.bernoulli(torch.full(shape, d), generator=g).numpy() if d < 1 else np.ones(shape)
-        for shape, d in zip(shapes, densities)
+        draw_reference.dare_keep(shape, d, seed, i).astype(np.float64) if d < 1 else np.ones(shape)
+        for i, (shape, d) in enumerate(zip(shapes, densities))
     ]
 
 
@@ -281,7 +281,7 @@ def test_dare_formula_given_its_draws(name, elect):
           ref_task_arithmetic(base, models, w, masks, elect=elect, normalize=True))
 
 
-def test_random_methods_are_reproducible_and_use_only_their_generator():
+def test_random_methods_are_reproducible_and_use_only_their_seed():
     base, models = fine_tunes((16, 16), 2, seed=8)
     per = {"weight": [1.0, 1.0], "density": [0.4, 0.6]}
     for name in ("dare_linear", "dare_ties", "della", "della_linear"):
@@ -295,9 +295,9 @@ def test_random_methods_are_reproducible_and_use_only_their_generator():
         run(name, base, models, per, seed=5)
         torch.manual_seed(0)
         assert torch.equal(torch.get_rng_state(), state)  # the global generator was never drawn from
-        with pytest.raises(ValueError, match="Generator"):
+        with pytest.raises(ValueError, match="draw seed"):
             run(name, base, models, per)
-    # no draw at density 1: no generator needed, the result is task arithmetic
+    # no draw at density 1: no seed needed, the result is task arithmetic
     close(run("dare_linear", base, models, {"weight": [1.0, 1.0]}), ref_task_arithmetic(base, models, [1.0, 1.0]))
 
 
@@ -346,12 +346,9 @@ def test_della_probabilities_rank_by_magnitude_per_row():
 def test_della_formula_given_its_draws(name, elect, normalize):
     base, models = fine_tunes((6, 20), 2, seed=10)
     w, d, e = [1.0, 0.5], [0.5, 0.4], [0.1, 0.2]
-    g = torch.Generator().manual_seed(21)
     masks = [
-        torch.bernoulli(
-            torch.tensor(ref_della_probabilities(m - base, di, ei), dtype=torch.float32), generator=g
-        ).numpy()
-        for m, di, ei in zip(models, d, e)
+        draw_reference.keep(ref_della_probabilities(m - base, di, ei), 21, i).astype(np.float64)
+        for i, (m, di, ei) in enumerate(zip(models, d, e))
     ]
     got = run(name, base, models, {"weight": w, "density": d, "epsilon": e}, seed=21)
     close(got, ref_task_arithmetic(base, models, w, masks, elect=elect, normalize=normalize, rescale=True))

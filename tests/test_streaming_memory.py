@@ -1,10 +1,11 @@
 """With row-block streaming, peak memory follows the memory budget, not the tensor size or the number of models.
 
 In a fresh process a first merge and analysis of a small model pay the one-off costs; then, for each of
-TIES, task arithmetic and the analysis, the peak RSS (``VmHWM``) is reset and the command runs on a base and
-2, then 6, models whose one tensor is 32 MiB (float32, 4096 × 2048), under a budget that leaves 16 MiB for
-blocks. Whole tensors would put the growth at several copies of the tensor per model (hundreds of MiB);
-blocks keep it at the budget's share whatever the number of models.
+TIES, task arithmetic, DARE-TIES and DELLA (random drops and L1 rescale, streamed) and the analysis, the peak
+RSS (``VmHWM``) is reset and the command runs on a base and 2, then 6, models whose one tensor is 32 MiB
+(float32, 4096 × 2048), under a budget that leaves 16 MiB for blocks. Whole tensors would put the growth at
+several copies of the tensor per model (hundreds of MiB); blocks keep it at the budget's share whatever the
+number of models.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ def run(root, what, n):
     else:
         run_merge(build_job(load_plan(root + f"/{what}{n}.yml")), root + f"/out-{what}{n}", device="cpu",
                   memory_budget=budget)
-for what in ("ties", "task_arithmetic", "analyze"):
+for what in ("ties", "task_arithmetic", "dare_ties", "della", "analyze"):
     run(sys.argv[1], what, 2)
 growth = {}
-for what in ("ties", "task_arithmetic", "analyze"):
+for what in ("ties", "task_arithmetic", "dare_ties", "della", "analyze"):
     for n in (2, 6):
         open("/proc/self/clear_refs", "w").write("5")
         start = hwm()
@@ -63,11 +64,11 @@ def write_models(root: Path, shape: tuple[int, int]) -> None:
         (root / name).mkdir(parents=True)
         tensor = base if name == "base" else base + 0.01 * torch.randn(*shape, generator=g)
         save_file({"model.embed_tokens.weight": tensor}, str(root / name / "model.safetensors"))
-    for method in ("ties", "task_arithmetic"):
+    for method in ("ties", "task_arithmetic", "dare_ties", "della"):
         for n in (2, 6):
+            parameters = {"weight": 0.5, "density": 0.5, **({"epsilon": 0.1} if method == "della" else {})}
             plan = {"merge_method": method, "base_model": str(root / "base"),
-                    "models": [{"model": str(root / f"m{i}"), "parameters": {"weight": 0.5, "density": 0.5}}
-                               for i in range(n)]}
+                    "models": [{"model": str(root / f"m{i}"), "parameters": parameters} for i in range(n)]}
             (root / f"{method}{n}.yml").write_text(yaml.safe_dump(plan))
 
 
@@ -84,5 +85,5 @@ def test_peak_memory_follows_the_budget_not_the_tensor_or_the_models(tmp_path):
     tensor_mib = SHAPE[0] * SHAPE[1] * 4 / (1 << 20)
     for mib in growth.values():
         assert mib < tensor_mib, growth  # less than one input tensor, whatever the number of models
-    for what in ("ties", "task_arithmetic", "analyze"):
+    for what in ("ties", "task_arithmetic", "dare_ties", "della", "analyze"):
         assert growth[f"{what}6"] - growth[f"{what}2"] < 8, growth  # flat as models are added

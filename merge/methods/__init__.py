@@ -2,7 +2,7 @@
 
 Each method is a :class:`MergeMethod` in :data:`METHODS`; its ``function`` is called as
 
-    function(base, models, params, options, generator) -> torch.Tensor
+    function(base, models, params, options, seed) -> torch.Tensor
 
 - ``base``: θ₀ (float32), or ``None``. See :attr:`MergeMethod.base_role` for which methods take it.
 - ``models``: the other inputs θ₁…θₙ (float32, same shape and device as ``base``), in plan order, **without**
@@ -12,8 +12,10 @@ Each method is a :class:`MergeMethod` in :data:`METHODS`; its ``function`` is ca
 - ``params[i]``: model i's resolved per-model parameters, defaults filled (``weight``, ``density``, …).
 - ``options``: the resolved method-level parameters, defaults filled (``normalize``, ``t``, ``lambda``, …),
   plus ``"tensor_name"`` (used in error messages).
-- ``generator``: a ``torch.Generator`` on the tensors' device; only the ``random`` methods draw from it (never
-  from torch's global generator), in model order, one draw per entry of each trimmed task vector.
+- ``seed``: the output tensor's draw seed (an int, :func:`~mergescope.merge.tensor_merge.tensor_seed`), or
+  None; only the ``random`` methods use it: entry j of model i is drawn from a generator of its own per chunk of
+  entries, seeded from (seed, i, j's chunk) (:mod:`mergescope.merge.draws`), never from torch's global
+  generator, so the draws of any block of a tensor are those of the whole tensor.
 
 The result is float32 with the inputs' shape. The maths of every method, and each place it follows a mergekit
 behaviour that may surprise, is in the docstring of its module: :mod:`.task_arithmetic` (task_arithmetic, ties,
@@ -78,16 +80,16 @@ class MergeMethod:
     - ``base_role``: "required" (``base`` is θ₀ and must be given: :attr:`needs_base`), "optional" (θ₀ is used
       when the plan names a base_model, else None) or "input" (mergekit merges the base like any other model:
       pass it in ``models`` and base=None).
-    - ``random``: the function draws from its generator, so the executor seeds one per output tensor.
+    - ``random``: the function draws from its ``seed``, so the executor derives one per output tensor.
     - ``elementwise``: the result at each entry depends only on the inputs at that entry (no norms, thresholds
       or draws), so the executor may apply ``function`` to a large tensor block by block, holding float32
       copies of one block only.
     - ``prepare`` and ``combine``: the same computation as ``function`` in two phases, given together or not at
-      all: ``prepare(base, models, params, options, generator)`` decides per-model trims over the whole
+      all: ``prepare(base, models, params, options, seed)`` decides per-model trims over the whole
       tensor; ``combine(base, models, trims, params, options)`` is elementwise given those trims (each
       restricted to the block with ``trim.block(start, stop)``), so a large tensor is combined block by block
-      with the bits of ``function``.
-    - ``stream_prepare``: ``prepare`` from passes over a block source
+      with the bits of ``function``; a trim whose ``row_numel`` is set (DELLA's) is given blocks of whole rows.
+    - ``stream_prepare``: ``prepare(source, params, options, seed)`` from passes over a block source
       (:class:`~mergescope.merge.magnitude_counts.FlatBlocks`: the inputs read a row range at a time) instead
       of whole tensors, returning the same trims, or None when these parameters need the whole tensor; its
       source's blocks start on multiples of ``stream_align`` entries.
@@ -160,9 +162,11 @@ def _task_arithmetic_family(
         _WEIGHT,
         replace(_DENSITY, ignored=untrimmed),
     ) + extra
+    # first passes start on STAT_CHUNK entries: the L1 rescale sums per chunk; draws need no alignment
     return MergeMethod(
         variant.name, description, variant.merge, parameters, random=random, elementwise=elementwise,
         prepare=variant.prepare, combine=variant.combine, stream_prepare=variant.stream_prepare,
+        stream_align=STAT_CHUNK,
     )
 
 

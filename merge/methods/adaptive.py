@@ -107,7 +107,7 @@ def _whole(norms, dots):
     return torch.linalg.vector_norm(norms, dim=-1, keepdim=True), dots.sum(dim=-1, keepdim=True)
 
 
-def model_stock_prepare(base, models, params, options, generator=None) -> list[StockRatio]:
+def model_stock_prepare(base, models, params, options, seed=None) -> list[StockRatio]:
     """model_stock's ratio over whole tensors (any float dtype, taken as float32)."""
     _check_stock(base, models, options)
     count = len(models)
@@ -129,7 +129,7 @@ def model_stock_combine(base, models, ratios, params, options):
     return ratio * average + (1 - ratio) * base
 
 
-def model_stock_stream_prepare(source, params, options, generator=None) -> list[StockRatio] | None:
+def model_stock_stream_prepare(source, params, options, seed=None) -> list[StockRatio] | None:
     """:func:`model_stock_prepare` from one pass over a block source: each block's chunk terms (or, with
     ``filter_wise``, its vectors' terms) side by side, then one reduction — the same bits. None for a
     ``filter_wise`` 1-D tensor (one vector: no blocks), or a source without its tensor's shape."""
@@ -158,7 +158,7 @@ def model_stock_stream_prepare(source, params, options, generator=None) -> list[
     return [StockRatio(stock_ratio(*_whole(norms, dots), count).reshape(-1))]
 
 
-def model_stock(base, models, params, options, generator=None):
+def model_stock(base, models, params, options, seed=None):
     """θ = t·mean(θᵢ) + (1 − t)·θ₀ with t = N·c̄ / (1 + (N−1)·c̄) from the mean pairwise cosine c̄ of the τᵢ."""
     ratios = model_stock_prepare(base, models, params, options)
     flat = model_stock_combine(base.reshape(-1), [m.reshape(-1) for m in models],
@@ -213,7 +213,7 @@ def _stacked_taus(base, models):
     return torch.stack([m.float().reshape(-1) - base for m in models]), base
 
 
-def sce_prepare(base, models, params, options, generator=None) -> list[SceWeights]:
+def sce_prepare(base, models, params, options, seed=None) -> list[SceWeights]:
     """sce's weights (and kept entries when select_topk < 1) over whole tensors (any float dtype, as float32)."""
     if base is None:
         raise MergescopeError("sce needs a base_model: set base_model in the plan")
@@ -236,7 +236,7 @@ def sce_combine(base, models, trims, params, options):
     return base + (taus * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
 
 
-def sce_stream_prepare(source, params, options, generator=None) -> list[SceWeights] | None:
+def sce_stream_prepare(source, params, options, seed=None) -> list[SceWeights] | None:
     """:func:`sce_prepare` from one pass over a block source (each chunk's square sums, reduced once) when
     select_topk is 1; None otherwise (the variance ranks need the whole tensor)."""
     import torch
@@ -247,7 +247,7 @@ def sce_stream_prepare(source, params, options, generator=None) -> list[SceWeigh
     return [SceWeights(_sce_weights(torch.cat(sums, dim=1), source.numel))]
 
 
-def sce(base, models, params, options, generator=None):
+def sce(base, models, params, options, seed=None):
     """Select by variance, Calculate weights from mean squares, Erase minority signs (see the module docstring)."""
     if base is None:
         raise MergescopeError("sce needs a base_model: set base_model in the plan")

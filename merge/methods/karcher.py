@@ -146,7 +146,7 @@ def karcher_scalars(vectors: Callable[[], Iterator[list]], count: int, options: 
     return mean
 
 
-def karcher_prepare(first, rest, params, options, generator=None) -> list[KarcherMean]:
+def karcher_prepare(first, rest, params, options, seed=None) -> list[KarcherMean]:
     """karcher's scalars over whole tensors (inputs in read order, any float dtype, taken as float32)."""
     models = [first, *rest]
 
@@ -170,7 +170,7 @@ def karcher_combine(first, rest, means, params, options):
     return (raw / mean.normaliser) * mean.scale
 
 
-def karcher_stream_prepare(source, params, options, generator=None) -> list[KarcherMean] | None:
+def karcher_stream_prepare(source, params, options, seed=None) -> list[KarcherMean] | None:
     """:func:`karcher_prepare` from passes over a block source (its base is the first input): the same bits.
     None for a source without its inputs."""
     reads = getattr(source, "inputs", None)
@@ -184,7 +184,7 @@ def karcher_stream_prepare(source, params, options, generator=None) -> list[Karc
     return [karcher_scalars(vectors, len(reads), options)]
 
 
-def karcher(base, models, params, options, generator=None):
+def karcher(base, models, params, options, seed=None):
     """Karcher mean of the inputs' directions with equal weights, scaled to their mean norm."""
     if base is not None:
         raise ValueError("karcher treats the base model as an ordinary input: pass it among the models, with base=None")

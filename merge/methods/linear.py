@@ -34,7 +34,7 @@ def _no_base(name: str, base) -> None:
         raise ValueError(f"{name} treats the base model as an ordinary input: pass it among the models, with base=None")
 
 
-def linear(base, models, params, options, generator=None):
+def linear(base, models, params, options, seed=None):
     """θ = Σᵢ wᵢθᵢ [/ Σᵢ wᵢ if normalize], accumulated in model order in float32."""
     import torch
 
@@ -52,7 +52,7 @@ def linear(base, models, params, options, generator=None):
     return result
 
 
-def nearswap(base, models, params, options, generator=None):
+def nearswap(base, models, params, options, seed=None):
     """w = clamp(t / max(|θ_base − θ₁|, 1e-6), 0, 1);  θ = w·θ₁ + (1 − w)·θ_base."""
     if base is None:
         raise MergescopeError("nearswap needs a base_model: set base_model in the plan")
@@ -62,7 +62,7 @@ def nearswap(base, models, params, options, generator=None):
     return weight * other + (1 - weight) * base
 
 
-def passthrough(base, models, params, options, generator=None):
+def passthrough(base, models, params, options, seed=None):
     """The one input unchanged, or times its per-model ``scale`` when one is set."""
     _no_base("passthrough", base)
     _count("passthrough", models, 1, options, "model")

@@ -108,7 +108,7 @@ def _norm(chunk_norms):
     return torch.linalg.vector_norm(chunk_norms)
 
 
-def multislerp_prepare(first, rest, params, options, generator=None) -> list[Sphere]:
+def multislerp_prepare(first, rest, params, options, seed=None) -> list[Sphere]:
     """multislerp's scalars over whole tensors (inputs in read order, any float dtype, taken as float32)."""
     import torch
 
@@ -149,7 +149,7 @@ def multislerp_combine(first, rest, spheres, params, options):
     return result if base is None else result + base.float().reshape(-1)
 
 
-def multislerp_stream_prepare(source, params, options, generator=None) -> list[Sphere] | None:
+def multislerp_stream_prepare(source, params, options, seed=None) -> list[Sphere] | None:
     """:func:`multislerp_prepare` in four passes over a block source (the ‖xᵢ‖; ‖Σ wᵢuᵢ‖; the ⟨uᵢ, m⟩; ‖v‖),
     each reduced once over all chunks: the same bits. None for a source without its inputs."""
     import torch
@@ -190,7 +190,7 @@ def multislerp_stream_prepare(source, params, options, generator=None) -> list[S
     return [sphere]
 
 
-def multislerp(base, models, params, options, generator=None):
+def multislerp(base, models, params, options, seed=None):
     """Barycentric interpolation on the hypersphere by one tangent-space step (see the module docstring)."""
     if not models:
         raise MergescopeError(f"{_where(options)}: multislerp needs at least one model")

@@ -134,7 +134,7 @@ def _column_products(x1, x2):
     return torch.stack([x1 * x1, x2 * x2, x1 * x2])
 
 
-def nuslerp_prepare(first, rest, params, options, generator=None) -> list[GreatArc]:
+def nuslerp_prepare(first, rest, params, options, seed=None) -> list[GreatArc]:
     """nuslerp's angle over whole tensors (inputs in read order, any float dtype, taken as float32)."""
     base, m1, m2 = _inputs(first, rest, params, options)
     t = _t(params)
@@ -167,7 +167,7 @@ def nuslerp_combine(first, rest, arcs, params, options):
     return result if base is None else base.float() + result
 
 
-def nuslerp_stream_prepare(source, params, options, generator=None) -> list[GreatArc] | None:
+def nuslerp_stream_prepare(source, params, options, seed=None) -> list[GreatArc] | None:
     """:func:`nuslerp_prepare` from passes over a block source: flattened, the chunks' norms, then (given the
     norms) the chunks' cosine terms, each reduced once; along the rows, each block's rows. None for the vectors
     along dim 0, a 1-D tensor taken as one vector, or a source without its tensor's shape."""
@@ -202,7 +202,7 @@ def nuslerp_stream_prepare(source, params, options, generator=None) -> list[Grea
     return [GreatArc(t, *_arc(cosine.sum(dim=-1, keepdim=True).clamp(-1, 1)))]
 
 
-def nuslerp(base, models, params, options, generator=None):
+def nuslerp(base, models, params, options, seed=None):
     """θ = [θ₀ +] S(w₂/(w₁+w₂), x₁, x₂) with xᵢ = θᵢ − θ₀ when a base is given, else θᵢ."""
     _check_two(models, options)
     first, rest = (base, models) if base is not None else (models[0], models[1:])

@@ -86,13 +86,13 @@ def _ram(base, models, options, boost: RamBoost | None) -> torch.Tensor:
     return base + merged.reshape(base.shape)
 
 
-def ram(base, models, params, options, generator=None) -> torch.Tensor:
+def ram(base, models, params, options, seed=None) -> torch.Tensor:
     """RAM: unique changes kept whole, overlapping ones averaged over the models that made them."""
     _check_ram(base)
     return _ram(base, models, options, None) if models else base.clone()
 
 
-def ramplus_prepare(base, models, params, options, generator=None) -> list[RamBoost]:
+def ramplus_prepare(base, models, params, options, seed=None) -> list[RamBoost]:
     """RAM+'s boosts from the overlap counts over whole tensors."""
     _check_ram(base)
     return [ram_boost(*overlap_counts(base, models, float(options.get("epsilon", 1e-5))), options)]
@@ -103,7 +103,7 @@ def ramplus_combine(base, models, boosts, params, options) -> torch.Tensor:
     return _ram(base, models, options, boosts[0])
 
 
-def ramplus_stream_prepare(source, params, options, generator=None) -> list[RamBoost] | None:
+def ramplus_stream_prepare(source, params, options, seed=None) -> list[RamBoost] | None:
     """:func:`ramplus_prepare` from one pass over a block source: the blocks' overlap counts added (exact)."""
     if not params or source.numel == 0:
         return None
@@ -115,7 +115,7 @@ def ramplus_stream_prepare(source, params, options, generator=None) -> list[RamB
     return [ram_boost(shared_count, alone_count, options)]
 
 
-def ramplus_tl(base, models, params, options, generator=None) -> torch.Tensor:
+def ramplus_tl(base, models, params, options, seed=None) -> torch.Tensor:
     """RAM+ (tensor-local): RAM with each model's unique changes boosted by 1 + r·clip(ρᵢ, 0, α)."""
     _check_ram(base)
     if not models:
@@ -131,7 +131,7 @@ def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     return sparsify.kth_smallest(flat, index + 1)
 
 
-def arcee_fusion(base, models, params, options, generator=None) -> torch.Tensor:
+def arcee_fusion(base, models, params, options, seed=None) -> torch.Tensor:
     """θ₀ + (θ − θ₀)·[importance ≥ median + 1.5·IQR], importance = |θ − θ₀|·KL(softmax θ ‖ softmax θ₀).
 
     The softmax, log and sum round their last bits differently on a GPU, so an entry whose importance lies

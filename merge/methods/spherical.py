@@ -83,7 +83,7 @@ def slerp_cosine_term(a_block, b_block, norm_a, norm_b):
     return ((a_block / norm_a) * (b_block / norm_b)).sum()
 
 
-def slerp_prepare(base, models, params, options, generator=None) -> list[SlerpCoefficients]:
+def slerp_prepare(base, models, params, options, seed=None) -> list[SlerpCoefficients]:
     """slerp's coefficients over whole float tensors (any float dtype; blocks converted to float32)."""
     import torch
 
@@ -108,7 +108,7 @@ def slerp_combine(base, models, coefficients, params, options):
     return c.coef_a * base.float() + c.coef_b * models[0].float()
 
 
-def slerp_stream_prepare(source, params, options, generator=None) -> list[SlerpCoefficients] | None:
+def slerp_stream_prepare(source, params, options, seed=None) -> list[SlerpCoefficients] | None:
     """:func:`slerp_prepare` from two passes over a block source (the norms, then the cosine's terms): the same
     bits. Its blocks must start on multiples of :data:`SLERP_BLOCK` entries (the method's ``stream_align``); None
     when they do not."""
@@ -132,7 +132,7 @@ def slerp_stream_prepare(source, params, options, generator=None) -> list[SlerpC
     return [slerp_coefficients(norm_a, norm_b, terms, options["t"])]
 
 
-def slerp(base, models, params, options, generator=None):
+def slerp(base, models, params, options, seed=None):
     """Spherical interpolation from θ_base (t = 0) to θ₁ (t = 1), lerp when |cos| > 0.9995."""
     coefficients = slerp_prepare(base, models, params, options)
     return slerp_combine(base, models, coefficients, params, options).reshape(base.shape)

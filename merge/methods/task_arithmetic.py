@@ -7,7 +7,7 @@ All eight are one computation with two switches, a *trim* and a *sign election*.
 1. τᵢ = θᵢ − θ₀.
 2. Trim: τ̃ᵢ = τᵢ ⊙ mᵢ for a 0/1 mask mᵢ chosen by the method from densityᵢ (and γᵢ or εᵢ); with
    ``rescale`` the result is multiplied by ‖τᵢ‖₁ / ‖τᵢ ⊙ mᵢ‖₁
-   (see :func:`~mergescope.merge.sparsify.l1_rescale_factor`). A density ≥ 1 leaves τᵢ untouched — no trim,
+   (see :func:`~.rescale.l1_rescale_factor`). A density ≥ 1 leaves τᵢ untouched — no trim,
    no rescale, no random draw.
 3. Weight: δᵢ = wᵢ · τ̃ᵢ.
 4. Without sign election: Δ = Σᵢ δᵢ and D = Σᵢ wᵢ (D := 1 when |D| < 1e-8).
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
 from mergescope.merge import magnitude_trim, sparsify
+from mergescope.merge.methods.rescale import streamed_rescale, whole_rescale
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,9 +75,11 @@ class Trim:
     """What the whole-tensor phase decided for one model: the kept entries (None: all), the rescale factor
     ‖τ‖₁ / ‖τ ⊙ m‖₁ (None: no rescale), or that the whole task vector is dropped (``zero``).
 
-    The kept entries are a mask, or (TIES without rescale) a ``threshold`` t and ``last_tie`` c: entry j is
-    kept ⇔ |τⱼ| > t, or |τⱼ| = t and j ≤ c (:func:`~mergescope.merge.magnitude_trim.keep_mask`), with j
-    counted from the start of the tensor or block the trim applies to.
+    The kept entries are a mask; or (TIES) a ``threshold`` t and ``last_tie`` c: entry j is kept ⇔ |τⱼ| > t,
+    or |τⱼ| = t and j ≤ c (:func:`~mergescope.merge.magnitude_trim.keep_mask`), with j counted from the start
+    of the tensor or block the trim applies to; or (DARE, DELLA) a ``drop``, drawn block by block
+    (:class:`~mergescope.merge.sparsify.RandomDrop`), ``offset`` being the tensor's flat index of the trim's
+    entry 0. No full-size mask exists but an explicit one (breadcrumbs, a 1-D DELLA tensor).
     """
 
     mask: torch.Tensor | None = None
@@ -84,72 +87,116 @@ class Trim:
     zero: bool = False
     threshold: float | None = None
     last_tie: int = -1
+    drop: sparsify.RandomDrop | None = None
+    offset: int = 0
+
+    @property
+    def trims(self) -> bool:
+        """The trim drops some entries (a rescale factor applies to it)."""
+        return self.mask is not None or self.threshold is not None or self.drop is not None
+
+    @property
+    def row_numel(self) -> int | None:
+        """Entries of a row that a block must hold whole (DELLA's ranks), else None."""
+        return None if self.drop is None else self.drop.row_numel
 
     def block(self, start: int, stop: int) -> Trim:
         """The same trim restricted to flat entries ``start:stop``."""
         mask = None if self.mask is None else self.mask.reshape(-1)[start:stop]
-        return Trim(mask, self.scale, self.zero, self.threshold, self.last_tie - start)
+        return Trim(mask, self.scale, self.zero, self.threshold, self.last_tie - start, self.drop, self.offset + start)
+
+    def keep(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the kept entries of the block whose |τ| is ``magnitude`` (the entries this trim covers)."""
+        import torch
+
+        if self.zero:
+            return torch.zeros(magnitude.shape, dtype=torch.bool, device=magnitude.device)
+        if self.threshold is not None:
+            threshold = torch.tensor(self.threshold, dtype=torch.float32, device=magnitude.device)
+            return magnitude_trim.keep_mask(magnitude, threshold, self.last_tie)
+        if self.mask is not None:
+            return self.mask.reshape(magnitude.shape).bool()
+        if self.drop is not None:
+            return self.drop.keep(magnitude, self.offset)
+        return torch.ones(magnitude.shape, dtype=torch.bool, device=magnitude.device)
 
     def apply_(self, delta: torch.Tensor) -> None:
         """τ ⊙ m, then × the rescale factor, in place on the untrimmed float32 τ ``delta``."""
         if self.threshold is not None:
             magnitude_trim.apply_cut_(delta, self.threshold, self.last_tie)
         elif self.mask is not None:
-            delta.mul_(self.mask)  # × 1.0 or × 0.0, as mergekit's τ ⊙ m (so −τ·0 stays −0.0)
-            if self.scale is not None:
-                delta.mul_(self.scale)
+            delta.mul_(self.mask)  # × 1 or × 0, as mergekit's τ ⊙ m (so −τ·0 stays −0.0)
+        elif self.drop is not None:
+            delta.mul_(self.drop.keep(delta, self.offset))
+        else:
+            return
+        if self.scale is not None:
+            delta.mul_(self.scale)
 
 
 def prepare_trims(
-    kind: str | None, base: torch.Tensor, models: list[torch.Tensor], params: list[dict], options: dict, generator
+    kind: str | None, base: torch.Tensor, models: list[torch.Tensor], params: list[dict], options: dict,
+    seed: int | None,
 ) -> list[Trim]:
-    """Step 2's whole-tensor part, one model at a time: masks (thresholds, draws, ranks) and L1 rescale factors;
-    TIES without rescale as thresholds and tie cuts (:func:`magnitude_trims`).
+    """Step 2's whole-tensor part: each model's trim — TIES' thresholds and tie cuts (:func:`magnitude_trims`),
+    DARE's and DELLA's random drops as data (drawn block by block from the tensor's draw ``seed``), breadcrumbs'
+    masks — and, with ``rescale``, the L1 rescale factors (:func:`~.rescale.whole_rescale`).
 
     Everything after this is elementwise (:func:`combine_trimmed`), so a large tensor can be merged block by
     block with the same bits. Inputs may be in any float dtype; τ is formed in float32.
     """
-    rescale = bool(options.get("rescale", False))
-    tensor_name = str(options.get("tensor_name", ""))
-    if kind == "magnitude" and not rescale:
-        return magnitude_trims(base, models, params)
-    trims = []
-    for index, (model, p) in enumerate(zip(models, params)):
-        density = float(p.get("density", 1.0))
-        if kind is None or density >= 1:
-            trims.append(Trim())
-            continue
-        if kind == "della" and density <= 0:
-            trims.append(Trim(zero=True))
-            continue
-        # every trim and the L1 factor need only |τ|: one float32 copy, made absolute in place (the
-        # subtraction runs in float32 because the copy is float32: exact for bf16 inputs)
-        tau = magnitude_trim.abs_task_vector(model, base)
-        if kind == "magnitude":
-            mask = sparsify.top_magnitude_mask(tau, density, absolute=True)
-        elif kind == "outliers":
-            mask = sparsify.outlier_mask(tau, density, float(p.get("gamma", 0.01)), absolute=True)
-        elif kind == "random":
-            mask = sparsify.bernoulli_mask(tau, density, generator)
-        elif kind == "della":
-            epsilon = float(p.get("epsilon", 0.15))
-            if density + epsilon >= 1 or density - epsilon <= 0:
-                raise MergescopeError(
-                    f"{tensor_name or 'tensor'}: model {index + 1} has density {density:g} and epsilon {epsilon:g}; "
-                    "DELLA needs 0 < density − epsilon and density + epsilon < 1: lower epsilon"
-                )
-            mask = sparsify.della_mask(tau, density, epsilon, generator)
-        else:  # pragma: no cover - the registry only builds the kinds above
-            raise ValueError(kind)
-        scale = sparsify.l1_rescale_factor(tau, mask.to(tau.dtype)) if rescale else None
-        trims.append(Trim(mask, scale))
-        del tau
-    return trims
+    if kind == "magnitude":
+        trims = magnitude_trims(base, models, params)
+    else:
+        trims = []
+        for index, (model, p) in enumerate(zip(models, params)):
+            trim = _planned_trim(kind, index, p, base.shape, options, seed)
+            if trim is None:  # an explicit mask over the whole tensor; |τ| is one float32 copy, absolute in place
+                tau = magnitude_trim.abs_task_vector(model, base)
+                if kind == "outliers":
+                    mask = sparsify.outlier_mask(tau, float(p["density"]), float(p.get("gamma", 0.01)), absolute=True)
+                else:  # DELLA on a 1-D tensor: its one row is the whole tensor
+                    mask = sparsify.della_mask(tau, float(p["density"]), float(p.get("epsilon", 0.15)),
+                                               _draw_seed(seed), index)
+                trim = Trim(mask)
+                del tau
+            trims.append(trim)
+    if not options.get("rescale", False):
+        return trims
+    return whole_rescale(trims, base, models, [i for i, trim in enumerate(trims) if trim.trims])
+
+
+def _planned_trim(kind: str | None, index: int, p: dict, shape: tuple, options: dict, seed: int | None) -> Trim | None:
+    """Model ``index``'s trim where it is data (no trim, a random drop, a dropped model), None where it is a
+    mask found from the whole |τ| (breadcrumbs, DELLA on a 1-D tensor)."""
+    density = float(p.get("density", 1.0))
+    if kind is None or density >= 1:
+        return Trim()
+    if kind == "della" and density <= 0:
+        return Trim(zero=True)
+    if kind == "random":
+        return Trim(drop=sparsify.RandomDrop(density, _draw_seed(seed), index))
+    if kind == "della":
+        epsilon = float(p.get("epsilon", 0.15))
+        if density + epsilon >= 1 or density - epsilon <= 0:
+            raise MergescopeError(
+                f"{options.get('tensor_name') or 'tensor'}: model {index + 1} has density {density:g} and epsilon "
+                f"{epsilon:g}; DELLA needs 0 < density − epsilon and density + epsilon < 1: lower epsilon"
+            )
+        if len(shape) >= 2:
+            return Trim(drop=sparsify.RandomDrop(density, _draw_seed(seed), index, epsilon, tuple(shape[1:])))
+    return None
+
+
+def _draw_seed(seed: int | None) -> int:
+    if seed is None:
+        raise ValueError("DARE and DELLA draw random masks: pass the tensor's draw seed (the global RNG is never used)")
+    return seed
 
 
 def magnitude_trims(base: torch.Tensor, models: list[torch.Tensor], params: list[dict]) -> list[Trim]:
-    """TIES' trims without rescale as thresholds and tie cuts, all models found in one blockwise pass: no
-    full-size |τ| or mask (:mod:`~mergescope.merge.magnitude_trim`). A density ≥ 1 keeps everything."""
+    """TIES' trims as thresholds and tie cuts, all models found in one blockwise pass: no full-size |τ| or mask
+    (:mod:`~mergescope.merge.magnitude_trim`). A density ≥ 1 keeps everything."""
     trims = [Trim() for _ in models]
     trimmed = [i for i, p in enumerate(params) if float(p.get("density", 1.0)) < 1]
     counts = [sparsify.trim_count(base.numel(), float(params[i]["density"])) for i in trimmed]
@@ -159,23 +206,31 @@ def magnitude_trims(base: torch.Tensor, models: list[torch.Tensor], params: list
     return trims
 
 
-def streamed_trims(kind: str | None, source, params: list[dict], options: dict) -> list[Trim] | None:
+def streamed_trims(kind: str | None, source, params: list[dict], options: dict, seed: int | None) -> list[Trim] | None:
     """Step 2's whole-tensor part from passes over a :class:`~mergescope.merge.magnitude_counts.FlatBlocks`
-    source instead of whole tensors, where that gives the bits of :func:`prepare_trims`: no trim (or every
-    density ≥ 1), and TIES' magnitude trim without rescale (thresholds and tie cuts). None for the others
-    (masks drawn or ranked over the whole tensor, L1 rescale factors): merge those whole."""
+    source of row blocks instead of whole tensors, with the bits of :func:`prepare_trims`: no trim (or every
+    density ≥ 1); TIES' thresholds and tie cuts; DARE's and DELLA's drops (data); then, with ``rescale``, the
+    L1 factors from one more pass (:func:`~.rescale.streamed_rescale`). None where the whole |τ| is needed
+    (breadcrumbs' masks, DELLA on a 1-D tensor): merge those whole."""
     densities = [float(p.get("density", 1.0)) for p in params]
     if kind is None or all(d >= 1 for d in densities):
         return [Trim() for _ in params]
-    if kind != "magnitude" or options.get("rescale", False):
-        return None
-    trims = [Trim() for _ in params]
-    trimmed = [i for i, d in enumerate(densities) if d < 1]
-    counts = [sparsify.trim_count(source.numel, densities[i]) for i in trimmed]
-    cuts = magnitude_trim.streamed_magnitude_cuts(_Subset(source, trimmed), counts, gather_bytes=source.gather_bytes)
-    for i, (threshold, last_tie) in zip(trimmed, cuts):
-        trims[i] = Trim(threshold=float(threshold), last_tie=last_tie)
-    return trims
+    if kind == "magnitude":
+        trims = [Trim() for _ in params]
+        trimmed = [i for i, d in enumerate(densities) if d < 1]
+        counts = [sparsify.trim_count(source.numel, densities[i]) for i in trimmed]
+        cuts = magnitude_trim.streamed_magnitude_cuts(_Subset(source, trimmed), counts,
+                                                      gather_bytes=source.gather_bytes)
+        for i, (threshold, last_tie) in zip(trimmed, cuts):
+            trims[i] = Trim(threshold=float(threshold), last_tie=last_tie)
+    else:
+        shape = tuple(getattr(source, "shape", (source.numel,)))
+        trims = [_planned_trim(kind, i, p, shape, options, seed) for i, p in enumerate(params)]
+        if any(trim is None for trim in trims):
+            return None
+    if not options.get("rescale", False):
+        return trims
+    return streamed_rescale(trims, source, [i for i, trim in enumerate(trims) if trim.trims])
 
 
 class _Subset:
@@ -237,7 +292,7 @@ def generalized_task_arithmetic(
     models: list[torch.Tensor],
     params: list[dict],
     options: dict,
-    generator: torch.Generator | None,
+    seed: int | None,
     *,
     trim: str | None,
     elect: bool,
@@ -249,7 +304,7 @@ def generalized_task_arithmetic(
         raise ValueError(f"{len(models)} models but {len(params)} parameter sets")
     if not models:
         return base.clone()
-    trims = prepare_trims(trim, base, models, params, options, generator)
+    trims = prepare_trims(trim, base, models, params, options, seed)
     return combine_trimmed(base, models, trims, params, options, elect=elect)
 
 
@@ -265,17 +320,17 @@ class Variant:
     elect: bool
     doc: str
 
-    def merge(self, base, models, params, options, generator=None) -> torch.Tensor:
-        return generalized_task_arithmetic(base, models, params, options, generator, trim=self.trim, elect=self.elect)
+    def merge(self, base, models, params, options, seed=None) -> torch.Tensor:
+        return generalized_task_arithmetic(base, models, params, options, seed, trim=self.trim, elect=self.elect)
 
-    def prepare(self, base, models, params, options, generator=None) -> list[Trim]:
-        return prepare_trims(self.trim, base, models, params, options, generator)
+    def prepare(self, base, models, params, options, seed=None) -> list[Trim]:
+        return prepare_trims(self.trim, base, models, params, options, seed)
 
     def combine(self, base, models, trims, params, options) -> torch.Tensor:
         return combine_trimmed(base, models, trims, params, options, elect=self.elect)
 
-    def stream_prepare(self, source, params, options, generator=None) -> list[Trim] | None:
-        return streamed_trims(self.trim, source, params, options)
+    def stream_prepare(self, source, params, options, seed=None) -> list[Trim] | None:
+        return streamed_trims(self.trim, source, params, options, seed)
 
 
 task_arithmetic = Variant("task_arithmetic", None, elect=False,
@@ -285,8 +340,8 @@ ties = Variant("ties", "magnitude", elect=True,
                    "signs by the sum of the weighted trimmed deltas, disjoint weighted mean when normalize "
                    "(default on).")
 dare_linear = Variant("dare_linear", "random", elect=False,
-                      doc="DARE: keep each entry with probability density (drawn from the generator), L1-rescale "
-                          "(default on), weighted sum.")
+                      doc="DARE: keep each entry with probability density (per-chunk draws from the tensor's seed), "
+                          "L1-rescale (default on), weighted sum.")
 dare_ties = Variant("dare_ties", "random", elect=True,
                     doc="DARE's random drop followed by TIES' sign election; normalize defaults off.")
 breadcrumbs = Variant("breadcrumbs", "outliers", elect=False,
