@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
+from mergescope.merge.magnitude_counts import BlockScores
+from mergescope.merge.magnitude_trim import Cut, Selection, select_cuts, select_in_memory
 from mergescope.merge.methods.chunks import chunk_norms, chunk_sums
 from mergescope.merge.methods.task_arithmetic import elect_signs
-from mergescope.merge.sparsify import select_extreme
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -166,29 +167,45 @@ def model_stock(base, models, params, options, generator=None):
     return flat.reshape(base.shape)
 
 
-def _variance_mask(taus: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The entries (shape of one τ) whose variance across the models is among the ⌊nonzero·fraction⌋ largest."""
+def _variance(taus: torch.Tensor) -> torch.Tensor:
+    """Var_i τᵢ per entry (population variance across the models) of the stacked flat τ [n, entries], as +0 or
+    more (−0 made +0: the score the variance selection counts on its bit pattern)."""
     import torch
 
-    if fraction <= 0:
-        return torch.zeros(taus.shape[1:], dtype=torch.bool, device=taus.device)
-    variance = torch.var(taus, dim=0, unbiased=False)
-    count = int(torch.count_nonzero(variance) * fraction)  # a float32 product, as in mergekit
-    keep = select_extreme(variance.reshape(-1), count, largest=True, low_index_first=True)
-    return keep.reshape(variance.shape)
+    return torch.var(taus, dim=0, unbiased=False).abs_()
 
 
+def _variance_count(nonzero: int, fraction: float) -> int:
+    """k = ⌊(entries with nonzero variance) · select_topk⌋, the product in float32 as mergekit forms it."""
+    import torch
+
+    return int(torch.tensor(nonzero, dtype=torch.int64) * fraction)
+
+
+def _variance_cut(variance: torch.Tensor, fraction: float) -> Cut:
+    """The entries whose variance is among the :func:`_variance_count` largest (ties lowest index first), as a
+    cut over the whole flat variance: the selection the streamed path runs over blocks."""
+    count = _variance_count(int(variance.count_nonzero()), fraction)
+    threshold, tie = select_in_memory([variance], [Selection(0, count)])[0]
+    return Cut(float(threshold), tie)
 
 
 @dataclass
 class SceWeights:
-    """sce's whole-tensor part: each model's weight wᵢ ([n]) and, when select_topk < 1, the kept entries (flat)."""
+    """sce's whole-tensor part: each model's weight wᵢ ([n]) and, when select_topk < 1, the kept entries as a cut
+    of the per-entry variance (flat index of the tensor or block it applies to)."""
 
     weights: torch.Tensor
-    keep: torch.Tensor | None = None
+    cut: Cut | None = None
 
     def block(self, start: int, stop: int) -> SceWeights:
-        return self if self.keep is None else SceWeights(self.weights, self.keep[start:stop])
+        return self if self.cut is None else SceWeights(self.weights, self.cut.block(start))
+
+    def select(self, taus: torch.Tensor) -> torch.Tensor:
+        """The stacked flat τ [n, entries] of this block with the entries outside the cut zeroed."""
+        if self.cut is None:
+            return taus
+        return taus * self.cut.mask(_variance(taus)).to(taus.dtype).unsqueeze(0)
 
 
 def _square_sums(taus) -> torch.Tensor:
@@ -215,36 +232,50 @@ def _stacked_taus(base, models):
 
 def sce_prepare(base, models, params, options, generator=None) -> list[SceWeights]:
     """sce's weights (and kept entries when select_topk < 1) over whole tensors (any float dtype, as float32)."""
+    import torch
+
     if base is None:
         raise MergescopeError("sce needs a base_model: set base_model in the plan")
     taus, _ = _stacked_taus(base, models)
     fraction = float(options.get("select_topk", 1.0))
-    keep = None
+    trim = SceWeights(torch.empty(0))
     if fraction < 1:
-        keep = _variance_mask(taus, fraction)
-        taus = taus * keep.to(taus.dtype).unsqueeze(0)
-    return [SceWeights(_sce_weights(_square_sums(taus), taus.shape[1]), keep)]
+        trim.cut = _variance_cut(_variance(taus), fraction)
+    trim.weights = _sce_weights(_square_sums(trim.select(taus)), taus.shape[1])
+    return [trim]
 
 
 def sce_combine(base, models, trims, params, options):
     """θ = θ₀ + Σ_{agreeing} wᵢτᵢ / max(Σ_{agreeing} wᵢ, 1e-6) entry by entry given the weights, in float32."""
     taus, base = _stacked_taus(base, models)
     trim = trims[0]
-    if trim.keep is not None:
-        taus = taus * trim.keep.to(taus.dtype).unsqueeze(0)
+    taus = trim.select(taus)
     kept = trim.weights.reshape(-1, 1) * elect_signs(taus)
     return base + (taus * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
 
 
 def sce_stream_prepare(source, params, options, generator=None) -> list[SceWeights] | None:
-    """:func:`sce_prepare` from one pass over a block source (each chunk's square sums, reduced once) when
-    select_topk is 1; None otherwise (the variance ranks need the whole tensor)."""
+    """:func:`sce_prepare` from passes over a block source: below select_topk 1, one pass counts the entries
+    of nonzero variance and the streamed selection (:func:`~mergescope.merge.magnitude_trim.select_cuts`) finds
+    the variance cut; then one pass takes each chunk's square sums of the selected τᵢ, reduced once."""
     import torch
 
-    if float(options.get("select_topk", 1.0)) < 1 or not params or source.numel == 0:
+    if not params or source.numel == 0:
         return None
-    sums = [_square_sums(_stacked_taus(base, blocks)[0]) for _, base, blocks in source.blocks(list(range(len(params))))]
-    return [SceWeights(_sce_weights(torch.cat(sums, dim=1), source.numel))]
+    models = list(range(len(params)))
+    fraction = float(options.get("select_topk", 1.0))
+    trim = SceWeights(torch.empty(0))
+    if fraction < 1:
+        nonzero = sum(int(_variance(_stacked_taus(base, blocks)[0]).count_nonzero())
+                      for _, base, blocks in source.blocks(models))
+        scores = BlockScores(source, models, lambda start, base, blocks: [_variance(_stacked_taus(base, blocks)[0])])
+        threshold, tie = select_cuts(scores, [Selection(0, _variance_count(nonzero, fraction))],
+                                     gather_bytes=source.gather_bytes)[0]
+        trim.cut = Cut(float(threshold), tie)
+    sums = [_square_sums(trim.block(start, start + base.numel()).select(_stacked_taus(base, blocks)[0]))
+            for start, base, blocks in source.blocks(models)]
+    trim.weights = _sce_weights(torch.cat(sums, dim=1), source.numel)
+    return [trim]
 
 
 def sce(base, models, params, options, generator=None):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge import magnitude_trim, sparsify
+from mergescope.merge import magnitude_counts, magnitude_trim, sparsify
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,7 +75,8 @@ class Trim:
     ‖τ‖₁ / ‖τ ⊙ m‖₁ (None: no rescale), or that the whole task vector is dropped (``zero``).
 
     The kept entries are a mask, or (TIES without rescale) a ``threshold`` t and ``last_tie`` c: entry j is
-    kept ⇔ |τⱼ| > t, or |τⱼ| = t and j ≤ c (:func:`~mergescope.merge.magnitude_trim.keep_mask`), with j
+    kept ⇔ |τⱼ| > t, or |τⱼ| = t and j ≤ c (:func:`~mergescope.merge.magnitude_trim.keep_mask`), or
+    (Breadcrumbs) a ``band`` of two cuts of |τ| (:func:`~mergescope.merge.magnitude_trim.band_mask`), with j
     counted from the start of the tensor or block the trim applies to.
     """
 
@@ -84,19 +85,26 @@ class Trim:
     zero: bool = False
     threshold: float | None = None
     last_tie: int = -1
+    band: tuple[magnitude_trim.Cut, magnitude_trim.Cut] | None = None
 
     def block(self, start: int, stop: int) -> Trim:
         """The same trim restricted to flat entries ``start:stop``."""
         mask = None if self.mask is None else self.mask.reshape(-1)[start:stop]
-        return Trim(mask, self.scale, self.zero, self.threshold, self.last_tie - start)
+        band = None if self.band is None else (self.band[0].block(start), self.band[1].block(start))
+        return Trim(mask, self.scale, self.zero, self.threshold, self.last_tie - start, band)
+
+    def band_mask(self, tau: torch.Tensor) -> torch.Tensor:
+        """The boolean keep mask of a ``band`` trim (restricted with :meth:`block` to the entries of the float32
+        τ ``tau``): the entries whose |τ| lies in the band."""
+        return magnitude_trim.band_mask(tau.abs(), *self.band)
 
     def apply_(self, delta: torch.Tensor) -> None:
         """τ ⊙ m, then × the rescale factor, in place on the untrimmed float32 τ ``delta``."""
         if self.threshold is not None:
             magnitude_trim.apply_cut_(delta, self.threshold, self.last_tie)
-        elif self.mask is not None:
-            delta.mul_(self.mask)  # × 1.0 or × 0.0, as mergekit's τ ⊙ m (so −τ·0 stays −0.0)
-            if self.scale is not None:
+        elif self.mask is not None or self.band is not None:
+            delta.mul_(self.mask if self.band is None else self.band_mask(delta))  # × 1.0 or × 0.0, as mergekit's
+            if self.scale is not None:  # τ ⊙ m (so −τ·0 stays −0.0)
                 delta.mul_(self.scale)
 
 
@@ -127,8 +135,12 @@ def prepare_trims(
         tau = magnitude_trim.abs_task_vector(model, base)
         if kind == "magnitude":
             mask = sparsify.top_magnitude_mask(tau, density, absolute=True)
-        elif kind == "outliers":
-            mask = sparsify.outlier_mask(tau, density, float(p.get("gamma", 0.01)), absolute=True)
+        elif kind == "outliers":  # two cuts of |τ|, as streamed_trims finds them
+            band = sparsify.outlier_band(tau, density, float(p.get("gamma", 0.01)))
+            mask = magnitude_trim.band_mask(tau, *band) if rescale else None
+            trims.append(Trim(scale=sparsify.l1_rescale_factor(tau, mask.to(tau.dtype)) if rescale else None,
+                              band=band))
+            continue
         elif kind == "random":
             mask = sparsify.bernoulli_mask(tau, density, generator)
         elif kind == "della":
@@ -167,6 +179,8 @@ def streamed_trims(kind: str | None, source, params: list[dict], options: dict) 
     densities = [float(p.get("density", 1.0)) for p in params]
     if kind is None or all(d >= 1 for d in densities):
         return [Trim() for _ in params]
+    if kind == "outliers" and not options.get("rescale", False):
+        return streamed_outlier_trims(source, params)
     if kind != "magnitude" or options.get("rescale", False):
         return None
     trims = [Trim() for _ in params]
@@ -175,6 +189,23 @@ def streamed_trims(kind: str | None, source, params: list[dict], options: dict) 
     cuts = magnitude_trim.streamed_magnitude_cuts(_Subset(source, trimmed), counts, gather_bytes=source.gather_bytes)
     for i, (threshold, last_tie) in zip(trimmed, cuts):
         trims[i] = Trim(threshold=float(threshold), last_tie=last_tie)
+    return trims
+
+
+def streamed_outlier_trims(source, params: list[dict]) -> list[Trim]:
+    """Breadcrumbs' trims without rescale as bands of two cuts of each model's |τ|, every model's cuts from one
+    counting pass over the source (:func:`~mergescope.merge.magnitude_trim.select_cuts`); the cuts
+    :func:`prepare_trims` finds on the whole |τ|."""
+    trims = [Trim() for _ in params]
+    trimmed = [i for i, p in enumerate(params) if float(p.get("density", 1.0)) < 1]
+    selections = [selection for i in trimmed for selection in sparsify.outlier_selections(
+        source.numel, float(params[i]["density"]), float(params[i].get("gamma", 0.01)), i)]
+    cuts = magnitude_trim.select_cuts(magnitude_counts.TaskMagnitudes(source), selections,
+                                      gather_bytes=source.gather_bytes)
+    for position, i in enumerate(trimmed):
+        above, top = cuts[2 * position : 2 * position + 2]
+        trims[i] = Trim(band=(magnitude_trim.Cut(float(above[0]), above[1], False),
+                              magnitude_trim.Cut(float(top[0]), top[1], False)))
     return trims
 
 
