@@ -12,8 +12,9 @@ output rows at a time from each input's rows for those tokens, its fill rows com
 Memory bound: at most ``prefetch + 1`` input sets are alive, plus the method's temporaries and two output
 tensors (one being written): a few copies of the largest tensor, never the model. Elementwise methods and
 the task-arithmetic family hold float32 copies of one block only; the family's whole-tensor trims hold a
-mask per model (DARE, breadcrumbs, DELLA) or, for TIES without rescale, two numbers per model (a
-threshold and a tie cut, found block by block). Non-finite inputs stop the merge naming the model and
+mask per model (DARE, DELLA, L1 rescale) or, for TIES and breadcrumbs without rescale, two or four numbers
+per model (thresholds and tie cuts, found block by block by the streamed selection); sce's variance cut and
+arcee_fusion's quantiles are found the same way. Non-finite inputs stop the merge naming the model and
 tensor (``allow_non_finite`` overrides); so does a cancel (between tensors). Either way the writer removes
 its temporary folder: the output appears only when complete.
 """
@@ -118,8 +119,8 @@ def bytes_per_entry(job: MergeJob, prefetch: int) -> float:
 
 def plan_blocks(job: MergeJob, entries: int, tasks: list[TensorTask] | None = None) -> list[RowBlock]:
     """Every output tensor (of ``tasks``, default the job's) as row blocks of at most ``entries`` entries, in
-    order. A method that is neither elementwise nor two-phase (nuslerp's norms, sce's variance ranks, …) gets its
-    large tensors whole."""
+    order. A method that is neither elementwise nor two-phase (karcher's iterated mean) gets its large tensors
+    whole."""
     method = job.method
     blockwise = method.elementwise or method.two_phase
     units = []
@@ -282,7 +283,8 @@ def _unblocked(buffers: ReadBuffers, sets: int) -> Iterator[None]:
 def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: str, seed: int,
                        gather_bytes: int | None = None, aligned: AlignedRows | None = None) -> list | None:
     """A block-merged tensor's whole-tensor trims: None for an elementwise method; else from the method's
-    streamed first pass over row blocks (TIES' thresholds and tie cuts), or, where the method cannot stream
+    streamed passes over row blocks (the selections — TIES' and breadcrumbs' thresholds and tie cuts, sce's
+    variance cut, arcee_fusion's quantiles — norms, cosines, counts), or, where the method cannot stream
     these parameters, from ``prepare`` on the whole inputs (DARE's draws, DELLA's ranks, L1 rescale factors:
     memory as large as the tensor). An embedding or head merged by token is read aligned to the output rows
     (``aligned``, made here when not given)."""

@@ -236,3 +236,16 @@ def test_sce_below_select_topk_1_takes_its_variance_cut_from_passes_over_row_blo
     kept = weights * (np.sign(taus) == elected)
     expected = x0 + (taus * kept).sum(axis=0) / np.maximum(kept.sum(axis=0), 1e-6)
     np.testing.assert_allclose(merged.double().numpy().reshape(-1), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("models", [1, 2, 3, 5, 8])
+def test_sce_variance_has_the_bits_of_torch_var_on_the_cpu(models):
+    """What mergekit computes (torch.var across the models), for inputs of every scale, bf16 ties and zeros."""
+    from mergescope.merge.methods.adaptive import _variance
+
+    g = torch.Generator().manual_seed(models)
+    taus = torch.cat([torch.randn(models, 100_000, generator=g) * scale for scale in (1e-6, 0.01, 1.0, 300.0)], dim=1)
+    taus[:, ::7] = taus[:, ::7].bfloat16().float()
+    taus[:, ::11] = 0
+    taus[:, ::13] = taus[:1, ::13]  # equal across the models: zero variance
+    assert torch.equal(_variance(taus), torch.var(taus, dim=0, unbiased=False))

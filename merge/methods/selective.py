@@ -17,7 +17,10 @@ threshold is median + 1.5·(Q3 − Q1) of the importances, where the quantile at
 index ⌊q·(n − 1)⌋ (q·(n − 1) formed in float32, as mergekit does); entries at or above it take θ, the rest θ₀.
 mergekit estimates the quantiles from a random sample of one million entries for larger tensors; mergescope
 computes them exactly by selection on every tensor, so results agree exactly up to a million entries and
-are deterministic beyond.
+are deterministic beyond. A large tensor streams: one pass over row blocks takes each row's KL, then the
+streamed selection (:func:`~mergescope.merge.magnitude_trim.select_cuts`, counting by float comparisons as an
+importance may be slightly negative from rounding) finds the three order statistics, and the merge runs
+block by block given the rows' KL and the threshold — the bits of the whole-tensor merge.
 """
 
 from __future__ import annotations
