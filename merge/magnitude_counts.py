@@ -163,10 +163,14 @@ class TaskMagnitudes:
 class BlockScores:
     """:class:`Scores` computed by ``score(start, base, models)`` — float32 scores of each series for a block of a
     :class:`FlatBlocks` source whose first entry is flat entry ``start`` (base and ``models`` blocks in any float
-    dtype) — from one read of the source's blocks; a score may depend only on its own entry (given ``start``)."""
+    dtype) — from one read of the source's blocks; a score may depend only on its own entry (given ``start``).
+    ``elementwise``: it depends on the entry's inputs alone, not on ``start``, so the strided samples are scored
+    from the sampled inputs only."""
 
-    def __init__(self, source: FlatBlocks, models: list[int], score, *, signed: bool = False) -> None:
+    def __init__(self, source: FlatBlocks, models: list[int], score, *, signed: bool = False,
+                 elementwise: bool = False) -> None:
         self.source, self.models, self.score, self.signed = source, models, score, signed
+        self.elementwise = elementwise
         self.numel, self.device, self.gather_bytes = source.numel, source.device, source.gather_bytes
 
     def blocks(self, series: list[int], block: int) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -181,7 +185,17 @@ class BlockScores:
         return self.score(start, self.source.span(None, start, stop), models)[series]
 
     def samples(self, series: list[int], step: int) -> list[torch.Tensor]:
-        return strided_samples(self, series, step)
+        import torch
+
+        if not self.elementwise:
+            return strided_samples(self, series, step)
+        parts: list[list] = [[] for _ in series]
+        for start, base, models in self.source.blocks(self.models):
+            first = -start % step
+            scores = self.score(None, base[first::step], [model[first::step] for model in models])
+            for part, one in zip(parts, series):
+                part.append(scores[one])
+        return [torch.cat(part) for part in parts]
 
 
 class TensorScores:

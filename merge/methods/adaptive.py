@@ -282,7 +282,8 @@ def sce_stream_prepare(source, params, options, generator=None) -> list[SceWeigh
     if fraction < 1:
         nonzero = sum(int(_variance(_stacked_taus(base, blocks)[0]).count_nonzero())
                       for _, base, blocks in source.blocks(models))
-        scores = BlockScores(source, models, lambda start, base, blocks: [_variance(_stacked_taus(base, blocks)[0])])
+        scores = BlockScores(source, models, lambda start, base, blocks: [_variance(_stacked_taus(base, blocks)[0])],
+                             elementwise=True)
         threshold, tie = select_cuts(scores, [Selection(0, _variance_count(nonzero, fraction))],
                                      gather_bytes=source.gather_bytes)[0]
         trim.cut = Cut(float(threshold), tie)

@@ -187,7 +187,7 @@ def _fusion_threshold(fusion: FusionThreshold, scores) -> FusionThreshold:
 def fusion_prepare(base, models, params, options, generator=None) -> list[FusionThreshold]:
     """arcee_fusion's row divergences and threshold over whole tensors (any float dtype, as float32)."""
     _check_fusion(base, models)
-    length = base.shape[-1] if base.dim() else 1
+    length = max(base.shape[-1], 1) if base.dim() else 1
     fusion = FusionThreshold(row_divergence(base, models[0]), length)
     importance = fusion.importance(0, base, models[0])
     return [_fusion_threshold(fusion, TensorScores([importance], block_size(importance.device), signed=True))]
