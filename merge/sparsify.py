@@ -143,8 +143,12 @@ def outlier_selections(numel: int, density: float, gamma: float, series: int = 0
 
 def outlier_band(magnitude: torch.Tensor, density: float, gamma: float) -> tuple[magnitude_trim.Cut, ...]:
     """Breadcrumbs' two cuts (:func:`outlier_selections`) over a whole float32 |τ| in memory."""
-    cuts = magnitude_trim.select_in_memory([magnitude], outlier_selections(magnitude.numel(), density, gamma))
-    return tuple(magnitude_trim.Cut(float(t), c, False) for t, c in cuts)  # type: ignore[return-value]
+    return as_band(magnitude_trim.select_in_memory([magnitude], outlier_selections(magnitude.numel(), density, gamma)))
+
+
+def as_band(cuts: list[tuple[torch.Tensor, int]]) -> tuple[magnitude_trim.Cut, ...]:
+    """The answers of :func:`outlier_selections` (thresholds and tie cuts) as the band's two cuts."""
+    return tuple(magnitude_trim.Cut(float(threshold), tie, False) for threshold, tie in cuts)
 
 
 def outlier_mask(values: torch.Tensor, density: float, gamma: float, *, absolute: bool = False) -> torch.Tensor:

@@ -103,8 +103,9 @@ class Trim:
         if self.threshold is not None:
             magnitude_trim.apply_cut_(delta, self.threshold, self.last_tie)
         elif self.mask is not None or self.band is not None:
-            delta.mul_(self.mask if self.band is None else self.band_mask(delta))  # × 1.0 or × 0.0, as mergekit's
-            if self.scale is not None:  # τ ⊙ m (so −τ·0 stays −0.0)
+            # × 1.0 or × 0.0, as mergekit's τ ⊙ m (so −τ·0 stays −0.0)
+            delta.mul_(self.mask if self.band is None else self.band_mask(delta))
+            if self.scale is not None:
                 delta.mul_(self.scale)
 
 
@@ -203,9 +204,7 @@ def streamed_outlier_trims(source, params: list[dict]) -> list[Trim]:
     cuts = magnitude_trim.select_cuts(magnitude_counts.TaskMagnitudes(source), selections,
                                       gather_bytes=source.gather_bytes)
     for position, i in enumerate(trimmed):
-        above, top = cuts[2 * position : 2 * position + 2]
-        trims[i] = Trim(band=(magnitude_trim.Cut(float(above[0]), above[1], False),
-                              magnitude_trim.Cut(float(top[0]), top[1], False)))
+        trims[i] = Trim(band=sparsify.as_band(cuts[2 * position : 2 * position + 2]))
     return trims
 
 
