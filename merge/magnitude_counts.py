@@ -220,13 +220,18 @@ class TensorScores:
 
 
 def strided_samples(scores: Scores, series: list[int], step: int) -> list[torch.Tensor]:
-    """Each series' scores at flat entries 0, step, 2·step, … from one pass over its blocks."""
+    """Each series' scores at flat entries 0, step, 2·step, … from one pass over its blocks, written in place into
+    the samples: nothing small is kept per block between the blocks' freed temporaries, which would fragment
+    the heap (the executor lets glibc keep freed memory) and grow it by about a block per block."""
     import torch
 
-    parts: list[list] = [[] for _ in series]
+    samples = torch.empty((len(series), -(-scores.numel // step)), dtype=torch.float32, device=scores.device)
     for start, index, block in scores.blocks(series, block_size(scores.device)):
-        parts[index].append(block[-start % step :: step].clone())
-    return [torch.cat(part) for part in parts]
+        first = -start % step
+        picked = block[first::step]
+        at = (start + first) // step
+        samples[index, at : at + picked.numel()] = picked
+    return list(samples)
 
 
 @dataclass
@@ -271,15 +276,17 @@ class _Counter:
         self.bounds = (self.lo, self.lo + 1) if same else (self.lo, self.lo + 1, self.hi, self.hi + 1)
         self.gather = bracket.gather
         self.counts = torch.empty((len(self.bounds), -(-numel // CHUNK)), dtype=torch.int32, device=device)
-        self.sums: list = []  # Σ s per block: NaN if any entry is
-        self.values: list = []
-        self.positions: list = []
+        self.sums = None  # Σ s over the blocks so far (one running 0-dim tensor): NaN if any entry is
+        self.values: torch.Tensor | None = None  # the entries gathered so far, in [: self.filled]
+        self.positions: torch.Tensor | None = None
+        self.filled = 0
 
     def count(self, start: int, scores: torch.Tensor, scratch: torch.Tensor, kept: torch.Tensor) -> None:
         """Count one block of scores (flat entries from ``start``), using two int32 scratch blocks."""
         import torch
 
-        self.sums.append(scores.sum())
+        total = scores.sum()
+        self.sums = total if self.sums is None else self.sums.add_(total)
         chunks = slice(start // CHUNK, -(-(start + scores.numel()) // CHUNK))
         if self.signed:
             self._count_floats(start, scores, chunks, scratch)
@@ -291,9 +298,7 @@ class _Counter:
             torch.sub(bits, bound, out=out).bitwise_right_shift_(31)
             chunk_sums(out, self.counts[row, chunks])
             if between and row == 2:  # [bits < hi] − [bits ≤ lo] is 1 exactly strictly between
-                inside = kept.sub_(out).nonzero().reshape(-1)
-                self.values.append(scores[inside])
-                self.positions.append(inside.add_(start))
+                self._gather(scores, kept.sub_(out).nonzero().reshape(-1), start)
 
     def _count_floats(self, start: int, scores: torch.Tensor, chunks: slice, scratch: torch.Tensor) -> None:
         """The counts of a ``signed`` series by float comparisons, stored negated as the bit counts are."""
@@ -304,9 +309,25 @@ class _Counter:
             torch.neg(compare(scores, bound).to(torch.int32), out=scratch)
             chunk_sums(scratch, self.counts[row, chunks])
         if self.gather and not self.same:
-            inside = ((scores > self.low) & (scores < self.high)).nonzero().reshape(-1)
-            self.values.append(scores[inside])
-            self.positions.append(inside.add_(start))
+            self._gather(scores, ((scores > self.low) & (scores < self.high)).nonzero().reshape(-1), start)
+
+    def _gather(self, scores: torch.Tensor, inside: torch.Tensor, start: int) -> None:
+        """Append the entries ``inside`` (indices in the block) and their flat indices to the gathered ones, in
+        buffers grown by doubling: one piece kept per block between the blocks' freed temporaries would fragment
+        the heap (see :func:`strided_samples`)."""
+        import torch
+
+        count, filled = inside.numel(), self.filled
+        if self.values is None or filled + count > self.values.numel():
+            capacity = max(2 * (filled + count), 1 << 16)
+            values = torch.empty(capacity, dtype=torch.float32, device=scores.device)
+            positions = torch.empty(capacity, dtype=torch.int64, device=scores.device)
+            if self.values is not None:
+                values[:filled], positions[:filled] = self.values[:filled], self.positions[:filled]
+            self.values, self.positions = values, positions
+        torch.index_select(scores, 0, inside, out=self.values[filled : filled + count])
+        torch.add(inside, start, out=self.positions[filled : filled + count])
+        self.filled += count
 
     def finish(self) -> Tally:
         import torch
@@ -316,11 +337,12 @@ class _Counter:
             counts = counts.repeat(2, 1)
         gathered = None
         if self.gather:
-            device = counts.device
-            values = self.values or [torch.empty(0, dtype=torch.float32, device=device)]
-            positions = self.positions or [torch.empty(0, dtype=torch.int64, device=device)]
-            gathered = (torch.cat(values), torch.cat(positions))
-        nan_free = not self.sums or not bool(torch.stack(self.sums).isnan().any())
+            if self.values is None:
+                gathered = (torch.empty(0, dtype=torch.float32, device=counts.device),
+                            torch.empty(0, dtype=torch.int64, device=counts.device))
+            else:
+                gathered = (self.values[: self.filled], self.positions[: self.filled])
+        nan_free = self.sums is None or not bool(self.sums.isnan())
         return Tally(counts, gathered, nan_free)
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from mergescope.checkpoints.errors import MergescopeError
 from mergescope.merge.magnitude_counts import BlockScores
 from mergescope.merge.magnitude_trim import Cut, Selection, select_cuts, select_in_memory
-from mergescope.merge.methods.chunks import chunk_norms, chunk_sums
+from mergescope.merge.methods.chunks import STAT_CHUNK, chunk_norms, chunk_sums
 from mergescope.merge.methods.task_arithmetic import elect_signs
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
@@ -169,24 +169,33 @@ def model_stock(base, models, params, options, generator=None):
     return flat.reshape(base.shape)
 
 
+#: entries whose float64 variance terms are formed at once (2 MiB of temporaries)
+_VARIANCE_SLICE = 1 << 16
+
+
 def _variance(taus: torch.Tensor) -> torch.Tensor:
     """Var_i τᵢ per entry (population variance across the models) of the stacked flat τ [n, entries], as +0 or
     more (−0 made +0: the score the variance selection counts on its bit pattern).
 
     Welford's update in float64, model by model — d = τᵢ − mean, mean += d / i, M2 += d·(τᵢ − mean) — then M2 / n
     rounded to float32: the bits of ``torch.var(taus, dim=0, unbiased=False)`` on a CPU (which accumulates so,
-    one entry at a time), 3–10× faster vectorised, and the same on every device.
+    one entry at a time), 3–10× faster vectorised, and the same on every device. Formed
+    :data:`_VARIANCE_SLICE` entries at a time, so its float64 temporaries stay small.
     """
     import torch
 
-    mean = torch.zeros(taus.shape[1:], dtype=torch.float64, device=taus.device)
-    square = torch.zeros_like(mean)
-    for count, tau in enumerate(taus, start=1):
-        value = tau.double()
-        delta = value - mean
-        mean.add_(delta / count)
-        square.add_(delta.mul_(value.sub_(mean)))
-    return square.div_(len(taus)).float().abs_()
+    out = torch.empty(taus.shape[1:], dtype=torch.float32, device=taus.device)
+    for start in range(0, taus.shape[1], _VARIANCE_SLICE):
+        part = taus[:, start : start + _VARIANCE_SLICE]
+        mean = torch.zeros(part.shape[1:], dtype=torch.float64, device=taus.device)
+        square = torch.zeros_like(mean)
+        for count, tau in enumerate(part, start=1):
+            value = tau.double()
+            delta = value - mean
+            mean.add_(delta / count)
+            square.add_(delta.mul_(value.sub_(mean)))
+        out[start : start + _VARIANCE_SLICE] = square.div_(len(taus))
+    return out.abs_()
 
 
 def _variance_count(nonzero: int, fraction: float) -> int:
@@ -287,9 +296,12 @@ def sce_stream_prepare(source, params, options, generator=None) -> list[SceWeigh
         threshold, tie = select_cuts(scores, [Selection(0, _variance_count(nonzero, fraction))],
                                      gather_bytes=source.gather_bytes)[0]
         trim.cut = Cut(float(threshold), tie)
-    sums = [_square_sums(trim.block(start, start + base.numel()).select(_stacked_taus(base, blocks)[0]))
-            for start, base, blocks in source.blocks(models)]
-    trim.weights = _sce_weights(torch.cat(sums, dim=1), source.numel)
+    # filled in place, not kept per block: see fusion_stream_prepare in selective.py
+    sums = torch.empty((len(models), -(-source.numel // STAT_CHUNK)), dtype=torch.float32, device=source.device)
+    for start, base, blocks in source.blocks(models):
+        block = _square_sums(trim.block(start, start + base.numel()).select(_stacked_taus(base, blocks)[0]))
+        sums[:, start // STAT_CHUNK : start // STAT_CHUNK + block.shape[1]] = block
+    trim.weights = _sce_weights(sums, source.numel)
     return [trim]
 
 

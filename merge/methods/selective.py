@@ -202,8 +202,13 @@ def fusion_stream_prepare(source, params, options, generator=None) -> list[Fusio
     if len(params) != 1 or shape is None or len(shape) < 2 or source.numel == 0:
         return None
     length = shape[-1]
-    divergence = torch.cat([row_divergence(base.reshape(-1, length), blocks[0].reshape(-1, length))
-                            for _, base, blocks in source.blocks([0])])
+    # filled in place: a small result kept per block between the blocks' freed temporaries would fragment the
+    # heap (the executor lets glibc keep freed memory), growing it by about a block per block
+    divergence = torch.empty(source.numel // length, dtype=torch.float32, device=source.device)
+    for start, base, blocks in source.blocks([0]):
+        rows = base.numel() // length
+        divergence[start // length : start // length + rows] = row_divergence(base.reshape(rows, length),
+                                                                            blocks[0].reshape(rows, length))
     fusion = FusionThreshold(divergence, length)
     scores = BlockScores(source, [0], lambda start, base, blocks: [fusion.importance(start, base, blocks[0])],
                          signed=True)
