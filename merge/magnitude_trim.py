@@ -279,6 +279,8 @@ def select_cuts(
         else:
             pending.append((index, bracket))
     samples.clear()
+    if not pending:  # no counting pass needed
+        return cuts  # type: ignore[return-value]
     series = [selections[index].series for index, _ in pending]
     tallies = counting.tally(scores, series, [bracket for _, bracket in pending], block)
     for (index, bracket), tally in zip(pending, tallies):
