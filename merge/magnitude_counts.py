@@ -148,16 +148,16 @@ class TaskMagnitudes:
 
     def samples(self, series: list[int], step: int) -> list[torch.Tensor]:
         """The bits of ``abs_task_vector(model[::step], base[::step])``, from one pass over the source's blocks
-        that forms |τ| at the sampled entries only."""
+        that forms |τ| at the sampled entries only (written in place, as :func:`strided_samples`)."""
         import torch
 
-        parts: list[list] = [[] for _ in series]
+        samples = torch.empty((len(series), -(-self.numel // step)), dtype=torch.float32, device=self.device)
         for start, base, blocks in self.source.blocks(series):
             first = -start % step
-            picked = base[first::step]
-            for part, block in zip(parts, blocks):
-                part.append(abs_task_vector(block[first::step], picked))
-        return [torch.cat(part) for part in parts]
+            picked, at = base[first::step], (start + first) // step
+            for index, block in enumerate(blocks):
+                abs_task_vector(block[first::step], picked, out=samples[index, at : at + picked.numel()])
+        return list(samples)
 
 
 class BlockScores:
