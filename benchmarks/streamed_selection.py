@@ -18,7 +18,7 @@ import time
 import torch
 
 from mergescope.merge import magnitude_counts, magnitude_trim, sparsify
-from mergescope.merge.methods.adaptive import _variance
+from mergescope.merge.methods.adaptive import model_variance
 
 
 def floor_pass(base: torch.Tensor, models: list[torch.Tensor], block: int) -> float:
@@ -53,7 +53,7 @@ def main() -> None:
     everyone = list(range(args.models))
     outliers = [s for i in everyone for s in sparsify.outlier_selections(args.entries, 0.5, 0.01, i)]
     variance = magnitude_counts.BlockScores(
-        source, everyone, lambda start, b, ms: [_variance(torch.stack([m.float() - b.float() for m in ms]))],
+        source, everyone, lambda start, b, ms: [model_variance(torch.stack([m.float() - b.float() for m in ms]))],
         elementwise=True)
     signed = magnitude_counts.BlockScores(source, [0], lambda start, b, ms: [ms[0].float() - b.float()], signed=True)
     quantiles = [magnitude_trim.Selection(0, args.entries - int(q * (args.entries - 1))) for q in (0.25, 0.5, 0.75)]

@@ -247,14 +247,14 @@ def test_sce_below_select_topk_1_takes_its_variance_cut_from_passes_over_row_blo
 @pytest.mark.parametrize("models", [1, 2, 3, 5, 8])
 def test_sce_variance_has_the_bits_of_torch_var_on_the_cpu(models):
     """What mergekit computes (torch.var across the models), for inputs of every scale, bf16 ties and zeros."""
-    from mergescope.merge.methods.adaptive import _variance
+    from mergescope.merge.methods.adaptive import model_variance
 
     g = torch.Generator().manual_seed(models)
     taus = torch.cat([torch.randn(models, 100_000, generator=g) * scale for scale in (1e-6, 0.01, 1.0, 300.0)], dim=1)
     taus[:, ::7] = taus[:, ::7].bfloat16().float()
     taus[:, ::11] = 0
     taus[:, ::13] = taus[:1, ::13]  # equal across the models: zero variance
-    assert torch.equal(_variance(taus), torch.var(taus, dim=0, unbiased=False))
+    assert torch.equal(model_variance(taus), torch.var(taus, dim=0, unbiased=False))
 
 
 MEMORY_CHILD = r"""

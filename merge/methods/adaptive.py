@@ -173,7 +173,7 @@ def model_stock(base, models, params, options, generator=None):
 _VARIANCE_SLICE = 1 << 16
 
 
-def _variance(taus: torch.Tensor) -> torch.Tensor:
+def model_variance(taus: torch.Tensor) -> torch.Tensor:
     """Var_i τᵢ per entry (population variance across the models) of the stacked flat τ [n, entries], as +0 or
     more (−0 made +0: the score the variance selection counts on its bit pattern).
 
@@ -228,7 +228,7 @@ class SceWeights:
         """The stacked flat τ [n, entries] of this block with the entries outside the cut zeroed."""
         if self.cut is None:
             return taus
-        return taus * self.cut.mask(_variance(taus)).to(taus.dtype).unsqueeze(0)
+        return taus * self.cut.mask(model_variance(taus)).to(taus.dtype).unsqueeze(0)
 
 
 def _square_sums(taus) -> torch.Tensor:
@@ -263,7 +263,7 @@ def sce_prepare(base, models, params, options, generator=None) -> list[SceWeight
     fraction = float(options.get("select_topk", 1.0))
     trim = SceWeights(torch.empty(0))
     if fraction < 1:
-        trim.cut = _variance_cut(_variance(taus), fraction)
+        trim.cut = _variance_cut(model_variance(taus), fraction)
     trim.weights = _sce_weights(_square_sums(trim.select(taus)), taus.shape[1])
     return [trim]
 
@@ -275,6 +275,11 @@ def sce_combine(base, models, trims, params, options):
     taus = trim.select(taus)
     kept = trim.weights.reshape(-1, 1) * elect_signs(taus)
     return base + (taus * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
+
+
+def _variance_scores(start, base, models) -> list[torch.Tensor]:
+    """The variance score of a block (:class:`~mergescope.merge.magnitude_counts.BlockScores`)."""
+    return [model_variance(_stacked_taus(base, models)[0])]
 
 
 def sce_stream_prepare(source, params, options, generator=None) -> list[SceWeights] | None:
@@ -289,9 +294,9 @@ def sce_stream_prepare(source, params, options, generator=None) -> list[SceWeigh
     fraction = float(options.get("select_topk", 1.0))
     trim = SceWeights(torch.empty(0))
     if fraction < 1:
-        nonzero = sum(int(_variance(_stacked_taus(base, blocks)[0]).count_nonzero())
+        nonzero = sum(int(model_variance(_stacked_taus(base, blocks)[0]).count_nonzero())
                       for _, base, blocks in source.blocks(models))
-        scores = BlockScores(source, models, lambda start, base, blocks: [_variance(_stacked_taus(base, blocks)[0])],
+        scores = BlockScores(source, models, _variance_scores,
                              elementwise=True)
         threshold, tie = select_cuts(scores, [Selection(0, _variance_count(nonzero, fraction))],
                                      gather_bytes=source.gather_bytes)[0]
