@@ -12,11 +12,12 @@ output rows at a time from each input's rows for those tokens, its fill rows com
 Memory bound: at most ``prefetch + 1`` input sets are alive, plus the method's temporaries and two output
 tensors (one being written): a few copies of the largest tensor, never the model. Elementwise methods and
 the task-arithmetic family hold float32 copies of one block only; the family's whole-tensor trims hold a
-mask per model for breadcrumbs (and DELLA on a 1-D tensor) only; TIES keeps two numbers per model (a
-threshold and a tie cut, found block by block), DARE and DELLA their density and seed (each block draws its own
-mask), and an L1 rescale one factor per model, from a pass over the row blocks. Non-finite inputs stop the
-merge naming the model and tensor (``allow_non_finite`` overrides); so does a cancel (between tensors).
-Either way the writer removes its temporary folder: the output appears only when complete.
+mask per model for DELLA on a 1-D tensor only; TIES keeps two numbers per model and breadcrumbs four
+(thresholds and tie cuts, found block by block by the streamed selection; sce's variance cut and arcee_fusion's
+quantiles are found the same way), DARE and DELLA their density and seed (each block draws its own mask), and
+an L1 rescale one factor per model, from a pass over the row blocks. Non-finite inputs stop the merge naming
+the model and tensor (``allow_non_finite`` overrides); so does a cancel (between tensors). Either way the
+writer removes its temporary folder: the output appears only when complete.
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ def bytes_per_entry(job: MergeJob, prefetch: int) -> float:
 
 def plan_blocks(job: MergeJob, entries: int, tasks: list[TensorTask] | None = None) -> list[RowBlock]:
     """Every output tensor (of ``tasks``, default the job's) as row blocks of at most ``entries`` entries, in
-    order. A method that is neither elementwise nor two-phase (nuslerp's norms, sce's variance ranks, …) gets its
-    large tensors whole."""
+    order. A method that is neither elementwise nor two-phase (karcher's iterated mean) gets its large tensors
+    whole."""
     method = job.method
     blockwise = method.elementwise or method.two_phase
     units = []
@@ -288,10 +289,11 @@ def _unblocked(buffers: ReadBuffers, sets: int) -> Iterator[None]:
 def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: str, seed: int,
                        gather_bytes: int | None = None, aligned: AlignedRows | None = None) -> list | None:
     """A block-merged tensor's whole-tensor trims: None for an elementwise method; else from the method's
-    streamed first passes over row blocks (TIES' thresholds and tie cuts; DARE's and DELLA's drops, which are
-    data drawn block by block; L1 rescale factors of any of them), or, where the method cannot stream these
-    parameters, from ``prepare`` on the whole inputs (breadcrumbs' masks, DELLA on a 1-D tensor: memory as
-    large as the tensor). An embedding or head merged by token is read aligned to the output rows
+    streamed passes over row blocks (the selections — TIES' and breadcrumbs' thresholds and tie cuts, sce's
+    variance cut, arcee_fusion's quantiles — norms, cosines, counts; DARE's and DELLA's drops, which are data
+    drawn block by block; L1 rescale factors of any trim), or, where the method cannot stream these
+    parameters, from ``prepare`` on the whole inputs (DELLA on a 1-D tensor: memory as large as the tensor).
+    An embedding or head merged by token is read aligned to the output rows
     (``aligned``, made here when not given)."""
     import torch
 

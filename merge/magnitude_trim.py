@@ -1,28 +1,33 @@
-"""TIES' magnitude trim as a threshold and a tie cut, found block by block.
+"""Streamed selection: the top ``count`` entries of a per-entry score as a threshold and a tie cut, found
+block by block. TIES' magnitude trim is its first user (the score |τ| of each model); Breadcrumbs' two cuts,
+sce's variance top-k and arcee_fusion's quantiles are the others.
 
-The trim keeps the k = :func:`~mergescope.merge.sparsify.trim_count` entries of largest |τ|, ties at the
-threshold taken lowest flat index first (as :func:`~mergescope.merge.sparsify.top_magnitude_mask`). Such a
-set is described by two numbers:
+The selection keeps the ``count`` entries of largest score, ties at the threshold taken lowest flat index first
+(``low_first``, as :func:`~mergescope.merge.sparsify.top_magnitude_mask`) or highest index first. Such a set is
+described by two numbers:
 
-* t, the k-th largest |τ| — the r-th smallest, r = n − k + 1 — and
-* c, the flat index of the last entry equal to t that is kept,
+* t, the count-th largest score — the r-th smallest, r = n − count + 1 — and
+* c, the flat index of the last (lowest-first) or first (highest-first) entry equal to t that is kept,
 
-and entry j is kept ⇔ |τⱼ| > t, or |τⱼ| = t and j ≤ c; as ties are taken lowest index first, that is
-|τⱼ| ≥ t for j ≤ c and |τⱼ| > t for j > c (:func:`keep_mask`). With #{|τ| ≤ t} = L, the kept ties are the
-m = L − r + 1 lowest-indexed entries equal to t, so c is the flat index of the m-th of them. Keeping (t, c)
-instead of a mask lets a merge rebuild any block's mask from that block's τ: no full-size mask or float32
-|τ| ever exists.
+and entry j is kept ⇔ sⱼ > t, or sⱼ = t and j ≤ c (lowest first) / j ≥ c (highest first)
+(:func:`keep_mask`). With #{s < t} = B, #{s ≤ t} = L, the kept ties are m = L − r + 1 of the L − B entries
+equal to t: the m lowest-indexed (c the m-th of them) or the m highest-indexed (c the (L − B − m + 1)-th).
+Lowest first is the top of a stable sort of −s; highest first is the top of a stable ascending sort of s, so
+the entries at ranks p … q − 1 of a stable ascending sort are the highest-first top n − p without the
+highest-first top n − q (Breadcrumbs). Keeping (t, c) instead of a mask lets a merge rebuild any block's mask
+from that block's scores: no full-size mask or score ever exists. A quantile is the threshold t alone.
 
-:func:`top_magnitude_cuts` finds (t, c) for every model of a tensor in one pass over blocks of τ
-(:mod:`~mergescope.merge.magnitude_counts`): an evenly strided sample of |τ| brackets t (low ≤ t ≤ high
-with a margin of a few standard errors of the sample rank); the pass counts the entries < low, ≤ low,
-< high and ≤ high per chunk of 4096, which places t at low, at high, or strictly between (then the entries
-strictly between are gathered with their indices, and ``kthvalue`` picks t among them). When t is low or
-high, the per-chunk counts of entries equal to t find the chunk holding the m-th tie, and only that chunk
-is formed again to find c. A failed bracket (t outside it) or a NaN falls back to the exact whole-tensor
-selection (:func:`exact_cut`). Either way the result is the one a stable sort of −|τ| gives, on every
-device; bf16 task vectors tie heavily (a fifth of a tensor can share the threshold value), so t usually
-equals low or high and no entry is gathered at all.
+:func:`select_cuts` finds (t, c) for every selection over a score source
+(:class:`~mergescope.merge.magnitude_counts.Scores`) in one counting pass (:mod:`~.magnitude_counts`): an
+evenly strided sample of each series brackets t (low ≤ t ≤ high with a margin of a few standard errors of
+the sample rank); the pass counts the entries < low, ≤ low, < high and ≤ high per chunk of 4096, which places
+t at low, at high, or strictly between (then the entries strictly between are gathered with their indices,
+and ``kthvalue`` picks t among them). When t is low or high, the per-chunk counts of entries equal to t find
+the chunk holding the tie cut, and only that chunk is formed again to find c. A failed bracket (t outside
+it) or a NaN falls back to the exact whole-series selection (:func:`exact_cut`). Either way the result is
+the one a stable sort gives, on every device, and the whole-tensor path runs the same code over scores in
+memory (:class:`~.magnitude_counts.TensorScores`); bf16 task vectors tie heavily (a fifth of a tensor can
+share the threshold value), so t usually equals low or high and no entry is gathered at all.
 
 |τ| is always |f32(model) − f32(base)|, one float32 subtraction, so the trim phase, the combine phase
 and the whole-tensor merge see the same bits.
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from mergescope.merge import magnitude_counts as counting
 
@@ -49,24 +54,59 @@ MARGIN_MIN = 8
 abs_task_vector = counting.abs_task_vector
 
 
-def keep_mask(magnitude: torch.Tensor, threshold: torch.Tensor, last_tie: int) -> torch.Tensor:
-    """Boolean mask of the kept entries of a block of |τ| whose first entry has flat index 0.
+class Selection(NamedTuple):
+    """The ``count`` largest scores of series ``series``, ties taken lowest index first (``low_first``) or
+    highest index first."""
 
-    keep ⇔ |τⱼ| > t, or |τⱼ| = t and j ≤ c: |τⱼ| ≥ t on j ≤ c and |τⱼ| > t on j > c (c = ``last_tie``).
+    series: int
+    count: int
+    low_first: bool = True
+
+
+class Cut(NamedTuple):
+    """A selection's answer as a trim keeps it: threshold t, tie cut c (flat index of the tensor or block it
+    applies to) and the tie order (:func:`keep_mask`)."""
+
+    threshold: float
+    tie: int
+    low_first: bool = True
+
+    def block(self, start: int) -> Cut:
+        """The same cut for a block whose first entry is flat entry ``start``."""
+        return Cut(self.threshold, self.tie - start, self.low_first)
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """The entries of a block of scores (first entry at index 0) this cut keeps."""
+        return keep_mask(scores, self.threshold, self.tie, self.low_first)
+
+
+def band_mask(scores: torch.Tensor, above: Cut, top: Cut) -> torch.Tensor:
+    """The entries kept by ``above`` and not by ``top``: with both highest first, the stable ascending ranks
+    n − count(above) … n − count(top) − 1 (Breadcrumbs' kept band)."""
+    return above.mask(scores).logical_and_(top.mask(scores).logical_not_())
+
+
+def keep_mask(scores: torch.Tensor, threshold: torch.Tensor | float, tie: int, low_first: bool = True) -> torch.Tensor:
+    """Boolean mask of the kept entries of a block of scores whose first entry has flat index 0.
+
+    keep ⇔ sⱼ > t, or sⱼ = t and j ≤ c (``low_first``) / j ≥ c: with lowest first sⱼ ≥ t on j ≤ c and sⱼ > t
+    on j > c; with highest first sⱼ > t on j < c and sⱼ ≥ t on j ≥ c (c = ``tie``).
     """
     import torch
 
-    flat = magnitude.reshape(-1)
+    flat = scores.reshape(-1)
     numel = flat.numel()
-    if last_tie < 0:
-        keep = flat > threshold
-    elif last_tie >= numel - 1:
-        keep = flat >= threshold
+    split = min(max(tie + 1 if low_first else tie, 0), numel)  # entries before split compare one way
+    first, second = (torch.ge, torch.gt) if low_first else (torch.gt, torch.ge)
+    if split == 0:
+        keep = second(flat, threshold)
+    elif split == numel:
+        keep = first(flat, threshold)
     else:
         keep = torch.empty(numel, dtype=torch.bool, device=flat.device)
-        torch.ge(flat[: last_tie + 1], threshold, out=keep[: last_tie + 1])
-        torch.gt(flat[last_tie + 1 :], threshold, out=keep[last_tie + 1 :])
-    return keep.reshape(magnitude.shape)
+        first(flat[:split], threshold, out=keep[:split])
+        second(flat[split:], threshold, out=keep[split:])
+    return keep.reshape(scores.shape)
 
 
 def float32_bits(value: float) -> int:
@@ -100,24 +140,44 @@ def apply_cut_(tau: torch.Tensor, threshold: float, last_tie: int) -> torch.Tens
     return tau
 
 
-def exact_cut(magnitude: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
-    """(t, c) over a whole flat |τ|: t = ``kthvalue`` of rank r = n − count + 1, c the index of the m-th entry
-    equal to t, m = count − #{|τ| > t}. ``count`` = 0 gives (+∞, −1): nothing kept.
+def exact_cut(scores: torch.Tensor, count: int, low_first: bool = True) -> tuple[torch.Tensor, int]:
+    """(t, c) over a whole flat series of scores: t = ``kthvalue`` of rank r = n − count + 1, c the index of the
+    m-th entry equal to t (lowest first) or of the (ties − m + 1)-th (highest first), m = count − #{s > t}.
+    ``count`` ≤ 0 keeps nothing, ``count`` ≥ n everything (:func:`_nothing`, :func:`_everything`).
 
     NaNs rank above everything in ``kthvalue`` but are never kept (a NaN is not > t); when they leave fewer
     than m ties, all ties are kept, as :func:`~mergescope.merge.sparsify.select_extreme` does.
     """
     import torch
 
-    numel = magnitude.numel()
+    numel = scores.numel()
     if count <= 0:
-        return torch.tensor(float("inf"), device=magnitude.device), -1
-    threshold = magnitude.kthvalue(numel - count + 1).values
+        return _nothing(numel, low_first, scores.device)
+    if count >= numel:
+        return _everything(numel, low_first, scores.device)
+    threshold = scores.kthvalue(numel - count + 1).values
     if bool(threshold.isnan()):  # NaNs fill the top ranks: no entry is > NaN or = NaN
-        return torch.tensor(float("inf"), device=magnitude.device), -1
-    missing = count - int(torch.count_nonzero(magnitude > threshold))
-    tied = (magnitude == threshold).nonzero().reshape(-1)
-    return threshold, int(tied[min(missing, tied.numel()) - 1]) if tied.numel() else -1
+        return _nothing(numel, low_first, scores.device)
+    missing = count - int(torch.count_nonzero(scores > threshold))
+    tied = (scores == threshold).nonzero().reshape(-1)
+    if not tied.numel():
+        return threshold, -1 if low_first else numel
+    kept = min(missing, tied.numel())
+    return threshold, int(tied[kept - 1] if low_first else tied[tied.numel() - kept])
+
+
+def _nothing(numel: int, low_first: bool, device) -> tuple[torch.Tensor, int]:
+    """The cut that keeps no entry: t = +∞ and no tie taken."""
+    import torch
+
+    return torch.tensor(float("inf"), device=device), -1 if low_first else numel
+
+
+def _everything(numel: int, low_first: bool, device) -> tuple[torch.Tensor, int]:
+    """The cut that keeps every entry but NaNs: t = −∞ and every tie taken."""
+    import torch
+
+    return torch.tensor(float("-inf"), device=device), numel - 1 if low_first else 0
 
 
 def bracket_ranks(rank: int, numel: int, size: int) -> tuple[int, int]:
@@ -140,20 +200,6 @@ def sample_step(numel: int) -> int:
     return numel // sample_size(numel)
 
 
-def strided_samples(source: counting.FlatBlocks, models: list[int], step: int) -> list[torch.Tensor]:
-    """|τ| at flat entries 0, step, 2·step, … of each of ``models``, from one pass over the source's blocks:
-    the bits of ``abs_task_vector(model[::step], base[::step])``."""
-    import torch
-
-    parts: list[list] = [[] for _ in models]
-    for start, base, blocks in source.blocks(models):
-        first = -start % step
-        picked = base[first::step]
-        for part, block in zip(parts, blocks):
-            part.append(abs_task_vector(block[first::step], picked))
-    return [torch.cat(part) for part in parts]
-
-
 def _bracket(sample: torch.Tensor, numel: int, rank: int) -> counting.Bracket | None:
     """[low, high] from the strided sample, gathering when t is expected strictly between them (the sample's
     own estimate of t, its entry at the expected rank, is); None when the sample brackets a NaN."""
@@ -171,7 +217,7 @@ def _bracket(sample: torch.Tensor, numel: int, rank: int) -> counting.Bracket | 
 def top_magnitude_cuts(
     base: torch.Tensor, models: list[torch.Tensor], counts: list[int], *, block: int | None = None
 ) -> list[tuple[torch.Tensor, int]]:
-    """(t, c) of TIES' trim of each τ = model − base keeping ``counts[i]`` entries (module docstring), all
+    """(t, c) of TIES' trim of each τ = model − base keeping ``counts[i]`` entries (ties lowest index first), all
     from one pass over the tensors in blocks; the same answers as :func:`exact_cut` on each whole |τ|."""
     block = block or counting.block_size(base.device)
     return streamed_magnitude_cuts(counting.TensorBlocks(base, models, block), counts, block=block)
@@ -181,76 +227,100 @@ def streamed_magnitude_cuts(
     source: counting.FlatBlocks, counts: list[int], *, block: int | None = None, gather_bytes: int | None = None
 ) -> list[tuple[torch.Tensor, int]]:
     """:func:`top_magnitude_cuts` over a :class:`~.magnitude_counts.FlatBlocks` source (model i is source
-    model i): a pass for the strided samples, a counting pass, and a look at one chunk per model for the tie
-    cut; a whole model is formed only on the rare exact fallback (a NaN, t outside its bracket) or for a
-    tensor of at most :data:`EXACT_UP_TO` entries. The bits of :func:`top_magnitude_cuts` on the whole
-    tensors. ``gather_bytes`` caps what the counting pass gathers between the brackets of all models together
-    (values and indices, expected from the sample); a model past the cap is gathered in a pass of its own."""
+    model i): :func:`select_cuts` on |τᵢ|, ties lowest index first."""
+    selections = [Selection(index, count) for index, count in enumerate(counts)]
+    return select_cuts(counting.TaskMagnitudes(source), selections, block=block, gather_bytes=gather_bytes)
+
+
+def select_in_memory(
+    scores: list[torch.Tensor], selections: list[Selection], *, signed: bool = False
+) -> list[tuple[torch.Tensor, int]]:
+    """:func:`select_cuts` over whole score tensors in memory (series i is ``scores[i]``, any shape, float32):
+    the whole-tensor path of a streamed selection, the same code and answers."""
     import torch
 
-    numel, device = source.numel, source.device
+    block = counting.block_size(scores[0].device)
+    signed = signed or scores[0].dtype != torch.float32  # float64 scores: counted by comparisons
+    return select_cuts(counting.TensorScores(scores, block, signed=signed), selections, block=block)
+
+
+def select_cuts(
+    scores: counting.Scores, selections: list[Selection], *, block: int | None = None,
+    gather_bytes: int | None = None,
+) -> list[tuple[torch.Tensor, int]]:
+    """(t, c) of every selection (module docstring) over a :class:`~.magnitude_counts.Scores` source: a pass
+    for the strided samples of the series, one counting pass for all selections, and a look at one chunk per
+    selection for the tie cut; a whole series is formed only on the rare exact fallback (a NaN, t outside its
+    bracket) or for a tensor of at most :data:`EXACT_UP_TO` entries. ``gather_bytes`` caps what the counting
+    pass gathers between the brackets of all selections together (values and indices, expected from the
+    sample); a selection past the cap is gathered in a pass of its own."""
+    numel, device = scores.numel, scores.device
     block = block or counting.block_size(device)
-    cuts: list[tuple[torch.Tensor, int] | None] = [None] * len(counts)
-    sampled = [i for i, count in enumerate(counts) if 0 < count and numel > EXACT_UP_TO]
-    samples = dict(zip(sampled, strided_samples(source, sampled, sample_step(numel)))) if sampled else {}
-    pending: list[tuple[int, int, counting.Bracket]] = []  # (model, rank of t, bracket)
+    cuts: list[tuple[torch.Tensor, int] | None] = [None] * len(selections)
+    sampled = list(dict.fromkeys(s.series for s in selections if 0 < s.count < numel and numel > EXACT_UP_TO))
+    samples = dict(zip(sampled, scores.samples(sampled, sample_step(numel)))) if sampled else {}
+    pending: list[tuple[int, counting.Bracket]] = []  # (selection, bracket)
     allowance = gather_bytes
-    for index, count in enumerate(counts):
-        rank = numel - count + 1  # t is the rank-th smallest |τ|
-        bracket = _bracket(samples[index], numel, rank) if index in samples else None
+    for index, (series, count, low_first) in enumerate(selections):
+        rank = numel - count + 1  # t is the rank-th smallest score
+        bracket = _bracket(samples[series], numel, rank) if series in samples and 0 < count < numel else None
         if bracket is not None and bracket.gather and gather_bytes is not None:
-            expected = _between_bytes(samples[index].numel(), numel, rank)
+            expected = _between_bytes(samples[series].numel(), numel, rank)
             if expected > allowance:  # gathered later, alone, in its own pass (see _cut)
                 bracket = counting.Bracket(bracket.low, bracket.high, False)
             else:
                 allowance -= expected
         if count <= 0:
-            cuts[index] = (torch.tensor(float("inf"), device=device), -1)  # nothing kept
+            cuts[index] = _nothing(numel, low_first, device)
+        elif count >= numel:
+            cuts[index] = _everything(numel, low_first, device)
         elif bracket is None:
-            cuts[index] = exact_cut(_whole_magnitude(source, index), count)
+            cuts[index] = exact_cut(scores.span(series, 0, numel), count, low_first)
         else:
-            pending.append((index, rank, bracket))
+            pending.append((index, bracket))
     samples.clear()
-    tallies = counting.tally(source, [index for index, _, _ in pending], [b for _, _, b in pending], block)
-    for (index, _, bracket), tally in zip(pending, tallies):
-        cuts[index] = _cut(source, index, counts[index], bracket, tally, block)
+    if not pending:  # no counting pass needed
+        return cuts  # type: ignore[return-value]
+    series = [selections[index].series for index, _ in pending]
+    tallies = counting.tally(scores, series, [bracket for _, bracket in pending], block)
+    for (index, bracket), tally in zip(pending, tallies):
+        cuts[index] = _cut(scores, selections[index], bracket, tally, block)
     return cuts  # type: ignore[return-value]
 
 
 def _between_bytes(size: int, numel: int, rank: int) -> int:
-    """Expected bytes gathered strictly inside a model's bracket: its share of the sample's ranks × numel, at
-    4 bytes of value and 8 of index each."""
+    """Expected bytes gathered strictly inside a selection's bracket: its share of the sample's ranks × numel,
+    at 4 bytes of value and 8 of index each."""
     low, high = bracket_ranks(rank, numel, size)
     return int((high - low + 1) / size * numel * 12)
 
 
-def _whole_magnitude(source: counting.FlatBlocks, model: int) -> torch.Tensor:
-    """|τ| of a whole model, float32: only for the exact fallback."""
-    return abs_task_vector(source.span(model, 0, source.numel), source.span(None, 0, source.numel))
-
-
 def _cut(
-    source: counting.FlatBlocks, model: int, count: int, bracket: counting.Bracket, tally: counting.Tally, block: int
+    scores: counting.Scores, selection: Selection, bracket: counting.Bracket, tally: counting.Tally, block: int
 ) -> tuple[torch.Tensor, int]:
-    """(t, c) from a model's tally: t at low, at high, or selected among the entries strictly between (a
+    """(t, c) from a selection's tally: t at low, at high, or selected among the entries strictly between (a
     second pass gathers them when the first did not); the exact selection when t is outside the bracket."""
     import torch
 
-    rank = source.numel - count + 1
+    series, count, low_first = selection
+    rank = scores.numel - count + 1
     below_low, at_most_low, below_high, at_most_high = tally.totals
-    if not tally.nan_free or not below_low < rank <= at_most_high:
-        return exact_cut(_whole_magnitude(source, model), count)  # a NaN, or t outside the bracket
+    if not tally.nan_free or not below_low < rank <= at_most_high:  # a NaN, or t outside the bracket
+        return exact_cut(scores.span(series, 0, scores.numel), count, low_first)
     if rank <= at_most_low:
-        threshold, at_most, ties = bracket.low, at_most_low, tally.ties(0)
+        threshold, below, at_most, ties = bracket.low, below_low, at_most_low, tally.ties(0)
     elif rank > below_high:
-        threshold, at_most, ties = bracket.high, at_most_high, tally.ties(2)
+        threshold, below, at_most, ties = bracket.high, below_high, at_most_high, tally.ties(2)
     else:  # strictly between: select among the entries there
         if tally.between is None:
             gathering = counting.Bracket(bracket.low, bracket.high, True)
-            tally = counting.tally(source, [model], [gathering], block)[0]
+            tally = counting.tally(scores, [series], [gathering], block)[0]
         values, positions = tally.between
         threshold = values.kthvalue(rank - at_most_low).values
-        at_most = at_most_low + int(torch.count_nonzero(values <= threshold))
-        return threshold, int(positions[values == threshold][at_most - rank])
-    # the kept ties are the m = #{|τ| ≤ t} − (r − 1) lowest-indexed entries equal to t
-    return threshold, counting.nth_tie(source, model, threshold, ties, at_most - rank + 1)
+        tied = positions[values == threshold]
+        kept = at_most_low + int(torch.count_nonzero(values <= threshold)) - rank + 1
+        return threshold, int(tied[kept - 1] if low_first else tied[tied.numel() - kept])
+    # the kept ties are m = #{s ≤ t} − (r − 1) of the #{s ≤ t} − #{s < t} entries equal to t
+    kept = at_most - rank + 1
+    nth = kept if low_first else at_most - below - kept + 1
+    return threshold, counting.nth_tie(scores, series, threshold, ties, nth)

@@ -1,6 +1,7 @@
 """One output tensor's inputs read from their checkpoints a row range at a time: the
 :class:`~mergescope.merge.magnitude_counts.FlatBlocks` source of a method's first pass (TIES' trims) when
-the tensor is too large to hold whole.
+the tensor is too large to hold whole; score sources (:class:`~mergescope.merge.magnitude_counts.Scores`) of the
+streamed selections are built on it.
 
 Blocks are read on a thread one ahead of their use, so reading and counting overlap; each block holds the
 base's and the asked models' rows in their stored dtype, then is dropped.

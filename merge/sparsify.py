@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mergescope.merge import draws
+from mergescope.merge import draws, magnitude_trim
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -128,27 +128,48 @@ def top_magnitude_mask(values: torch.Tensor, density: float, *, absolute: bool =
     return select_extreme(_magnitudes(values, absolute), k, largest=True, low_index_first=True).reshape(values.shape)
 
 
+def outlier_counts(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """Model Breadcrumbs' (n_bot, n_top) for density < 1: with k = ⌊density·n⌋ kept, n_bot = max(0, n − k − ⌊γ·n⌋)
+    smallest and n_top = n − n_bot − k largest entries dropped (fewer than ⌊γ·n⌋ outliers when k + ⌊γ·n⌋ > n)."""
+    kept = keep_count(numel, density)
+    n_bottom = max(0, numel - kept - int(gamma * numel))
+    return n_bottom, numel - n_bottom - kept
+
+
+def outlier_selections(numel: int, density: float, gamma: float, series: int = 0) -> list[magnitude_trim.Selection]:
+    """Breadcrumbs' trim of series ``series`` as two selections, both ties highest index first: the kept band
+    is the top n − n_bot (not among the n_bot smallest, lowest index dropped first) without the top n_top (the
+    outliers, highest index dropped first) — :func:`~mergescope.merge.magnitude_trim.band_mask`."""
+    n_bottom, n_top = outlier_counts(numel, density, gamma)
+    return [magnitude_trim.Selection(series, numel - n_bottom, False), magnitude_trim.Selection(series, n_top, False)]
+
+
+def outlier_band(magnitude: torch.Tensor, density: float, gamma: float) -> tuple[magnitude_trim.Cut, ...]:
+    """Breadcrumbs' two cuts (:func:`outlier_selections`) over a whole float32 |τ| in memory."""
+    return as_band(magnitude_trim.select_in_memory([magnitude], outlier_selections(magnitude.numel(), density, gamma)))
+
+
+def as_band(cuts: list[tuple[torch.Tensor, int]]) -> tuple[magnitude_trim.Cut, ...]:
+    """The answers of :func:`outlier_selections` (thresholds and tie cuts) as the band's two cuts."""
+    return tuple(magnitude_trim.Cut(float(threshold), tie, False) for threshold, tie in cuts)
+
+
 def outlier_mask(values: torch.Tensor, density: float, gamma: float, *, absolute: bool = False) -> torch.Tensor:
     """Model Breadcrumbs' trim: drop the largest outliers and the smallest entries, keep k = ⌊density·n⌋ between.
 
     With n_top = ⌊γ·n⌋ and n_bot = max(0, n − k − n_top), the kept entries are ranks n_bot … n_bot + k − 1 of
     the ascending order of |τ|: the n_bot smallest are dropped (ties: lowest index dropped first) and the
     n − n_bot − k largest (ties: highest index dropped first), i.e. exactly the slice a stable ascending sort
-    gives. When k + n_top > n, fewer than n_top outliers are dropped so that k entries survive.
+    gives (:func:`outlier_counts`; found as two cuts, :func:`outlier_band`). When k + n_top > n, fewer than
+    n_top outliers are dropped so that k entries survive.
     For density ≥ 1 nothing is dropped, not even the outliers (mergekit returns the input unchanged).
     """
     import torch
 
-    numel = values.numel()
     if density >= 1:
         return torch.ones_like(values, dtype=torch.bool)
-    kept = keep_count(numel, density)
-    n_bottom = max(0, numel - kept - int(gamma * numel))
-    n_top = numel - n_bottom - kept
     magnitude = _magnitudes(values, absolute)
-    dropped = select_extreme(magnitude, n_bottom, largest=False, low_index_first=True)
-    dropped |= select_extreme(magnitude, n_top, largest=True, low_index_first=False)
-    return (~dropped).reshape(values.shape)
+    return magnitude_trim.band_mask(magnitude, *outlier_band(magnitude, density, gamma)).reshape(values.shape)
 
 
 def bernoulli_mask(values: torch.Tensor, density: float, seed: int | None, model: int = 0,

@@ -61,11 +61,12 @@ def merge_tensor(method: MergeMethod, task: TensorTask, tensors: list, *, seed: 
 
     On large tensors, elementwise methods run block by block, writing into ``out_dtype`` directly, so only one
     block's float32 copies exist at a time; two-phase methods (the task-arithmetic family: TIES, DARE,
-    breadcrumbs, DELLA; slerp, nuslerp, multislerp, karcher, model_stock, sce, ramplus_tl) first decide their
-    trims over the whole tensor with ``method.prepare`` (masks, rescale factors, norms and cosines, karcher's mean
-    direction, weights, boosts; TIES' thresholds and tie cuts in one blockwise pass over all models; DARE's and
-    DELLA's drops as data, each block drawing its own mask), then ``method.combine`` them block by block. The
-    bits equal a whole-tensor merge. A thread ``pool`` runs the blocks in parallel (:func:`in_blocks`).
+    breadcrumbs, DELLA; slerp, nuslerp, multislerp, karcher, model_stock, sce, ramplus_tl, arcee_fusion) first
+    decide their trims over the whole tensor with ``method.prepare`` (masks, rescale factors, norms and cosines,
+    karcher's mean direction, weights, boosts; the selections — TIES' and breadcrumbs' thresholds and tie cuts,
+    sce's variance cut, arcee_fusion's quantiles — in one blockwise pass; DARE's and DELLA's drops as data,
+    each block drawing its own mask), then ``method.combine`` them block by block. The bits equal a
+    whole-tensor merge. A thread ``pool`` runs the blocks in parallel (:func:`in_blocks`).
     """
     import torch
 

@@ -18,7 +18,9 @@ sce (base + models; ``select_topk``)
     that sum is < 1e-6). Erase: TIES' sign election on the unweighted τᵢ (elected sign = sign of Σᵢτᵢ, + on 0).
     θ = θ₀ + Σ_{agreeing} wᵢτᵢ / max(Σ_{agreeing} wᵢ, 1e-6). ``int8_mask`` never changes the result. mean(τᵢ²)
     is Σ τᵢ² per chunk of 4096 entries in float32, summed over the chunks, over the entry count, so a merge
-    streamed in row blocks has the bits of a whole-tensor merge.
+    streamed in row blocks has the bits of a whole-tensor merge. The kept entries are a threshold and a tie cut
+    of the variance found by the streamed selection (:func:`~mergescope.merge.magnitude_trim.select_cuts`), so a
+    merge from row blocks never holds a whole-tensor mask.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge.methods.chunks import chunk_norms, chunk_sums
+from mergescope.merge.magnitude_counts import BlockScores
+from mergescope.merge.magnitude_trim import Cut, Selection, select_cuts, select_in_memory
+from mergescope.merge.methods.chunks import STAT_CHUNK, chunk_norms, chunk_sums
 from mergescope.merge.methods.task_arithmetic import elect_signs
-from mergescope.merge.sparsify import select_extreme
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -166,29 +169,66 @@ def model_stock(base, models, params, options, seed=None):
     return flat.reshape(base.shape)
 
 
-def _variance_mask(taus: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The entries (shape of one τ) whose variance across the models is among the ⌊nonzero·fraction⌋ largest."""
+#: entries whose float64 variance terms are formed at once (2 MiB of temporaries)
+_VARIANCE_SLICE = 1 << 16
+
+
+def model_variance(taus: torch.Tensor) -> torch.Tensor:
+    """Var_i τᵢ per entry (population variance across the models) of the stacked flat τ [n, entries], as +0 or
+    more (−0 made +0: the score the variance selection counts on its bit pattern).
+
+    Welford's update in float64, model by model — d = τᵢ − mean, mean += d / i, M2 += d·(τᵢ − mean) — then M2 / n
+    rounded to float32: the bits of ``torch.var(taus, dim=0, unbiased=False)`` on a CPU (which accumulates so,
+    one entry at a time), 3–10× faster vectorised, and the same on every device. Formed
+    :data:`_VARIANCE_SLICE` entries at a time, so its float64 temporaries stay small.
+    """
     import torch
 
-    if fraction <= 0:
-        return torch.zeros(taus.shape[1:], dtype=torch.bool, device=taus.device)
-    variance = torch.var(taus, dim=0, unbiased=False)
-    count = int(torch.count_nonzero(variance) * fraction)  # a float32 product, as in mergekit
-    keep = select_extreme(variance.reshape(-1), count, largest=True, low_index_first=True)
-    return keep.reshape(variance.shape)
+    out = torch.empty(taus.shape[1:], dtype=torch.float32, device=taus.device)
+    for start in range(0, taus.shape[1], _VARIANCE_SLICE):
+        part = taus[:, start : start + _VARIANCE_SLICE]
+        mean = torch.zeros(part.shape[1:], dtype=torch.float64, device=taus.device)
+        square = torch.zeros_like(mean)
+        for count, tau in enumerate(part, start=1):
+            value = tau.double()
+            delta = value - mean
+            mean.add_(delta / count)
+            square.add_(delta.mul_(value.sub_(mean)))
+        out[start : start + _VARIANCE_SLICE] = square.div_(len(taus))
+    return out.abs_()
 
 
+def _variance_count(nonzero: int, fraction: float) -> int:
+    """k = ⌊(entries with nonzero variance) · select_topk⌋, the product in float32 as mergekit forms it."""
+    import torch
+
+    return int(torch.tensor(nonzero, dtype=torch.int64) * fraction)
+
+
+def _variance_cut(variance: torch.Tensor, fraction: float) -> Cut:
+    """The entries whose variance is among the :func:`_variance_count` largest (ties lowest index first), as a
+    cut over the whole flat variance: the selection the streamed path runs over blocks."""
+    count = _variance_count(int(variance.count_nonzero()), fraction)
+    threshold, tie = select_in_memory([variance], [Selection(0, count)])[0]
+    return Cut(float(threshold), tie)
 
 
 @dataclass
 class SceWeights:
-    """sce's whole-tensor part: each model's weight wᵢ ([n]) and, when select_topk < 1, the kept entries (flat)."""
+    """sce's whole-tensor part: each model's weight wᵢ ([n]) and, when select_topk < 1, the kept entries as a cut
+    of the per-entry variance (flat index of the tensor or block it applies to)."""
 
     weights: torch.Tensor
-    keep: torch.Tensor | None = None
+    cut: Cut | None = None
 
     def block(self, start: int, stop: int) -> SceWeights:
-        return self if self.keep is None else SceWeights(self.weights, self.keep[start:stop])
+        return self if self.cut is None else SceWeights(self.weights, self.cut.block(start))
+
+    def select(self, taus: torch.Tensor) -> torch.Tensor:
+        """The stacked flat τ [n, entries] of this block with the entries outside the cut zeroed."""
+        if self.cut is None:
+            return taus
+        return taus * self.cut.mask(model_variance(taus)).to(taus.dtype).unsqueeze(0)
 
 
 def _square_sums(taus) -> torch.Tensor:
@@ -215,36 +255,59 @@ def _stacked_taus(base, models):
 
 def sce_prepare(base, models, params, options, seed=None) -> list[SceWeights]:
     """sce's weights (and kept entries when select_topk < 1) over whole tensors (any float dtype, as float32)."""
+    import torch
+
     if base is None:
         raise MergescopeError("sce needs a base_model: set base_model in the plan")
     taus, _ = _stacked_taus(base, models)
     fraction = float(options.get("select_topk", 1.0))
-    keep = None
+    trim = SceWeights(torch.empty(0))
     if fraction < 1:
-        keep = _variance_mask(taus, fraction)
-        taus = taus * keep.to(taus.dtype).unsqueeze(0)
-    return [SceWeights(_sce_weights(_square_sums(taus), taus.shape[1]), keep)]
+        trim.cut = _variance_cut(model_variance(taus), fraction)
+    trim.weights = _sce_weights(_square_sums(trim.select(taus)), taus.shape[1])
+    return [trim]
 
 
 def sce_combine(base, models, trims, params, options):
     """θ = θ₀ + Σ_{agreeing} wᵢτᵢ / max(Σ_{agreeing} wᵢ, 1e-6) entry by entry given the weights, in float32."""
     taus, base = _stacked_taus(base, models)
     trim = trims[0]
-    if trim.keep is not None:
-        taus = taus * trim.keep.to(taus.dtype).unsqueeze(0)
+    taus = trim.select(taus)
     kept = trim.weights.reshape(-1, 1) * elect_signs(taus)
     return base + (taus * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
 
 
+def _variance_scores(start, base, models) -> list[torch.Tensor]:
+    """The variance score of a block (:class:`~mergescope.merge.magnitude_counts.BlockScores`)."""
+    return [model_variance(_stacked_taus(base, models)[0])]
+
+
 def sce_stream_prepare(source, params, options, seed=None) -> list[SceWeights] | None:
-    """:func:`sce_prepare` from one pass over a block source (each chunk's square sums, reduced once) when
-    select_topk is 1; None otherwise (the variance ranks need the whole tensor)."""
+    """:func:`sce_prepare` from passes over a block source: below select_topk 1, one pass counts the entries
+    of nonzero variance and the streamed selection (:func:`~mergescope.merge.magnitude_trim.select_cuts`) finds
+    the variance cut; then one pass takes each chunk's square sums of the selected τᵢ, reduced once."""
     import torch
 
-    if float(options.get("select_topk", 1.0)) < 1 or not params or source.numel == 0:
+    if not params or source.numel == 0:
         return None
-    sums = [_square_sums(_stacked_taus(base, blocks)[0]) for _, base, blocks in source.blocks(list(range(len(params))))]
-    return [SceWeights(_sce_weights(torch.cat(sums, dim=1), source.numel))]
+    models = list(range(len(params)))
+    fraction = float(options.get("select_topk", 1.0))
+    trim = SceWeights(torch.empty(0))
+    if fraction < 1:
+        nonzero = sum(int(model_variance(_stacked_taus(base, blocks)[0]).count_nonzero())
+                      for _, base, blocks in source.blocks(models))
+        scores = BlockScores(source, models, _variance_scores,
+                             elementwise=True)
+        threshold, tie = select_cuts(scores, [Selection(0, _variance_count(nonzero, fraction))],
+                                     gather_bytes=source.gather_bytes)[0]
+        trim.cut = Cut(float(threshold), tie)
+    # filled in place, not kept per block: see fusion_stream_prepare in selective.py
+    sums = torch.empty((len(models), -(-source.numel // STAT_CHUNK)), dtype=torch.float32, device=source.device)
+    for start, base, blocks in source.blocks(models):
+        block = _square_sums(trim.block(start, start + base.numel()).select(_stacked_taus(base, blocks)[0]))
+        sums[:, start // STAT_CHUNK : start // STAT_CHUNK + block.shape[1]] = block
+    trim.weights = _sce_weights(sums, source.numel)
+    return [trim]
 
 
 def sce(base, models, params, options, seed=None):

@@ -17,7 +17,10 @@ threshold is median + 1.5·(Q3 − Q1) of the importances, where the quantile at
 index ⌊q·(n − 1)⌋ (q·(n − 1) formed in float32, as mergekit does); entries at or above it take θ, the rest θ₀.
 mergekit estimates the quantiles from a random sample of one million entries for larger tensors; mergescope
 computes them exactly by selection on every tensor, so results agree exactly up to a million entries and
-are deterministic beyond.
+are deterministic beyond. A large tensor streams: one pass over row blocks takes each row's KL, then the
+streamed selection (:func:`~mergescope.merge.magnitude_trim.select_cuts`, counting by float comparisons as an
+importance may be slightly negative from rounding) finds the three order statistics, and the merge runs
+block by block given the rows' KL and the threshold — the bits of the whole-tensor merge.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge import sparsify
+from mergescope.merge.magnitude_counts import BlockScores, TensorScores, block_size
+from mergescope.merge.magnitude_trim import Selection, select_cuts
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -123,12 +127,101 @@ def ramplus_tl(base, models, params, options, seed=None) -> torch.Tensor:
     return ramplus_combine(base, models, ramplus_prepare(base, models, params, options), params, options)
 
 
-def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+def _quantile_rank(numel: int, q: float) -> int:
+    """The 1-based rank of mergekit's q-quantile among ``numel`` entries: index ⌊q·(n − 1)⌋ + 1, the product
+    formed in float32."""
     import torch
 
-    flat = values.reshape(-1)
-    index = int((torch.tensor(q, dtype=torch.float32) * (flat.numel() - 1)).long())
-    return sparsify.kth_smallest(flat, index + 1)
+    return int((torch.tensor(q, dtype=torch.float32) * (numel - 1)).long()) + 1
+
+
+def _check_fusion(base, models) -> None:
+    if base is None or len(models) != 1:
+        raise MergescopeError("arcee_fusion merges exactly one model into its base_model")
+
+
+def row_divergence(base, model) -> torch.Tensor:
+    """KL(p ‖ q) of each vector along the last dimension (one per row; a 1-D tensor is one row), p = softmax(θ)
+    + 1e-8 and q = softmax(θ₀) + 1e-8, in float32 from inputs of any float dtype: [rows]. A row's value depends
+    on that row only, so row blocks give the whole tensor's values side by side."""
+    import torch
+
+    p = torch.softmax(model.float(), dim=-1) + 1e-8
+    q = torch.softmax(base.float(), dim=-1) + 1e-8
+    return torch.sum(p * torch.log(p / q), dim=-1).reshape(-1)
+
+
+@dataclass
+class FusionThreshold:
+    """arcee_fusion's whole-tensor part: each row's KL divergence ([rows], rows of ``length`` entries) and the
+    importance threshold T = median + 1.5·(Q3 − Q1)."""
+
+    divergence: torch.Tensor
+    length: int
+    threshold: torch.Tensor | None = None
+
+    def block(self, start: int, stop: int) -> FusionThreshold:
+        """The same threshold with the KL of each of flat entries ``start:stop`` (one per entry)."""
+        first, last = start // self.length, -(-stop // self.length)
+        spread = self.divergence[first:last].repeat_interleave(self.length)
+        return FusionThreshold(spread[start - first * self.length : stop - first * self.length], 1, self.threshold)
+
+    def importance(self, start: int, base, model) -> torch.Tensor:
+        """|θ − θ₀|·KL of the row for flat entries ``start:`` (base and model blocks, any float dtype)."""
+        spread = self.block(start, start + base.numel()).divergence
+        return (model.float().reshape(-1) - base.float().reshape(-1)).abs() * spread
+
+
+def _fusion_threshold(fusion: FusionThreshold, scores) -> FusionThreshold:
+    """T from the three quantiles of the importance (``scores``, a score source), each an order statistic
+    found by the streamed selection; the arithmetic in float32 as mergekit's."""
+    import torch
+
+    selections = [Selection(0, scores.numel - _quantile_rank(scores.numel, level) + 1) for level in (0.25, 0.5, 0.75)]
+    q1, median, q3 = (torch.tensor(float(t), dtype=torch.float32) for t, _ in
+                      select_cuts(scores, selections, gather_bytes=scores.gather_bytes))
+    fusion.threshold = median + 1.5 * (q3 - q1)
+    return fusion
+
+
+def fusion_prepare(base, models, params, options, generator=None) -> list[FusionThreshold]:
+    """arcee_fusion's row divergences and threshold over whole tensors (any float dtype, as float32)."""
+    _check_fusion(base, models)
+    length = max(base.shape[-1], 1) if base.dim() else 1
+    fusion = FusionThreshold(row_divergence(base, models[0]), length)
+    importance = fusion.importance(0, base, models[0])
+    return [_fusion_threshold(fusion, TensorScores([importance], block_size(importance.device), signed=True))]
+
+
+def fusion_stream_prepare(source, params, options, generator=None) -> list[FusionThreshold] | None:
+    """:func:`fusion_prepare` from passes over a block source of whole rows: one for each row's divergence, then
+    the streamed selection of the three quantiles over the importance. None for a 1-D tensor (one row)."""
+    import torch
+
+    shape = getattr(source, "shape", None)
+    if len(params) != 1 or shape is None or len(shape) < 2 or source.numel == 0:
+        return None
+    length = shape[-1]
+    # filled in place: a small result kept per block between the blocks' freed temporaries would fragment the
+    # heap (the executor lets glibc keep freed memory), growing it by about a block per block
+    divergence = torch.empty(source.numel // length, dtype=torch.float32, device=source.device)
+    for start, base, blocks in source.blocks([0]):
+        rows = base.numel() // length
+        divergence[start // length : start // length + rows] = row_divergence(base.reshape(rows, length),
+                                                                            blocks[0].reshape(rows, length))
+    fusion = FusionThreshold(divergence, length)
+    scores = BlockScores(source, [0], lambda start, base, blocks: [fusion.importance(start, base, blocks[0])],
+                         signed=True)
+    return [_fusion_threshold(fusion, scores)]
+
+
+def fusion_combine(base, models, trims, params, options) -> torch.Tensor:
+    """θ₀ + (θ − θ₀)·[|θ − θ₀|·KL ≥ T] entry by entry, given the block's KL per entry and T, in float32."""
+    fusion = trims[0]
+    base, model = base.float(), models[0].float()
+    importance = (model - base).abs() * fusion.divergence.reshape(base.shape)
+    keep = (importance >= fusion.threshold).float()
+    return base + (model - base) * keep
 
 
 def arcee_fusion(base, models, params, options, seed=None) -> torch.Tensor:
@@ -138,16 +231,7 @@ def arcee_fusion(base, models, params, options, seed=None) -> torch.Tensor:
     at the threshold can be kept on one device and not on another (a few entries per tensor); every entry
     is still exactly θ₀ or θ.
     """
-    import torch
-
-    if base is None or len(models) != 1:
-        raise MergescopeError("arcee_fusion merges exactly one model into its base_model")
-    model = models[0]
-    p = torch.softmax(model, dim=-1) + 1e-8
-    q = torch.softmax(base, dim=-1) + 1e-8
-    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    del p, q
-    importance = (model - base).abs() * divergence
-    q1, median, q3 = (_quantile(importance, level) for level in (0.25, 0.5, 0.75))
-    keep = (importance >= median + 1.5 * (q3 - q1)).float()
-    return base + (model - base) * keep
+    _check_fusion(base, models)
+    fusion = fusion_prepare(base, models, params, options)[0]
+    flat = fusion_combine(base.reshape(-1), [models[0].reshape(-1)], [fusion.block(0, base.numel())], params, options)
+    return flat.reshape(base.shape)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge import magnitude_trim, sparsify
+from mergescope.merge import magnitude_counts, magnitude_trim, sparsify
 from mergescope.merge.methods.rescale import streamed_rescale, whole_rescale
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
@@ -77,9 +77,10 @@ class Trim:
 
     The kept entries are a mask; or (TIES) a ``threshold`` t and ``last_tie`` c: entry j is kept ⇔ |τⱼ| > t,
     or |τⱼ| = t and j ≤ c (:func:`~mergescope.merge.magnitude_trim.keep_mask`), with j counted from the start
-    of the tensor or block the trim applies to; or (DARE, DELLA) a ``drop``, drawn block by block
+    of the tensor or block the trim applies to; or (breadcrumbs) a ``band`` of two cuts of |τ|
+    (:func:`~mergescope.merge.magnitude_trim.band_mask`); or (DARE, DELLA) a ``drop``, drawn block by block
     (:class:`~mergescope.merge.sparsify.RandomDrop`), ``offset`` being the tensor's flat index of the trim's
-    entry 0. No full-size mask exists but an explicit one (breadcrumbs, a 1-D DELLA tensor).
+    entry 0. No full-size mask exists but an explicit one (a 1-D DELLA tensor).
     """
 
     mask: torch.Tensor | None = None
@@ -89,11 +90,12 @@ class Trim:
     last_tie: int = -1
     drop: sparsify.RandomDrop | None = None
     offset: int = 0
+    band: tuple[magnitude_trim.Cut, magnitude_trim.Cut] | None = None
 
     @property
     def trims(self) -> bool:
         """The trim drops some entries (a rescale factor applies to it)."""
-        return self.mask is not None or self.threshold is not None or self.drop is not None
+        return any(x is not None for x in (self.mask, self.threshold, self.drop, self.band))
 
     @property
     def row_numel(self) -> int | None:
@@ -103,7 +105,9 @@ class Trim:
     def block(self, start: int, stop: int) -> Trim:
         """The same trim restricted to flat entries ``start:stop``."""
         mask = None if self.mask is None else self.mask.reshape(-1)[start:stop]
-        return Trim(mask, self.scale, self.zero, self.threshold, self.last_tie - start, self.drop, self.offset + start)
+        band = None if self.band is None else (self.band[0].block(start), self.band[1].block(start))
+        return Trim(mask, self.scale, self.zero, self.threshold, self.last_tie - start, self.drop, self.offset + start,
+                    band)
 
     def keep(self, magnitude: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the kept entries of the block whose |τ| is ``magnitude`` (the entries this trim covers)."""
@@ -116,6 +120,8 @@ class Trim:
             return magnitude_trim.keep_mask(magnitude, threshold, self.last_tie)
         if self.mask is not None:
             return self.mask.reshape(magnitude.shape).bool()
+        if self.band is not None:
+            return magnitude_trim.band_mask(magnitude, *self.band)
         if self.drop is not None:
             return self.drop.keep(magnitude, self.offset)
         return torch.ones(magnitude.shape, dtype=torch.bool, device=magnitude.device)
@@ -126,6 +132,8 @@ class Trim:
             magnitude_trim.apply_cut_(delta, self.threshold, self.last_tie)
         elif self.mask is not None:
             delta.mul_(self.mask)  # × 1 or × 0, as mergekit's τ ⊙ m (so −τ·0 stays −0.0)
+        elif self.band is not None:
+            delta.mul_(magnitude_trim.band_mask(delta.abs(), *self.band))
         elif self.drop is not None:
             delta.mul_(self.drop.keep(delta, self.offset))
         else:
@@ -140,7 +148,7 @@ def prepare_trims(
 ) -> list[Trim]:
     """Step 2's whole-tensor part: each model's trim — TIES' thresholds and tie cuts (:func:`magnitude_trims`),
     DARE's and DELLA's random drops as data (drawn block by block from the tensor's draw ``seed``), breadcrumbs'
-    masks — and, with ``rescale``, the L1 rescale factors (:func:`~.rescale.whole_rescale`).
+    bands of two cuts of |τ| — and, with ``rescale``, the L1 rescale factors (:func:`~.rescale.whole_rescale`).
 
     Everything after this is elementwise (:func:`combine_trimmed`), so a large tensor can be merged block by
     block with the same bits. Inputs may be in any float dtype; τ is formed in float32.
@@ -151,14 +159,13 @@ def prepare_trims(
         trims = []
         for index, (model, p) in enumerate(zip(models, params)):
             trim = _planned_trim(kind, index, p, base.shape, options, seed)
-            if trim is None:  # an explicit mask over the whole tensor; |τ| is one float32 copy, absolute in place
+            if trim is None:  # found from the whole |τ|: one float32 copy, absolute in place
                 tau = magnitude_trim.abs_task_vector(model, base)
-                if kind == "outliers":
-                    mask = sparsify.outlier_mask(tau, float(p["density"]), float(p.get("gamma", 0.01)), absolute=True)
+                if kind == "outliers":  # two cuts of |τ|, as streamed_outlier_trims finds them
+                    trim = Trim(band=sparsify.outlier_band(tau, float(p["density"]), float(p.get("gamma", 0.01))))
                 else:  # DELLA on a 1-D tensor: its one row is the whole tensor
-                    mask = sparsify.della_mask(tau, float(p["density"]), float(p.get("epsilon", 0.15)),
-                                               _draw_seed(seed), index)
-                trim = Trim(mask)
+                    trim = Trim(sparsify.della_mask(tau, float(p["density"]), float(p.get("epsilon", 0.15)),
+                                                    _draw_seed(seed), index))
                 del tau
             trims.append(trim)
     if not options.get("rescale", False):
@@ -167,8 +174,8 @@ def prepare_trims(
 
 
 def _planned_trim(kind: str | None, index: int, p: dict, shape: tuple, options: dict, seed: int | None) -> Trim | None:
-    """Model ``index``'s trim where it is data (no trim, a random drop, a dropped model), None where it is a
-    mask found from the whole |τ| (breadcrumbs, DELLA on a 1-D tensor)."""
+    """Model ``index``'s trim where it is data (no trim, a random drop, a dropped model), None where it is
+    found from |τ| (breadcrumbs' band, a mask for DELLA on a 1-D tensor)."""
     density = float(p.get("density", 1.0))
     if kind is None or density >= 1:
         return Trim()
@@ -210,8 +217,8 @@ def streamed_trims(kind: str | None, source, params: list[dict], options: dict, 
     """Step 2's whole-tensor part from passes over a :class:`~mergescope.merge.magnitude_counts.FlatBlocks`
     source of row blocks instead of whole tensors, with the bits of :func:`prepare_trims`: no trim (or every
     density ≥ 1); TIES' thresholds and tie cuts; DARE's and DELLA's drops (data); then, with ``rescale``, the
-    L1 factors from one more pass (:func:`~.rescale.streamed_rescale`). None where the whole |τ| is needed
-    (breadcrumbs' masks, DELLA on a 1-D tensor): merge those whole."""
+    L1 factors from one more pass (:func:`~.rescale.streamed_rescale`). Breadcrumbs' bands from one counting
+    pass (:func:`streamed_outlier_trims`). None where the whole |τ| is needed (DELLA on a 1-D tensor)."""
     densities = [float(p.get("density", 1.0)) for p in params]
     if kind is None or all(d >= 1 for d in densities):
         return [Trim() for _ in params]
@@ -223,6 +230,8 @@ def streamed_trims(kind: str | None, source, params: list[dict], options: dict, 
                                                       gather_bytes=source.gather_bytes)
         for i, (threshold, last_tie) in zip(trimmed, cuts):
             trims[i] = Trim(threshold=float(threshold), last_tie=last_tie)
+    elif kind == "outliers":
+        trims = streamed_outlier_trims(source, params)
     else:
         shape = tuple(getattr(source, "shape", (source.numel,)))
         trims = [_planned_trim(kind, i, p, shape, options, seed) for i, p in enumerate(params)]
@@ -231,6 +240,21 @@ def streamed_trims(kind: str | None, source, params: list[dict], options: dict, 
     if not options.get("rescale", False):
         return trims
     return streamed_rescale(trims, source, [i for i, trim in enumerate(trims) if trim.trims])
+
+
+def streamed_outlier_trims(source, params: list[dict]) -> list[Trim]:
+    """Breadcrumbs' trims without rescale as bands of two cuts of each model's |τ|, every model's cuts from one
+    counting pass over the source (:func:`~mergescope.merge.magnitude_trim.select_cuts`); the cuts
+    :func:`prepare_trims` finds on the whole |τ|."""
+    trims = [Trim() for _ in params]
+    trimmed = [i for i, p in enumerate(params) if float(p.get("density", 1.0)) < 1]
+    selections = [selection for i in trimmed for selection in sparsify.outlier_selections(
+        source.numel, float(params[i]["density"]), float(params[i].get("gamma", 0.01)), i)]
+    cuts = magnitude_trim.select_cuts(magnitude_counts.TaskMagnitudes(source), selections,
+                                      gather_bytes=source.gather_bytes)
+    for position, i in enumerate(trimmed):
+        trims[i] = Trim(band=sparsify.as_band(cuts[2 * position : 2 * position + 2]))
+    return trims
 
 
 class _Subset:
