@@ -40,9 +40,12 @@ METHODS = {
     "della": (True, True, True, "della"),
     "della_linear": (False, False, True, "della"),
     "ties": (True, True, False, "magnitude"),
+    "breadcrumbs": (False, False, False, "outliers"),
+    "breadcrumbs_ties": (True, False, False, "outliers"),
 }
+GAMMA = 0.01  # breadcrumbs' default
 CASES = [(m, r) for m in ("dare_linear", "dare_ties", "della", "della_linear") for r in (True, False)] + [
-    ("ties", True)]
+    ("ties", True), ("breadcrumbs", True), ("breadcrumbs_ties", True)]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +114,7 @@ def test_streamed_random_and_rescaled_trims_have_the_bits_of_the_whole_merge(tmp
     draw_seed = tensor_seed(0, NAME)
     assert torch.equal(job.method.function(base, models, task.params, options, draw_seed), whole)
     assert torch.equal(_streamed(job, tmp_path / "again", monkeypatch), streamed)  # same seed, same bits
-    if method != "ties":
+    if METHODS[method][3] in ("random", "della"):
         other = _streamed(job, tmp_path / "other", monkeypatch, seed=1)
         assert not torch.equal(other, streamed) and torch.equal(other, _whole(job, base, models, seed=1))
 
@@ -137,6 +140,12 @@ def _reference(method: str, rescale: bool, base, models, seed: int) -> tuple[np.
             p = np.float32(d - e) + norm * np.float32(2) * np.float32(e)
             assert np.abs(p - ((d - e) + 2 * e * ranks / (tau.shape[1] - 1))).max() < 1e-6
             keep = draw_reference.keep(p, seed, i)
+        elif trim == "outliers":  # ranks n_bot … n_bot + k − 1 of a stable ascending sort of |τ|
+            kept = int(d * tau.size)
+            n_bottom = max(0, tau.size - kept - int(GAMMA * tau.size))
+            keep = np.zeros(tau.size, bool)
+            keep[np.argsort(magnitude.reshape(-1), kind="stable")[n_bottom : n_bottom + kept]] = True
+            keep = keep.reshape(tau.shape)
         else:
             keep = np.zeros(tau.size, bool)
             keep[np.argsort(-magnitude.reshape(-1), kind="stable")[: max(1, int(d * tau.size))]] = True
