@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from mergescope.checkpoints.errors import MergescopeError
 from mergescope.merge.magnitude_counts import BlockScores
 from mergescope.merge.magnitude_trim import Cut, Selection, select_cuts, select_in_memory
-from mergescope.merge.methods.chunks import STAT_CHUNK, chunk_norms, chunk_sums
+from mergescope.merge.methods.chunks import STAT_CHUNK, SideBySide, chunk_norms, chunk_sums
 from mergescope.merge.methods.task_arithmetic import elect_signs
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
@@ -136,7 +136,6 @@ def model_stock_stream_prepare(source, params, options, seed=None) -> list[Stock
     """:func:`model_stock_prepare` from one pass over a block source: each block's chunk terms (or, with
     ``filter_wise``, its vectors' terms) side by side, then one reduction — the same bits. None for a
     ``filter_wise`` 1-D tensor (one vector: no blocks), or a source without its tensor's shape."""
-    import torch
 
     count = len(params)
     if count < 2 or source.numel == 0:
@@ -145,7 +144,7 @@ def model_stock_stream_prepare(source, params, options, seed=None) -> list[Stock
     filter_wise = options.get("filter_wise", False)
     if filter_wise and (shape is None or len(shape) < 2):
         return None
-    norms, dots = [], []
+    norms, dots = SideBySide(), SideBySide()
     for _, base, models in source.blocks(list(range(count))):
         base = base.float()
         if filter_wise:
@@ -155,7 +154,7 @@ def model_stock_stream_prepare(source, params, options, seed=None) -> list[Stock
             terms = stock_terms([m.float() - base for m in models])
         norms.append(terms[0])
         dots.append(terms[1])
-    norms, dots = torch.cat(norms, dim=1), torch.cat(dots, dim=1)
+    norms, dots = norms.cat(), dots.cat()
     if filter_wise:
         return [StockRatio(stock_ratio(norms, dots, count).reshape(-1), shape[-1])]
     return [StockRatio(stock_ratio(*_whole(norms, dots), count).reshape(-1))]

@@ -94,3 +94,34 @@ class RowSums:
             self._fold(self.carry)
             self.carry = None
         return self.total
+
+
+class SideBySide:
+    """Per-block results ``[..., k]`` (or 0-dim) side by side along the last dimension — what ``torch.cat`` of
+    them along it (``torch.stack`` of 0-dim ones) gives — kept in one tensor that grows by doubling.
+
+    A pass's small per-block results kept in a list until its end fragment glibc's heap, so that the freed
+    temporaries of the next block no longer fit where they were (``checkpoints/heap.py``); one tensor,
+    reallocated a few times, does not. The values are copies: the same bits as the list's ``cat``."""
+
+    def __init__(self) -> None:
+        self.values = None
+        self.filled = 0
+
+    def append(self, part) -> None:
+        import torch
+
+        part = part.reshape(1) if part.dim() == 0 else part
+        width = part.shape[-1]
+        if self.values is None or self.filled + width > self.values.shape[-1]:
+            grown = torch.empty((*part.shape[:-1], max(2 * (self.filled + width), 1024)), dtype=part.dtype,
+                                device=part.device)
+            if self.values is not None:
+                grown[..., : self.filled] = self.values[..., : self.filled]
+            self.values = grown
+        self.values[..., self.filled : self.filled + width] = part
+        self.filled += width
+
+    def cat(self):
+        """Every part appended, side by side (contiguous)."""
+        return self.values[..., : self.filled].contiguous()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge.methods.chunks import chunk_norms, chunk_sums
+from mergescope.merge.methods.chunks import SideBySide, chunk_norms, chunk_sums
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 
@@ -64,31 +64,31 @@ class KarcherMean:
         return total
 
 
-def _norm(chunk_values: list) -> float:
+def _norm(chunk_values: SideBySide) -> float:
     import torch
 
-    return float(torch.linalg.vector_norm(torch.cat(chunk_values)))
+    return float(torch.linalg.vector_norm(chunk_values.cat()))
 
 
 def _mean_pass(mean: KarcherMean, vectors: Callable[[], Iterator[list]]) -> tuple[float, dict[int, float]]:
     """‖Σ βᵢuᵢ‖ and ⟨Σ βᵢuᵢ, uⱼ⟩ for every kept j, from one pass."""
     import torch
 
-    norms: list = []
-    dots: dict[int, list] = {j: [] for j in mean.kept}
+    norms = SideBySide()
+    dots = {j: SideBySide() for j in mean.kept}
     for xs in vectors():
         units = mean.units(xs)
         raw = mean.raw(units)
         norms.append(chunk_norms(raw))
         for j, unit in units.items():
             dots[j].append(chunk_sums(raw * unit))
-    return _norm(norms), {j: float(torch.sum(torch.cat(d))) for j, d in dots.items()}
+    return _norm(norms), {j: float(torch.sum(d.cat())) for j, d in dots.items()}
 
 
 def _tangent_pass(mean: KarcherMean, weights: dict[int, float], shift: float,
                   vectors: Callable[[], Iterator[list]]) -> float:
     """‖T‖ = ‖Σ cⱼuⱼ − s·m‖ from one pass (``weights``: the cⱼ, ``shift``: s)."""
-    norms = []
+    norms = SideBySide()
     for xs in vectors():
         units = mean.units(xs)
         tangent = None
@@ -106,11 +106,11 @@ def karcher_scalars(vectors: Callable[[], Iterator[list]], count: int, options: 
 
     max_iter = int(options.get("max_iter", 10))
     tol = float(options.get("tol", 1e-5))
-    chunks: list[list] = [[] for _ in range(count)]
+    chunks = [SideBySide() for _ in range(count)]
     for xs in vectors():
         for i, x in enumerate(xs):
             chunks[i].append(chunk_norms(x))
-    norms = [torch.linalg.vector_norm(torch.cat(c)) for c in chunks]
+    norms = [torch.linalg.vector_norm(c.cat()) for c in chunks]
     scale = sum(float(n) for n in norms) / count
     kept = [i for i, n in enumerate(norms) if float(n) > tol]
     if count == 1 or not kept:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge.methods.chunks import chunk_norms, chunk_sums
+from mergescope.merge.methods.chunks import SideBySide, chunk_norms, chunk_sums
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -163,30 +163,33 @@ def multislerp_stream_prepare(source, params, options, seed=None) -> list[Sphere
             yield _vectors(*_inputs(first, rest, params, options))
 
     count = len(params)
-    norms = [[] for _ in range(count)]
+    norms = [SideBySide() for _ in range(count)]
     for xs in vectors():
         for i, x in enumerate(xs):
             norms[i].append(chunk_norms(x))
     sphere = Sphere(_weights(params, options, source.device), float(options.get("eps", 1e-8)),
-                    [_norm(torch.cat(n)) for n in norms])
+                    [_norm(n.cat()) for n in norms])
     if count == 1:
         return [sphere]
-    sphere.mean_norm = _norm(torch.cat([chunk_norms(sphere.mean(sphere.units(xs))) for xs in vectors()]))
+    mean_norms = SideBySide()
+    for xs in vectors():
+        mean_norms.append(chunk_norms(sphere.mean(sphere.units(xs))))
+    sphere.mean_norm = _norm(mean_norms.cat())
     _check_mean(sphere, count, options)
     if sphere.linear:
         return [sphere]
-    dots = [[] for _ in range(count)]
+    dots = [SideBySide() for _ in range(count)]
     for xs in vectors():
         units = sphere.units(xs)
         mean = sphere.mean(units)
         for i, unit in enumerate(units):
             dots[i].append(chunk_sums(unit * mean))
-    sphere.dots = [torch.sum(torch.cat(d)) for d in dots]
-    tangent_norms = []
+    sphere.dots = [torch.sum(d.cat()) for d in dots]
+    tangent_norms = SideBySide()
     for xs in vectors():
         units = sphere.units(xs)
         tangent_norms.append(chunk_norms(sphere.tangent(units, sphere.mean(units))))
-    sphere.length = _norm(torch.cat(tangent_norms)) + sphere.eps
+    sphere.length = _norm(tangent_norms.cat()) + sphere.eps
     return [sphere]
 
 

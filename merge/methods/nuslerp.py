@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
-from mergescope.merge.methods.chunks import RowSums, chunk_norms, chunk_sums
+from mergescope.merge.methods.chunks import RowSums, SideBySide, chunk_norms, chunk_sums
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -171,7 +171,6 @@ def nuslerp_stream_prepare(source, params, options, seed=None) -> list[GreatArc]
     """:func:`nuslerp_prepare` from passes over a block source: flattened, the chunks' norms, then (given the
     norms) the chunks' cosine terms, each reduced once; along the rows, each block's rows. None for the vectors
     along dim 0, a 1-D tensor taken as one vector, or a source without its tensor's shape."""
-    import torch
 
     if len(params) != 2 or source.numel == 0:
         return None
@@ -191,14 +190,21 @@ def nuslerp_stream_prepare(source, params, options, seed=None) -> list[GreatArc]
             columns.add(_column_products(x1.reshape(-1, width), x2.reshape(-1, width)))
         return [GreatArc(t, *_column_arc(columns), period=width)]
     if not flatten:
-        arcs = [_vector_arc(x1.reshape(-1, shape[-1]), x2.reshape(-1, shape[-1])) for x1, x2 in pairs()]
-        return [GreatArc(t, torch.cat([a for a, _ in arcs]), torch.cat([c for _, c in arcs]), length=shape[-1])]
-    norms1, norms2 = [], []
+        angles, colinear = SideBySide(), SideBySide()
+        for x1, x2 in pairs():
+            angle, flags = _vector_arc(x1.reshape(-1, shape[-1]), x2.reshape(-1, shape[-1]))
+            angles.append(angle)
+            colinear.append(flags)
+        return [GreatArc(t, angles.cat(), colinear.cat(), length=shape[-1])]
+    norms1, norms2 = SideBySide(), SideBySide()
     for x1, x2 in pairs():
         norms1.append(chunk_norms(x1))
         norms2.append(chunk_norms(x2))
-    norm1, norm2 = _whole_norm(torch.cat(norms1)), _whole_norm(torch.cat(norms2))
-    cosine = torch.cat([_chunk_cosines(x1, x2, norm1, norm2) for x1, x2 in pairs()])
+    norm1, norm2 = _whole_norm(norms1.cat()), _whole_norm(norms2.cat())
+    cosines = SideBySide()
+    for x1, x2 in pairs():
+        cosines.append(_chunk_cosines(x1, x2, norm1, norm2))
+    cosine = cosines.cat()
     return [GreatArc(t, *_arc(cosine.sum(dim=-1, keepdim=True).clamp(-1, 1)))]
 
 

@@ -112,11 +112,15 @@ def ramplus_stream_prepare(source, params, options, seed=None) -> list[RamBoost]
     if not params or source.numel == 0:
         return None
     epsilon = float(options.get("epsilon", 1e-5))
-    shared_count = alone_count = 0
+    counts = None  # added in place: a new total per block, kept across it, would fragment the heap
     for _, base, models in source.blocks(list(range(len(params)))):
-        shared, alone = overlap_counts(base, models, epsilon)
-        shared_count, alone_count = shared_count + shared, alone_count + alone
-    return [ram_boost(shared_count, alone_count, options)]
+        block = overlap_counts(base, models, epsilon)
+        if counts is None:
+            counts = block
+        else:
+            for total, part in zip(counts, block):
+                total += part
+    return [ram_boost(*counts, options)]
 
 
 def ramplus_tl(base, models, params, options, seed=None) -> torch.Tensor:

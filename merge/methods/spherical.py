@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mergescope.checkpoints.errors import MergescopeError
+from mergescope.merge.methods.chunks import SideBySide
 
 # torch is imported inside the functions that use it: start-up cost (mergescope --help, the TUI's first screen)
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,12 +55,12 @@ class SlerpCoefficients:
         return self
 
 
-def slerp_coefficients(norm_a, norm_b, cosine_terms: list, t: float) -> SlerpCoefficients:
-    """The coefficients from the per-block norms of a and b and, given those, the per-block terms of the cosine
-    (:func:`slerp_cosine_terms`)."""
+def slerp_coefficients(norm_a, norm_b, cosine_terms, t: float) -> SlerpCoefficients:
+    """The coefficients from the norms of a and b and, given those, the per-block terms of the cosine
+    (:func:`slerp_cosine_term`, one per block side by side in a 1-D tensor)."""
     import torch
 
-    cosine = torch.stack(cosine_terms).sum().clamp(-1, 1)
+    cosine = cosine_terms.sum().clamp(-1, 1)
     t = torch.tensor(float(t), dtype=torch.float32, device=cosine.device)
     linear = cosine.abs() > 0.9995
     angle = torch.acos(torch.where(linear, 0, cosine))
@@ -69,12 +70,13 @@ def slerp_coefficients(norm_a, norm_b, cosine_terms: list, t: float) -> SlerpCoe
     return SlerpCoefficients(coef_a, coef_b)
 
 
-def slerp_norms(block_norms_a: list, block_norms_b: list):
-    """‖a‖ and ‖b‖ (a norm ≤ 1e-8 counts as 1) from the norms of their blocks of :data:`SLERP_BLOCK` entries."""
+def slerp_norms(block_norms_a, block_norms_b):
+    """‖a‖ and ‖b‖ (a norm ≤ 1e-8 counts as 1) from the norms of their blocks of :data:`SLERP_BLOCK` entries (1-D
+    tensors)."""
     import torch
 
-    norm_a = torch.linalg.vector_norm(torch.stack(block_norms_a))
-    norm_b = torch.linalg.vector_norm(torch.stack(block_norms_b))
+    norm_a = torch.linalg.vector_norm(block_norms_a)
+    norm_b = torch.linalg.vector_norm(block_norms_b)
     return torch.where(norm_a > 1e-8, norm_a, 1), torch.where(norm_b > 1e-8, norm_b, 1)
 
 
@@ -95,11 +97,12 @@ def slerp_prepare(base, models, params, options, seed=None) -> list[SlerpCoeffic
     blocks = range(0, a.numel(), SLERP_BLOCK)
     # Norms and the dot are reduced per block of 2²⁰ entries and then combined, as mergekit does: the same
     # rounding, so results agree bit for bit on tensors of any size.
-    norm_a, norm_b = slerp_norms([torch.linalg.vector_norm(a[i : i + SLERP_BLOCK].float()) for i in blocks],
-                                 [torch.linalg.vector_norm(b[i : i + SLERP_BLOCK].float()) for i in blocks])
+    block_norms = [torch.stack([torch.linalg.vector_norm(x[i : i + SLERP_BLOCK].float()) for i in blocks])
+                   for x in (a, b)]
+    norm_a, norm_b = slerp_norms(*block_norms)
     terms = [slerp_cosine_term(a[i : i + SLERP_BLOCK].float(), b[i : i + SLERP_BLOCK].float(), norm_a, norm_b)
              for i in blocks]
-    return [slerp_coefficients(norm_a, norm_b, terms, options["t"])]
+    return [slerp_coefficients(norm_a, norm_b, torch.stack(terms), options["t"])]
 
 
 def slerp_combine(base, models, coefficients, params, options):
@@ -116,20 +119,20 @@ def slerp_stream_prepare(source, params, options, seed=None) -> list[SlerpCoeffi
 
     if len(params) != 1 or source.numel == 0:
         return None
-    norms_a, norms_b = [], []
+    norms_a, norms_b = SideBySide(), SideBySide()
     for start, a, (b,) in source.blocks([0]):
         if start % SLERP_BLOCK:  # blocks not aligned to the norms' blocks: merge whole
             return None
         for i in range(0, a.numel(), SLERP_BLOCK):
             norms_a.append(torch.linalg.vector_norm(a[i : i + SLERP_BLOCK].float()))
             norms_b.append(torch.linalg.vector_norm(b[i : i + SLERP_BLOCK].float()))
-    norm_a, norm_b = slerp_norms(norms_a, norms_b)
-    terms = []
+    norm_a, norm_b = slerp_norms(norms_a.cat(), norms_b.cat())
+    terms = SideBySide()
     for _, a, (b,) in source.blocks([0]):
         for i in range(0, a.numel(), SLERP_BLOCK):
             terms.append(slerp_cosine_term(a[i : i + SLERP_BLOCK].float(), b[i : i + SLERP_BLOCK].float(),
                                            norm_a, norm_b))
-    return [slerp_coefficients(norm_a, norm_b, terms, options["t"])]
+    return [slerp_coefficients(norm_a, norm_b, terms.cat(), options["t"])]
 
 
 def slerp(base, models, params, options, seed=None):
