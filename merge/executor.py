@@ -68,7 +68,7 @@ class MergeCancelled(Cancelled):
 
 @dataclass
 class MergeProgress:
-    tensor: str
+    tensor: str  # the tensor being merged; during a first pass over its blocks "pass k (p%) · NAME"
     tensors_done: int
     tensors_total: int
     bytes_done: int  # input bytes read and merged so far
@@ -175,6 +175,13 @@ def run_merge(
     trims: list | None = None  # the current tensor's whole-tensor trims, for a two-phase method's blocks
     start = time.perf_counter()
 
+    def report(tensor: str) -> None:
+        """A MergeProgress of the bytes merged so far; ``tensor`` says where (a first pass names its rows)."""
+        if on_event is not None:
+            memory = torch.cuda.memory_allocated(device) if device.startswith("cuda") else None
+            on_event(MergeProgress(tensor, tensors_done, len(job.tasks), done, total, time.perf_counter() - start,
+                                   memory))
+
     buffers = ReadBuffers(prefetch + 3, max((len(task.reads) for task in job.tasks), default=0))
     aligning: dict[str, AlignedRows] = {}  # the reader's aligned rows of the embedding or head being read
 
@@ -230,7 +237,9 @@ def run_merge(
                                           out_dtype=job.out_dtype, pool=pool)
                 else:
                     if unit.start == 0:
-                        trims = whole_tensor_trims(job, task, entries, device, seed, gather, aligned)
+                        trims = whole_tensor_trims(job, task, entries, device, seed, gather, aligned,
+                                                   on_block=lambda number, rows, of, name=task.output: report(
+                                                       f"pass {number} ({rows * 100 // of}%) · {name}"))
                     row_numel = task.numel // task.shape[0]
                     merged = merge_rows(job.method, task, tensors, first_entry=unit.start * row_numel, trims=trims,
                                         seed=seed, device=device, out_dtype=job.out_dtype, pool=pool)
@@ -253,10 +262,7 @@ def run_merge(
                 if unit.stop == (task.shape[0] if task.shape else 1):
                     tensors_done += 1
                     trims = None
-                if on_event is not None:
-                    memory = torch.cuda.memory_allocated(device) if device.startswith("cuda") else None
-                    elapsed = time.perf_counter() - start
-                    on_event(MergeProgress(task.output, tensors_done, len(job.tasks), done, total, elapsed, memory))
+                report(task.output)
             if written is not None:
                 written.result()
         _write_model_files(job, writer)
@@ -287,14 +293,15 @@ def _unblocked(buffers: ReadBuffers, sets: int) -> Iterator[None]:
 
 
 def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: str, seed: int,
-                       gather_bytes: int | None = None, aligned: AlignedRows | None = None) -> list | None:
+                       gather_bytes: int | None = None, aligned: AlignedRows | None = None,
+                       on_block: Callable[[int, int, int], None] | None = None) -> list | None:
     """A block-merged tensor's whole-tensor trims: None for an elementwise method; else from the method's
     streamed passes over row blocks (the selections — TIES' and breadcrumbs' thresholds and tie cuts, sce's
     variance cut, arcee_fusion's quantiles — norms, cosines, counts; DARE's and DELLA's drops, which are data
     drawn block by block; L1 rescale factors of any trim), or, where the method cannot stream these
     parameters, from ``prepare`` on the whole inputs (DELLA on a 1-D tensor: memory as large as the tensor).
     An embedding or head merged by token is read aligned to the output rows
-    (``aligned``, made here when not given)."""
+    (``aligned``, made here when not given). ``on_block`` hears of the passes' blocks (:class:`RowBlocks`)."""
     import torch
 
     method = job.method
@@ -308,7 +315,7 @@ def whole_tensor_trims(job: MergeJob, task: TensorTask, entries: int, device: st
         # what the trim's counting pass gathers: by default 12 bytes per block entry (a float32 and an index)
         rows = rows_per_block(task.shape, entries, method.stream_align)
         source = RowBlocks(job.checkpoints, task.reads, task.shape, rows, device,
-                           gather_bytes=gather_bytes or 12 * entries, aligned=aligned)
+                           gather_bytes=gather_bytes or 12 * entries, aligned=aligned, on_block=on_block)
         trims = method.stream_prepare(source, task.params, options, draw_seed)
         if trims is not None:
             return trims

@@ -9,7 +9,7 @@ base's and the asked models' rows in their stored dtype, then is dropped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -30,16 +30,19 @@ if TYPE_CHECKING:  # pragma: no cover
 class RowBlocks:
     """Flat blocks of ``reads[0]`` (the base) and ``reads[1:]`` (the models, numbered from 0), each
     ``rows`` rows of tensors of ``shape``, read from ``checkpoints`` onto ``device`` (through ``aligned`` for an
-    embedding or head merged by token); a pass may gather ``gather_bytes`` besides its blocks."""
+    embedding or head merged by token); a pass may gather ``gather_bytes`` besides its blocks. ``on_block(pass,
+    rows done, rows)`` hears of every block a pass has finished with (progress: a first pass reads no output)."""
 
     def __init__(self, checkpoints: dict[str, Checkpoint], reads: list[tuple[str, str]], shape: tuple[int, ...],
-                 rows: int, device: str, gather_bytes: int | None = None, aligned: AlignedRows | None = None) -> None:
+                 rows: int, device: str, gather_bytes: int | None = None, aligned: AlignedRows | None = None,
+                 on_block: Callable[[int, int, int], None] | None = None) -> None:
         import torch
 
         self.inputs = [(checkpoints[ref], name) for ref, name in reads]
         self.aligned = aligned  # an embedding or head merged by token: rows of the output vocabulary
         self.shape, self.rows, self.device = shape, rows, torch.device(device)
         self.gather_bytes = gather_bytes
+        self.on_block, self.passes = on_block, 0
         self.row_numel = 1
         for size in shape[1:]:
             self.row_numel *= size
@@ -67,14 +70,17 @@ class RowBlocks:
             taken = buffers.take()
             return self._read(which, *rows, taken), taken
 
+        self.passes += 1
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergescope-pass") as pool:
             try:
                 ranges = row_ranges(self.shape[0], self.rows)
-                for (start, _), future in read_ahead(ranges, read, pool, 0):
+                for (start, stop), future in read_ahead(ranges, read, pool, 0):
                     (base, *blocks), taken = future.result()
                     yield start * self.row_numel, base, blocks
                     buffers.give_back(taken)
                     release_over_budget()  # a pass's kept results can fragment the heap (checkpoints/heap.py)
+                    if self.on_block is not None:
+                        self.on_block(self.passes, stop, self.shape[0])
             finally:  # left early (an error): a read still queued must not wait for a set
                 buffers.give_back([None] * len(which))
 

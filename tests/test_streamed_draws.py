@@ -237,3 +237,18 @@ def test_della_keeps_larger_magnitudes_more_often_by_their_rank_in_the_row():
     assert all(a < b for a, b in zip(deciles, deciles[1:]))
     with pytest.raises(ValueError, match="whole rows"):
         drop.keep(tau.abs().reshape(-1)[:750], 0)
+
+
+def test_first_passes_report_progress_before_the_blocks_are_merged(tmp_path, inputs):
+    """A first pass reads no output, so it reports its rows itself: without it the bar stood still for the whole
+    pass (a minute for DELLA on a Llama-3 embedding)."""
+    root, _, _ = inputs
+    job = _job(root, tmp_path, "dare_ties", True)  # a drop (data), then the rescale pass: one first pass
+    events = []
+    run_merge(job, tmp_path / "out", device="cpu", memory_budget=1, on_event=events.append)
+    labels = [event.tensor for event in events]
+    passes = [label for label in labels if label.startswith("pass ")]
+    assert passes == [f"pass 1 ({percent}%) · {NAME}" for percent in (34, 68, 100)]  # 512, 1024, 1501 rows
+    assert labels.index(passes[-1]) < labels.index(NAME)  # all before the first merged block
+    done = [event.bytes_done for event in events]
+    assert done == sorted(done) and done[-1] == events[-1].bytes_total

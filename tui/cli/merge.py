@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from mergescope.analysis import unique_names
 from mergescope.analysis.merge_inputs import merge_input_warnings
@@ -67,10 +67,15 @@ def print_input_warnings(plan: MergePlan, console: Console) -> None:
 def _execute(job: MergeJob, out: Path, args: argparse.Namespace, console: Console) -> int:
     for warning in job.warnings:  # e.g. a model without tokenizer.json taken to share the base's vocabulary
         console.print(f"[yellow]warning:[/] {warning}", markup=True, highlight=False)
+    fixed = Column(no_wrap=True)
     bar = Progress(
-        TextColumn(f"[bold]merging ({job.method.name})"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[tensor]}", style="dim"), console=console, transient=True,
-        disable=not console.is_terminal,
+        TextColumn(f"[bold]merging ({job.method.name})", table_column=fixed), BarColumn(bar_width=16),
+        DownloadColumn(table_column=fixed), TransferSpeedColumn(table_column=fixed),
+        TimeRemainingColumn(table_column=fixed),
+        # the tensor (a first pass names its rows) takes what is left of the line, cut short rather than wrapped
+        TextColumn("{task.fields[tensor]}", style="dim", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                           ratio=1)),
+        console=console, transient=True, disable=not console.is_terminal, expand=True,
     )
     task = bar.add_task("merge", total=job.bytes_to_read, tensor="")
 
