@@ -59,6 +59,20 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_merge_outlives_its_test():
+    """A test that fails while a merge waits paused must not leave that process waiting forever."""
+    yield
+    for process in _started:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=60)
+    _started.clear()
+
+
 def start_merge(root: Path, out: Path, plan: str = "plan.yml", *extra: str, pause: Path | None = None
                 ) -> subprocess.Popen:
     """``mergescope merge`` on ``root/plan``; with ``pause`` (a folder) it stops before its third block until
@@ -69,7 +83,9 @@ def start_merge(root: Path, out: Path, plan: str = "plan.yml", *extra: str, paus
     else:
         pause.mkdir(exist_ok=True)
         program = [sys.executable, "-c", _PAUSING_CLI, str(pause / "paused"), str(pause / "release")]
-    return subprocess.Popen([*program, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([*program, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _started.append(process)
+    return process
 
 
 def wait_until_paused(pause: Path, process: subprocess.Popen, timeout: float = 120) -> None:
