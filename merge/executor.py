@@ -122,8 +122,8 @@ def bytes_per_entry(job: MergeJob, prefetch: int) -> float:
 
 def plan_blocks(job: MergeJob, entries: int, tasks: list[TensorTask] | None = None) -> list[RowBlock]:
     """Every output tensor (of ``tasks``, default the job's) as row blocks of at most ``entries`` entries, in
-    order. A method that is neither elementwise nor two-phase (karcher's iterated mean) gets its large tensors
-    whole."""
+    order. A method that is neither elementwise nor two-phase would get its large tensors whole (every method
+    registered today is one or the other)."""
     method = job.method
     blockwise = method.elementwise or method.two_phase
     units = []
