@@ -237,3 +237,31 @@ def test_a_failed_run_posts_merge_failed(workspace, tmp_path):
 
     run(body)
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+
+
+def test_the_run_log_counts_tensors_once_whatever_the_blocks_and_passes(workspace):
+    """A tensor in row blocks reports every block and every block of its first passes; the log still says
+    "n/N" once per 25 tensors and at the end (it wrote a line per block of the first tensor before)."""
+    from mergescope.merge.executor import MergeProgress
+    from mergescope.tui.screens.run_screen import MergeProgressed
+
+    events = [(0, "pass 1 (50%) · big"), (0, "pass 1 (100%) · big"), (0, "big"), (1, "big")]
+    events += [(n, f"t{n}") for n in range(2, 26)] + [(25, "pass 1 (100%) · t26"), (25, "t26"), (26, "t26")]
+    events += [(n, f"t{n}") for n in range(27, 40)]
+
+    async def body():
+        app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for_analysis(app, pilot)
+            await pilot.press("p")
+            app.screen.query_one("#method").focus()
+            await pilot.press("r")
+            await pilot.pause(0.1)
+            screen = app.screen
+            assert type(screen).__name__ == "RunScreen"
+            for done, label in events:
+                screen.post_message(MergeProgressed(MergeProgress(label, done, 39, done, 39, 1.0, None)))
+            await pilot.pause(0.2)
+            assert [line for line in log_lines(app) if line[:1].isdigit()] == ["25/39 t25", "39/39 t39"]
+
+    run(body)

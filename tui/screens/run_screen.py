@@ -144,6 +144,7 @@ class RunScreen(Screen):
         self.phase: Phase = "confirm"
         self.cancel = threading.Event()  # stops this screen's merge between tensors
         self.merged: Path | None = None  # the merge's output folder once it finished
+        self.logged_tensors = 0  # the tensors done when the log last said so
 
     def compose(self) -> ComposeResult:
         device = self.app.state.device or "auto"
@@ -194,6 +195,7 @@ class RunScreen(Screen):
         self.query_one("#run-form").display = False
         self.query_one("#run-panel").display = True
         self.query_one(MergeProgressPanel).reset()
+        self.logged_tensors = 0
         self.query_one(RichLog).write(f"merging into {output} on {device}")
         self.post_message(MergeStarted(output, self.cancel, self.plan_text, self.started_from))
         self.run_merge(output, device, force)
@@ -229,8 +231,11 @@ class RunScreen(Screen):
     def on_merge_progressed(self, message: MergeProgressed) -> None:
         progress = message.progress
         self.query_one(MergeProgressPanel).show(progress)
-        if progress.tensors_done == progress.tensors_total or progress.tensors_done % 25 == 0:
-            self.query_one(RichLog).write(f"{progress.tensors_done}/{progress.tensors_total} {progress.tensor}")
+        done = progress.tensors_done
+        # a line per 25 tensors and at the end, once each: a tensor's blocks and first passes report too
+        if done != self.logged_tensors and (done == progress.tensors_total or done % 25 == 0):
+            self.logged_tensors = done
+            self.query_one(RichLog).write(f"{done}/{progress.tensors_total} {progress.tensor}")
 
     def on_merge_finished(self, message: MergeFinished) -> None:
         state = self.app.state
