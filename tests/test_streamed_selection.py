@@ -33,6 +33,7 @@ from mergescope.merge.plan import load_plan
 from mergescope.merge.row_source import RowBlocks
 from mergescope.merge.tensor_merge import merge_tensor
 from test_analysis_memory import STABLE_MALLOC
+from test_streaming_memory import MEASURING_CHILD
 
 NAME = "model.embed_tokens.weight"
 ROWS, WIDTH = 3001, 1000  # six row blocks at the smallest budget, a partial 4096-entry chunk at the end
@@ -257,19 +258,7 @@ def test_sce_variance_has_the_bits_of_torch_var_on_the_cpu(models):
     assert torch.equal(model_variance(taus), torch.var(taus, dim=0, unbiased=False))
 
 
-MEMORY_CHILD = r"""
-import json, sys
-from mergescope.checkpoints import heap
-heap.CEILING = 1e6  # the heap guard (tests/test_heap.py) off: its releases would move the peaks measured here
-from mergescope.checkpoints.row_blocks import RUNTIME_BYTES
-from mergescope.merge.executor import run_merge
-from mergescope.merge.job import build_job
-from mergescope.merge.plan import load_plan
-budget = RUNTIME_BYTES + (16 << 20)
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
+MEMORY_CHILD = MEASURING_CHILD + r"""
 methods = sys.argv[3:]
 for method in methods:
     run_merge(build_job(load_plan(sys.argv[1] + f"/{method}.yml")), sys.argv[1] + f"/out-{method}", device="cpu",

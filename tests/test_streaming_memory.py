@@ -24,12 +24,13 @@ from safetensors.torch import save_file
 from test_analysis_memory import STABLE_MALLOC
 
 SHAPE = (4096, 2048)
-CHILD = r"""
+# What a child process that measures peak growth starts with: a budget leaving 16 MiB for blocks, the peak RSS
+# (reset by writing 5 to /proc/self/clear_refs), and the heap guard (tests/test_heap.py) off: its releases would
+# move the peaks measured.
+MEASURING_CHILD = r"""
 import json, sys
 from mergescope.checkpoints import heap
-heap.CEILING = 1e6  # the heap guard (tests/test_heap.py) off: its releases would move the peaks measured here
-from mergescope.analysis import run_analysis
-from mergescope.checkpoints import open_checkpoint
+heap.CEILING = 1e6
 from mergescope.checkpoints.row_blocks import RUNTIME_BYTES
 from mergescope.merge.executor import run_merge
 from mergescope.merge.job import build_job
@@ -39,6 +40,10 @@ def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
+"""
+CHILD = MEASURING_CHILD + r"""
+from mergescope.analysis import run_analysis
+from mergescope.checkpoints import open_checkpoint
 def run(root, what, n):
     if what == "analyze":
         run_analysis(open_checkpoint(root + "/base"), [open_checkpoint(root + f"/m{i}") for i in range(n)],

@@ -34,13 +34,20 @@ async def set_input(pilot, app, selector: str, text: str) -> None:
     await pilot.press("end", *["backspace"] * (len(box.value) + 1), *text)
 
 
-async def start_run(pilot, app, output: str) -> None:
-    """From the overview once the analysis is done: open the builder, set the output, run (r, then Ctrl+G)."""
+async def open_run_screen(pilot, app, output: str | None = None) -> None:
+    """From the overview once the analysis is done: open the builder, set the output (if given), press r."""
     await wait_for_analysis(app, pilot)
     await pilot.press("p")
-    await set_input(pilot, app, "#output", output)
+    if output is not None:
+        await set_input(pilot, app, "#output", output)
     app.screen.query_one("#method").focus()
-    await pilot.press("r", "ctrl+g")
+    await pilot.press("r")
+
+
+async def start_run(pilot, app, output: str | None = None) -> None:
+    """:func:`open_run_screen`, then Ctrl+G starts the merge."""
+    await open_run_screen(pilot, app, output)
+    await pilot.press("ctrl+g")
 
 
 def exact_row(app, label: str) -> list[str]:
@@ -202,10 +209,7 @@ def test_quit_asks_while_a_merge_runs(workspace, monkeypatch):
     async def body():
         app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for_analysis(app, pilot)
-            await pilot.press("p")
-            app.screen.query_one("#method").focus()
-            await pilot.press("r", "ctrl+g")
+            await start_run(pilot, app)
             await wait_until(pilot, lambda: app.state.merge_cancel is not None)
             await pilot.press("q")
             await pilot.pause(0.1)
@@ -252,10 +256,7 @@ def test_the_run_log_counts_tensors_once_whatever_the_blocks_and_passes(workspac
     async def body():
         app = MergescopeApp(open_session(["base", "ft_a", "ft_b"]), use_cache=False)
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_for_analysis(app, pilot)
-            await pilot.press("p")
-            app.screen.query_one("#method").focus()
-            await pilot.press("r")
+            await open_run_screen(pilot, app)
             await pilot.pause(0.1)
             screen = app.screen
             assert type(screen).__name__ == "RunScreen"

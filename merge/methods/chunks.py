@@ -73,8 +73,8 @@ class RowSums:
         lead, width = values.shape[:-2], values.shape[-1]
         # the chunk's rows made the last dimension: a reduction over contiguous entries, as per_chunk does
         sums = values.reshape(*lead, count // length, length, width).transpose(-1, -2).contiguous().sum(dim=-1)
-        for k in range(sums.shape[-2]):
-            self.total = self.total + sums[..., k, :].to(self.total.dtype)
+        for k in range(sums.shape[-2]):  # in place: a new total per chunk, kept across it, fragments the heap
+            self.total += sums[..., k, :].to(self.total.dtype)
 
     def add(self, values) -> None:
         """The next rows (float32)."""

@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
-import os
-
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, ProgressBar
 
+from mergescope.checkpoints.heap import resident_bytes
 from mergescope.merge.executor import MergeProgress
 from mergescope.tui.display import short
 from mergescope.tui.formatting import human_bytes
-
-
-def host_memory() -> int | None:
-    """This process' resident set size in bytes (Linux /proc), else None."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
 
 
 def progress_line(progress: MergeProgress) -> Text:
     """``1.2 GB/s · ETA 0:12 · host 812 MB · GPU 3.1 GB`` from a MergeProgress."""
     eta = progress.eta_s
     parts = [f"{human_bytes(progress.throughput)}/s", f"ETA {_clock(eta)}" if eta is not None else "ETA —"]
-    memory = host_memory()
-    if memory is not None:
+    memory = resident_bytes()  # 0 where /proc is missing
+    if memory:
         parts.append(f"host {human_bytes(memory)}")
     if progress.device_memory is not None:
         parts.append(f"GPU {human_bytes(progress.device_memory)}")
